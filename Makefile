@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make train` and `make test`.
+# TORCH pins the PyTorch build: 2.13.0 is the CPU wheel on the CI machines; on a GPU box use e.g. TORCH=torch.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install train test lint typecheck clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Re-installs when pyproject.toml changes (the editable install picks up new modules by itself).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(BIN)/aimpre train $(ARGS)
+
+test: install lint
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: install typecheck
+	$(BIN)/ruff check aimpre kernels scaling tests
+	$(BIN)/ruff format --check aimpre kernels scaling tests
+
+# mypy knows nothing of setuptools' package-dir, so it checks a link view of the installed layout
+# (aimpre/ with kernels/ and scaling/ linked in as aimpre/kernels and aimpre/scaling).
+typecheck: install
+	@rm -rf build/typecheck && mkdir -p build/typecheck/aimpre
+	@for f in aimpre/*; do ln -s "$(CURDIR)/$$f" build/typecheck/aimpre/; done
+	@ln -s "$(CURDIR)/kernels" build/typecheck/aimpre/kernels
+	@ln -s "$(CURDIR)/scaling" build/typecheck/aimpre/scaling
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --cache-dir ../../.mypy_cache -p aimpre
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from aimpre.cli import main
+
+sys.exit(main())

@@ -1,0 +1,262 @@
+"""Typed run configuration: dataclasses, loaded from YAML with dotted command-line overrides.
+
+``load_config("configs/aimv2_large.yaml", ["model.depth=12", "optim.lr=3e-4"])``. A YAML file holds only
+differences from the defaults, which are the default job (``tiny`` on the demo data, CPU). ``model.size``
+picks a named size (``aimpre.model.sizes.SIZES``) whose values the other ``model.*`` keys then override.
+Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aimpre.model.sizes import SIZES, ModelConfig, model_config
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an impossible value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    # webdataset shard spec (braces, "::" between specs, pipe: URLs); "demo" is the embedded demo set
+    train_shards: str = "demo"
+    val_shards: str | None = "demo"
+    tokenizer: str = "bytes"
+    lowercase: bool = True
+    batch_size: int = 32  # per device
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    crop_scale: tuple[float, float] = (0.4, 1.0)  # AIMv2: RandomResizedCrop(scale 0.4-1) + horizontal flip
+    hflip: bool = True
+    # AIMv2's reference trained with ImageNet statistics; every export records what was used
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak; AIMv2: 1e-3 (L), 8e-4 (H, 1B), 4e-4 (3B)
+    min_lr: float = 1e-5
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # cosine (warmup, cosine to min_lr) | constant (warmup, then flat)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    # decoupled: each step p <- p * (1 - weight_decay * lr_t / lr), as AIMv2's AdamW; torch gets weight_decay / lr
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed where the accelerator supports it, else 32-true
+    strategy: str = "auto"
+    accumulate_grad_batches: int = 1
+    log_every: int = 10
+    val_every: int = 100
+    val_batches: int = 4
+    ckpt_every: int = 100
+    keep_last: int = 2  # step-N.ckpt files kept besides last.ckpt; -1 keeps all
+    deterministic: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # default: "<size>-<date>-<time>"
+    out_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=lambda: model_config("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _known(cls: type, prefix: str, key: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    hint = difflib.get_close_matches(key, names, n=1)
+    extra = f"; did you mean {prefix + hint[0]!r}?" if hint else f"; known keys: {', '.join(names)}"
+    return ConfigError(f"unknown config key {prefix + key!r}{extra}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` (YAML and CLI strings for numbers are accepted)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1])
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"config key {key!r} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"config key {key!r} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise _known(cls, prefix, key)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return kwargs
+
+
+def _build_model(raw: dict[str, Any]) -> ModelConfig:
+    kwargs = _build(ModelConfig, raw, "model.")
+    size = kwargs.pop("size", "tiny")
+    if size not in SIZES:
+        raise ConfigError(f"config key 'model.size': unknown size {size!r}; known sizes: {', '.join(SIZES)}")
+    return model_config(size, **kwargs)
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {why}")
+
+
+def validate(cfg: Config) -> Config:
+    """Rejects impossible values, naming the key."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    _check(m.img_size > 0 and m.patch_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
+           f"{m.img_size} must be a positive multiple of model.patch_size ({m.patch_size})")  # fmt: skip
+    _check(m.num_patches >= 2, "model.img_size", "needs at least 2 patches")
+    for w, h in (("width", "heads"), ("dec_width", "dec_heads")):
+        width, heads = getattr(m, w), getattr(m, h)
+        _check(heads > 0 and width > 0 and width % heads == 0, f"model.{w}", f"{width} not divisible by {heads} heads")
+    for k in ("depth", "dec_depth", "mlp_hidden", "dec_mlp_hidden"):
+        _check(getattr(m, k) > 0, f"model.{k}", "must be positive")
+    _check(m.text_len >= 2, "model.text_len", "must be at least 2")
+    _check(m.vocab_size is None or m.vocab_size > 2, "model.vocab_size", "must be > 2 or null (the tokenizer's)")
+    lo, hi = m.prefix_range
+    _check(1 <= lo <= hi <= m.num_patches - 1, "model.prefix_min",
+           f"prefix range {lo}..{hi} must lie inside 1..{m.num_patches - 1}")  # fmt: skip
+    _check(m.w_text >= 0 and m.w_image >= 0 and m.w_text + m.w_image > 0, "model.w_text", "weights must be >= 0")
+    _check(d.batch_size > 0, "data.batch_size", "must be positive")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0 < lo <= hi <= 1")
+    _check(all(s > 0 for s in d.std), "data.std", "must be positive")
+    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr", "needs lr > 0 and 0 <= min_lr <= lr")
+    _check(o.schedule in ("cosine", "constant"), "optim.schedule", f"{o.schedule!r} is not cosine or constant")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must lie in [0, 1)")
+    _check(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay", "weight_decay and grad_clip must be >= 0")
+    _check(t.max_steps > 0, "trainer.max_steps", "must be positive")
+    for k in ("log_every", "val_every", "ckpt_every", "accumulate_grad_batches", "num_nodes"):
+        _check(getattr(t, k) > 0, f"trainer.{k}", "must be positive")
+    _check(t.val_batches >= 0, "trainer.val_batches", "must be >= 0")
+    _check(t.keep_last == -1 or t.keep_last >= 1, "trainer.keep_last", "must be >= 1, or -1 to keep all")
+    _check(t.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"), "trainer.precision",
+           f"{t.precision!r} is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true")  # fmt: skip
+    return cfg
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Builds and validates a Config from a nested dict (the YAML's shape)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    for key in raw:
+        if key not in {f.name for f in dataclasses.fields(Config)}:
+            raise _known(Config, "", key)
+    hints = typing.get_type_hints(Config)
+    built: dict[str, Any] = {}
+    for name, cls in hints.items():
+        section = raw.get(name) or {}
+        built[name] = _build_model(section) if name == "model" else cls(**_build(cls, section, f"{name}."))
+    return validate(Config(**built))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, _, text = item.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
+    return path, yaml.safe_load(text) if text.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML config (or the defaults), applies ``section.key=value`` overrides, validates."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        sec = raw.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        sec[key] = value
+    return build_config(raw)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), the form written to config.yaml."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,77 @@
+"""AIMv2: prefix-attention ViT encoder + causal multimodal decoder + pixel and text heads.
+
+Fini et al. 2024, "Multimodal Autoregressive Pre-training of Large Vision Encoders", checked against
+apple/ml-l3m ``configs/aimv2/001_aimv2_hfdata.yaml``. The decoder reads the whole multimodal sequence causally;
+its output at image position i predicts patch i+1 (normalised pixels, MSE, only patches after the prefix) and its
+output at text position j predicts caption token j (cross-entropy, pads ignored).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from aimpre.model.decoder import MultimodalDecoder
+from aimpre.model.losses import patchify, pixel_loss, text_loss
+from aimpre.model.sizes import ModelConfig
+from aimpre.model.vit import AIMv2Encoder
+
+
+def _init_head(linear: nn.Linear, depth: int) -> None:
+    """ml-l3m's ``fan_in_depth_scaled`` head init: truncated normal, variance 1 / (fan_in * (1 + depth))."""
+    std = math.sqrt(1.0 / (linear.in_features * (1 + depth))) / 0.87962566103423978  # truncation correction
+    nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
+
+
+class AIMv2(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unresolved (None): set it or let the training set-up take it")
+        self.cfg = cfg
+        self.encoder = AIMv2Encoder(cfg)
+        self.decoder = MultimodalDecoder(cfg, cfg.vocab_size)
+        self.pixel_head = nn.Linear(cfg.dec_width, cfg.patch_dim, bias=False)
+        self.text_head = nn.Linear(cfg.dec_width, cfg.vocab_size, bias=False)
+        self.init_heads()
+
+    def init_heads(self) -> None:
+        _init_head(self.pixel_head, self.cfg.dec_depth)
+        _init_head(self.text_head, self.cfg.dec_depth)
+
+    def init_weights(self) -> None:
+        """Re-initialises every parameter (used after building on the meta device and ``to_empty``)."""
+        self.encoder.init_weights()
+        self.decoder.init_weights()
+        self.init_heads()
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by part: encoder, decoder (with its input projection and text embeddings), heads, total."""
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        parts = {"encoder": count(self.encoder), "decoder": count(self.decoder)}
+        parts["heads"] = count(self.pixel_head) + count(self.text_head)
+        return {**parts, "total": sum(parts.values())}
+
+    def predict(self, images: Tensor, text: Tensor, prefix_len: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns next-patch predictions [B, N-1, p*p*3] and next-token logits [B, L, V]."""
+        tokens = self.encoder(images, prefix_len)  # [B, N, width]
+        h = self.decoder(tokens, text)  # [B, N + L, dec_width]
+        N = tokens.shape[1]
+        return self.pixel_head(h[:, : N - 1]), self.text_head(h[:, N:])
+
+    def forward(self, images: Tensor, text: Tensor, text_mask: Tensor, prefix_len: Tensor) -> dict[str, Tensor]:
+        """Args:
+            images: normalised float images [B, 3, H, W].
+            text: caption ids [B, text_len] (EOS included, pad after).
+            text_mask: [B, text_len] True on real tokens (EOS included), False on pads.
+            prefix_len: [B] prefix lengths in 1..N-1.
+
+        Returns:
+            ``loss`` (the weighted sum), ``loss_image`` and ``loss_text``.
+        """
+        pixels, logits = self.predict(images, text, prefix_len)
+        loss_image = pixel_loss(pixels, patchify(images, self.cfg.patch_size), prefix_len)
+        loss_text = text_loss(logits, text, text_mask)
+        loss = self.cfg.w_text * loss_text + self.cfg.w_image * loss_image
+        return {"loss": loss, "loss_image": loss_image, "loss_text": loss_text}

@@ -1,0 +1,65 @@
+"""AIMv2 losses: normalised-pixel MSE on the next patch and cross-entropy on the next caption token.
+
+Checked against apple/ml-l3m ``RasterPixelLoss`` (norm_pix_loss, block_size 1, prefix mask) and
+``LLMCrossEntropyLoss``. The pixel target of each patch is normalised over its p*p*3 values with the unbiased
+variance and eps 1e-6, as ml-l3m (and MAE) do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _at_least_f32(x: Tensor) -> Tensor:
+    """Losses run in float32 under bf16/fp16 autocast; float64 stays float64 (for tests against sums by hand)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """[B, C, H, W] -> [B, N, p*p*C], patches in raster order, each laid out (row, column, channel)."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // patch, patch, W // patch, patch)  # [B, C, h, p, w, p]
+    x = x.permute(0, 2, 4, 3, 5, 1)  # [B, h, w, p(row), p(col), C]
+    return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def unpatchify(patches: Tensor, patch: int, channels: int = 3) -> Tensor:
+    """Inverse of ``patchify`` for square images: [B, N, p*p*C] -> [B, C, H, W]."""
+    B, N, _ = patches.shape
+    g = round(N**0.5)
+    x = patches.reshape(B, g, g, patch, patch, channels)  # [B, h, w, p, p, C]
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, g * patch, g * patch)
+
+
+def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-patch standardisation over the last dimension (unbiased variance, as ml-l3m)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def pixel_loss(pred: Tensor, patches: Tensor, prefix_len: Tensor) -> Tensor:
+    """MSE of next-patch predictions against normalised targets, on non-prefix patches only.
+
+    Args:
+        pred: [B, N-1, P] predictions; ``pred[:, i]`` is the prediction of patch ``i + 1``.
+        patches: [B, N, P] the patchified (un-normalised) input image.
+        prefix_len: [B] prefix lengths M; patch j is a target iff j >= M.
+
+    Returns:
+        The mean over valid targets of the per-patch mean squared error.
+    """
+    target = normalize_patches(_at_least_f32(patches))[:, 1:]  # [B, N-1, P]: the target of pred[:, i] is patch i+1
+    err = (_at_least_f32(pred) - target).pow(2).mean(dim=-1)  # [B, N-1]
+    index = torch.arange(1, patches.shape[1], device=patches.device)  # patch index of each target
+    valid = index[None, :] >= prefix_len[:, None]  # [B, N-1]
+    return (err * valid).sum() / valid.sum().clamp_min(1)
+
+
+def text_loss(logits: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+    """Cross-entropy of next-token logits [B, L, V] against ids [B, L], averaged over non-pad tokens."""
+    ce = F.cross_entropy(_at_least_f32(logits).flatten(0, 1), text.flatten(), reduction="none")  # [B*L]
+    m = text_mask.flatten().to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp_min(1)

@@ -1,0 +1,98 @@
+"""Model configuration and the registry of named sizes.
+
+The AIMv2 sizes follow Fini et al. 2024 (Table 1) and the released encoders (timm
+``aimv2_{large,huge,1b,3b}_patch14_224``): 24 pre-norm blocks of head dim 128, SwiGLU hidden widths
+2816/4096/5632/8192. Encoder parameter counts come out at 309.2M, 680.9M, 1235.0M and 2720.7M
+(``tests/test_model.py`` checks them on the meta device). Every size shares one decoder: 12 causal blocks,
+1024 wide, 8 heads, as in apple/ml-l3m ``configs/aimv2/001_aimv2_hfdata.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole pretraining model: encoder, decoder, heads and loss weights.
+
+    Defaults are AIMv2-L at 224 px; a named size (``SIZES``) overrides some of them.
+    """
+
+    size: str = "large"
+    img_size: int = 224
+    patch_size: int = 14
+    # encoder
+    width: int = 1024
+    depth: int = 24
+    heads: int = 8
+    mlp_hidden: int = 2816
+    # decoder (one for all encoder sizes)
+    dec_width: int = 1024
+    dec_depth: int = 12
+    dec_heads: int = 8
+    dec_mlp_hidden: int = 2816
+    # text: None means "the tokenizer's vocabulary size", resolved by the training set-up
+    vocab_size: int | None = 32000
+    text_len: int = 77
+    norm_eps: float = 1e-5
+    # loss = w_text * CE + w_image * MSE (AIMv2: 1.0 and 0.4)
+    w_text: float = 1.0
+    w_image: float = 0.4
+    # prefix length M ~ U{prefix_min..prefix_max}; None means num_patches - 1
+    prefix_min: int = 1
+    prefix_max: int | None = None
+    attn_backend: str = "auto"
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one patch target, laid out (row, column, channel)."""
+        return self.patch_size * self.patch_size * 3
+
+    @property
+    def dec_seq_len(self) -> int:
+        """Decoder length: all image tokens, then the start token and text_len - 1 caption tokens."""
+        return self.num_patches + self.text_len
+
+    @property
+    def prefix_range(self) -> tuple[int, int]:
+        hi = self.num_patches - 1 if self.prefix_max is None else self.prefix_max
+        return self.prefix_min, hi
+
+
+# A size is a set of overrides of ModelConfig's defaults.
+SIZES: dict[str, dict[str, Any]] = {
+    # CPU demo and tests: 112 px, 64 patches, a 6-block encoder and 4-block decoder; vocab from the tokenizer.
+    "tiny": dict(
+        img_size=112, width=192, depth=6, heads=3, mlp_hidden=512,
+        dec_width=192, dec_depth=4, dec_heads=3, dec_mlp_hidden=512,
+        vocab_size=None, text_len=48,
+    ),
+    "large": dict(width=1024, heads=8, mlp_hidden=2816),
+    "huge": dict(width=1536, heads=12, mlp_hidden=4096),
+    "1b": dict(width=2048, heads=16, mlp_hidden=5632),
+    "3b": dict(width=3072, heads=24, mlp_hidden=8192),
+}  # fmt: skip
+
+MODEL_KEYS = frozenset(f.name for f in fields(ModelConfig))
+
+
+def model_config(size: str = "tiny", **overrides: Any) -> ModelConfig:
+    """Builds the config of a named size, with field overrides.
+
+    Args:
+        size: a key of ``SIZES``.
+        **overrides: ModelConfig fields to change.
+    """
+    if size not in SIZES:
+        raise KeyError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
+    return replace(ModelConfig(), size=size, **{**SIZES[size], **overrides})

@@ -1,0 +1,63 @@
+"""The AIMv2 vision encoder: a ViT with prefix attention during pretraining and full attention after.
+
+Structure (Fini et al. 2024; apple/ml-l3m ``ViTPreprocessor`` + ``Transformer``; timm ``aimv2_*_patch14_224``;
+transformers ``Aimv2VisionModel``): 14x14 patch convolution with bias -> RMSNorm -> + learned position
+embedding [1, N, d] -> pre-norm blocks -> final RMSNorm. No CLS token. Parameter names are timm's, so the
+encoder's state dict *is* a timm state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from aimpre.model.layers import Block, RMSNorm, init_linear_xavier
+from aimpre.model.sizes import ModelConfig
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int, eps: float) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.proj(images)  # [B, 3, H, W] -> [B, d, H/p, W/p]
+        return self.norm(x.flatten(2).transpose(1, 2))  # -> [B, N, d], patches in raster order
+
+
+class AIMv2Encoder(nn.Module):
+    """ViT encoder; ``forward(images, prefix_len)`` returns final-norm tokens [B, N, width].
+
+    With ``prefix_len`` ([B] ints) attention is prefix-causal: bidirectional among the first ``prefix_len[b]``
+    patches, causal after. Without it (features, export) attention is full.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, cfg.norm_eps)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.width))
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.norm_eps, cfg.attn_backend) for _ in range(cfg.depth)
+        )
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """ml-l3m init: xavier-uniform linears, the patch conv initialised like a linear (as MAE), pos std .02."""
+        init_linear_xavier(self)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        assert self.patch_embed.proj.bias is not None
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def forward(self, images: Tensor, prefix_len: Tensor | None = None) -> Tensor:
+        x = self.patch_embed(images) + self.pos_embed  # [B, N, d]
+        mask = "full" if prefix_len is None else "prefix"
+        for block in self.blocks:
+            x = block(x, mask, prefix_len)
+        return self.norm(x)

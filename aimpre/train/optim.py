@@ -1,0 +1,54 @@
+"""AdamW with AIMv2's decoupled weight decay, and the warmup + cosine (or constant) schedule.
+
+AIMv2 (ml-l3m ``AdamLH``) decays p <- p * (1 - wd * lr_t / lr_peak) with wd = 1e-4. torch's AdamW decays
+p <- p * (1 - lr_t * wd'), so wd' = wd / lr_peak gives the same update. Biases, norms, position embeddings
+and the start token are not decayed (ml-l3m ``wd_exclude``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from aimpre.config import OptimConfig
+
+NO_DECAY_SUFFIXES = ("pos_embed", "text_pos", "start_token")
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+    return [{"params": decay, "decay": True}, {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay / cfg.lr,
+        fused=fused or None,
+    )
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step ``s`` (0-based): linear warmup, then cosine to min_lr or flat."""
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(s: int) -> float:
+        if s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,69 @@
+"""Attention kernels behind one function, ``attention(q, k, v, *, mask, prefix_len, backend)``.
+
+Model code calls only this function and never branches on the backend. Backends:
+``reference`` (eager math, the test oracle), ``sdpa`` (torch SDPA, explicit mask for prefix), ``flex``
+(torch FlexAttention). ``auto`` picks the fastest correct one for the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from aimpre.kernels import backends
+from aimpre.kernels.masks import MASKS, check_mask, dense_mask
+
+Backend = Callable[[Tensor, Tensor, Tensor, str, "Tensor | None"], Tensor]
+
+BACKENDS: dict[str, Backend] = {
+    "reference": backends.reference,
+    "sdpa": backends.sdpa,
+    "flex": backends.flex,
+}
+
+
+def available_backends() -> list[str]:
+    return ["auto", *BACKENDS]
+
+
+def _auto(q: Tensor, mask: str) -> str:
+    # SDPA runs flash for full/causal. For the prefix mask it falls back to a dense-mask kernel: on CUDA under
+    # torch.compile FlexAttention skips the fully masked blocks instead.
+    if q.is_cuda and mask == "prefix" and torch.compiler.is_compiling():
+        return "flex"
+    return "sdpa"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: str = "full",
+    prefix_len: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Scaled dot-product attention with an AIMv2 mask.
+
+    Args:
+        q, k, v: [B, H, T, D].
+        mask: "full", "causal" or "prefix" (bidirectional inside the first ``prefix_len[b]`` positions,
+            causal after).
+        prefix_len: int tensor [B], required for ``mask="prefix"``.
+        backend: "auto" or a key of ``BACKENDS``.
+
+    Returns:
+        [B, H, T, D] in the dtype of ``q``.
+    """
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one [B, H, T, D] shape, got {q.shape}, {k.shape}, {v.shape}")
+    check_mask(mask, prefix_len, q.shape[0])
+    name = _auto(q, mask) if backend == "auto" else backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+    return BACKENDS[name](q, k, v, mask, prefix_len)
+
+
+__all__ = ["BACKENDS", "MASKS", "attention", "available_backends", "dense_mask"]

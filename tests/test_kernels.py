@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aimpre.kernels import BACKENDS, attention, dense_mask
+
+
+def _allowed(mask: str, prefix: int, i: int, j: int) -> bool:
+    return mask == "full" or j <= i or (mask == "prefix" and j < prefix)
+
+
+@pytest.mark.parametrize("mask", ["full", "causal", "prefix"])
+def test_dense_mask_by_definition(mask: str) -> None:
+    prefix = torch.tensor([1, 4, 6])
+    m = dense_mask(mask, prefix if mask == "prefix" else None, 7, torch.device("cpu"))
+    for b in range(3):
+        for i in range(7):
+            for j in range(7):
+                got = True if m is None else bool(m[b if m.shape[0] > 1 else 0, 0, i, j])
+                assert got == _allowed(mask, int(prefix[b]), i, j), (b, i, j)
+
+
+@pytest.mark.parametrize("backend", sorted(set(BACKENDS) - {"reference"}))
+@pytest.mark.parametrize("mask", ["full", "causal", "prefix"])
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_backends_match_the_float64_reference(backend: str, mask: str, T: int) -> None:
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(3, 2, T, 16, dtype=torch.float64) for _ in range(3))
+    prefix = torch.tensor([1, T, max(1, T // 2)])
+    kw = {"mask": mask, "prefix_len": prefix if mask == "prefix" else None}
+    ref = attention(q, k, v, backend="reference", **kw)
+    out = attention(q.float(), k.float(), v.float(), backend=backend, **kw)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_reference_is_softmax_attention_by_hand() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 3, 2, dtype=torch.float64) for _ in range(3))
+    out = attention(q, k, v, mask="prefix", prefix_len=torch.tensor([2]), backend="reference")
+    for i, keys in enumerate([[0, 1], [0, 1], [0, 1, 2]]):
+        s = torch.stack([(q[0, 0, i] * k[0, 0, j]).sum() / 2**0.5 for j in keys])
+        expected = (s.softmax(0)[:, None] * v[0, 0, keys]).sum(0)
+        torch.testing.assert_close(out[0, 0, i], expected)
+
+
+def test_bad_calls_say_what_is_wrong() -> None:
+    q = torch.randn(2, 1, 4, 8)
+    with pytest.raises(ValueError, match="needs prefix_len"):
+        attention(q, q, q, mask="prefix")
+    with pytest.raises(ValueError, match=r"of shape \[2\]"):
+        attention(q, q, q, mask="prefix", prefix_len=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="unknown attention mask"):
+        attention(q, q, q, mask="diagonal")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(q, q, q, backend="cudnn-magic")
+    with pytest.raises(ValueError, match="share one"):
+        attention(q, q[:, :, :3], q)
