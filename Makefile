@@ -1,7 +1,9 @@
 # Two commands do everything on a fresh machine: `make train` and `make test`.
-# TORCH pins the PyTorch build: 2.13.0 is the CPU wheel on the CI machines; on a GPU box use e.g. TORCH=torch.
+# TORCH pins PyTorch and torchvision (timm, a test dependency, needs torchvision). 2.14.1 + 0.29.1 is the newest
+# pair whose torchvision imports on the CI machines (PyPI's torchvision cannot load beside the 2.13.0 CPU-only
+# wheel there); it runs on CPU as well as on GPUs. Override for your platform, e.g. TORCH="torch torchvision".
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -13,7 +15,7 @@ $(BIN)/python:
 
 # Re-installs when pyproject.toml changes (the editable install picks up new modules by itself).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
