@@ -32,14 +32,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # webdataset shard spec (braces, "::" between specs, pipe: URLs); "demo" is the embedded demo set
-    train_shards: str = "demo"
-    val_shards: str | None = "demo"
-    tokenizer: str = "bytes"
+    # a webdataset shard spec (braces, "::" joins specs, pipe: URLs), or a list of them: one source each;
+    # "demo" is the embedded demo set
+    train_shards: str | list[str] = "demo"
+    val_shards: str | list[str] | None = "demo"
+    # resampled: draw shards with replacement forever (sample-count training, source mixing by `weights`);
+    # otherwise epochs, each sample once per epoch, the same number of batches on every rank
+    resampled: bool = False
+    weights: list[float] | None = None  # one per train_shards source; needs resampled
+    tokenizer: str = "bytes"  # or the path of a Hugging Face tokenizer.json
     lowercase: bool = True
     batch_size: int = 32  # per device
     num_workers: int = 1
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples per chunk of the chunked permutation shuffle (exactly resumable)
+    max_pixels: int = 100_000_000  # larger images are skipped unread (decompression bombs)
     crop_scale: tuple[float, float] = (0.4, 1.0)  # AIMv2: RandomResizedCrop(scale 0.4-1) + horizontal flip
     hflip: bool = True
     # AIMv2's reference trained with ImageNet statistics; every export records what was used
@@ -113,6 +119,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[-1])
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"config key {key!r} must be a list of {len(args)} values, got {value!r}")
@@ -185,6 +195,12 @@ def validate(cfg: Config) -> Config:
     _check(m.w_text >= 0 and m.w_image >= 0 and m.w_text + m.w_image > 0, "model.w_text", "weights must be >= 0")
     _check(d.batch_size > 0, "data.batch_size", "must be positive")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.shuffle_buffer >= 0 and d.max_pixels > 0, "data.shuffle_buffer", "shuffle_buffer >= 0, max_pixels > 0")
+    if d.weights is not None:
+        n_sources = len(d.train_shards) if isinstance(d.train_shards, list) else 1
+        _check(d.resampled, "data.weights", "mixing sources by weight needs data.resampled=true")
+        _check(len(d.weights) == n_sources, "data.weights", f"needs one weight per source ({n_sources})")
+        _check(all(w > 0 for w in d.weights), "data.weights", "weights must be positive")
     _check(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0 < lo <= hi <= 1")
     _check(all(s > 0 for s in d.std), "data.std", "must be positive")
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr", "needs lr > 0 and 0 <= min_lr <= lr")

@@ -1,3 +1,5 @@
+"""The loading pipeline: real shards read back, splitting across ranks and workers, exact resume."""
+
 from __future__ import annotations
 
 import io
@@ -11,24 +13,43 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from aimpre.data import Augment, ByteTokenizer, ImageTextStream, demo_shards, encode_captions, expand_shards
+from aimpre.data import (
+    Augment,
+    ByteTokenizer,
+    ImageTextStream,
+    batches_per_epoch,
+    demo_shards,
+    encode_captions,
+    expand_shards,
+    shard_set,
+)
+from aimpre.data.decode import decode_image
 from aimpre.data.demo import BACKGROUNDS, COLOURS, digit_split, render_scene
-from aimpre.data.pipeline import decode_image
+from aimpre.data.shardset import count_samples
+from helpers import good_samples, write_tar
 
 
-def stream(shards: list[str], **kw) -> ImageTextStream:
-    args = dict(tokenizer=ByteTokenizer(), text_len=48, batch_size=8, aug=Augment(112), seed=0, shuffle_buffer=64)
-    return ImageTextStream(shards, **{**args, **kw})
+def stream(sources, **kw) -> ImageTextStream:
+    args = dict(tokenizer=ByteTokenizer(), text_len=96, batch_size=8, aug=Augment(112), seed=0, shuffle=16)
+    return ImageTextStream(sources, **{**args, **kw})
 
 
 def take(ds: ImageTextStream, n: int, workers: int = 0) -> list[dict]:
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     out = []
-    for batch in loader:
+    for batch in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers):
         out.append(batch)
         if len(out) == n:
             return out
     raise AssertionError("stream ended")
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """Five shards of 37, 3, 1, 60 and 11 samples (112), with an index for some and a header count for others."""
+    d = tmp_path_factory.mktemp("uneven")
+    for i, n in enumerate((37, 3, 1, 60, 11)):
+        write_tar(d / f"u-{i}.tar", good_samples(f"s{i}-", n))
+    return shard_set(f"{d}/u-{{0..4}}.tar")
 
 
 def test_demo_shards_are_plain_webdataset_tars(demo: Path) -> None:
@@ -36,7 +57,7 @@ def test_demo_shards_are_plain_webdataset_tars(demo: Path) -> None:
     assert set(index["splits"]) == {"pretrain", "val", "digits-train", "digits-test"}
     for split, info in index["splits"].items():
         samples = list(wds.WebDataset(demo_shards(split, demo), shardshuffle=False))
-        assert len(samples) == info["samples"], split
+        assert len(samples) == info["samples"] == sum(index["shards"][n] for n in info["shards"]), split
         s = samples[0]
         assert Image.open(io.BytesIO(s["jpg"])).size == (128, 128)
         assert s["txt"].decode().strip()
@@ -56,63 +77,92 @@ def test_held_out_digits_stay_out_of_pretraining(demo: Path) -> None:
     assert all(abs((labels[te] == c).sum() - 54) <= 1 for c in range(10))  # stratified 30%
 
 
-def test_scene_captions_describe_the_pixels() -> None:
+def test_scene_captions_describe_the_pixels_and_fit_the_text_length() -> None:
     rng = np.random.default_rng(0)
-    for _ in range(20):
+    for _ in range(30):
         img, caption = render_scene(rng)
         pixels = {tuple(p) for p in np.asarray(img).reshape(-1, 3)}
         named = [c for c in COLOURS if f" {c} " in f" {caption} "]
         assert named and all(COLOURS[c] in pixels for c in named), caption
-        bg = caption.rsplit(" on a ", 1)[1].split()[0]
-        assert tuple(np.asarray(img)[0, 0]) == BACKGROUNDS[bg]
+        assert tuple(np.asarray(img)[0, 0]) == BACKGROUNDS[caption.rsplit(", on ", 1)[1]]
+        assert len(caption) + 1 <= 96  # caption + EOS fit tiny's text_len with the byte tokenizer
 
 
 def test_batches(pretrain_spec: str) -> None:
-    (batch,) = take(stream(expand_shards(pretrain_spec)), 1)
+    (batch,) = take(stream([shard_set(pretrain_spec)]), 1)
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 112, 112)
-    assert batch["text"].dtype == torch.int64 and batch["text"].shape == (8, 48)
+    assert batch["text"].dtype == torch.int64 and batch["text"].shape == (8, 96)
     assert batch["text_mask"].dtype == torch.bool and len(batch["key"]) == 8
     tok = ByteTokenizer()
     for ids, mask in zip(batch["text"], batch["text_mask"], strict=True):
-        real = ids[mask].tolist()
-        assert real[-1] == tok.eos_id or len(real) == 48  # caption + EOS, or cut at the length
-        assert tok.decode(real).strip() == tok.decode(real)
+        assert ids[mask].tolist()[-1] == tok.eos_id  # no demo caption is cut
+    assert batch["state"]["truncated"] == 0 and batch["state"]["skipped"] == {}
+
+
+def test_header_counts_match_the_index(demo: Path) -> None:
+    index = json.loads((demo / "index.json").read_text())["shards"]
+    for name, n in list(index.items())[:3]:
+        assert count_samples(str(demo / name)) == n
+
+
+@pytest.mark.parametrize("world, workers, batch", [(2, 2, 5), (3, 1, 4), (1, 2, 7)])
+def test_every_reader_gets_the_same_batches_and_each_sample_once_per_epoch(uneven, world, workers, batch) -> None:
+    total = 112
+    m = batches_per_epoch([uneven], batch, world * workers)
+    keys: list[str] = []
+    for rank in range(world):
+        batches = take(stream([uneven], batch_size=batch, rank=rank, world=world), m * workers, workers)
+        assert all(b["state"]["epoch"] == 0 or b["state"].get("batch", 0) == 0 for b in batches)
+        assert [b["state"]["epoch"] for b in batches[-workers:]] == [1] * workers  # each worker ended epoch 0
+        keys += [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys)) == m * world * workers * batch  # nothing twice
+    assert total - len(keys) < world * workers * batch  # only a tail smaller than one round of batches dropped
+
+
+def test_fewer_shards_than_readers_still_splits_evenly(tmp_path: Path) -> None:
+    one = shard_set(str(write_tar(tmp_path / "one.tar", good_samples("x", 40))))
+    keys = [k for r in range(4) for b in take(stream([one], batch_size=5, rank=r, world=4), 2) for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 40
+
+
+def test_too_little_data_for_the_readers_is_a_clear_error(tmp_path: Path) -> None:
+    tiny = shard_set(str(write_tar(tmp_path / "t.tar", good_samples("x", 3))))
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        take(stream([tiny], batch_size=2, world=2), 1)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_replays_exactly(pretrain_spec: str, workers: int) -> None:
-    shards = expand_shards(pretrain_spec)
-    full = take(stream(shards), 7, workers)
-    resumed = take(stream(shards, start_batch=4), 3, workers)
-    for a, b in zip(full[4:], resumed, strict=True):
-        assert a["key"] == b["key"]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_from_batch_states_is_exact(uneven, workers: int, resampled: bool) -> None:
+    """Restarting every reader from the state of its last delivered batch continues the exact same stream,
+    across an epoch boundary too (7 batches per reader per epoch here)."""
+    kw = dict(batch_size=4, resampled=resampled)
+    full = take(stream([uneven], **kw), 24, workers)
+    cut = 13
+    last = {}
+    for b in full[:cut]:
+        last[b["worker"]] = b["state"]
+    states = [last.get(k) for k in range(max(1, workers))]
+    resumed = take(stream([uneven], **kw, resume=states, first_worker=cut % max(1, workers)), 24 - cut, workers)
+    for a, b in zip(full[cut:], resumed, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
 
 
-def test_seed_changes_the_order(pretrain_spec: str) -> None:
-    shards = expand_shards(pretrain_spec)
-    assert take(stream(shards, seed=0), 1)[0]["key"] != take(stream(shards, seed=1), 1)[0]["key"]
+def test_order_depends_on_seed_and_epoch(uneven) -> None:
+    a = take(stream([uneven], batch_size=4), 28 * 2)
+    epoch0, epoch1 = [k for b in a[:28] for k in b["key"]], [k for b in a[28:] for k in b["key"]]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # all 112 each epoch, in a new order
+    assert take(stream([uneven], seed=1), 1)[0]["key"] != a[0]["key"]
 
 
-def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
-    good = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 10, 10)).save(good, format="JPEG")
-    samples = [
-        {"__key__": "ok0", "jpg": good.getvalue(), "txt": "red"},
-        {"__key__": "corrupt", "jpg": b"\xff\xd8 not a jpeg", "txt": "broken"},
-        {"__key__": "empty", "jpg": b"", "txt": "zero bytes"},
-        {"__key__": "nocaption", "jpg": good.getvalue()},
-        {"__key__": "badutf8", "jpg": good.getvalue(), "txt": b"\xff\xfe\xfa"},
-        {"__key__": "noimage", "txt": "caption only"},
-        {"__key__": "ok1", "jpg": good.getvalue(), "json": json.dumps({"caption": "red again"}).encode()},
-    ]
-    path = tmp_path / "bad.tar"
-    with wds.TarWriter(str(path)) as sink:
-        for s in samples:
-            sink.write(s)
-    (batch,) = take(stream([str(path)], batch_size=2, shuffle_buffer=0), 1)
-    assert batch["key"] == ["ok0", "ok1"]
-    assert batch["skipped"] == {"image": 2, "caption": 2, "no_image": 1}
+def test_resampled_sources_mix_by_weight(tmp_path: Path) -> None:
+    a = shard_set(str(write_tar(tmp_path / "a.tar", good_samples("a", 30))))
+    b = shard_set(str(write_tar(tmp_path / "b.tar", good_samples("b", 30))))
+    keys = [k for x in take(stream([a, b], batch_size=20, resampled=True, weights=[3.0, 1.0]), 20) for k in x["key"]]
+    share = sum(k.startswith("a") for k in keys) / len(keys)
+    assert 0.7 < share < 0.8  # 400 draws at p = 0.75
+    with pytest.raises(ValueError, match="resampled"):
+        stream([a, b], weights=[1.0, 1.0])
 
 
 def test_draft_decoding_keeps_content() -> None:
@@ -121,8 +171,20 @@ def test_draft_decoding_keeps_content() -> None:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=95)
     out = decode_image(buf.getvalue(), Augment(112, train=False), np.random.default_rng(0))
-    assert out.shape == (112, 112, 3) and out.dtype == np.uint8
-    assert out[:, :40, 0].mean() > 240 and out[:, -40:, 2].mean() > 240  # centre crop: red left, blue right
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 112, 112) and out.dtype == torch.uint8
+    assert out[0, :, :40].float().mean() > 240 and out[2, :, -40:].float().mean() > 240  # red left, blue right
+
+
+def test_resize_matches_pils_antialiased_bicubic() -> None:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((512, 384), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    ours = decode_image(buf.getvalue(), Augment(224, train=False), rng)
+    pil = np.asarray(img.resize((224, 224), Image.Resampling.BICUBIC, box=(64, 0, 448, 384)))
+    assert isinstance(ours, torch.Tensor)
+    diff = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - pil.astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.1
 
 
 def test_encode_captions_pads_and_cuts() -> None:
@@ -136,8 +198,3 @@ def test_encode_captions_pads_and_cuts() -> None:
 def test_missing_shards_are_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"000001\.tar"):
         expand_shards(f"{tmp_path}/{{000001..000002}}.tar")
-
-
-def test_too_few_shards_for_the_readers_is_an_error(val_spec: str) -> None:
-    with pytest.raises(ValueError, match="cannot feed 2 ranks x 1 workers"):
-        take(stream([val_spec], rank=1, world=2), 1)

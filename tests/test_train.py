@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aimpre.config import ConfigError, OptimConfig, load_config
-from aimpre.data import Augment, ByteTokenizer, ImageTextStream, expand_shards
+from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
 from aimpre.model import AIMv2, model_config
 from aimpre.train import train
 from aimpre.train.optim import build_optimizer, lr_factor, param_groups
@@ -20,7 +20,7 @@ from aimpre.train.optim import build_optimizer, lr_factor, param_groups
 def test_tiny_overfits_one_batch(pretrain_spec: str) -> None:
     """tiny memorises one fixed batch of real demo samples within 200 steps (loss from ~6 to < 1% of that)."""
     torch.manual_seed(0)
-    ds = ImageTextStream(expand_shards(pretrain_spec), ByteTokenizer(), 48, 4, Augment(112), shuffle_buffer=0)
+    ds = ImageTextStream([shard_set(pretrain_spec)], ByteTokenizer(), 96, 4, Augment(112), shuffle=0)
     batch = next(iter(ds))
     images = (batch["image"].float() / 255 - 0.45) / 0.225
     model = AIMv2(model_config("tiny", vocab_size=258))
@@ -63,6 +63,16 @@ def test_schedule_and_weight_decay_groups() -> None:
     assert opt.param_groups[1]["weight_decay"] == 0.0
 
 
+class RecordKeys(pl.Callback):
+    """The sample keys of every batch trained on, by step."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, list[str]] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, out, batch, i: int) -> None:
+        self.keys[trainer.global_step] = batch["key"]
+
+
 class StopAt(pl.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -82,7 +92,7 @@ def _cfg(tmp_path: Path, pretrain_spec: str, val_spec: str, name: str, *extra: s
         None,
         [
             f"run.out_dir={tmp_path}", f"run.name={name}", f"data.train_shards={pretrain_spec}",
-            f"data.val_shards={val_spec}", "data.batch_size=4", "data.num_workers=1", "trainer.max_steps=6",
+            f"data.val_shards={val_spec}", "data.batch_size=4", "data.num_workers=2", "trainer.max_steps=6",
             "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.val_every=3", "trainer.val_batches=1",
             "trainer.deterministic=true", "optim.warmup_steps=2", *extra,
         ],
@@ -90,11 +100,14 @@ def _cfg(tmp_path: Path, pretrain_spec: str, val_spec: str, name: str, *extra: s
 
 
 def test_lightning_run_resumes_exactly(tmp_path: Path, pretrain_spec: str, val_spec: str) -> None:
-    full = train(_cfg(tmp_path, pretrain_spec, val_spec, "full", "trainer.keep_last=1"))
-    part = train(_cfg(tmp_path, pretrain_spec, val_spec, "part"), callbacks=(StopAt(3),))
+    seen_full, seen_part, seen_resumed = RecordKeys(), RecordKeys(), RecordKeys()
+    full = train(_cfg(tmp_path, pretrain_spec, val_spec, "full", "trainer.keep_last=1"), callbacks=(seen_full,))
+    part = train(_cfg(tmp_path, pretrain_spec, val_spec, "part"), callbacks=(StopAt(3), seen_part))
     assert (part / "checkpoints" / "step-3.ckpt").exists() and not (part / "checkpoints" / "step-6.ckpt").exists()
     assert max(_rows(part)) == 3
-    train(_cfg(tmp_path, pretrain_spec, val_spec, "part"), resume=True)
+    train(_cfg(tmp_path, pretrain_spec, val_spec, "part"), resume=True, callbacks=(seen_resumed,))
+    # the same samples in the same order, none repeated, none skipped (2 data workers, stopped at an odd batch)
+    assert {**seen_part.keys, **seen_resumed.keys} == seen_full.keys and sorted(seen_resumed.keys) == [4, 5, 6]
     a, b = _rows(full), _rows(part)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):

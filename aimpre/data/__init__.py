@@ -1,20 +1,27 @@
 """Data: shard writing, the loading pipeline and tokenizers (knows nothing of the model)."""
 
+from aimpre.data.decode import SKIP_REASONS, Augment
 from aimpre.data.demo import demo_dir, demo_shards, write_demo
-from aimpre.data.pipeline import Augment, ImageTextStream
-from aimpre.data.shards import expand_shards, write_shards
-from aimpre.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer, encode_captions
+from aimpre.data.pipeline import ImageTextStream, batches_per_epoch
+from aimpre.data.shards import write_shards
+from aimpre.data.shardset import Shard, expand_shards, shard_set
+from aimpre.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer, encode_captions
 
 __all__ = [
+    "SKIP_REASONS",
     "Augment",
     "ByteTokenizer",
+    "HFTokenizer",
     "ImageTextStream",
+    "Shard",
     "Tokenizer",
+    "batches_per_epoch",
     "build_tokenizer",
     "demo_dir",
     "demo_shards",
     "encode_captions",
     "expand_shards",
+    "shard_set",
     "write_demo",
     "write_shards",
 ]

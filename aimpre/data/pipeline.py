@@ -1,209 +1,209 @@
-"""The loading pipeline: tar shards -> decoded, cropped uint8 images + token ids, in batches.
+"""The loading pipeline: raw tar samples -> decoded, cropped uint8 images + token ids, in batches.
 
-Every stream is a deterministic function of (seed, epoch, rank, worker), so a run can be resumed at any batch:
-``start_batch`` makes each worker replay and drop the batches the DataLoader already delivered (it hands out
-batches round-robin over workers). Bad samples are skipped and counted by reason, never raised.
+Each DataLoader worker is one reader (rank r, worker k of K is reader r*K + k). Everything a reader does is a
+function of (seed, reader, position): the order (``aimpre.data.reader``) and the crop/flip of each sample (an
+RNG seeded by its position). Every batch carries its reader's state *after* it; restarting a reader from that
+state continues with exactly the samples it would have read next: no replay, nothing repeated or skipped.
 
 Batch: ``image`` uint8 [B, 3, S, S], ``text`` int64 [B, L], ``text_mask`` bool [B, L], ``key`` list[str],
-``skipped`` {reason: count} (this worker's running totals) and ``worker`` (its id).
+``worker`` int, ``state`` dict (position, and running counts of skips by reason and of read errors).
 """
 
 from __future__ import annotations
 
-import io
-import json
-import math
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
+from aimpre.data.decode import SKIP_REASONS, Augment, decode_sample
+from aimpre.data.reader import ReadErrors, chunk_shuffled, epoch_plan, resampled_draw, source_choices
+from aimpre.data.shardset import Shard
 from aimpre.data.tokenizer import Tokenizer, encode_captions
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+__all__ = ["SKIP_REASONS", "Augment", "ImageTextStream", "batches_per_epoch"]
 
 
-@dataclass(frozen=True)
-class Augment:
-    size: int
-    scale: tuple[float, float] = (0.4, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    train: bool = True  # False: centre square crop, no flip
-
-
-def crop_box(W: int, H: int, aug: Augment, rng: np.random.Generator) -> tuple[float, float, float, float]:
-    """RandomResizedCrop's box (torchvision semantics), or the centre square when not training."""
-    if aug.train:
-        for _ in range(10):
-            area = W * H * rng.uniform(*aug.scale)
-            ar = math.exp(rng.uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1])))
-            w, h = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
-            if 0 < w <= W and 0 < h <= H:
-                x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
-                return x, y, x + w, y + h
-    side = min(W, H)
-    left, top = (W - side) / 2, (H - side) / 2
-    return left, top, left + side, top + side
-
-
-def decode_image(data: bytes, aug: Augment, rng: np.random.Generator) -> np.ndarray:
-    """Bytes -> uint8 [S, S, 3]: crop and resize once, after JPEG draft-decoding at the smallest scale >= target."""
-    img: Image.Image = Image.open(io.BytesIO(data))
-    W, H = img.size
-    x0, y0, x1, y1 = crop_box(W, H, aug, rng)
-    # JPEG can decode at 1/2, 1/4, 1/8 scale: ask for the smallest that keeps the crop at >= size pixels.
-    img.draft("RGB", (math.ceil(W * aug.size / (x1 - x0)), math.ceil(H * aug.size / (y1 - y0))))
-    sx, sy = img.size[0] / W, img.size[1] / H
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img.alpha_composite(rgba)
-    img = img.convert("RGB").resize(
-        (aug.size, aug.size), Image.Resampling.BICUBIC, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)
-    )
-    if aug.train and aug.hflip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def caption_of(sample: dict[str, Any]) -> str | None:
-    """The caption from ``KEY.txt``, else ``KEY.json``'s "caption"/"text" field; None if missing or unusable."""
-    try:
-        if "txt" in sample:
-            text = sample["txt"].decode("utf-8")
-        elif "json" in sample:
-            meta = json.loads(sample["json"])
-            text = meta.get("caption") or meta.get("text") or ""
-        else:
-            return None
-    except (UnicodeDecodeError, ValueError, AttributeError):
-        return None
-    text = str(text).strip()
-    return text or None
+def batches_per_epoch(sources: list[list[Shard]], batch_size: int, readers: int) -> int:
+    """Batches each reader yields per epoch: the same for all, so no rank ever waits on another."""
+    total = sum(s.samples or 0 for shards in sources for s in shards)
+    m = total // (readers * batch_size)
+    if m == 0:
+        raise ValueError(
+            f"{total} samples cannot fill one batch of {batch_size} for each of {readers} readers "
+            f"(ranks x data.num_workers): lower data.batch_size or data.num_workers, or add data"
+        )
+    return m
 
 
 class ImageTextStream(IterableDataset):
-    """An endless, resumable stream of batches over tar shards.
+    """An endless, resumable stream of batches.
 
     Args:
-        shards: shard URLs (local paths or ``pipe:`` commands).
+        sources: shard sets; in epoch mode they are read as one, in resampled mode mixed by ``weights``.
         tokenizer: caption tokenizer.
         text_len: caption length in tokens (EOS included).
         batch_size: samples per batch.
-        aug: crop/flip settings.
-        seed: base seed of shard order, shuffling and augmentation.
+        aug: crop/flip/size-limit settings.
+        weights: source mixing weights (resampled mode); None: equal.
+        resampled: draw shards with replacement instead of reading epochs.
+        seed: base seed of order, shuffling and augmentation.
         rank, world: this process's place in data parallelism.
-        shuffle_buffer: samples kept for shuffling (0: file order).
-        split_by: "shards" (train: each rank/worker reads its own shards) or "samples" (every reader scans all
-            shards and keeps every k-th sample: for small validation sets).
-        start_batch: global batches already consumed (resume).
+        shuffle: chunk size of the chunked permutation shuffle (<= 1: file order).
+        resume: per-worker states (from batches' ``state``) to continue from; None entries start fresh.
+        first_worker: the worker whose batch comes next (batches consumed % workers). The DataLoader always
+            asks its slot 0 first, so slot j plays worker (j + first_worker) % workers.
     """
 
     def __init__(
         self,
-        shards: list[str],
+        sources: list[list[Shard]],
         tokenizer: Tokenizer,
         text_len: int,
         batch_size: int,
         aug: Augment,
+        *,
+        weights: list[float] | None = None,
+        resampled: bool = False,
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
-        shuffle_buffer: int = 1000,
-        split_by: str = "shards",
-        start_batch: int = 0,
+        shuffle: int = 1000,
+        resume: list[dict[str, Any] | None] | None = None,
+        first_worker: int = 0,
     ) -> None:
         super().__init__()
-        self.shards, self.tokenizer, self.text_len, self.batch_size = shards, tokenizer, text_len, batch_size
-        self.aug, self.seed, self.rank, self.world = aug, seed, rank, world
-        self.shuffle_buffer, self.split_by, self.start_batch = shuffle_buffer, split_by, start_batch
-        self.skipped: Counter[str] = Counter()
+        if not resampled and weights is not None:
+            raise ValueError("data.weights mixes sources by sampling: it needs data.resampled=true")
+        self.sources, self.tokenizer, self.text_len, self.batch_size = sources, tokenizer, text_len, batch_size
+        self.aug, self.weights, self.resampled = aug, weights or [1.0] * len(sources), resampled
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.resume = resume or []
+        self.first_worker = first_worker
 
-    def _count_read_error(self, exn: Exception) -> bool:
-        self.skipped["read"] += 1
-        return True  # keep going
+    # -- raw samples, each with the reader's state after it -------------------------------------------------
 
-    def _raw(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        """Raw samples for this reader, epoch after epoch."""
-        reader, readers = self.rank * workers + worker, self.world * workers
-        epoch = 0
+    def _resampled_samples(
+        self, reader: int, state: dict[str, Any], errors: ReadErrors
+    ) -> Iterator[tuple[dict[str, Any], Any]]:
+        pos = state.get("pos", 0)
+        src = [list(x) for x in state.get("src", [[0, 0]] * len(self.sources))]
+        streams = [self._source(s, reader, src[s][0], src[s][1], errors) for s in range(len(self.sources))]
         while True:
-            if self.split_by == "shards":
-                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-                mine = [self.shards[i] for i in order[reader::readers]]
-                if not mine:
-                    raise ValueError(
-                        f"{len(self.shards)} shards cannot feed {self.world} ranks x {workers} workers: "
-                        f"use at least {readers} shards or fewer data.num_workers"
-                    )
-            else:
-                mine = list(self.shards)
-            stream = tarfile_samples(({"url": u} for u in mine), handler=self._count_read_error)
+            for s in source_choices(self.weights, [self.seed, reader, 7], pos, 256):
+                draw, off, sample = next(streams[s])
+                src[s] = [draw, off]
+                pos += 1
+                yield {"pos": pos, "src": [list(x) for x in src]}, sample
+
+    def _source(self, s: int, reader: int, draw: int, off: int, errors: ReadErrors) -> Iterator[tuple[int, int, Any]]:
+        empty = 0
+        while True:
+            seg = resampled_draw(self.sources[s], [self.seed, reader, s], draw)
             n = 0
-            for i, sample in enumerate(stream):
-                if self.split_by == "shards" or i % readers == reader:
-                    n += 1
-                    yield sample
-            if n == 0:  # an endless loop over nothing would hang the run
-                raise ValueError(f"reader {reader} of {readers} got no samples from its shards: {mine[:3]}...")
-            epoch += 1
+            for q, sample in chunk_shuffled([seg], off, self.shuffle, [self.seed, reader, s, draw], errors):
+                n += 1
+                yield draw, q, sample
+            empty = 0 if n else empty + 1
+            if empty > 100:
+                raise ValueError(f"source {s}: 100 shards drawn in a row gave no samples (last: {seg.url})")
+            draw, off = draw + 1, 0
 
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buf: list[dict[str, Any]] = []
-        for s in samples:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(s)
-                continue
-            j = int(rng.integers(len(buf)))
-            buf[j], s = s, buf[j]
-            yield s
-        # the stream is endless: the buffer is never drained
+    # -- batches --------------------------------------------------------------------------------------------
 
-    def _decoded(self, worker: int, workers: int) -> Iterator[tuple[str, np.ndarray, str]]:
-        rng = np.random.default_rng([self.seed, self.rank, worker, 1])
-        for s in self._shuffled(self._raw(worker, workers), rng):
-            key = str(s.get("__key__"))
-            image_key = next((k for k in IMAGE_KEYS if k in s), None)
-            if image_key is None:
-                self.skipped["no_image"] += 1
+    def _epoch_range(
+        self, reader: int, span: int, epoch: int, pos: int, errors: ReadErrors
+    ) -> Iterator[tuple[dict[str, Any], Any]]:
+        """The reader's range of one epoch from ``pos``, wrapping around if bad samples leave it short."""
+        shards = [s for source in self.sources for s in source]
+        segments = epoch_plan(shards, self.seed, epoch, reader, span)
+        while True:
+            p = pos % span
+            for q, sample in chunk_shuffled(segments, p, self.shuffle, [self.seed, epoch, reader], errors):
+                yield {"epoch": epoch, "pos": pos - p + q}, sample
+            pos = pos - p + span
+
+    def _fill(
+        self, samples: Iterator[tuple[dict[str, Any], Any]], reader: int, tally: _Tally, span: int
+    ) -> tuple[list[str], list[torch.Tensor], list[str], dict[str, Any]]:
+        """Decodes samples until a batch is full; returns (keys, images, captions, state after the last)."""
+        keys: list[str] = []
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        since_kept = 0
+        for st, sample in samples:
+            # augmentation depends on the position only, so a resumed reader crops exactly as before
+            rng = np.random.default_rng([self.seed, reader, st.get("epoch", 0), st["pos"]])
+            out = decode_sample(sample, self.aug, rng)
+            if isinstance(out, str):
+                tally.skipped[out] += 1
+                since_kept += 1
+                if since_kept > max(span, 10_000):
+                    raise ValueError(f"reader {reader}: {since_kept} samples in a row were unusable: {tally.skipped}")
                 continue
-            caption = caption_of(s)
-            if caption is None:
-                self.skipped["caption"] += 1
-                continue
-            try:
-                image = decode_image(s[image_key], self.aug, rng)
-            except Exception:  # PIL raises many types for corrupt data: any failure is a bad sample
-                self.skipped["image"] += 1
-                continue
-            yield key, image, caption
+            since_kept = 0
+            tally.repeated += int(span > 0 and st["pos"] > span)
+            keys.append(str(sample["__key__"]))
+            images.append(out[0])
+            captions.append(out[1])
+            if len(images) == self.batch_size:
+                return keys, images, captions, st
+        raise RuntimeError("sample stream ended")  # streams are endless
+
+    def _batch(self, keys: list[str], images: list[torch.Tensor], captions: list[str], tally: _Tally) -> dict:
+        text, mask = encode_captions(self.tokenizer, captions, self.text_len)
+        tally.truncated += int((mask.all(dim=1) & (text[:, -1] != self.tokenizer.eos_id)).sum())
+        return {
+            "image": torch.stack(images),  # [B, 3, S, S] uint8
+            "text": text,
+            "text_mask": mask,
+            "key": keys,
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # Batches go out round-robin over workers: global batch g comes from worker g % workers.
-        skip = max(0, -(-(self.start_batch - worker) // workers))
-        samples = self._decoded(worker, workers)
-        for _ in range(skip * self.batch_size):
-            next(samples)
+        slot, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (slot + self.first_worker) % workers
+        reader, readers = self.rank * workers + worker, self.world * workers
+        state = dict(self.resume[worker] or {}) if worker < len(self.resume) else {}
+        tally = _Tally(state)
+        if self.resampled:
+            samples = self._resampled_samples(reader, state, tally.errors)
+            while True:
+                keys, images, captions, st = self._fill(samples, reader, tally, 0)
+                batch = self._batch(keys, images, captions, tally)
+                yield {**batch, "worker": worker, "state": {**st, **tally.state()}}
+        m = batches_per_epoch(self.sources, self.batch_size, readers)
+        span = m * self.batch_size
+        epoch, pos, done = state.get("epoch", 0), state.get("pos", 0), state.get("batch", 0)
         while True:
-            keys, images, captions = zip(*(next(samples) for _ in range(self.batch_size)), strict=True)
-            text, mask = encode_captions(self.tokenizer, list(captions), self.text_len)
-            yield {
-                "image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),  # [B, 3, S, S]
-                "text": text,
-                "text_mask": mask,
-                "key": list(keys),
-                "skipped": dict(self.skipped),
-                "worker": worker,
-            }
+            samples = self._epoch_range(reader, span, epoch, pos, tally.errors)
+            while done < m:
+                keys, images, captions, st = self._fill(samples, reader, tally, span)
+                done += 1
+                after = {"epoch": epoch, "pos": st["pos"], "batch": done} if done < m else {"epoch": epoch + 1}
+                batch = self._batch(keys, images, captions, tally)
+                yield {**batch, "worker": worker, "state": {**after, **tally.state()}}
+            epoch, pos, done = epoch + 1, 0, 0
+
+
+class _Tally:
+    """A reader's running counts, carried in every batch's state so they survive a resume."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.skipped: Counter[str] = Counter(state.get("skipped", {}))
+        self.errors = ReadErrors()
+        self.errors.counts.update(state.get("errors", {}))
+        self.truncated: int = state.get("truncated", 0)
+        self.repeated: int = state.get("repeated", 0)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "skipped": dict(self.skipped),
+            "errors": dict(self.errors.counts),
+            "truncated": self.truncated,
+            "repeated": self.repeated,
+        }

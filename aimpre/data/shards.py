@@ -1,4 +1,4 @@
-"""Writing and naming webdataset shards (img2dataset layout: ``KEY.jpg`` + ``KEY.txt``, optional ``KEY.cls``)."""
+"""Writing webdataset shards (img2dataset layout: ``KEY.jpg`` + ``KEY.txt``, optional ``KEY.json``/``KEY.cls``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 
 import webdataset as wds
 from PIL import Image
-from webdataset.shardlists import expand_urls
 
 
 def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
@@ -20,8 +19,8 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, per_shard: int) -> list[str]:
-    """Writes ``{prefix}-000000.tar, ...`` into ``out_dir``; returns the shard file names.
+def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, per_shard: int) -> dict[str, int]:
+    """Writes ``{prefix}-000000.tar, ...`` into ``out_dir``; returns {shard file name: samples}.
 
     Args:
         samples: dicts with ``__key__`` and extension keys (bytes, or str for text), as webdataset's TarWriter takes.
@@ -30,26 +29,13 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, 
         per_shard: samples per shard.
     """
     pattern = str(out_dir / f"{prefix}-%06d.tar")
+    total = 0
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
         for sample in samples:
             sink.write(sample)
+            total += 1
         n = sink.shard
-    return [Path(pattern % i).name for i in range(n)]
-
-
-def expand_shards(spec: str | list[str]) -> list[str]:
-    """Shard spec -> list of URLs: brace expansion (``/data/{00000..09999}.tar``), ``::`` separates several specs.
-
-    Local paths must exist (the error names the first missing one); ``pipe:`` and other URLs are kept as-is.
-    """
-    specs = spec if isinstance(spec, list) else [spec]
-    urls = [u for s in specs for u in expand_urls(s.strip()) if u]
-    if not urls:
-        raise ValueError(f"shard spec {spec!r} names no shards")
-    for u in urls:
-        if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u):
-            raise FileNotFoundError(f"shard not found: {u} (from spec {spec!r})")
-    return urls
+    return {Path(pattern % i).name: min(per_shard, total - i * per_shard) for i in range(n)}
 
 
 def publish_dir(tmp: Path, final: Path) -> Path:

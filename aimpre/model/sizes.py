@@ -75,7 +75,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         img_size=112, width=192, depth=6, heads=3, mlp_hidden=512,
         dec_width=192, dec_depth=4, dec_heads=3, dec_mlp_hidden=512,
-        vocab_size=None, text_len=48,
+        vocab_size=None, text_len=96,
     ),
     "large": dict(width=1024, heads=8, mlp_hidden=2816),
     "huge": dict(width=1536, heads=12, mlp_hidden=4096),

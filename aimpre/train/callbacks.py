@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -75,7 +76,8 @@ class MetricsCSV(pl.Callback):
         self.samples_per_step, self.flops_per_sample = samples_per_step, flops_per_sample
         self.sums: dict[str, float] = defaultdict(float)
         self.count = 0
-        self.skipped: dict[int, dict[str, int]] = {}  # latest running totals per data worker
+        self.data_state: dict[int, dict[str, Any]] = {}  # latest state (running counts) per data worker
+        self.data_totals: dict[str, Any] = {}  # summed over workers and ranks at the end of training
         self.data_time = 0.0
         self.t_batch_end: float | None = None
         self.t_row: float | None = None
@@ -94,6 +96,7 @@ class MetricsCSV(pl.Callback):
                 w.writeheader()
                 w.writerows(keep)
         self.last_step = trainer.global_step
+        self.data_state = dict(getattr(pl_module, "loader_state", {}))  # resumed counts
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
         now = time.perf_counter()
@@ -108,7 +111,7 @@ class MetricsCSV(pl.Callback):
         for k in LOSSES:
             self.sums[k] += float(outputs[k].detach())
         self.count += 1
-        self.skipped[batch["worker"]] = batch["skipped"]
+        self.data_state[batch["worker"]] = batch["state"]
         self.t_batch_end = time.perf_counter()
         step = trainer.global_step
         if step == self.last_step:  # gradient accumulation: not a step boundary yet
@@ -122,17 +125,38 @@ class MetricsCSV(pl.Callback):
         t = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
         return trainer.strategy.reduce(t, reduce_op=op).tolist()
 
-    def _skipped_total(self) -> dict[str, int]:
+    def _counts(self, field: str) -> dict[str, int]:
         total: dict[str, int] = defaultdict(int)
-        for counts in self.skipped.values():
-            for k, v in counts.items():
+        for state in self.data_state.values():
+            for k, v in state.get(field, {}).items():
                 total[k] += v
         return dict(total)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Sums the data counters of every worker on every rank (a collective: all ranks call it)."""
+        mine = {
+            "skipped": self._counts("skipped"),
+            "read_errors": self._counts("errors"),
+            "truncated_captions": sum(s.get("truncated", 0) for s in self.data_state.values()),
+            "repeated_samples": sum(s.get("repeated", 0) for s in self.data_state.values()),
+        }
+        parts = [mine]
+        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+            parts = [{} for _ in range(trainer.world_size)]
+            dist.all_gather_object(parts, mine)
+        totals: dict[str, Any] = {"skipped": defaultdict(int), "read_errors": defaultdict(int)}
+        for part in parts:
+            for k in ("skipped", "read_errors"):
+                for reason, n in part[k].items():
+                    totals[k][reason] += n
+            for k in ("truncated_captions", "repeated_samples"):
+                totals[k] = totals.get(k, 0) + part[k]
+        self.data_totals = {k: dict(v) if isinstance(v, dict) else v for k, v in totals.items()}
 
     def _train_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         elapsed = time.perf_counter() - (self.t_row or time.perf_counter())
         losses = self._reduce(trainer, [self.sums[k] / self.count for k in LOSSES])
-        (skipped,) = self._reduce(trainer, [float(sum(self._skipped_total().values()))], "sum")
+        (skipped,) = self._reduce(trainer, [float(sum(self._counts("skipped").values()))], "sum")
         step = trainer.global_step
         img_s = self.steps_in_row * self.samples_per_step / max(elapsed, 1e-9)
         peak = peak_flops(pl_module.device)
@@ -166,6 +190,3 @@ class MetricsCSV(pl.Callback):
         if trainer.is_global_zero:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, COLUMNS).writerow(row)
-
-    def skipped_by_reason(self) -> dict[str, int]:
-        return self._skipped_total()

@@ -7,10 +7,12 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from aimpre.config import Config
-from aimpre.data import Augment, ImageTextStream, Tokenizer, demo_shards, expand_shards
+from aimpre.config import Config, ConfigError
+from aimpre.data import Augment, ImageTextStream, Shard, Tokenizer, demo_shards, shard_set
 from aimpre.model import AIMv2
 from aimpre.train.optim import build_optimizer, lr_factor
 
@@ -26,13 +28,15 @@ class AIMv2Module(pl.LightningModule):
     mean: Tensor  # buffers, in 0..255 units
     std: Tensor
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, tokenizer_identity: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tokenizer_identity = tokenizer_identity
         self.model = AIMv2(cfg.model)
         self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255, persistent=False)
         self.batches_seen = 0  # micro-batches trained on by this rank; saved in checkpoints
+        self.loader_state: dict[int, dict[str, Any]] = {}  # data worker -> its state after its last batch used
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [B, 3, H, W] -> float, normalised with the data config's mean/std."""
@@ -51,6 +55,7 @@ class AIMv2Module(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         out = self._losses(batch, _seed(self.cfg.run.seed, self.batches_seen, self.global_rank))
         self.batches_seen += 1
+        self.loader_state[batch["worker"]] = batch["state"]
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False)
         return out
 
@@ -67,37 +72,58 @@ class AIMv2Module(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["batches_seen"] = self.batches_seen
+        checkpoint["tokenizer"] = self.tokenizer_identity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("tokenizer")
+        if saved is not None and self.tokenizer_identity is not None and saved != self.tokenizer_identity:
+            raise ConfigError(f"data.tokenizer is {self.tokenizer_identity}; the checkpoint was trained with {saved}")
         self.batches_seen = checkpoint.get("batches_seen", 0)
 
 
-def resolve_shards(spec: str, demo_split: str) -> list[str]:
-    return demo_shards(demo_split) if spec == "demo" else expand_shards(spec)
+def sources(spec: str | list[str], demo_split: str, need_counts: bool) -> list[list[Shard]]:
+    """One shard set per source; "demo" is the embedded demo data's split."""
+    specs = spec if isinstance(spec, list) else [spec]
+    return [shard_set(demo_shards(demo_split) if s == "demo" else s, need_counts) for s in specs]
 
 
 class AIMv2DataModule(pl.LightningDataModule):
-    """Builds the train and validation streams; its state (batches consumed) travels in checkpoints."""
+    """Builds the train and validation streams. Its state (every reader's position on every rank) travels in
+    checkpoints, so a resumed run reads exactly what the uninterrupted one would have."""
 
     def __init__(self, cfg: Config, tokenizer: Tokenizer) -> None:
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.start_batch = 0
+        self.saved: dict[str, Any] | None = None
 
-    def _stream(self, spec: str, demo_split: str, train: bool) -> ImageTextStream:
+    def _where(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _module(self) -> AIMv2Module:
+        assert self.trainer is not None, "the data module is used inside a Trainer"
+        module = self.trainer.lightning_module
+        assert isinstance(module, AIMv2Module)
+        return module
+
+    def stream(
+        self, spec: str | list[str], demo_split: str, train: bool, resume: list | None = None
+    ) -> ImageTextStream:
         d, m = self.cfg.data, self.cfg.model
+        rank, world = self._where()
+        resampled = d.resampled and train
         return ImageTextStream(
-            resolve_shards(spec, demo_split),
+            sources(spec, demo_split, need_counts=not resampled),
             self.tokenizer,
             text_len=m.text_len,
             batch_size=d.batch_size,
-            aug=Augment(m.img_size, scale=d.crop_scale, hflip=d.hflip, train=train),
+            aug=Augment(m.img_size, scale=d.crop_scale, hflip=d.hflip, train=train, max_pixels=d.max_pixels),
+            weights=d.weights if train else None,
+            resampled=resampled,
             seed=self.cfg.run.seed,
-            rank=self.trainer.global_rank if self.trainer else 0,
-            world=self.trainer.world_size if self.trainer else 1,
-            shuffle_buffer=d.shuffle_buffer if train else 0,
-            split_by="shards" if train else "samples",
-            start_batch=self.start_batch if train else 0,
+            rank=rank,
+            world=world,
+            shuffle=d.shuffle_buffer if train else 0,
+            resume=resume,
         )
 
     def _loader(self, stream: ImageTextStream, workers: int) -> torch.utils.data.DataLoader:
@@ -110,17 +136,48 @@ class AIMv2DataModule(pl.LightningDataModule):
             prefetch_factor=4 if workers > 0 else None,
         )
 
+    def _resume_states(self) -> list | None:
+        if self.saved is None:
+            return None
+        rank, world = self._where()
+        d = self.cfg.data
+        layout = (world, d.num_workers, d.batch_size, d.resampled)
+        saved = self.saved
+        if (saved["world"], saved["workers"], saved["batch_size"], saved.get("resampled", False)) == layout:
+            mine = {int(k): v for k, v in saved["readers"][rank].items()}
+        else:  # another layout: restart the epoch the run was in (some samples repeat); say so
+            epoch = max((s.get("epoch", 0) for r in saved["readers"] for s in r.values()), default=0)
+            rank_zero_warn(
+                f"resuming with (world, workers, batch, resampled) = {layout} instead of "
+                f"{(saved['world'], saved['workers'], saved['batch_size'], saved.get('resampled', False))}: "
+                f"the data order cannot continue exactly, restarting epoch {epoch}"
+            )
+            mine = {k: {"epoch": epoch} for k in range(max(1, d.num_workers))}
+        self._module().loader_state = dict(mine)  # a checkpoint taken before any new batch keeps the resumed state
+        return [mine.get(k) for k in range(max(1, d.num_workers))]
+
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self._stream(self.cfg.data.train_shards, "pretrain", True), self.cfg.data.num_workers)
+        stream = self.stream(self.cfg.data.train_shards, "pretrain", True, self._resume_states())
+        # the DataLoader hands out batches round-robin over workers: continue the rotation where it stopped
+        stream.first_worker = self._module().batches_seen % max(1, self.cfg.data.num_workers)
+        return self._loader(stream, self.cfg.data.num_workers)
 
     def val_dataloader(self) -> Any:
         if not self.cfg.data.val_shards or not self.cfg.trainer.val_batches:
             return []
-        return self._loader(self._stream(self.cfg.data.val_shards, "val", False), 0)
+        return self._loader(self.stream(self.cfg.data.val_shards, "val", False), 0)
 
     def state_dict(self) -> dict[str, Any]:
-        module = self.trainer.lightning_module if self.trainer else None
-        return {"batches_seen": getattr(module, "batches_seen", 0)}
+        """Called on every rank while a checkpoint is dumped: gathers all ranks' reader states."""
+        mine = {str(k): v for k, v in self._module().loader_state.items()}
+        _, world = self._where()
+        readers = [mine]
+        if dist.is_available() and dist.is_initialized() and world > 1:
+            readers = [{} for _ in range(world)]
+            dist.all_gather_object(readers, mine)
+        d = self.cfg.data
+        return {"world": world, "workers": d.num_workers, "batch_size": d.batch_size, "resampled": d.resampled,
+                "readers": readers}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.start_batch = int(state.get("batches_seen", 0))
+        self.saved = state if "readers" in state else None

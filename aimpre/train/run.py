@@ -23,7 +23,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from aimpre.config import Config, ConfigError, config_hash, dump_config, to_dict
-from aimpre.data import Tokenizer, build_tokenizer
+from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
 from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar
@@ -49,11 +49,13 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
             f"config key 'model.vocab_size': {vocab} is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})"
         )
-    name = cfg.run.name
+    # Lightning's DDP launcher re-runs the command in child processes: they inherit the parent's generated name.
+    name = cfg.run.name or os.environ.get("AIMPRE_RUN_NAME")
     if name is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("config key 'run.name' must be set for multi-process runs (every rank needs it)")
         name = f"{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ["AIMPRE_RUN_NAME"] = name
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab), run=replace(cfg.run, name=name))
 
 
@@ -70,7 +72,7 @@ def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
     diff = [k for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]]
     if diff:
         raise ConfigError(f"cannot resume {run_dir}: model config differs in {', '.join('model.' + k for k in diff)}")
-    tok_file = run_dir / "tokenizer.json"
+    tok_file = run_dir / "tokenizer.identity.json"
     if tok_file.exists() and json.loads(tok_file.read_text()) != tokenizer.identity():
         raise ConfigError(
             f"cannot resume {run_dir}: data.tokenizer is {tokenizer.identity()}, "
@@ -108,17 +110,10 @@ def train(cfg: Config, resume: bool = False, callbacks: tuple[pl.Callback, ...] 
     if resume and last.exists():
         _check_resume(run_dir, cfg, tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
-    is_zero = int(os.environ.get("RANK", "0")) == 0
-    if is_zero:
-        action = "resuming" if resume and last.exists() else "starting"
-        print(f"aimpre: {action} run {cfg.run.name} ({cfg.model.size}) in {run_dir}", flush=True)
-        _write_atomic(run_dir / "config.yaml", dump_config(cfg))
-        _write_atomic(run_dir / "tokenizer.json", json.dumps(tokenizer.identity()))
-
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
-    module = AIMv2Module(cfg)
+    module = AIMv2Module(cfg, tokenizer.identity())
     data = AIMv2DataModule(cfg, tokenizer)
     t = cfg.trainer
     fps = flops_per_sample(cfg.model)
@@ -134,7 +129,7 @@ def train(cfg: Config, resume: bool = False, callbacks: tuple[pl.Callback, ...] 
         gradient_clip_val=cfg.optim.grad_clip or None,
         val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
-        limit_val_batches=t.val_batches,
+        limit_val_batches=t.val_batches if cfg.data.val_shards else 0,
         num_sanity_val_steps=0,
         logger=False,
         deterministic=t.deterministic,
@@ -158,6 +153,13 @@ def train(cfg: Config, resume: bool = False, callbacks: tuple[pl.Callback, ...] 
         ],
     )
     metrics.samples_per_step = cfg.data.batch_size * trainer.world_size * t.accumulate_grad_batches
+    if trainer.is_global_zero:
+        action = "resuming" if resume and last.exists() else "starting"
+        print(f"aimpre: {action} run {cfg.run.name} ({cfg.model.size}) in {run_dir}", flush=True)
+        _write_atomic(run_dir / "config.yaml", dump_config(cfg))
+        _write_atomic(run_dir / "tokenizer.identity.json", json.dumps(tokenizer.identity()))
+        if isinstance(tokenizer, HFTokenizer):  # the run carries its own copy of the vocabulary
+            _write_atomic(run_dir / "tokenizer.json", tokenizer.path.read_text())
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.exists() else None)
     if trainer.global_step % t.ckpt_every:  # the last step was not a checkpoint step: save it too
@@ -195,7 +197,7 @@ def _write_summary(
         "initial": _mean_rows(train_rows[:1], LOSSES) if train_rows and train_rows[0]["step"] == "1" else {},
         "final": _mean_rows(tail, LOSSES),
         "val": {k[4:]: v for k, v in _mean_rows(val_rows[-1:], tuple(f"val_{k}" for k in LOSSES)).items()},
-        "skipped": metrics.skipped_by_reason(),
+        **metrics.data_totals,
         "wall_time_s": round(seconds, 1),
         "config_hash": config_hash(cfg),
         "tokenizer": tokenizer.identity(),
@@ -203,9 +205,8 @@ def _write_summary(
     }
     if cfg.data.val_shards and cfg.trainer.val_batches:
         n = cfg.trainer.val_batches
-        data.start_batch = 0
-        train_batches = itertools.islice(iter(data._stream(cfg.data.train_shards, "pretrain", True)), 4 * n)
-        val_batches = itertools.islice(iter(data._stream(cfg.data.val_shards, "val", False)), n)
+        train_batches = itertools.islice(iter(data.stream(cfg.data.train_shards, "pretrain", True)), 4 * n)
+        val_batches = itertools.islice(iter(data.stream(cfg.data.val_shards, "val", False)), n)
         seed = cfg.run.seed
         summary["baselines"] = baselines(
             module, train_batches, val_batches, lambda i, b: module.prefix_len(b, _seed(seed, 1 << 30, i, 0))

@@ -1,0 +1,132 @@
+"""One raw sample -> (uint8 image [S, S, 3], caption), or the reason it is skipped.
+
+Image: the crop box is chosen from the header alone; JPEGs are then draft-decoded at the smallest DCT scale
+(1/2, 1/4, 1/8) that keeps the crop at least S pixels on each side, and the crop is resized once, bicubic with
+antialiasing as AIMv2's RandomResizedCrop. The resize runs in torch's uint8 kernels: within 3/255 of PIL's
+bicubic (mean 0.01) at about a sixth of its cost, which was most of the loader's time (docs/benchmarks.md).
+Images over ``max_pixels`` are refused before decoding (decompression bombs).
+Palette, alpha, CMYK and 16-bit images are converted to 8-bit RGB, transparency composited on white.
+Caption: ``KEY.txt`` (UTF-8), else ``KEY.json``'s "caption" (or "text") string.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+# Reasons a sample is skipped (each counted); every reader reports these keys.
+SKIP_REASONS = (
+    "missing", "no_image", "empty_image", "too_large", "bad_image", "no_caption", "empty_caption", "bad_caption",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Augment:
+    size: int
+    scale: tuple[float, float] = (0.4, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    train: bool = True  # False: centre square crop, no flip
+    max_pixels: int = 100_000_000
+
+
+def crop_box(W: int, H: int, aug: Augment, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """RandomResizedCrop's box (torchvision semantics), or the centre square when not training."""
+    if aug.train:
+        for _ in range(10):
+            area = W * H * rng.uniform(*aug.scale)
+            ar = math.exp(rng.uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1])))
+            w, h = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
+            if 0 < w <= W and 0 < h <= H:
+                x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+                return x, y, x + w, y + h
+    side = min(W, H)
+    left, top = (W - side) / 2, (H - side) / 2
+    return left, top, left + side, top + side
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img.alpha_composite(rgba)
+    elif img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)  # 16-bit, 32-bit int or float grey
+        top = 65535.0 if img.mode.startswith("I") and a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, aug: Augment, rng: np.random.Generator) -> Tensor | str:
+    """Bytes -> uint8 [3, S, S], or a skip reason."""
+    if not data:
+        return "empty_image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(io.BytesIO(data))
+            W, H = img.size
+            if aug.max_pixels < W * H:
+                return "too_large"
+            x0, y0, x1, y1 = crop_box(W, H, aug, rng)
+            # JPEG decodes at 1/2, 1/4, 1/8 scale: take the smallest that keeps the crop at >= size pixels
+            img.draft("RGB", (math.ceil(W * aug.size / (x1 - x0)), math.ceil(H * aug.size / (y1 - y0))))
+            sx, sy = img.size[0] / W, img.size[1] / H
+            pixels = torch.from_numpy(np.array(_to_rgb(img)))  # [h, w, 3] uint8, decoded here
+    except Image.DecompressionBombError:
+        return "too_large"
+    except Exception:  # PIL raises many types on corrupt or truncated data: every one is a bad sample
+        return "bad_image"
+    h, w = pixels.shape[:2]
+    top, left = min(round(y0 * sy), h - 1), min(round(x0 * sx), w - 1)
+    crop = pixels[top : max(round(y1 * sy), top + 1), left : max(round(x1 * sx), left + 1)]
+    x = crop.permute(2, 0, 1)[None]  # [1, 3, h, w], channels-last in memory: torch's fast uint8 path
+    out = F.interpolate(x, size=(aug.size, aug.size), mode="bicubic", antialias=True)[0]  # [3, S, S] uint8
+    if aug.train and aug.hflip and rng.random() < 0.5:
+        out = out.flip(-1)
+    return out.contiguous()
+
+
+def caption_of(sample: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(caption, None), or (None, skip reason)."""
+    try:
+        if "txt" in sample:
+            text: Any = sample["txt"].decode("utf-8")
+        elif "json" in sample:
+            meta = json.loads(sample["json"])
+            text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+            if text is None:
+                return None, "no_caption"
+            if not isinstance(text, str):
+                return None, "bad_caption"
+        else:
+            return None, "no_caption"
+    except (UnicodeDecodeError, ValueError):
+        return None, "bad_caption"
+    text = text.strip()
+    return (text, None) if text else (None, "empty_caption")
+
+
+def decode_sample(sample: dict[str, Any] | None, aug: Augment, rng: np.random.Generator) -> tuple[Tensor, str] | str:
+    """A raw sample -> (image, caption), or a reason from SKIP_REASONS."""
+    if sample is None:
+        return "missing"  # lost to a truncated or unreadable shard
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        return "no_image"
+    caption, reason = caption_of(sample)
+    if caption is None:
+        return reason or "no_caption"
+    image = decode_image(sample[image_key], aug, rng)
+    return image if isinstance(image, str) else (image, caption)

@@ -1,0 +1,132 @@
+"""Raw samples out of tar shards, in a deterministic, resumable order.
+
+Two ways to read:
+- epochs: each epoch permutes the shard order, lays all samples end to end and gives every reader
+  (rank x worker) the same-sized contiguous range of that order. Every reader therefore yields the same number
+  of batches, even with fewer shards than readers, and each sample is read once per epoch (the tail that does
+  not fill a batch for every reader is dropped, a different one each epoch).
+- resampled: each reader draws shards with replacement, forever (sample-count based training, source mixing).
+
+Within a range, samples are shuffled in chunks: chunk c holds raw positions [c*C, (c+1)*C) and is permuted by
+an RNG seeded with the chunk's index. Position p is therefore reproducible without replaying anything before
+its chunk, so resuming costs at most one chunk of reading. Known-count shards that end early (truncated tars)
+are padded with ``None`` so positions never shift.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from aimpre.data.shardset import Shard
+
+Sample = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Segment:
+    url: str
+    start: int  # first sample of the shard to read
+    count: int | None  # samples to read; None: to the end of the shard
+
+
+class ReadErrors:
+    """webdataset exception handler: counts tar/stream errors by type and carries on, without sleeping."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, exn: Exception) -> bool:
+        self.counts[type(exn).__name__] += 1
+        return True
+
+
+def shard_samples(url: str, errors: ReadErrors) -> Iterator[Sample]:
+    """Samples of one shard (a dict of member bytes by extension, plus ``__key__``); never unpickles anything."""
+    streams = url_opener([{"url": url}], handler=errors)
+    return group_by_keys(tar_file_expander(streams, handler=errors), handler=errors)
+
+
+def segment_samples(seg: Segment, errors: ReadErrors) -> Iterator[Sample | None]:
+    """The samples of a segment; a known-count segment always yields exactly ``count`` items (None = lost)."""
+    it = itertools.islice(shard_samples(seg.url, errors), seg.start, None)
+    if seg.count is None:
+        yield from it
+        return
+    n = 0
+    for sample in itertools.islice(it, seg.count):
+        n += 1
+        yield sample
+    for _ in range(seg.count - n):
+        yield None
+
+
+def samples_from(segments: list[Segment], pos: int, errors: ReadErrors) -> Iterator[Sample | None]:
+    """Samples of the concatenated segments from position ``pos``, skipping whole known-count segments."""
+    for seg in segments:
+        if seg.count is not None and pos >= seg.count:
+            pos -= seg.count
+            continue
+        count = None if seg.count is None else seg.count - pos
+        yield from segment_samples(Segment(seg.url, seg.start + pos, count), errors)
+        pos = 0
+
+
+def chunk_shuffled(
+    segments: list[Segment], start: int, chunk: int, seed: list[int], errors: ReadErrors
+) -> Iterator[tuple[int, Sample | None]]:
+    """(position after the sample, sample) from ``start``, in chunk-permuted order (chunk <= 1: file order)."""
+    if chunk <= 1:
+        yield from enumerate(samples_from(segments, start, errors), start + 1)
+        return
+    c = start // chunk
+    source = samples_from(segments, c * chunk, errors)
+    while True:
+        block = list(itertools.islice(source, chunk))
+        if not block:
+            return
+        order = np.random.default_rng([*seed, c]).permutation(len(block))
+        first = c * chunk
+        for i in range(max(0, start - first), len(block)):
+            yield first + i + 1, block[order[i]]
+        c += 1
+
+
+def epoch_plan(shards: list[Shard], seed: int, epoch: int, reader: int, per_reader: int) -> list[Segment]:
+    """Reader ``reader``'s range [reader * per_reader, (reader + 1) * per_reader) of the epoch's sample order."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    lo, hi = reader * per_reader, (reader + 1) * per_reader
+    segments, offset = [], 0
+    for i in order:
+        n = shards[i].samples
+        assert n is not None, "epoch plans need sample counts"
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            segments.append(Segment(shards[i].url, a - offset, b - a))
+        offset += n
+        if offset >= hi:
+            break
+    return segments
+
+
+def resampled_draw(shards: list[Shard], seed: list[int], draw: int) -> Segment:
+    """The ``draw``-th shard drawn (with replacement) by a reader: a whole shard."""
+    i = int(np.random.default_rng([*seed, draw]).integers(len(shards)))
+    return Segment(shards[i].url, 0, shards[i].samples)
+
+
+def source_choices(weights: list[float], seed: list[int], start: int, n: int, block: int = 4096) -> np.ndarray:
+    """Which source each raw position start..start+n-1 comes from; position i depends only on (seed, i)."""
+    p = np.asarray(weights, dtype=np.float64) / sum(weights)
+    out = []
+    for b in range(start // block, (start + n - 1) // block + 1):
+        choices = np.random.default_rng([*seed, b]).choice(len(p), size=block, p=p)
+        lo, hi = max(start, b * block) - b * block, min(start + n, (b + 1) * block) - b * block
+        out.append(choices[lo:hi])
+    return np.concatenate(out)

@@ -1,0 +1,114 @@
+"""Shard sets: URLs from specs, and the number of samples in each shard.
+
+Epoch-based reading needs per-shard sample counts to give every rank and worker the same number of batches.
+They come from an ``index.json`` beside the shards (written by ``aimpre data make-shards``, ``aimpre data demo``
+and ``aimpre data index``), or, for local shards without one, from a scan of the tar headers (no data read).
+Resampled reading needs no counts, so ``pipe:`` sources without an index work there.
+
+A sample is the group of consecutive tar members sharing a key: the member name up to the first dot of its
+base name (webdataset's rule), e.g. ``abc/000123.jpg`` and ``abc/000123.txt`` form sample ``abc/000123``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from webdataset.shardlists import expand_urls
+
+INDEX = "index.json"
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int | None  # None: unknown (a pipe: URL without an index)
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard spec -> URLs: brace expansion (``/data/{00000..09999}.tar``); ``::`` or a list joins several specs.
+
+    Local paths must exist (the error names the first missing one); ``pipe:`` and other URLs are kept as-is.
+    """
+    specs = spec if isinstance(spec, list) else [spec]
+    urls = [u for s in specs for u in expand_urls(s.strip()) if u]
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} names no shards")
+    for u in urls:
+        if is_local(u) and not os.path.exists(u):
+            raise FileNotFoundError(f"shard not found: {u} (from spec {spec!r})")
+    return urls
+
+
+def count_samples(path: str) -> int:
+    """Samples in a local tar, from its headers alone (tarfile seeks over the data). Stops at a truncation."""
+    n, last = 0, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                m = _KEY.match(info.name)
+                if not info.isreg() or m is None or os.path.basename(info.name).startswith("__"):
+                    continue
+                if m.group(1) != last:
+                    n, last = n + 1, m.group(1)
+    except (tarfile.ReadError, EOFError, OSError):
+        pass  # a truncated shard: count what is readable; reading will skip and count the rest
+    return n
+
+
+def read_index(directory: Path) -> dict[str, int]:
+    """``{shard file name: samples}`` from ``directory/index.json``, or {} if there is none."""
+    path = directory / INDEX
+    if not path.exists():
+        return {}
+    try:
+        counts = json.loads(path.read_text()).get("shards", {})
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is not a valid shard index: {e}") from e
+    if not isinstance(counts, dict) or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+        raise ValueError(f"{path}: 'shards' must map shard names to sample counts")
+    return counts
+
+
+def write_index(directory: Path, counts: dict[str, int], **extra: object) -> Path:
+    """Writes (atomically) ``index.json`` with per-shard sample counts and any extra fields."""
+    path = directory / INDEX
+    tmp = directory / f".{INDEX}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"version": 1, **extra, "shards": counts}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def shard_set(spec: str | list[str], need_counts: bool = True) -> list[Shard]:
+    """The shards of a spec with their sample counts.
+
+    Args:
+        spec: a shard spec or list of specs.
+        need_counts: raise if a count cannot be had (epoch mode); otherwise unknown counts are None.
+    """
+    shards = []
+    indexes: dict[str, dict[str, int]] = {}
+    for url in expand_shards(spec):
+        base = url[5:] if url.startswith("pipe:") else url
+        directory = os.path.dirname(base) if is_local(url) else ""
+        if directory not in indexes:
+            indexes[directory] = read_index(Path(directory)) if directory and os.path.isdir(directory) else {}
+        n = indexes[directory].get(os.path.basename(url))
+        if n is None and is_local(url):
+            n = count_samples(url)
+        if n is None and need_counts:
+            raise ValueError(
+                f"no sample count for {url}: epoch-based reading needs them. Write an index with "
+                f"`aimpre data index` beside local shards, or set data.resampled=true"
+            )
+        shards.append(Shard(url, n))
+    return shards

@@ -1,0 +1,34 @@
+"""Test helpers: real shards, real images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+
+def jpeg(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour if mode == "RGB" else colour[: len(mode)]).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict]) -> Path:
+    """A real webdataset shard: each dict has ``__key__`` and extension -> bytes/str members."""
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+    return path
+
+
+def good_samples(prefix: str, n: int) -> list[dict]:
+    return [{"__key__": f"{prefix}{i:05d}", "jpg": jpeg(((i * 37) % 256, 80, 160)), "txt": f"{prefix} {i}"}
+            for i in range(n)]  # fmt: skip

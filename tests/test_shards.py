@@ -1,0 +1,182 @@
+"""Writing shards, vetting them, and surviving every kind of bad sample."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
+from aimpre.data.decode import decode_image
+from aimpre.data.make_shards import from_csv, from_folder, from_shards, make_shards
+from aimpre.data.scan import inspect_shards
+from aimpre.data.shardset import write_index
+from helpers import good_samples, jpeg, png, write_tar
+
+
+def bomb_png(width: int = 60_000, height: int = 60_000) -> bytes:
+    """A tiny file whose header claims a 3.6-gigapixel image (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/aimpre-was-unpickled",))
+
+
+def bad_samples() -> tuple[list[dict], dict[str, int]]:
+    """One shard's worth of every bad-input kind, and the exact skip counts expected."""
+    good = jpeg()
+    cmyk = jpeg((10, 200, 30, 5), mode="CMYK")
+    palette = Image.new("P", (40, 30))
+    palette.putpalette([255, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    rgba = Image.new("RGBA", (40, 30), (0, 0, 255, 0))  # fully transparent: white after compositing
+    deep = Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))  # 16-bit grey
+    samples = [
+        {"__key__": "ok-jpg", "jpg": good, "txt": "fine"},
+        {"__key__": "ok-cmyk", "jpg": cmyk, "txt": "cmyk"},
+        {"__key__": "ok-palette", "png": png(palette), "txt": "palette with transparency"},
+        {"__key__": "ok-alpha", "png": png(rgba), "txt": "alpha"},
+        {"__key__": "ok-16bit", "png": png(deep), "txt": "sixteen bits"},
+        {"__key__": "ok-long", "jpg": good, "txt": "long " * 3000},  # kept, cut to text_len
+        {"__key__": "ok-json", "jpg": good, "json": json.dumps({"caption": "from json"})},
+        {"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 certainly not a jpeg", "txt": "corrupt"},
+        {"__key__": "cut-jpeg", "jpg": good[: len(good) // 2], "txt": "truncated image"},
+        {"__key__": "zero", "jpg": b"", "txt": "zero bytes"},
+        {"__key__": "bomb", "png": bomb_png(), "txt": "decompression bomb"},
+        {"__key__": "no-caption", "jpg": good},
+        {"__key__": "blank-caption", "jpg": good, "txt": "   \n"},
+        {"__key__": "latin1", "jpg": good, "txt": "caf\xe9".encode("latin-1")},
+        {"__key__": "json-no-caption", "jpg": good, "json": json.dumps({"url": "x"})},
+        {"__key__": "json-number", "jpg": good, "json": json.dumps({"caption": 7})},
+        {"__key__": "json-broken", "jpg": good, "json": b"{not json"},
+        {"__key__": "unknown-ext", "xyz": good, "txt": "an image under an unknown extension"},
+        {"__key__": "pickle", "pyd": pickle.dumps(Evil()), "txt": "a pickle, never loaded"},
+    ]
+    expected = {"bad_image": 2, "empty_image": 1, "too_large": 1, "no_caption": 2, "empty_caption": 1,
+                "bad_caption": 3, "no_image": 2}  # fmt: skip
+    return samples, expected
+
+
+def test_every_bad_input_is_skipped_and_counted_exactly(tmp_path: Path) -> None:
+    Path("/tmp/aimpre-was-unpickled").unlink(missing_ok=True)
+    samples, expected = bad_samples()
+    shard = write_tar(tmp_path / "bad.tar", samples)
+    report = inspect_shards(shard_set(str(shard)), Augment(112), ByteTokenizer(), 96, workers=0)
+    assert report["skipped"] == expected
+    assert report["read"] == len(samples) and report["kept"] == 7
+    assert report["truncated_captions"] == 1
+    # the training stream counts the same in its batch state (bad samples first, so all are read by batch 1)
+    bad_first = write_tar(tmp_path / "bad-first.tar", sorted(samples, key=lambda s: s["__key__"].startswith("ok")))
+    batches = _take(ImageTextStream([shard_set(str(bad_first))], ByteTokenizer(), 96, 1, Augment(32), shuffle=0), 7)
+    assert [b["key"][0] for b in batches] == [s["__key__"] for s in samples if s["__key__"].startswith("ok")]
+    assert batches[0]["state"]["skipped"] == expected and batches[-1]["state"]["truncated"] == 1
+    assert not Path("/tmp/aimpre-was-unpickled").exists()  # nothing from a shard is unpickled or executed
+
+
+def _take(ds: ImageTextStream, n: int = 1) -> list[dict]:
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+def test_odd_image_modes_decode_to_sane_rgb() -> None:
+    aug, rng = Augment(16, train=False), np.random.default_rng(0)
+    samples = {s["__key__"]: s for s in bad_samples()[0]}
+    alpha = decode_image(samples["ok-alpha"]["png"], aug, rng)
+    deep = decode_image(samples["ok-16bit"]["png"], aug, rng)
+    cmyk = decode_image(samples["ok-cmyk"]["jpg"], aug, rng)
+    assert isinstance(alpha, torch.Tensor) and (alpha == 255).all()  # transparent -> white
+    assert isinstance(deep, torch.Tensor) and abs(float(deep.float().mean()) - 40000 / 65535 * 255) <= 1
+    assert isinstance(cmyk, torch.Tensor) and cmyk.shape == (3, 16, 16)
+
+
+def test_truncated_tar_loses_only_its_tail(tmp_path: Path) -> None:
+    shard = write_tar(tmp_path / "t.tar", good_samples("t", 10))
+    with tarfile.open(shard) as tar:
+        tenth = tar.getmember("t00009.jpg")
+    shard.write_bytes(shard.read_bytes()[: tenth.offset_data + tenth.size // 2])  # cut inside the 10th image
+    write_index(tmp_path, {"t.tar": 10})
+    report = inspect_shards(shard_set(str(shard)), Augment(32), ByteTokenizer(), 16, workers=0)
+    assert report["read"] == 10 and report["kept"] == 9 and report["skipped"] == {"missing": 1}
+    assert sum(report["errors"].values()) >= 1
+
+
+def test_bad_samples_cost_no_sleep(tmp_path: Path) -> None:
+    shard = write_tar(tmp_path / "junk.tar", [{"__key__": f"j{i}", "jpg": b"junk", "txt": "x"} for i in range(300)])
+    t0 = time.perf_counter()
+    report = inspect_shards(shard_set(str(shard)), Augment(32), ByteTokenizer(), 16, workers=0)
+    assert report["skipped"] == {"bad_image": 300}
+    assert time.perf_counter() - t0 < 3.0  # webdataset's warn-and-continue would sleep 0.5 s per error
+
+
+def test_make_shards_from_a_folder(tmp_path: Path) -> None:
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    Image.new("RGB", (800, 600), (10, 120, 200)).save(src / "a.jpg")
+    (src / "a.txt").write_text("a blue photo")
+    Image.new("RGB", (100, 50), (0, 0, 0)).save(src / "sub" / "b.png")
+    (src / "sub" / "b.json").write_text(json.dumps({"caption": "a black png"}))
+    Image.new("RGB", (10, 10)).save(src / "c.jpg")  # no caption
+    (src / "d.jpg").write_bytes(b"broken")
+    (src / "d.txt").write_text("broken image")
+    out = tmp_path / "shards"
+    summary = make_shards(from_folder(src), out, per_shard=1, max_side=256)
+    assert summary.written == 2 and dict(summary.skipped) == {"no_caption": 1, "bad_image": 1}
+    index = json.loads((out / "index.json").read_text())
+    assert index["max_side"] == 256 and index["shards"] == {"shard-000000.tar": 1, "shard-000001.tar": 1}
+    samples = list(wds.WebDataset(f"{out}/shard-{{000000..000001}}.tar", shardshuffle=False))
+    assert [s["txt"].decode() for s in samples] == ["a blue photo", "a black png"]
+    assert Image.open(io.BytesIO(samples[0]["jpg"])).size == (256, 192)  # shrunk to max_side
+    assert "png" in samples[1]  # small enough: stored as it came
+    assert json.loads(samples[1]["json"])["source"] == "sub/b.png"
+    with pytest.raises(FileExistsError):
+        make_shards(from_folder(src), out)
+
+
+def test_make_shards_from_csv_and_reshard(tmp_path: Path) -> None:
+    for i in range(5):
+        Image.new("RGB", (30, 20), (i * 40, 0, 0)).save(tmp_path / f"{i}.jpg")
+    table = tmp_path / "pairs.tsv"
+    rows = [f"{i}.jpg\tred number {i}" for i in range(5)] + ["missing.jpg\tgone", "3.jpg\t"]
+    table.write_text("path\tcaption\n" + "\n".join(rows) + "\n")
+    first = make_shards(from_csv(table), tmp_path / "a", per_shard=2)
+    assert first.written == 5 and dict(first.skipped) == {"no_image": 1, "no_caption": 1}
+    assert first.shards == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    again = make_shards(from_shards(f"{tmp_path}/a/shard-{{000000..000002}}.tar"), tmp_path / "b", per_shard=5)
+    assert again.written == 5 and again.shards == ["shard-000000.tar"]
+    assert [s.samples for s in shard_set(f"{tmp_path}/b/shard-000000.tar")] == [5]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,text\nx.jpg,y\n")
+    with pytest.raises(ValueError, match="no column 'path'"):
+        list(from_csv(bad))
+
+
+def test_inspect_cli_json(tmp_path: Path) -> None:
+    samples, expected = bad_samples()
+    write_tar(tmp_path / "bad.tar", samples)
+    out = subprocess.run(
+        [sys.executable, "-m", "aimpre", "data", "inspect", str(tmp_path / "bad.tar"), "--json", "--workers", "1"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    report = json.loads(out.stdout)
+    assert report["read"] == len(samples) and report["kept"] == 7 and report["skipped"] == expected
