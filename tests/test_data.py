@@ -198,3 +198,19 @@ def test_encode_captions_pads_and_cuts() -> None:
 def test_missing_shards_are_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"000001\.tar"):
         expand_shards(f"{tmp_path}/{{000001..000002}}.tar")
+
+
+def test_pipe_sources_read_epochs_with_an_index_file(tmp_path: Path, uneven) -> None:
+    """`pipe:` commands (as for `pipe:aws s3 cp s3://... -`) stream through unchanged; their counts come from an
+    index file written by streaming them once."""
+    from aimpre.data.reader import index_shards
+
+    spec = f"pipe:cat {Path(uneven[0].url).parent}/u-{{0..4}}.tar"
+    with pytest.raises(ValueError, match="aimpre data index"):
+        shard_set(spec)
+    (index,) = index_shards(spec, tmp_path / "counts.json")
+    piped = shard_set(spec, index=str(index))
+    assert [s.samples for s in piped] == [s.samples for s in uneven] == [37, 3, 1, 60, 11]
+    a = [k for b in take(stream([piped], batch_size=4), 5) for k in b["key"]]
+    b = [k for b in take(stream([uneven], batch_size=4), 5) for k in b["key"]]
+    assert a == b  # the same epoch order whether read through a pipe or from files

@@ -19,12 +19,21 @@ import itertools
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from aimpre.data.shardset import Shard
+from aimpre.data.shardset import (
+    Shard,
+    count_samples,
+    expand_shards,
+    is_local,
+    read_index,
+    shard_name,
+    write_index,
+)
 
 Sample = dict[str, Any]
 
@@ -130,3 +139,21 @@ def source_choices(weights: list[float], seed: list[int], start: int, n: int, bl
         lo, hi = max(start, b * block) - b * block, min(start + n, (b + 1) * block) - b * block
         out.append(choices[lo:hi])
     return np.concatenate(out)
+
+
+def index_shards(spec: str | list[str], out: Path | None = None) -> list[Path]:
+    """Counts the samples of every shard and writes index files; returns their paths.
+
+    Local shards are counted from their tar headers and, without ``out``, indexed in the ``index.json`` of their
+    own directory (merged with what is there). Other URLs (``pipe:``, http) are streamed once and need ``out``.
+    """
+    groups: dict[Path, dict[str, int]] = {}
+    for url in expand_shards(spec):
+        if out is None and not is_local(url):
+            raise ValueError(f"{url} is not a local file: give --out FILE for the index (then data.index=FILE)")
+        path = Path(out) if out is not None else Path(url).parent
+        counts = groups.setdefault(path, read_index(path))
+        counts[shard_name(url)] = (
+            count_samples(url) if is_local(url) else sum(1 for _ in shard_samples(url, ReadErrors()))
+        )
+    return [write_index(path, counts) for path, counts in groups.items()]

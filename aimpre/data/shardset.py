@@ -1,9 +1,10 @@
 """Shard sets: URLs from specs, and the number of samples in each shard.
 
 Epoch-based reading needs per-shard sample counts to give every rank and worker the same number of batches.
-They come from an ``index.json`` beside the shards (written by ``aimpre data make-shards``, ``aimpre data demo``
-and ``aimpre data index``), or, for local shards without one, from a scan of the tar headers (no data read).
-Resampled reading needs no counts, so ``pipe:`` sources without an index work there.
+They come from an index file given as ``data.index`` (any URL kind, matched by the shard's ``*.tar`` name), an
+``index.json`` beside local shards (written by ``aimpre data make-shards``, ``aimpre data demo`` and
+``aimpre data index``), or, for local shards without one, a scan of the tar headers (no data read). Resampled
+reading needs no counts, so ``pipe:`` sources without an index work there.
 
 A sample is the group of consecutive tar members sharing a key: the member name up to the first dot of its
 base name (webdataset's rule), e.g. ``abc/000123.jpg`` and ``abc/000123.txt`` form sample ``abc/000123``.
@@ -22,6 +23,13 @@ from webdataset.shardlists import expand_urls
 
 INDEX = "index.json"
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_TAR_NAME = re.compile(r"([^/\s]+\.tar)\b")
+
+
+def shard_name(url: str) -> str:
+    """The ``*.tar`` file name inside a URL or ``pipe:`` command (the key of index files)."""
+    names = _TAR_NAME.findall(url)
+    return names[-1] if names else os.path.basename(url)
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,9 @@ def count_samples(path: str) -> int:
     return n
 
 
-def read_index(directory: Path) -> dict[str, int]:
-    """``{shard file name: samples}`` from ``directory/index.json``, or {} if there is none."""
-    path = directory / INDEX
+def read_index(path: Path) -> dict[str, int]:
+    """``{shard file name: samples}`` from an index file (or a directory's ``index.json``); {} if there is none."""
+    path = path / INDEX if path.is_dir() else path
     if not path.exists():
         return {}
     try:
@@ -79,36 +87,42 @@ def read_index(directory: Path) -> dict[str, int]:
     return counts
 
 
-def write_index(directory: Path, counts: dict[str, int], **extra: object) -> Path:
-    """Writes (atomically) ``index.json`` with per-shard sample counts and any extra fields."""
-    path = directory / INDEX
-    tmp = directory / f".{INDEX}.tmp-{os.getpid()}"
+def write_index(path: Path, counts: dict[str, int], **extra: object) -> Path:
+    """Writes (atomically) an index with per-shard sample counts and any extra fields (a directory: its
+    ``index.json``)."""
+    path = path / INDEX if path.is_dir() else path
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"version": 1, **extra, "shards": counts}, indent=2))
     os.replace(tmp, path)
     return path
 
 
-def shard_set(spec: str | list[str], need_counts: bool = True) -> list[Shard]:
+def shard_set(spec: str | list[str], need_counts: bool = True, index: str | None = None) -> list[Shard]:
     """The shards of a spec with their sample counts.
 
     Args:
         spec: a shard spec or list of specs.
         need_counts: raise if a count cannot be had (epoch mode); otherwise unknown counts are None.
+        index: an index file to take counts from first (for ``pipe:`` and remote shards).
     """
+    given = read_index(Path(index)) if index else {}
+    if index and not given:
+        raise FileNotFoundError(f"data.index: no shard counts in {index}")
     shards = []
     indexes: dict[str, dict[str, int]] = {}
     for url in expand_shards(spec):
-        base = url[5:] if url.startswith("pipe:") else url
-        directory = os.path.dirname(base) if is_local(url) else ""
-        if directory not in indexes:
-            indexes[directory] = read_index(Path(directory)) if directory and os.path.isdir(directory) else {}
-        n = indexes[directory].get(os.path.basename(url))
+        n = given.get(shard_name(url))
+        directory = os.path.dirname(url) if is_local(url) else ""
+        if n is None and directory:
+            if directory not in indexes:
+                indexes[directory] = read_index(Path(directory)) if os.path.isdir(directory) else {}
+            n = indexes[directory].get(os.path.basename(url))
         if n is None and is_local(url):
             n = count_samples(url)
         if n is None and need_counts:
             raise ValueError(
-                f"no sample count for {url}: epoch-based reading needs them. Write an index with "
-                f"`aimpre data index` beside local shards, or set data.resampled=true"
+                f"no sample count for {url}: epoch-based reading needs them. Write one with "
+                f"`aimpre data index SPEC [--out FILE]` (then data.index=FILE), or set data.resampled=true"
             )
         shards.append(Shard(url, n))
     return shards
