@@ -60,16 +60,12 @@ def _make_shards(args: argparse.Namespace) -> int:
 
 
 def _data_index(args: argparse.Namespace) -> int:
-    from aimpre.data.shardset import count_samples, expand_shards, is_local, read_index, write_index
+    from aimpre.data.reader import index_shards
+    from aimpre.data.shardset import read_index
 
-    by_dir: dict[Path, dict[str, int]] = {}
-    for url in expand_shards(args.shards):
-        if not is_local(url):
-            raise ValueError(f"{url}: only local shards can be indexed in place")
-        p = Path(url)
-        by_dir.setdefault(p.parent, read_index(p.parent))[p.name] = count_samples(url)
-    for directory, counts in by_dir.items():
-        print(f"{write_index(directory, counts)}: {len(counts)} shards, {sum(counts.values())} samples")
+    for path in index_shards(args.shards, Path(args.out) if args.out else None):
+        counts = read_index(path)
+        print(f"{path}: {len(counts)} shards, {sum(counts.values())} samples")
     return 0
 
 
@@ -126,6 +122,39 @@ def _bench_loader(args: argparse.Namespace) -> int:
     print(f"{'pipeline':42}{'img/s':>10}{'per worker':>12}{'vs plain':>10}")
     for r in rows:
         print(f"{r['pipeline']:42}{r['img_per_s']:>10.1f}{r['per_worker']:>12.1f}{r['vs_plain']:>9.2f}x")
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from aimpre.config import load_config
+    from aimpre.train.launch import sbatch_script, torchrun_commands
+
+    load_config(args.config)  # fail here, not on the cluster, if the config is bad
+    if args.target == "slurm":
+        print(sbatch_script(args.config, args.name, args.nodes, args.gpus_per_node, args.time, args.cpus,
+                            args.out_dir, args.python, tuple(args.overrides), tuple(args.sbatch)), end="")  # fmt: skip
+    else:
+        print(torchrun_commands(args.config, args.name, args.gpus_per_node, args.nodes))
+    return 0
+
+
+def _bench_step(args: argparse.Namespace) -> int:
+    import torch
+
+    from aimpre.train.bench import bench_step
+
+    quick = args.quick or not torch.cuda.is_available()
+    if quick and not args.quick:
+        print("no GPU: running the CPU smoke version (--quick); the targets are H100 numbers")
+    size, batch = ("tiny", 4) if quick else (args.size, args.batch)
+    rows = bench_step(size, batch, args.steps, args.warmup, args.backend, quick)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not quick else "CPU"
+    print(f"training step, AIMv2-{size}, batch {batch}, {device}, torch {torch.__version__}")
+    print(f"{'build':40}{'ms/step':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"{r['build']:40}{r['step_ms']:>10.1f}{r['img_per_s']:>10.1f}{r['tflops']:>10.1f}{mfu:>8}")
+    print(f"speed-up: {rows[1]['img_per_s'] / rows[0]['img_per_s']:.2f}x")
     return 0
 
 
@@ -187,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--caption-col", default="caption")
     mk.set_defaults(fn=_make_shards)
 
-    ix = dsub.add_parser("index", help="count the samples of local shards into index.json beside them")
-    ix.add_argument("shards", help="shard spec, e.g. /data/{000000..000099}.tar")
+    ix = dsub.add_parser("index", help="count shards' samples into index.json beside them, or into --out")
+    ix.add_argument("shards", help="shard spec, e.g. /data/{000000..000099}.tar or 'pipe:aws s3 cp ... -'")
+    ix.add_argument("--out", help="index file to write (needed for pipe:/remote shards; then data.index=FILE)")
     ix.set_defaults(fn=_data_index)
 
     ins = dsub.add_parser("inspect", help="read a shard set through the training decode; report skips by reason")
@@ -207,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--keep-case", action="store_true", help="do not lower-case captions")
     tt.set_defaults(fn=_train_tokenizer)
 
+    la = sub.add_parser("launch", help="print the sbatch script or torchrun command(s) for a config")
+    lsub = la.add_subparsers(dest="target", required=True)
+    for target, what in (("slurm", "an sbatch script (requeued on preemption)"), ("torchrun", "torchrun commands")):
+        lt = lsub.add_parser(target, help=what)
+        lt.add_argument("--config", required=True)
+        lt.add_argument("--name", required=True, help="run name (the run directory and the job name)")
+        lt.add_argument("--nodes", type=int, default=1)
+        lt.add_argument("--gpus-per-node", type=int, default=8)
+        lt.add_argument("--time", default="48:00:00", help="SLURM time limit")
+        lt.add_argument("--cpus", type=int, default=8, help="CPUs per task (SLURM)")
+        lt.add_argument("--out-dir", default="runs")
+        lt.add_argument("--python", default="python", help="the interpreter aimpre is installed in (SLURM)")
+        lt.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. --account=x")
+        lt.add_argument("overrides", nargs="*", help="section.key=value")
+        lt.set_defaults(fn=_launch)
+
     b = sub.add_parser("bench", help="benchmarks that print a table, the peer measured in the same run")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bl = bsub.add_parser("loader", help="our data pipeline vs a plain webdataset + torchvision one")
@@ -216,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--batch", type=int, default=64)
     bl.add_argument("--batches", type=int, default=30, help="timed batches after 3 warm-up batches")
     bl.set_defaults(fn=_bench_loader)
+    bs = bsub.add_parser("step", help="one AIMv2 training step: plain compiled PyTorch vs ours (GPU)")
+    bs.add_argument("--size", default="large")
+    bs.add_argument("--batch", type=int, default=128, help="per GPU (default 128)")
+    bs.add_argument("--steps", type=int, default=10)
+    bs.add_argument("--warmup", type=int, default=5)
+    bs.add_argument("--backend", default="triton", help="our attention backend (default triton)")
+    bs.add_argument("--quick", action="store_true", help="a CPU smoke run of a tiny model")
+    bs.set_defaults(fn=_bench_step)
 
     mi = sub.add_parser("model-info", help="parameter counts and training FLOPs of a size or config")
     mi.add_argument("name", help="a size (tiny, large, huge, 1b, 3b) or a YAML config file")

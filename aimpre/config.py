@@ -40,6 +40,7 @@ class DataConfig:
     # otherwise epochs, each sample once per epoch, the same number of batches on every rank
     resampled: bool = False
     weights: list[float] | None = None  # one per train_shards source; needs resampled
+    index: str | None = None  # shard sample counts for pipe:/remote shards (aimpre data index SPEC --out FILE)
     tokenizer: str = "bytes"  # or the path of a Hugging Face tokenizer.json
     lowercase: bool = True
     batch_size: int = 32  # per device
@@ -73,8 +74,14 @@ class TrainerConfig:
     devices: int | str = "auto"
     num_nodes: int = 1
     precision: str = "auto"  # auto: bf16-mixed where the accelerator supports it, else 32-true
+    # auto (Lightning's choice) | ddp | fsdp (FSDP2 fully_shard per block: bf16 params, fp32 reduce, DCP checkpoints)
     strategy: str = "auto"
     accumulate_grad_batches: int = 1
+    # if set, accumulate_grad_batches = global_batch_size / (data.batch_size x world size), which must divide
+    global_batch_size: int | None = None
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute each block in backward
+    max_bad_steps: int = 10  # non-finite gradients: the step is skipped; this many in a row stops the run
     log_every: int = 10
     val_every: int = 100
     val_batches: int = 4
@@ -209,7 +216,9 @@ def validate(cfg: Config) -> Config:
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must lie in [0, 1)")
     _check(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay", "weight_decay and grad_clip must be >= 0")
     _check(t.max_steps > 0, "trainer.max_steps", "must be positive")
-    for k in ("log_every", "val_every", "ckpt_every", "accumulate_grad_batches", "num_nodes"):
+    _check(t.strategy in ("auto", "ddp", "fsdp"), "trainer.strategy", f"{t.strategy!r} is not auto, ddp or fsdp")
+    _check(t.global_batch_size is None or t.global_batch_size > 0, "trainer.global_batch_size", "must be positive")
+    for k in ("log_every", "val_every", "ckpt_every", "accumulate_grad_batches", "num_nodes", "max_bad_steps"):
         _check(getattr(t, k) > 0, f"trainer.{k}", "must be positive")
     _check(t.val_batches >= 0, "trainer.val_batches", "must be >= 0")
     _check(t.keep_last == -1 or t.keep_last >= 1, "trainer.keep_last", "must be >= 1, or -1 to keep all")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from aimpre.kernels import attention
 
@@ -60,7 +61,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1 x), then x + mlp(norm2 x)."""
+    """Pre-norm transformer block: x + attn(norm1 x), then x + mlp(norm2 x).
+
+    ``recompute = True`` (activation checkpointing) keeps only the block's input for backward and recomputes the
+    rest; it is a flag rather than a wrapper module so parameter names stay the same.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, eps: float, backend: str = "auto") -> None:
         super().__init__()
@@ -68,10 +73,17 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, backend)
         self.norm2 = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_hidden)
+        self.recompute = False
 
-    def forward(self, x: Tensor, mask: str = "full", prefix_len: Tensor | None = None) -> Tensor:
+    def _forward(self, x: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
         x = x + self.attn(self.norm1(x), mask, prefix_len)
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: Tensor, mask: str = "full", prefix_len: Tensor | None = None) -> Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            out: Tensor = checkpoint(self._forward, x, mask, prefix_len, use_reentrant=False)
+            return out
+        return self._forward(x, mask, prefix_len)
 
 
 def init_linear_xavier(module: nn.Module) -> None:

@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 COLUMNS = (
     "step", "samples", "flops", "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text",
-    "lr", "img_per_s", "mfu", "data_time", "step_time", "skipped",
+    "lr", "grad_norm", "img_per_s", "img_per_s_device", "tflops", "mfu", "data_time", "step_time", "skipped",
+    "skipped_steps",
 )  # fmt: skip
 LOSSES = ("loss", "loss_image", "loss_text")
 
@@ -111,7 +112,8 @@ class MetricsCSV(pl.Callback):
         for k in LOSSES:
             self.sums[k] += float(outputs[k].detach())
         self.count += 1
-        self.data_state[batch["worker"]] = batch["state"]
+        if "state" in batch:  # batches from our stream carry their reader's counters
+            self.data_state[batch["worker"]] = batch["state"]
         self.t_batch_end = time.perf_counter()
         step = trainer.global_step
         if step == self.last_step:  # gradient accumulation: not a step boundary yet
@@ -166,11 +168,15 @@ class MetricsCSV(pl.Callback):
             "flops": step * self.samples_per_step * self.flops_per_sample,
             **dict(zip(LOSSES, losses, strict=True)),
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "grad_norm": getattr(pl_module, "grad_norm", ""),
             "img_per_s": img_s,
+            "img_per_s_device": img_s / trainer.world_size,
+            "tflops": img_s * self.flops_per_sample / 1e12,  # achieved, all devices together
             "mfu": img_s * self.flops_per_sample / (peak * trainer.world_size) if peak else "",
             "data_time": self.data_time / max(self.count, 1),
             "step_time": elapsed / max(self.steps_in_row, 1),
             "skipped": int(skipped),
+            "skipped_steps": getattr(pl_module, "skipped_steps", 0),
         }
         self._write(trainer, row)
         self.sums.clear()

@@ -21,9 +21,18 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had non-finite gradients."""
+
+
 class AIMv2Module(pl.LightningModule):
     """Trains AIMv2. Prefix lengths are drawn from a generator seeded by (seed, batch, rank): a resumed run
-    draws exactly what the uninterrupted one would have."""
+    draws exactly what the uninterrupted one would have.
+
+    Gradients are clipped here rather than by Lightning, because the global norm also decides whether a step is
+    taken: a non-finite norm (from a NaN/inf loss or gradient) drops this step's gradients, so AdamW leaves every
+    parameter and moment untouched; ``trainer.max_bad_steps`` such steps in a row stop the run.
+    """
 
     mean: Tensor  # buffers, in 0..255 units
     std: Tensor
@@ -37,6 +46,50 @@ class AIMv2Module(pl.LightningModule):
         self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255, persistent=False)
         self.batches_seen = 0  # micro-batches trained on by this rank; saved in checkpoints
         self.loader_state: dict[int, dict[str, Any]] = {}  # data worker -> its state after its last batch used
+        self.bad_steps = 0  # consecutive
+        self.skipped_steps = 0  # in all
+        self.grad_norm = float("nan")
+
+    def configure_model(self) -> None:
+        """Activation checkpointing, compile and (FSDP) sharding per block; Lightning calls it once set up."""
+        from aimpre.train.parallel import parallelize
+
+        if getattr(self, "_parallelized", False):  # Lightning may call it again (e.g. validate after fit)
+            return
+        self._parallelized = True
+        t = self.cfg.trainer
+        mesh = None
+        if t.strategy == "fsdp":
+            assert self.device_mesh is not None, "trainer.strategy=fsdp runs under ModelParallelStrategy"
+            mesh = self.device_mesh["data_parallel"]
+        bf16 = "bf16" in str(self.trainer.precision) if self._trainer is not None else False
+        parallelize(
+            self.model,
+            recompute=t.activation_checkpointing,
+            compile=t.compile,
+            mesh=mesh,
+            param_dtype=torch.bfloat16 if mesh is not None and bf16 else None,
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        params = [p for p in self.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+            norm = norm.full_tensor()
+        self.grad_norm = float(norm)
+        if torch.isfinite(norm):
+            self.bad_steps = 0
+            return
+        for p in params:
+            p.grad = None  # AdamW skips parameters without gradients: the step changes nothing
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.bad_steps} consecutive steps had non-finite gradients (last at step {self.global_step}); "
+                f"stopping. The last checkpoint was written before them. Lower optim.lr or check the data."
+            )
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [B, 3, H, W] -> float, normalised with the data config's mean/std."""
@@ -55,7 +108,8 @@ class AIMv2Module(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         out = self._losses(batch, _seed(self.cfg.run.seed, self.batches_seen, self.global_rank))
         self.batches_seen += 1
-        self.loader_state[batch["worker"]] = batch["state"]
+        if "state" in batch:
+            self.loader_state[batch["worker"]] = batch["state"]
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False)
         return out
 
@@ -72,6 +126,7 @@ class AIMv2Module(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["batches_seen"] = self.batches_seen
+        checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["tokenizer"] = self.tokenizer_identity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -79,12 +134,14 @@ class AIMv2Module(pl.LightningModule):
         if saved is not None and self.tokenizer_identity is not None and saved != self.tokenizer_identity:
             raise ConfigError(f"data.tokenizer is {self.tokenizer_identity}; the checkpoint was trained with {saved}")
         self.batches_seen = checkpoint.get("batches_seen", 0)
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
 
-def sources(spec: str | list[str], demo_split: str, need_counts: bool) -> list[list[Shard]]:
+def sources(spec: str | list[str], demo_split: str, need_counts: bool, index: str | None) -> list[list[Shard]]:
     """One shard set per source; "demo" is the embedded demo data's split."""
     specs = spec if isinstance(spec, list) else [spec]
-    return [shard_set(demo_shards(demo_split) if s == "demo" else s, need_counts) for s in specs]
+    return [shard_set(demo_shards(demo_split), need_counts) if s == "demo" else shard_set(s, need_counts, index)
+            for s in specs]  # fmt: skip
 
 
 class AIMv2DataModule(pl.LightningDataModule):
@@ -112,7 +169,7 @@ class AIMv2DataModule(pl.LightningDataModule):
         rank, world = self._where()
         resampled = d.resampled and train
         return ImageTextStream(
-            sources(spec, demo_split, need_counts=not resampled),
+            sources(spec, demo_split, need_counts=not resampled, index=d.index),
             self.tokenizer,
             text_len=m.text_len,
             batch_size=d.batch_size,

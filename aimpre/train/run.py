@@ -20,13 +20,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from aimpre.config import Config, ConfigError, config_hash, dump_config, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
 from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar
+from aimpre.train.checkpoint import PREEMPTED, Checkpointer
 from aimpre.train.module import AIMv2DataModule, AIMv2Module, _seed
 
 
@@ -87,17 +87,80 @@ def _precision(cfg: Config) -> Any:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def _num_nodes(cfg: Config) -> int:
+    """trainer.num_nodes, or the node count of a torchrun / SLURM launch when it is left at 1."""
+    if cfg.trainer.num_nodes != 1:
+        return cfg.trainer.num_nodes
+    env = os.environ
+    if "SLURM_NNODES" in env and "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return int(env["SLURM_NNODES"])
+    if "WORLD_SIZE" in env and "LOCAL_WORLD_SIZE" in env:  # torchrun
+        return max(1, int(env["WORLD_SIZE"]) // int(env["LOCAL_WORLD_SIZE"]))
+    return 1
+
+
+def _devices(cfg: Config) -> int | str:
+    """trainer.devices, or the processes per node of a torchrun / SLURM launch when it is left at "auto"."""
+    if cfg.trainer.devices != "auto":
+        return cfg.trainer.devices
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" in env:  # torchrun
+        return int(env["LOCAL_WORLD_SIZE"])
+    if "SLURM_NTASKS_PER_NODE" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
+    return "auto"
+
+
+def _world_size(cfg: Config, nodes: int) -> int:
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    devices = _devices(cfg)
+    if isinstance(devices, int):
+        return devices * nodes
+    return (torch.cuda.device_count() if torch.cuda.is_available() else 1) * nodes
+
+
+def _accumulate(cfg: Config, world: int) -> int:
+    t = cfg.trainer
+    if t.global_batch_size is None:
+        return t.accumulate_grad_batches
+    per_step = cfg.data.batch_size * world
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"config key 'trainer.global_batch_size': {t.global_batch_size} is not a multiple of "
+            f"data.batch_size x world size = {cfg.data.batch_size} x {world}"
+        )
+    return t.global_batch_size // per_step
+
+
+def _strategy(cfg: Config, world: int) -> Any:
+    if cfg.trainer.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        # FSDP2 (fully_shard) over all ranks, applied per block in AIMv2Module.configure_model; checkpoints are
+        # torch.distributed.checkpoint directories, loadable on another number of ranks. ("auto" would make the
+        # data-parallel size the node count.)
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    return cfg.trainer.strategy
+
+
 def _mean_rows(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
     return {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys} if rows else {}
 
 
-def train(cfg: Config, resume: bool = False, callbacks: tuple[pl.Callback, ...] = ()) -> Path:
+def train(
+    cfg: Config,
+    resume: bool = False,
+    callbacks: tuple[pl.Callback, ...] = (),
+    datamodule: pl.LightningDataModule | None = None,
+) -> Path:
     """Runs (or resumes) pretraining; returns the run directory.
 
     Args:
         cfg: the run config.
         resume: continue from ``checkpoints/last.ckpt`` if the run directory has one (else start fresh).
         callbacks: extra Lightning callbacks.
+        datamodule: replaces the shard pipeline (its batches: ``image`` uint8, ``text``, ``text_mask``).
     """
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
     cfg = resolve(cfg, tokenizer)
@@ -114,20 +177,22 @@ def train(cfg: Config, resume: bool = False, callbacks: tuple[pl.Callback, ...] 
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     module = AIMv2Module(cfg, tokenizer.identity())
-    data = AIMv2DataModule(cfg, tokenizer)
+    data = datamodule or AIMv2DataModule(cfg, tokenizer)
     t = cfg.trainer
+    nodes = _num_nodes(cfg)
+    world = _world_size(cfg, nodes)
+    accumulate = _accumulate(cfg, world)
     fps = flops_per_sample(cfg.model)
     metrics = MetricsCSV(run_dir / "metrics.csv", t.log_every, 0, fps)  # samples/step is set below
     trainer = pl.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        devices=_devices(cfg),
+        num_nodes=nodes,
+        strategy=_strategy(cfg, world),
         precision=_precision(cfg),
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=cfg.optim.grad_clip or None,
-        val_check_interval=t.val_every * t.accumulate_grad_batches,
+        accumulate_grad_batches=accumulate,
+        val_check_interval=t.val_every * accumulate,
         check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches if cfg.data.val_shards else 0,
         num_sanity_val_steps=0,
@@ -135,24 +200,11 @@ def train(cfg: Config, resume: bool = False, callbacks: tuple[pl.Callback, ...] 
         deterministic=t.deterministic,
         default_root_dir=run_dir,
         enable_model_summary=False,
+        enable_checkpointing=False,  # the Checkpointer below does it atomically
         plugins=[AtomicCheckpointIO()],
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                filename="step-{step}",
-                auto_insert_metric_name=False,
-                every_n_train_steps=t.ckpt_every,
-                save_top_k=t.keep_last,
-                monitor="step",
-                mode="max",
-                save_last=True,
-            ),
-            metrics,
-            StepProgressBar(),
-            *callbacks,
-        ],
+        callbacks=[Checkpointer(ckpt_dir, t.ckpt_every, t.keep_last), metrics, StepProgressBar(), *callbacks],
     )
-    metrics.samples_per_step = cfg.data.batch_size * trainer.world_size * t.accumulate_grad_batches
+    metrics.samples_per_step = cfg.data.batch_size * trainer.world_size * accumulate
     if trainer.is_global_zero:
         action = "resuming" if resume and last.exists() else "starting"
         print(f"aimpre: {action} run {cfg.run.name} ({cfg.model.size}) in {run_dir}", flush=True)
@@ -161,9 +213,9 @@ def train(cfg: Config, resume: bool = False, callbacks: tuple[pl.Callback, ...] 
         if isinstance(tokenizer, HFTokenizer):  # the run carries its own copy of the vocabulary
             _write_atomic(run_dir / "tokenizer.json", tokenizer.path.read_text())
     start = time.time()
+    if trainer.is_global_zero:
+        (run_dir / PREEMPTED).unlink(missing_ok=True)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.exists() else None)
-    if trainer.global_step % t.ckpt_every:  # the last step was not a checkpoint step: save it too
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     if trainer.is_global_zero:
         _write_summary(run_dir, cfg, module, data, metrics, trainer, fps, time.time() - start, tokenizer)
     return run_dir
@@ -173,7 +225,7 @@ def _write_summary(
     run_dir: Path,
     cfg: Config,
     module: AIMv2Module,
-    data: AIMv2DataModule,
+    data: pl.LightningDataModule,
     metrics: MetricsCSV,
     trainer: pl.Trainer,
     fps: float,
@@ -203,7 +255,7 @@ def _write_summary(
         "tokenizer": tokenizer.identity(),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
-    if cfg.data.val_shards and cfg.trainer.val_batches:
+    if cfg.data.val_shards and cfg.trainer.val_batches and isinstance(data, AIMv2DataModule):
         n = cfg.trainer.val_batches
         train_batches = itertools.islice(iter(data.stream(cfg.data.train_shards, "pretrain", True)), 4 * n)
         val_batches = itertools.islice(iter(data.stream(cfg.data.val_shards, "val", False)), n)
