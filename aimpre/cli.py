@@ -157,6 +157,13 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_attention(args: argparse.Namespace) -> int:
+    from aimpre.kernels.bench import run_attention
+
+    run_attention(quick=args.quick, dtype=args.dtype, reps=args.reps, out=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aimpre", description="Pretrain vision encoders the AIMv2 way.")
     p.add_argument("--version", action="version", version=f"aimpre {__version__}")
@@ -216,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--batch", type=int, default=64)
     bl.add_argument("--batches", type=int, default=30, help="timed batches after 3 warm-up batches")
     bl.set_defaults(fn=_bench_loader)
+    ba = bsub.add_parser("attention", help="Triton attention vs FlexAttention, SDPA, xformers on the AIMv2 shapes")
+    ba.add_argument("--quick", action="store_true", help="tiny shapes, 2 runs: a smoke test (always so without a GPU)")
+    ba.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    ba.add_argument("--reps", type=int, default=20, help="timed runs per measurement (median reported)")
+    ba.add_argument("--out", help="also write the report to this markdown file")
+    ba.set_defaults(fn=_bench_attention)
 
     mi = sub.add_parser("model-info", help="parameter counts and training FLOPs of a size or config")
     mi.add_argument("name", help="a size (tiny, large, huge, 1b, 3b) or a YAML config file")
