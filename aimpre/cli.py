@@ -147,7 +147,11 @@ def _bench_step(args: argparse.Namespace) -> int:
     if quick and not args.quick:
         print("no GPU: running the CPU smoke version (--quick); the targets are H100 numbers")
     size, batch = ("tiny", 4) if quick else (args.size, args.batch)
-    rows = bench_step(size, batch, args.steps, args.warmup, args.backend, quick)
+    backend = args.backend
+    if quick and backend == "triton" and not torch.cuda.is_available():
+        print("no GPU: our build uses the sdpa backend (the Triton kernel needs CUDA outside the test interpreter)")
+        backend = "sdpa"
+    rows = bench_step(size, batch, args.steps, args.warmup, backend, quick)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not quick else "CPU"
     print(f"training step, AIMv2-{size}, batch {batch}, {device}, torch {torch.__version__}")
     print(f"{'build':40}{'ms/step':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
@@ -183,6 +187,13 @@ def _model_info(args: argparse.Namespace) -> int:
         for k in ("encoder", "decoder", "heads", "total"):
             print(f"  {k:10} {info[k] / 1e6:10.1f}M params")
         print(f"  training FLOPs per sample: {info['flops_per_sample'] / 1e9:.1f} GFLOP")
+    return 0
+
+
+def _bench_attention(args: argparse.Namespace) -> int:
+    from aimpre.kernels.bench import run_attention
+
+    run_attention(quick=args.quick, dtype=args.dtype, reps=args.reps, out=args.out)
     return 0
 
 
@@ -270,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--backend", default="triton", help="our attention backend (default triton)")
     bs.add_argument("--quick", action="store_true", help="a CPU smoke run of a tiny model")
     bs.set_defaults(fn=_bench_step)
+    ba = bsub.add_parser("attention", help="Triton attention vs FlexAttention, SDPA, xformers on the AIMv2 shapes")
+    ba.add_argument("--quick", action="store_true", help="tiny shapes, 2 runs: a smoke test (always so without a GPU)")
+    ba.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    ba.add_argument("--reps", type=int, default=20, help="timed runs per measurement (median reported)")
+    ba.add_argument("--out", help="also write the report to this markdown file")
+    ba.set_defaults(fn=_bench_attention)
 
     mi = sub.add_parser("model-info", help="parameter counts and training FLOPs of a size or config")
     mi.add_argument("name", help="a size (tiny, large, huge, 1b, 3b) or a YAML config file")

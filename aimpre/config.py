@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from aimpre.kernels import available_backends
 from aimpre.model.sizes import SIZES, ModelConfig, model_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -200,6 +201,8 @@ def validate(cfg: Config) -> Config:
     _check(1 <= lo <= hi <= m.num_patches - 1, "model.prefix_min",
            f"prefix range {lo}..{hi} must lie inside 1..{m.num_patches - 1}")  # fmt: skip
     _check(m.w_text >= 0 and m.w_image >= 0 and m.w_text + m.w_image > 0, "model.w_text", "weights must be >= 0")
+    backends = available_backends()
+    _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
     _check(d.batch_size > 0, "data.batch_size", "must be positive")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.shuffle_buffer >= 0 and d.max_pixels > 0, "data.shuffle_buffer", "shuffle_buffer >= 0, max_pixels > 0")

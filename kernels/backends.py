@@ -1,6 +1,7 @@
-"""PyTorch attention backends: eager reference, SDPA and FlexAttention.
+"""Attention backends: eager reference, SDPA, FlexAttention, our Triton kernel and xformers.
 
-All take ``q, k, v`` [B, H, T, D] and return [B, H, T, D] in the input dtype.
+All take ``q, k, v`` [B, H, T, D] and return [B, H, T, D] in the input dtype. Triton and xformers are optional
+imports, made only when their backend is called: ``import aimpre.kernels`` works on CPU-only installs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aimpre.kernels.masks import dense_mask
+
+# What the Triton kernels take (checked again, with errors, by triton_attention.check_inputs).
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def reference(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
@@ -77,3 +82,39 @@ def flex(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) 
     block_mask = None if mask == "full" else _block_mask(mask, prefix_len, q.shape[0], q.shape[-2], q.device)
     fn = _compiled_flex() if q.is_cuda else flex_attention
     return fn(q, k, v, block_mask=block_mask)
+
+
+def triton(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
+    """Our Triton flash attention (``triton_attention.py``), a custom op that torch.compile keeps whole."""
+    try:
+        from aimpre.kernels.triton_op import flash_attention
+    except ImportError as e:
+        raise RuntimeError(
+            f"backend='triton' needs the triton package (it ships with PyTorch's CUDA wheels) and it did not import "
+            f"({e}); use backend='sdpa' or 'flex'"
+        ) from e
+    return flash_attention(q, k, v, mask, prefix_len)
+
+
+def xformers(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
+    """xformers' memory-efficient attention: optional (``pip install 'aimpre[xformers]'``), CUDA only."""
+    try:
+        import xformers.ops as xops
+    except ImportError as e:
+        raise RuntimeError(f"backend='xformers' needs the xformers package, which did not import ({e})") from e
+    if not q.is_cuda:
+        raise ValueError(f"backend='xformers' runs on CUDA tensors only, got {q.device}")
+    B, H, T, _ = q.shape
+    bias: Any = None
+    if mask == "causal":
+        bias = xops.LowerTriangularMask()
+    elif mask == "prefix":
+        # No per-sample prefix bias in xformers: an additive one, its rows padded to a multiple of 8 as xformers
+        # wants them aligned, broadcast over heads.
+        allowed = dense_mask(mask, prefix_len, T, q.device)  # [B, 1, T, T]
+        assert allowed is not None
+        bias = torch.zeros(B, 1, T, -(-T // 8) * 8, dtype=q.dtype, device=q.device)[..., :T]
+        bias = bias.masked_fill(~allowed, float("-inf")).expand(B, H, T, T)
+    # xformers takes [B, T, H, D]: transposed views, no copies
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    return out.transpose(1, 2)  # [B, T, H, D] -> [B, H, T, D]

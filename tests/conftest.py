@@ -9,6 +9,10 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Without a GPU the Triton kernels run in Triton's interpreter. The switch is read when a kernel is defined, i.e. on
+# the first import of aimpre.kernels.triton_attention, which happens lazily, after this.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

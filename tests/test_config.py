@@ -50,6 +50,7 @@ def test_size_then_keys(tmp_path: Path) -> None:
         ("optim.schedule=linear", "'optim.schedule'"),
         ("data.crop_scale=[0.9, 0.2]", "'data.crop_scale'"),
         ("trainer.max_steps=0", "'trainer.max_steps'"),
+        ("model.attn_backend=cudnn", "'model.attn_backend'"),
         ("lr=1", "must be section.key"),
     ],
 )

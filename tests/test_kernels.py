@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aimpre.kernels import BACKENDS, attention, dense_mask
+from aimpre.kernels import BACKENDS, HAS_TRITON, attention, dense_mask
 
 
 def _allowed(mask: str, prefix: int, i: int, j: int) -> bool:
@@ -25,6 +25,10 @@ def test_dense_mask_by_definition(mask: str) -> None:
 @pytest.mark.parametrize("mask", ["full", "causal", "prefix"])
 @pytest.mark.parametrize("T", [1, 7, 33])
 def test_backends_match_the_float64_reference(backend: str, mask: str, T: int) -> None:
+    if backend == "xformers":
+        pytest.skip("xformers runs on CUDA tensors only")
+    if backend == "triton" and (not HAS_TRITON or torch.cuda.is_available()):
+        pytest.skip("CPU tensors take the Triton interpreter, used only without a GPU (test_triton_attention.py)")
     torch.manual_seed(T)
     q, k, v = (torch.randn(3, 2, T, 16, dtype=torch.float64) for _ in range(3))
     prefix = torch.tensor([1, T, max(1, T // 2)])
@@ -56,3 +60,9 @@ def test_bad_calls_say_what_is_wrong() -> None:
         attention(q, q, q, backend="cudnn-magic")
     with pytest.raises(ValueError, match="share one"):
         attention(q, q[:, :, :3], q)
+
+
+def test_xformers_backend_says_why_it_cannot_run() -> None:
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises((RuntimeError, ValueError), match="xformers"):  # not installed, or CPU tensors
+        attention(q, q, q, backend="xformers")
