@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 writes and prints the summary
+        return 0
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"\nrun directory: {run_dir}")
     base = summary.get("baselines", {})
