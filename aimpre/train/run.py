@@ -151,6 +151,7 @@ def train(cfg: Config, resume: bool = False, callbacks: tuple[pl.Callback, ...] 
                 monitor="step",
                 mode="max",
                 save_last=True,
+                enable_version_counter=False,  # a resumed run (or a seeded cooldown branch) overwrites last.ckpt
             ),
             metrics,
             StepProgressBar(),
