@@ -66,8 +66,10 @@ def _interval(values: np.ndarray, ci: float) -> list[float]:
 
 
 def _summarise(res: FitResult, samples: list[dict[str, float]], ci: float) -> None:
-    """Fills ci / se from bootstrap estimates (nothing when there are none)."""
-    res.samples = samples
+    """Fills ci / se from the bootstrap estimates; a refit that diverged (non-finite) is dropped and counted."""
+    res.samples = [s for s in samples if all(np.isfinite(v) for v in s.values())]
+    res.extra["bootstrap_failed"] = res.extra.get("bootstrap_failed", 0) + len(samples) - len(res.samples)
+    samples = res.samples
     if not samples:
         return
     for name in res.params:
@@ -123,10 +125,9 @@ def fit_chinchilla(
     if bootstrap:
         w = bootstrap_weights(len(table), bootstrap, seed)
         thetas = lw.refit_weighted(law, logx, logy, best.theta, w, objective, delta)
-        samples = [lw.chinchilla_params(t) for t in thetas]
-        _summarise(res, samples, ci)
-        for key in res.derived:
-            res.derived_ci[key] = _interval(np.array([_allocation_exponents(s)[key] for s in samples]), ci)
+        _summarise(res, [lw.chinchilla_params(t) for t in thetas], ci)
+        for key in res.derived if res.samples else ():
+            res.derived_ci[key] = _interval(np.array([_allocation_exponents(s)[key] for s in res.samples]), ci)
     return res
 
 

@@ -239,10 +239,10 @@ def refit_weighted(
 
 def chinchilla_params(theta: np.ndarray) -> dict[str, float]:
     """(a, b, e, alpha, beta[, log sigma]) -> {"E", "A", "B", "alpha", "beta"[, "sigma"]}."""
-    a, b, e, alpha, beta = theta[:5]
-    out = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha), "beta": float(beta)}
+    E, A, B = (float(v) for v in np.exp(theta[[2, 0, 1]]))  # inf, not an exception, for a diverged refit
+    out = {"E": E, "A": A, "B": B, "alpha": float(theta[3]), "beta": float(theta[4])}
     if len(theta) > 5:
-        out["sigma"] = math.exp(theta[5])
+        out["sigma"] = float(np.exp(theta[5]))
     return out
 
 
@@ -261,9 +261,10 @@ def compute_optimal(p: dict[str, float], c: np.ndarray | float, k: float) -> tup
 
 
 def power_params(theta: np.ndarray, with_e: bool) -> dict[str, float]:
+    """(a, e, alpha) or (a, alpha) -> {"E", "A", "alpha"} or {"A", "alpha"}."""
     if with_e:
-        return {"E": math.exp(theta[1]), "A": math.exp(theta[0]), "alpha": float(theta[2])}
-    return {"A": math.exp(theta[0]), "alpha": float(theta[1])}
+        return {"E": float(np.exp(theta[1])), "A": float(np.exp(theta[0])), "alpha": float(theta[2])}
+    return {"A": float(np.exp(theta[0])), "alpha": float(theta[1])}
 
 
 def power_loss(p: dict[str, float], c: np.ndarray | float) -> np.ndarray:

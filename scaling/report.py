@@ -83,7 +83,9 @@ def format_fit(res: FitResult) -> str:
     ci = res.extra.get("ci_percent", 95.0)
     lines = [f"{res.form} fit on {res.n_points} points: {res.method}; objective {res.objective:.6g}"]
     lines += [f"  note: {n}" for n in res.extra.get("notes", [])]
-    head = f"  {'param':8}{'value':>14}" + (f"   {ci:g}% CI (bootstrap {len(res.samples)})" if res.samples else "")
+    failed = res.extra.get("bootstrap_failed", 0)
+    boot = f"bootstrap {len(res.samples)}" + (f", {failed} resamples failed and were dropped" if failed else "")
+    head = f"  {'param':8}{'value':>14}" + (f"   {ci:g}% CI ({boot})" if res.samples else "")
     lines.append(head)
     for k, v in res.params.items():
         lines.append(f"  {k:8}{v:>14.6g}   {_ci(res.ci.get(k))}")
