@@ -21,7 +21,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, p)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -30,5 +33,18 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def copy(src: str | Path, dst: str | Path) -> None:
+    """Copies a file, or a directory tree (a sharded checkpoint), onto ``dst`` atomically."""
+    if Path(src).is_dir():
+        with atomic_path(dst) as tmp:
+            shutil.copytree(src, tmp)
+            if Path(dst).is_dir():  # os.replace cannot replace a non-empty directory: an earlier partial copy
+                shutil.rmtree(dst)
+        return
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def symlink(target: str, link: str | Path) -> None:
+    """Points ``link`` at ``target`` (a path relative to the link's folder), replacing it atomically."""
+    with atomic_path(link) as tmp:
+        os.symlink(target, tmp)

@@ -3,8 +3,8 @@
 Each point runs as its own process, ``python -m aimpre train --config configs/POINT.yaml --resume`` (this
 module never imports Lightning), so a crash loses one point and a rerun continues: points whose run folder has
 ``summary.json`` are skipped, and a half-finished point resumes from its last checkpoint. A cooldown branch
-starts by copying its trunk's step-N checkpoint (and metrics and tokenizer files) into its own run folder as
-``last.ckpt``; the resume then restores model, optimiser, step and data position, and continues with the
+starts by copying its trunk's step-N checkpoint (and metrics and tokenizer files) into its own run folder, with
+``last.ckpt`` linked to it; the resume then restores model, optimiser, step and data position, and continues with the
 branch's schedule (``aimpre.train.run`` allows optim and trainer changes on resume, never model changes).
 Points of one group (a trunk and its branches) run in order; groups are independent.
 """
@@ -53,9 +53,11 @@ def prepare_branch(runs: Path, point: dict[str, Any]) -> None:
         raise FileNotFoundError(f"branch {point['name']} needs {ckpt}: has the trunk {point['branch_from']} run?")
     (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
     for f in trunk.iterdir():  # config, tokenizer identity, metrics up to the branch step (the resume trims them)
-        if f.is_file() and f.name != "summary.json" and not f.name.startswith("."):
+        if f.is_file() and f.name not in ("summary.json", "PREEMPTED") and not f.name.startswith("."):
             files.copy(f, dst / f.name)
-    files.copy(ckpt, dst / "checkpoints" / "last.ckpt")
+    # the run layout: step-N.ckpt (a file, or a directory of shards), and last.ckpt a relative link to it
+    files.copy(ckpt, dst / "checkpoints" / ckpt.name)
+    files.symlink(ckpt.name, dst / "checkpoints" / "last.ckpt")
 
 
 def train_command(config: Path, launcher: str | None = None) -> list[str]:
