@@ -61,6 +61,9 @@ class OptimConfig:
     min_lr: float = 1e-5
     warmup_steps: int = 30
     schedule: str = "cosine"  # cosine (warmup, cosine to min_lr) | constant (warmup, then flat)
+    # constant schedule only: the last cooldown_steps before trainer.max_steps decay linearly from lr to min_lr
+    # (the cooldown branches of AIMv2's scaling protocol; 0 = none)
+    cooldown_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     # decoupled: each step p <- p * (1 - weight_decay * lr_t / lr), as AIMv2's AdamW; torch gets weight_decay / lr
@@ -216,6 +219,8 @@ def validate(cfg: Config) -> Config:
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr", "needs lr > 0 and 0 <= min_lr <= lr")
     _check(o.schedule in ("cosine", "constant"), "optim.schedule", f"{o.schedule!r} is not cosine or constant")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.cooldown_steps == 0 or (o.schedule == "constant" and 2 <= o.cooldown_steps <= t.max_steps),
+           "optim.cooldown_steps", "> 0 needs optim.schedule=constant and 2 <= it <= trainer.max_steps")  # fmt: skip
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must lie in [0, 1)")
     _check(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay", "weight_decay and grad_clip must be >= 0")
     _check(t.max_steps > 0, "trainer.max_steps", "must be positive")

@@ -1,5 +1,16 @@
-"""Scaling-law toolkit: FLOP counting (sweeps, fits and plots grow here). Never imports Lightning."""
+"""Scaling laws for AIMv2 pretraining: FLOP and parameter counting, sweep plans and their runner, collection
+of finished runs, law fits with bootstrap intervals, compute-optimal predictions and plots.
 
-from aimpre.scaling.flops import Flops, flops_per_sample, training_flops
+Never imports Lightning: sweep points train in their own processes (``aimpre train``).
+"""
 
-__all__ = ["Flops", "flops_per_sample", "training_flops"]
+from aimpre.scaling.flops import (
+    Flops,
+    flops_per_sample,
+    forward_flops,
+    param_count,
+    param_counts,
+    training_flops,
+)
+
+__all__ = ["Flops", "flops_per_sample", "forward_flops", "param_count", "param_counts", "training_flops"]

@@ -1,4 +1,4 @@
-"""AdamW with AIMv2's decoupled weight decay, and the warmup + cosine (or constant) schedule.
+"""AdamW with AIMv2's decoupled weight decay, and the warmup + cosine (or constant, or constant + cooldown) schedule.
 
 AIMv2 (ml-l3m ``AdamLH``) decays p <- p * (1 - wd * lr_t / lr_peak) with wd = 1e-4. torch's AdamW decays
 p <- p * (1 - lr_t * wd'), so wd' = wd / lr_peak gives the same update. Biases, norms, position embeddings
@@ -40,13 +40,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step ``s`` (0-based): linear warmup, then cosine to min_lr or flat."""
+    """Multiplier of the peak lr at optimizer step ``s`` (0-based): linear warmup, then cosine to min_lr or flat.
+
+    With ``cooldown_steps`` K > 0 the constant schedule decays linearly over its last K steps, from 1 at step
+    ``total_steps - K`` to the floor at the last step. Step ``total_steps - K`` still trains at the peak lr, so a
+    cooldown branch resumed from the constant trunk's checkpoint at that step (whose optimiser holds the peak lr)
+    follows this schedule exactly from its first step.
+    """
     floor = cfg.min_lr / cfg.lr
+    cool_start = total_steps - cfg.cooldown_steps
 
     def factor(s: int) -> float:
         if s < cfg.warmup_steps:
             return (s + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
+            if cfg.cooldown_steps and s > cool_start:
+                return 1.0 - (1.0 - floor) * min(1.0, (s - cool_start) / (cfg.cooldown_steps - 1))
             return 1.0
         progress = min(1.0, (s - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,114 @@
+"""Gathering finished runs into one table (CSV): one row per run, what the fits and plots read.
+
+Per run: its ``summary.json`` (steps, samples, FLOPs, final training losses, wall time), its resolved
+``config.yaml`` (shape, schedule; parameter counts under every convention of ``aimpre.scaling.flops``, checked
+against the counts the run itself recorded) and its ``metrics.csv`` (the validation losses *at the last step*:
+a run whose last validation came earlier gets empty ``val_*`` cells rather than a stale value).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from aimpre.config import ConfigError, load_config
+from aimpre.scaling import files
+from aimpre.scaling.flops import param_counts
+
+COLUMNS = (
+    "run", "size", "kind", "params", "params_encoder", "params_decoder", "params_heads", "params_total",
+    "params_encoder_nonemb", "params_total_nonemb", "flops_per_sample", "steps", "samples", "flops",
+    "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text", "width", "depth", "heads",
+    "mlp_hidden", "dec_width", "dec_depth", "lr", "schedule", "cooldown_steps", "batch_size", "wall_time_s",
+)  # fmt: skip
+PARAMS = ("encoder", "total", "encoder_nonemb", "total_nonemb")
+
+
+def _final_val(run: Path, steps: int) -> dict[str, Any]:
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
+    last = rows[-1] if rows else None
+    if last is None or int(last["step"]) != steps:
+        return {}
+    return {k: float(last[k]) for k in ("val_loss", "val_loss_image", "val_loss_text")}
+
+
+def run_row(run: Path, params: str = "total", size: str | None = None, kind: str = "run") -> dict[str, Any]:
+    """The table row of one finished run folder.
+
+    Args:
+        run: a run folder with summary.json, config.yaml and metrics.csv.
+        params: which count fills the ``params`` column: one of ``PARAMS``.
+        size: the sweep's size name (default: the config's ``model.size``).
+        kind: run | trunk | branch.
+    """
+    if params not in PARAMS:
+        raise ValueError(f"params must be one of {PARAMS}, got {params!r}")
+    summary = json.loads((run / "summary.json").read_text())
+    try:
+        cfg = load_config(run / "config.yaml")
+    except ConfigError as e:
+        raise ConfigError(f"run {run}: its config.yaml no longer loads: {e}") from e
+    m, o = cfg.model, cfg.optim
+    counts = param_counts(m)
+    bare = param_counts(m, embeddings=False)
+    recorded = summary.get("params", {})
+    if recorded and recorded.get("total") != counts["total"]:
+        raise ValueError(f"run {run}: summary.json records {recorded.get('total')} parameters, its config gives "
+                         f"{counts['total']}: the run and this code disagree on the model")  # fmt: skip
+    row: dict[str, Any] = {
+        "run": run.name, "size": size or m.size, "kind": kind,
+        **{f"params_{k}": v for k, v in counts.items()},
+        "params_encoder_nonemb": bare["encoder"], "params_total_nonemb": bare["total"],
+        "flops_per_sample": summary["flops_per_sample"], "steps": summary["steps"], "samples": summary["samples"],
+        "flops": summary["flops"], **summary.get("final", {}), **_final_val(run, summary["steps"]),
+        "width": m.width, "depth": m.depth, "heads": m.heads, "mlp_hidden": m.mlp_hidden,
+        "dec_width": m.dec_width, "dec_depth": m.dec_depth, "lr": o.lr,
+        "schedule": "cooldown" if o.cooldown_steps else o.schedule, "cooldown_steps": o.cooldown_steps,
+        "batch_size": cfg.data.batch_size, "wall_time_s": summary.get("wall_time_s"),
+    }  # fmt: skip
+    row["params"] = row[f"params_{params}"]
+    return row
+
+
+def collect(path: str | Path, params: str = "total", include_trunks: bool = False) -> tuple[list[dict], list[str]]:
+    """Rows of every finished run under ``path``, and the names of unfinished ones.
+
+    Args:
+        path: a plan folder (with plan.json: its points, in plan order; trunks left out unless
+            ``include_trunks``, as they are not cooled down) or any folder holding run folders.
+        params: as ``run_row``.
+        include_trunks: keep the constant-lr trunks of a cooldown sweep.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs folder not found: {root}")
+    rows, missing = [], []
+    if (root / "plan.json").is_file():
+        plan = json.loads((root / "plan.json").read_text())
+        for p in plan["points"]:
+            if p["kind"] == "trunk" and not include_trunks:
+                continue
+            run = root / plan.get("runs_dir", "runs") / p["name"]
+            if (run / "summary.json").is_file():
+                rows.append(run_row(run, params, p["size"], p["kind"]))
+            else:
+                missing.append(p["name"])
+    else:
+        for s in sorted(root.rglob("summary.json")):
+            rows.append(run_row(s.parent, params))
+    if not rows:
+        raise FileNotFoundError(f"no finished runs (summary.json) under {root}")
+    return rows, missing
+
+
+def write_csv(rows: list[dict[str, Any]], out: str | Path) -> None:
+    """Writes the table atomically (temp file, then rename)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    files.write_text(out, buf.getvalue())

@@ -1,0 +1,181 @@
+"""The scaling figure (matplotlib's object API with the Agg canvas, no pyplot state; one PNG, four panels).
+
+(a) loss vs compute, coloured by model size (one line per size when there are few), with the fitted frontier;
+(b) iso-FLOP curves: loss vs N per budget, the fitted parabolas and their minima;
+(c) the fitted law extrapolated past the data, with its bootstrap band;
+(d) compute-optimal N*(C): from the fit (with band) and from the iso-FLOP minima.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
+
+from aimpre.scaling import law as lw
+from aimpre.scaling.files import atomic_path
+from aimpre.scaling.fit import FitResult, fit_isoflop, frontier, group_budgets, parabola
+from aimpre.scaling.table import Table, TableError
+
+
+def _frontier_curve(fit: FitResult, c: np.ndarray, params: dict[str, float] | None = None) -> np.ndarray:
+    """Loss at compute-optimal allocation (Chinchilla form) or the power law in C."""
+    p = params or fit.params
+    if fit.form == "chinchilla":
+        n, d = lw.compute_optimal(p, c, fit.flops_per_param)
+        return lw.chinchilla_loss(p, n, d)
+    return lw.power_loss(p, c)
+
+
+def _band(fit: FitResult, c: np.ndarray, fn: str) -> tuple[np.ndarray, np.ndarray] | None:
+    if not fit.samples:
+        return None
+    if fn == "loss":
+        draws = np.array([_frontier_curve(fit, c, s) for s in fit.samples])
+    else:
+        draws = np.array([lw.compute_optimal(s, c, fit.flops_per_param)[0] for s in fit.samples])
+    lo = (100.0 - fit.extra.get("ci_percent", 95.0)) / 2
+    return np.percentile(draws, lo, axis=0), np.percentile(draws, 100 - lo, axis=0)
+
+
+def _plain_loss_axis(ax: Axes, lo: float, hi: float) -> None:
+    """Limits a log-scale loss axis to [lo, hi]; under a decade, labels it 2, 3, 4 rather than 2x10^0."""
+    ax.set_ylim(lo, hi)
+    if hi / lo < 10:
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+
+
+def _held(fit: FitResult | None) -> list[dict]:
+    return fit.extra.get("holdout", []) if fit else []
+
+
+def _panel_compute(ax: Axes, table: Table, fit: FitResult | None) -> None:
+    sizes = np.unique(table.n)
+    cmap = matplotlib.colormaps["viridis"]
+    norm = LogNorm(table.n.min(), table.n.max() * 1.0001)
+    if len(sizes) <= 12:
+        for n in sizes:
+            i = np.flatnonzero(table.n == n)
+            i = i[np.argsort(table.c[i])]
+            ax.plot(table.c[i], table.loss[i], "o-", ms=4, color=cmap(norm(n)), label=f"N={n:.3g}")
+        ax.legend(fontsize=6, ncol=2)
+    else:
+        sc = ax.scatter(table.c, table.loss, c=table.n, norm=norm, cmap=cmap, s=10)
+        ax.figure.colorbar(sc, ax=ax, label="N")
+    if fit and fit.form in ("chinchilla", "power"):
+        c = np.geomspace(table.c.min(), table.c.max(), 100)
+        ax.plot(c, _frontier_curve(fit, c), "k--", lw=1.5, label="fitted frontier")
+    for h in _held(fit):
+        ax.plot(h["C"], h["loss"], "r*", ms=12, zorder=5)
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="loss", title="(a) loss vs compute")
+    _plain_loss_axis(ax, table.loss.min() / 1.3, table.loss.max() * 1.3)
+
+
+def _panel_isoflop(ax: Axes, table: Table, budgets: list[float] | None, tol: float, note: str | None) -> None:
+    groups = group_budgets(table.c, budgets, tol)
+    cmap = matplotlib.colormaps["plasma"]
+    shown = [g for g in range(groups.max() + 1) if len(np.unique(table.n[groups == g])) >= 3]
+    for j, g in enumerate(shown):
+        i = np.flatnonzero(groups == g)
+        color = cmap(j / max(1, len(shown)))
+        ax.plot(table.n[i], table.loss[i], "o", ms=4, color=color)
+        logn = np.log(table.n[i])
+        q = parabola(logn, table.loss[i])
+        if q is not None:
+            x = np.linspace(logn.min(), logn.max(), 50)
+            ax.plot(np.exp(x), np.polyval(q, x), "-", color=color, label=f"C={np.exp(np.log(table.c[i]).mean()):.2g}")
+            xm = -q[1] / (2 * q[0])
+            if logn.min() <= xm <= logn.max():  # a minimum outside the sampled sizes is not one
+                ax.plot(np.exp(xm), np.polyval(q, xm), "kx", ms=8, mew=2)
+    if not shown:
+        ax.text(0.5, 0.5, "no budget with 3+ sizes", ha="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=6, loc="center right")
+    ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="(b) iso-FLOP curves, minima x")
+    if note:  # why there is no iso-FLOP fit
+        ax.text(0.02, 0.98, note, transform=ax.transAxes, fontsize=6, va="top", wrap=True)
+
+
+def _panel_extrapolate(ax: Axes, table: Table, fit: FitResult | None, factor: float) -> None:
+    ax.plot(table.c, table.loss, ".", color="0.6", label="runs")
+    central = None
+    if fit and fit.form in ("chinchilla", "power"):
+        c = np.geomspace(table.c.min(), table.c.max() * factor, 200)
+        central = _frontier_curve(fit, c)
+        ax.plot(c, central, "k-", label=f"{fit.form} fit")
+        band = _band(fit, c, "loss")
+        if band is not None:
+            ci = fit.extra.get("ci_percent", 95.0)
+            ax.fill_between(c, band[0], band[1], color="C0", alpha=0.3, label=f"{ci:g}% bootstrap band")
+        ax.axvline(table.c.max(), color="0.5", ls=":", lw=1)
+    if fit and fit.form == "power":
+        idx = frontier(table)
+        ax.plot(table.c[idx], table.loss[idx], "ko", ms=3, label="frontier")
+    for k, h in enumerate(_held(fit)):
+        ax.plot(h["C"], h["loss"], "r*", ms=12, zorder=5, label="held out" if k == 0 else None)
+    ax.legend(fontsize=6)
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="loss", title="(c) law extrapolated")
+    lo = table.loss.min() if central is None else min(table.loss.min(), central.min())
+    _plain_loss_axis(ax, lo / 1.5, table.loss.max() * 1.3)  # a wide band is clipped, not the data
+
+
+def _panel_nopt(ax: Axes, table: Table, fit: FitResult | None, iso: FitResult | None, factor: float) -> None:
+    c = np.geomspace(table.c.min(), table.c.max() * factor, 100)
+    if fit and fit.form == "chinchilla":
+        ax.plot(c, lw.compute_optimal(fit.params, c, fit.flops_per_param)[0], "k-", label="Chinchilla-form fit")
+        band = _band(fit, c, "n")
+        if band is not None:
+            ax.fill_between(c, band[0], band[1], color="C0", alpha=0.3)
+    if iso is not None:
+        b = [x for x in iso.extra["budgets"] if x["inside"]]
+        ax.plot([x["C"] for x in b], [x["N_opt"] for x in b], "s", color="C3", label="iso-FLOP minima")
+        ax.plot(c, iso.params["kN"] * c ** iso.params["a"], "--", color="C3", label=f"C^{iso.params['a']:.2f}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="N*", title="(d) compute-optimal N*(C)")
+
+
+def plot_scaling(
+    table: Table,
+    fit: FitResult | None,
+    out: str | Path,
+    budgets: list[float] | None = None,
+    tol: float = 0.15,
+    extrapolate: float = 100.0,
+    title: str | None = None,
+) -> Path:
+    """Writes the four-panel figure.
+
+    Args:
+        table: the runs.
+        fit: a Chinchilla-form or power fit (None: data only).
+        out: the PNG path.
+        budgets: iso-FLOP budgets (None: grouped automatically, see ``fit.group_budgets``).
+        tol: the budget tolerance.
+        extrapolate: how far past the largest compute panels (c) and (d) go, as a factor.
+        title: the figure title.
+    """
+    fig = Figure(figsize=(10, 8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    try:
+        iso, note = fit_isoflop(table, budgets, tol), None
+    except TableError as e:
+        iso, note = None, f"no iso-FLOP fit: {e}"
+    _panel_compute(axes[0, 0], table, fit)
+    _panel_isoflop(axes[0, 1], table, budgets, tol, note)
+    _panel_extrapolate(axes[1, 0], table, fit, extrapolate)
+    _panel_nopt(axes[1, 1], table, fit, iso, extrapolate)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    return Path(out)
