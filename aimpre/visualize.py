@@ -194,7 +194,10 @@ def plot_attention(encoder: AIMv2Encoder, images_u8: Tensor, mean: Tensor, std: 
     axes[0, -1].set_title("received, mean of queries", fontsize=9)
     for ax in axes.flat:
         ax.set_axis_off()
-    fig.suptitle("Encoder attention, last block, full attention, mean over heads (query patch boxed)", fontsize=10)
+    fig.suptitle(
+        "Encoder attention, last block, full attention, mean over heads (brighter = more; query patch boxed)",
+        fontsize=10,
+    )
     return fig
 
 
