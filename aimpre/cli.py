@@ -375,6 +375,39 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     pt.set_defaults(fn=_scaling_plot)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from aimpre.export import export_encoder
+
+    out = export_encoder(args.src, args.format, args.out, args.dtype)
+    info = json.loads((out / "aimpre.json").read_text())
+    print(f"{args.format} export of {args.src} (run {info['run']}, step {info['step']}, {args.dtype}) written to {out}")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from aimpre.probe import ProbeSettings, run_probe
+
+    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
+    settings = ProbeSettings(**{k: v for k, v in given.items() if v is not None})
+    test = None if args.test == "none" else args.test
+    res = run_probe(args.encoder, args.train, test, tuple(args.kind), settings, args.compare_random,
+                    not args.no_cache, Path(args.out))  # fmt: skip
+    print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; top-1 on {res['test']}:")
+    print(f"{'':14}" + "".join(f"{k:>12}" for k in args.kind))
+    for name, by_kind in res["results"].items():
+        print(f"{name:14}" + "".join(f"{by_kind[k]['top1']:>12.1%}" for k in args.kind))
+    print(f"results: {args.out}")
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from aimpre.visualize import visualize
+
+    for path in visualize(args.run, args.out, args.n, args.data):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aimpre", description="Pretrain vision encoders the AIMv2 way.")
     p.add_argument("--version", action="version", version=f"aimpre {__version__}")
@@ -471,16 +504,47 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--json", action="store_true", help="print one JSON object")
     mi.set_defaults(fn=_model_info)
     _add_scaling(sub)
+
+    e = sub.add_parser("export", help="write a run's encoder for timm, Hugging Face transformers or as safetensors")
+    e.add_argument("src", help="a run directory, a checkpoint (.ckpt) or another export")
+    e.add_argument("--format", required=True, choices=("timm", "hf", "safetensors"))
+    e.add_argument("--out", required=True, help="directory to create")
+    e.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    e.set_defaults(fn=_export)
+
+    pr = sub.add_parser("probe", help="frozen-trunk attentive and linear probes on labelled shards")
+    pr.add_argument("encoder", help="a run, checkpoint, export, or timm/HF AIMv2 model directory")
+    pr.add_argument("--train", default="demo:digits-train", help="labelled shards (demo:SPLIT or a shard spec)")
+    pr.add_argument("--test", default="demo:digits-test", help="held-out labelled shards; 'none': 20%% of --train")
+    pr.add_argument("--kind", nargs="+", default=["attentive", "linear"], choices=("attentive", "linear"))
+    pr.add_argument("--epochs", type=int, help="probe training epochs (default 60)")
+    pr.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-2)")
+    pr.add_argument("--batch-size", type=int, help="default 64")
+    pr.add_argument("--seed", type=int, help="probe init, shuffling and the random-init twin (default 0)")
+    pr.add_argument("--compare-random", action="store_true", help="also probe the architecture at random init")
+    pr.add_argument("--no-cache", action="store_true", help="do not cache features in $AIMPRE_CACHE/features")
+    pr.add_argument("--out", default="probe.json", help="results JSON")
+    pr.set_defaults(fn=_probe)
+
+    v = sub.add_parser("visualize", help="PNGs: next-patch predictions, loss curves, encoder attention maps")
+    v.add_argument("run", help="a run directory")
+    v.add_argument("--out", help="output directory (default RUN/figures)")
+    v.add_argument("-n", type=int, default=6, help="images per figure")
+    v.add_argument("--data", help="shards to draw images from (default: the run's validation shards)")
+    v.set_defaults(fn=_visualize)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from aimpre.config import ConfigError
+    from aimpre.formats import ExportError
+    from aimpre.probe import ProbeError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, ExportError, ProbeError, FileNotFoundError, FileExistsError) as e:
         print(f"aimpre: error: {e}", file=sys.stderr)
         return 2
 

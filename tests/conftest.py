@@ -13,6 +13,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # the first import of aimpre.kernels.triton_attention, which happens lazily, after this.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # transformers and timm must never reach the network in tests
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,3 +40,22 @@ def pretrain_spec(demo: Path) -> str:
 @pytest.fixture(scope="session")
 def val_spec(demo: Path) -> str:
     return str(demo / "val-000000.tar")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, pretrain_spec: str, val_spec: str) -> Path:
+    """A real 6-step Lightning run of a 2-block tiny model (checkpoints, metrics.csv, summary.json)."""
+    from aimpre.config import load_config
+    from aimpre.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(
+        None,
+        [
+            f"run.out_dir={out}", "run.name=tiny2", f"data.train_shards={pretrain_spec}", f"data.val_shards={val_spec}",
+            "data.batch_size=4", "data.num_workers=0", "model.depth=2", "model.dec_depth=1", "trainer.max_steps=6",
+            "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.val_every=3", "trainer.val_batches=1",
+            "optim.warmup_steps=2",
+        ],
+    )  # fmt: skip
+    return train(cfg)

@@ -1,0 +1,320 @@
+"""Encoder export (timm, Hugging Face transformers, plain safetensors) and loading any of them, or a run, back.
+
+``aimpre export`` writes the encoder only (no decoder, heads or optimiser) as ``model.safetensors`` plus the config
+the target needs (``aimpre.formats`` holds the tensor names and configs, checked against timm 1.0.31 and
+transformers 5.23) and ``aimpre.json``: the preprocessing the encoder was trained with (mean/std, resolution) and
+its provenance (run, step, config hash). ``load`` reads any of these back, a run or a Lightning checkpoint too,
+and released timm/HF AIMv2 directories, into our ``AIMv2Encoder``. An export is a renaming of tensors, never an
+approximation: ``tests/test_export.py`` compares features with the real libraries to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aimpre import __version__
+from aimpre.config import Config, config_hash, load_config
+from aimpre.formats import (
+    ENCODER_FIELDS,
+    ExportError,
+    State,
+    config_from_hf,
+    config_from_timm,
+    encoder_config,
+    from_hf,
+    from_timm,
+    hf_config,
+    hf_preprocessor,
+    timm_config,
+    to_hf,
+)
+from aimpre.model import AIMv2Encoder, ModelConfig
+
+FORMATS = ("timm", "hf", "safetensors")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHTS = "model.safetensors"
+INFO = "aimpre.json"
+
+
+@dataclass
+class Loaded:
+    """An encoder and what is known about it: ``preprocessing`` (mean, std, img_size) and provenance."""
+
+    encoder: AIMv2Encoder
+    info: dict[str, Any]
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+
+
+def preprocessing_info(mean: Any, std: Any, img_size: int) -> dict[str, Any]:
+    """The preprocessing an encoder expects, as exports record it.
+
+    Args:
+        mean: per-channel mean of 0..1 pixels (None if unknown).
+        std: per-channel std (None if unknown).
+        img_size: the square input resolution.
+    """
+    return {
+        "mean": None if mean is None else [float(x) for x in mean],
+        "std": None if std is None else [float(x) for x in std],
+        "img_size": img_size,
+        "resize": "centre square crop, bicubic resize to img_size",
+    }
+
+
+@dataclass
+class RunCheckpoint:
+    """A Lightning checkpoint of a run: its config and the whole model's state dict (``model.`` stripped)."""
+
+    cfg: Config
+    state: State
+    step: int | None
+    path: Path
+
+
+def read_run(path: str | Path) -> RunCheckpoint:
+    """Reads a run directory (its ``checkpoints/last.ckpt``) or one of its checkpoints, with the run's config.
+
+    Args:
+        path: ``runs/NAME`` or ``runs/NAME/checkpoints/X.ckpt``.
+    """
+    path = Path(path)
+    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    cfg_file = ckpt.parent.parent / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{ckpt}: its run's config {cfg_file} is missing (checkpoints are read with it)")
+    cfg = load_config(cfg_file)
+    try:
+        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle and zip errors have many types
+        raise ExportError(f"{ckpt}: not a readable torch checkpoint ({e})") from e
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise ExportError(f"{ckpt}: no 'state_dict' key: not a Lightning checkpoint")
+    state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+    return RunCheckpoint(cfg, state, obj.get("global_step"), ckpt)
+
+
+def _read_checkpoint(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
+    run = read_run(path)
+    state = {k.removeprefix("encoder."): v for k, v in run.state.items() if k.startswith("encoder.")}
+    if not state:
+        raise ExportError(f"{run.path}: no 'model.encoder.*' tensors in its state_dict")
+    c = run.cfg
+    info = {
+        "source": str(run.path), "run": c.run.name, "step": run.step, "config_hash": config_hash(c),
+        "preprocessing": preprocessing_info(c.data.mean, c.data.std, c.model.img_size),
+    }  # fmt: skip
+    return c.model, state, info
+
+
+def _load_safetensors(file: Path) -> tuple[State, dict[str, str]]:
+    """Tensors and header metadata of one safetensors file."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a dict)
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ExportError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def _read_weights(folder: Path) -> State:
+    """``model.safetensors``, or the shards named by ``model.safetensors.index.json``."""
+    if (folder / WEIGHTS).is_file():
+        return _load_safetensors(folder / WEIGHTS)[0]
+    index = folder / f"{WEIGHTS}.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return {k: v for f in files for k, v in _load_safetensors(folder / f)[0].items()}
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS} (or {WEIGHTS}.index.json); only safetensors weights are read")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ExportError(f"{file}: expected a JSON object")
+    return data
+
+
+def _rename(fmt: str, state: State, file: Path) -> State:
+    return from_hf(state, str(file)) if fmt == "hf" else from_timm(state)
+
+
+def _read_export(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
+    """A directory written by ``export_encoder`` (its ``aimpre.json`` says the format and the encoder)."""
+    info = _read_json(folder / INFO)
+    for key in ("format", "encoder"):
+        if key not in info:
+            raise ExportError(f"{folder / INFO}: missing key {key!r}")
+    return (
+        encoder_config(info["encoder"], str(folder / INFO)),
+        _rename(info["format"], _read_weights(folder), folder),
+        info,
+    )
+
+
+def _read_dir(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
+    if (folder / "config.yaml").is_file():
+        return _read_checkpoint(folder)
+    if (folder / INFO).is_file():
+        return _read_export(folder)
+    conf_file = folder / "config.json"
+    if not conf_file.is_file():
+        raise ExportError(
+            f"{folder}: not a run (no config.yaml), an aimpre export (no {INFO}) or a timm/HF model (no config.json)"
+        )
+    conf = _read_json(conf_file)
+    if "architecture" in conf:  # timm hub layout
+        cfg = config_from_timm(conf, str(conf_file))
+        pc = conf.get("pretrained_cfg") or {}
+        pre = preprocessing_info(pc.get("mean"), pc.get("std"), cfg.img_size)
+        fmt = "timm"
+    elif "model_type" in conf:  # transformers layout
+        cfg = config_from_hf(conf, str(conf_file))
+        proc = folder / "preprocessor_config.json"
+        pc = _read_json(proc) if proc.is_file() else {}
+        pre = preprocessing_info(pc.get("image_mean"), pc.get("image_std"), cfg.img_size)
+        fmt = "hf"
+    else:
+        raise ExportError(f"{conf_file}: neither timm's ('architecture') nor transformers' ('model_type') config")
+    info = {"source": str(folder), "format": fmt, "preprocessing": pre}
+    return cfg, _rename(fmt, _read_weights(folder), folder), info
+
+
+def _read(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.is_dir():
+        return _read_dir(path)
+    if path.suffix == ".ckpt":
+        return _read_checkpoint(path)
+    if path.suffix != ".safetensors":
+        raise ExportError(f"{path}: expected a run or model directory, a .ckpt or a .safetensors file")
+    state, meta = _load_safetensors(path)
+    if "aimpre" not in meta:  # a timm or HF weights file: its directory holds the config
+        return _read_dir(path.parent)
+    info = json.loads(meta["aimpre"])  # our exports describe themselves: the file alone is enough
+    return encoder_config(info["encoder"], str(path)), _rename(info["format"], state, path), info
+
+
+def _build(cfg: ModelConfig, state: State, source: str) -> AIMv2Encoder:
+    """Our encoder holding ``state`` (float32), after checking every name and shape."""
+    with torch.device("meta"):
+        encoder = AIMv2Encoder(cfg)
+    want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        raise ExportError(
+            f"{source}: tensor names do not match a {cfg.depth}-block AIMv2 encoder: "
+            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
+        )
+    for k, shape in want.items():
+        if tuple(state[k].shape) != shape:
+            raise ExportError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the config implies {shape}")
+    encoder.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return encoder.eval()
+
+
+def load(path: str | Path) -> Loaded:
+    """Our encoder from a run, a Lightning checkpoint, or a timm / HF / safetensors export (ours or released).
+
+    Args:
+        path: a run directory, a ``.ckpt`` file, an export directory (or its ``model.safetensors``), or a timm hub
+            or transformers model directory (``config.json`` + safetensors weights), e.g. a released AIMv2.
+
+    Returns:
+        The encoder (float32, eval mode) and ``info``: ``preprocessing`` (mean/std, None where the source does not
+        say, and img_size) and, where known, ``run``, ``step`` and ``config_hash``.
+    """
+    cfg, state, info = _read(Path(path))
+    return Loaded(_build(cfg, state, str(path)), info)
+
+
+def load_encoder(path: str | Path) -> AIMv2Encoder:
+    """Our encoder from ``path`` (see ``load``): ``forward(images)`` on normalised [B, 3, H, W] gives [B, N, width]."""
+    return load(path).encoder
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+
+
+def export_encoder(src: str | Path, fmt: str, out: str | Path, dtype: str = "fp32") -> Path:
+    """Writes the encoder of ``src`` (anything ``load`` reads) as a ``fmt`` export in the new directory ``out``.
+
+    Args:
+        src: a run directory, checkpoint or export.
+        fmt: "timm", "hf" or "safetensors" (our names plus ``aimpre.json``; what ``load`` reads fastest).
+        out: the directory to create.
+        dtype: "fp32" or "bf16".
+    """
+    loaded = load(src)  # checks every tensor name and shape before anything is written
+    return write_export(loaded.encoder, fmt, out, dtype, {**loaded.info, "exported_from": str(src)})
+
+
+def write_export(
+    encoder: AIMv2Encoder, fmt: str, out: str | Path, dtype: str = "fp32", info: dict | None = None
+) -> Path:
+    """Writes ``encoder`` as a ``fmt`` export: built under a temporary name, renamed into place when complete.
+
+    Args:
+        encoder: the encoder to write.
+        fmt: "timm", "hf" or "safetensors".
+        out: the directory to create (an existing one is an error).
+        dtype: "fp32" or "bf16".
+        info: ``preprocessing`` (mean, std, img_size) and provenance (``run``, ``step``, ``config_hash``,
+            ``exported_from``) to record.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out or remove it")
+    cfg, given = encoder.cfg, info or {}
+    pre = given.get("preprocessing") or preprocessing_info(None, None, cfg.img_size)
+    if fmt != "safetensors" and (pre["mean"] is None or pre["std"] is None):
+        raise ExportError(f"the encoder's normalisation (mean/std) is unknown, and a {fmt} export must declare it")
+    if fmt == "timm" and cfg.norm_eps != 1e-5:
+        raise ExportError(f"norm_eps={cfg.norm_eps}, but timm's aimv2 models fix RMSNorm eps at 1e-5")
+    record = {
+        "format": fmt, "dtype": dtype, "encoder": {k: getattr(cfg, k) for k in ENCODER_FIELDS},
+        "preprocessing": pre, **{k: given.get(k) for k in ("run", "step", "config_hash", "exported_from")},
+        "aimpre_version": __version__, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }  # fmt: skip
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in encoder.state_dict().items()}
+    if fmt == "hf":
+        tensors = to_hf(tensors)
+    files: dict[str, dict] = {INFO: record}
+    if fmt == "timm":
+        files["config.json"] = timm_config(cfg, pre)
+    elif fmt == "hf":
+        files["config.json"] = hf_config(cfg, dtype)
+        files["preprocessor_config.json"] = hf_preprocessor(pre)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aimpre": json.dumps(record)})
+        for name, data in files.items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+        os.rename(tmp, out)  # the directory appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

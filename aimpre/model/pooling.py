@@ -1,0 +1,50 @@
+"""Probe heads on frozen encoder tokens: the attentive probe of AIM/AIMv2 and a mean-pooled linear probe.
+
+The attentive probe follows AIM (El-Nouby et al. 2024) and apple/ml-aim's ``AttentionPoolingClassifier``, the
+frozen-trunk evaluation AIMv2 (Fini et al. 2024) reports: tokens are standardised per channel by a BatchNorm without
+affine parameters, a learned query (std 0.02) attends over them through bias-free key and value projections
+(multi-head, softmax(q k^T / sqrt(d)) v), the heads' outputs are concatenated, averaged over queries, and a linear
+layer classifies. The linear probe standardises the mean-pooled tokens the same way before its linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AttentionPoolingClassifier(nn.Module):
+    def __init__(self, dim: int, classes: int, heads: int, queries: int = 1) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"probe width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.query = nn.Parameter(torch.randn(1, queries, dim) * 0.02)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.linear = nn.Linear(dim, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits [B, classes] from tokens [B, N, dim]."""
+        B, N, C = tokens.shape
+        H, D = self.heads, C // self.heads
+        x = self.norm(tokens.transpose(1, 2)).transpose(1, 2)  # BatchNorm1d normalises dim 1: [B, C, N] and back
+        q = self.query.expand(B, -1, -1).reshape(B, -1, H, D).transpose(1, 2)  # [B, Q, C] -> [B, H, Q, D]
+        k = self.k(x).view(B, N, H, D).transpose(1, 2)  # [B, H, N, D]
+        v = self.v(x).view(B, N, H, D).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(q, k, v)  # [B, H, Q, D]
+        pooled = pooled.transpose(1, 2).reshape(B, -1, C).mean(dim=1)  # [B, Q, C] -> [B, C]
+        return self.linear(pooled)
+
+
+class MeanPoolingClassifier(nn.Module):
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits [B, classes] from tokens [B, N, dim]."""
+        return self.linear(self.norm(tokens.mean(dim=1)))

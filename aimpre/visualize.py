@@ -1,0 +1,232 @@
+"""Pictures of a run: next-patch predictions beside the originals, the loss curves, encoder attention maps.
+
+- Predictions: AIMv2's pixel head at image position i regresses patch i+1 standardised by that patch's own mean and
+  variance (Fini et al. 2024; apple/ml-l3m ``RasterPixelLoss`` with ``norm_pix_loss``), so a prediction has no
+  brightness or contrast of its own. To draw it, each predicted patch is mapped back with its *target* patch's
+  mean/std, as MAE's figures do; the figure title says so, since that borrows two numbers per patch from the answer.
+  Patches inside the prefix are not prediction targets: they are drawn from the original, faded.
+- Losses: ``metrics.csv`` (train and validation) with the baselines of ``summary.json``.
+- Attention: the exported encoder (``aimpre.export.load``, full attention), last block, softmax(q k^T / sqrt(d))
+  averaged over heads: where chosen query patches look, and how much attention each patch receives.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import Tensor
+
+from aimpre.data import Augment, ImageTextStream, build_tokenizer, demo_shards, expand_shards
+from aimpre.export import load, read_run
+from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
+from aimpre.model.layers import Block
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _to_pixels(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Normalised [B, 3, H, W] -> displayable [B, H, W, 3] in 0..1."""
+    return (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def denormalize_predictions(pred: Tensor, images: Tensor, patch: int, prefix: int) -> Tensor:
+    """Next-patch predictions drawn as images [B, 3, H, W] (normalised-image space).
+
+    Args:
+        pred: [B, N-1, P] pixel-head output; ``pred[:, i]`` is patch i+1, standardised over its own P values.
+        images: the normalised input images [B, 3, H, W].
+        patch: patch size.
+        prefix: prefix length M: patches 0..M-1 (not targets) are copied from ``images``.
+    """
+    target = patchify(images, patch)  # [B, N, P]
+    mean = target.mean(-1, keepdim=True)
+    std = (target.var(-1, keepdim=True) + 1e-6).sqrt()  # what ``normalize_patches`` divided the target by
+    out = target.clone()
+    out[:, 1:] = pred * std[:, 1:] + mean[:, 1:]
+    out[:, :prefix] = target[:, :prefix]
+    return unpatchify(out, patch)
+
+
+@torch.no_grad()
+def predicted_images(model: AIMv2, images: Tensor, text: Tensor, prefix: int) -> Tensor:
+    """The model's next-patch predictions for normalised ``images`` with a prefix of M patches, as images.
+
+    Args:
+        model: the pretraining model (encoder, decoder, pixel head).
+        images: normalised images [B, 3, H, W].
+        text: caption ids [B, L] (pixel predictions precede the text in the causal decoder: they do not see it).
+        prefix: prefix length M.
+    """
+    prefix_len = torch.full((images.shape[0],), prefix, dtype=torch.long)
+    pred, _ = model.predict(images, text, prefix_len)  # [B, N-1, P]
+    return denormalize_predictions(pred, images, model.cfg.patch_size, prefix)
+
+
+def plot_predictions(model: AIMv2, batch: dict[str, Any], mean: Tensor, std: Tensor, prefix: int) -> Figure:
+    """Originals above the model's next-patch predictions.
+
+    Args:
+        model: the pretraining model.
+        batch: a pipeline batch (``image`` uint8 [B, 3, S, S], ``text`` ids).
+        mean, std: the data normalisation, [1, 3, 1, 1] in 0..1 units.
+        prefix: prefix length M (the first M patches are input, drawn faded).
+    """
+    images = (batch["image"].float() / 255 - mean) / std
+    pred = predicted_images(model, images, batch["text"], prefix)
+    orig, shown = _to_pixels(images, mean, std), _to_pixels(pred, mean, std)
+    g, p = model.cfg.grid, model.cfg.patch_size
+    rows = prefix // g  # fade the prefix (whole rows, plus the part of the next one)
+    fade = torch.zeros(g * p, g * p, 1)
+    fade[: rows * p] = 1
+    fade[rows * p : (rows + 1) * p, : (prefix % g) * p] = 1
+    shown = shown * (1 - 0.6 * fade) + 0.6 * fade  # blend the prefix towards white
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.4), squeeze=False, layout="constrained")
+    for i in range(n):
+        for row, img in enumerate((orig, shown)):
+            axes[row, i].imshow(img[i].numpy())
+            axes[row, i].set_axis_off()
+    axes[0, 0].set_title("original", loc="left", fontsize=9)
+    axes[1, 0].set_title(f"prediction (first {prefix} patches = prefix, faded)", loc="left", fontsize=9)
+    fig.suptitle(
+        "Next-patch predictions, teacher-forced, raster order. Each predicted patch is de-normalised\n"
+        "with its target patch's own mean/std (the model predicts per-patch standardised pixels).",
+        fontsize=10,
+    )
+    return fig
+
+
+def plot_losses(metrics: Path, summary: Path | None = None) -> Figure:
+    """Train and validation losses (log scale) by step.
+
+    Args:
+        metrics: a run's ``metrics.csv``.
+        summary: its ``summary.json``, for the mean-patch and bigram baselines (optional).
+    """
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{metrics} has no rows")
+    base = json.loads(summary.read_text()).get("baselines", {}) if summary and summary.is_file() else {}
+    baselines = {
+        "loss_image": ("loss_image_mean_patch", "mean-patch baseline"),
+        "loss_text": ("loss_text_bigram", "bigram baseline"),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    for ax, key in zip(axes, ("loss", "loss_image", "loss_text"), strict=True):
+        for prefix, style in (("", "-"), ("val_", "o--")):
+            pts = [(int(r["step"]), float(r[prefix + key])) for r in rows if r.get(prefix + key)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label="validation" if prefix else "train", markersize=4)
+        if key in baselines and baselines[key][0] in base:
+            ax.axhline(base[baselines[key][0]], color="gray", ls=":", label=baselines[key][1])
+        ax.set(title=key, xlabel="step", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"losses: {metrics}", fontsize=10)
+    return fig
+
+
+@torch.no_grad()
+def attention_maps(encoder: AIMv2Encoder, images: Tensor) -> Tensor:
+    """Last-block attention of the encoder with full attention, mean over heads: [B, N(queries), N(keys)]."""
+    seen: list[Tensor] = []
+    block = encoder.blocks[-1]
+    assert isinstance(block, Block)
+    hook = block.attn.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        encoder(images)
+    finally:
+        hook.remove()
+    x = seen[0]  # the last block's normalised input [B, N, C]
+    B, N, C = x.shape
+    H = block.attn.heads
+    q, k, _ = block.attn.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, D]
+    weights = (q @ k.transpose(-1, -2) * (C // H) ** -0.5).softmax(-1)  # [B, H, N, N]
+    return weights.mean(1)
+
+
+def plot_attention(encoder: AIMv2Encoder, images_u8: Tensor, mean: Tensor, std: Tensor) -> Figure:
+    """Per image: where three query patches attend in the last block, and the attention each patch receives.
+
+    Args:
+        encoder: the exported encoder.
+        images_u8: uint8 images [B, 3, S, S].
+        mean, std: the normalisation it was trained with, [1, 3, 1, 1] in 0..1 units.
+    """
+    g, p = encoder.cfg.grid, encoder.cfg.patch_size
+    images = (images_u8.float() / 255 - mean) / std
+    attn = attention_maps(encoder, images)  # [B, N, N]
+    queries = {"centre": (g // 2) * g + g // 2, "top left": 0, "bottom right": g * g - 1}  # patch indices
+    n = len(images)
+    fig, axes = plt.subplots(n, 2 + len(queries), figsize=(2.2 * (2 + len(queries)), 2.2 * n), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    pixels = _to_pixels(images, mean, std)
+    up = lambda m: m.view(g, g).repeat_interleave(p, 0).repeat_interleave(p, 1).numpy()  # [N] -> [H, W]
+    for i in range(n):
+        axes[i, 0].imshow(pixels[i].numpy())
+        gray = pixels[i].mean(-1).numpy()  # heat over a grey copy: image colours would mix with the colour map
+        for j, (name, qi) in enumerate(queries.items(), start=1):
+            axes[i, j].imshow(gray, cmap="gray", vmin=0, vmax=1)
+            axes[i, j].imshow(up(attn[i, qi]), cmap="inferno", alpha=0.6)
+            r, c = divmod(qi, g)
+            axes[i, j].add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, ec="cyan", lw=1.5))
+            axes[0, j].set_title(f"query: {name}", fontsize=9)
+        axes[i, -1].imshow(up(attn[i].mean(0)), cmap="inferno")
+    axes[0, 0].set_title("image", fontsize=9)
+    axes[0, -1].set_title("received, mean of queries", fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle(
+        "Encoder attention, last block, full attention, mean over heads (brighter = more; query patch boxed)",
+        fontsize=10,
+    )
+    return fig
+
+
+def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: str | None = None) -> list[Path]:
+    """Writes ``predictions.png``, ``losses.png`` and ``attention.png`` for a run.
+
+    Args:
+        run: the run directory.
+        out: the output directory (default ``RUN/figures``).
+        n: images per figure.
+        data: shard spec of the images to show (default: the run's validation shards).
+    """
+    run = Path(run)
+    ckpt = read_run(run)
+    cfg = ckpt.cfg
+    model = AIMv2(cfg.model).eval()
+    model.load_state_dict(ckpt.state)
+    spec = data or cfg.data.val_shards or cfg.data.train_shards
+    urls = demo_shards("val") if spec == "demo" else expand_shards(spec)
+    tok = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
+    stream = ImageTextStream(urls, tok, cfg.model.text_len, n, Augment(cfg.model.img_size, train=False),
+                             shuffle_buffer=0, split_by="samples")  # fmt: skip
+    batch = next(iter(stream))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.data.mean, cfg.data.std))
+    out = Path(out) if out else run / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_save(plot_predictions(model, batch, mean, std, cfg.model.num_patches // 4), out / "predictions.png")]
+    if (run / "metrics.csv").is_file():
+        written.append(_save(plot_losses(run / "metrics.csv", run / "summary.json"), out / "losses.png"))
+    encoder = load(run).encoder  # the exported encoder: the same weights, run with full attention
+    written.append(_save(plot_attention(encoder, batch["image"][: min(n, 4)], mean, std), out / "attention.png"))
+    return written
