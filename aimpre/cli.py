@@ -537,14 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from aimpre.config import ConfigError
-    from aimpre.formats import ExportError
-    from aimpre.probe import ProbeError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-    except (ConfigError, ExportError, ProbeError, FileNotFoundError, FileExistsError) as e:
         print(f"aimpre: error: {e}", file=sys.stderr)
         return 2
 

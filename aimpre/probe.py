@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from webdataset.tariterators import tarfile_samples
 
 from aimpre.data import Augment, demo_shards, expand_shards
+from aimpre.data.decode import IMAGE_KEYS, decode_image
 from aimpre.data.demo import cache_root
-from aimpre.data.pipeline import IMAGE_KEYS, decode_image
 from aimpre.export import load
 from aimpre.model import AIMv2Encoder
 from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier
@@ -95,15 +95,15 @@ def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Count
         if label is None or image_key is None:
             skipped["no_label" if label is None else "no_image"] += 1
             continue
-        try:
-            images.append(decode_image(s[image_key], aug, rng))
-        except Exception:  # PIL raises many types for corrupt data
-            skipped["image"] += 1
+        image = decode_image(s[image_key], aug, rng)
+        if isinstance(image, str):  # the reason it cannot be used
+            skipped[image] += 1
             continue
+        images.append(image)
         labels.append(label)
     if not images:
         raise ProbeError(f"no labelled images in {urls[:3]}{'...' if len(urls) > 3 else ''} (skipped: {dict(skipped)})")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(labels), skipped  # [N, S, S, 3] -> CHW
+    return torch.stack(images), torch.tensor(labels), skipped
 
 
 @torch.no_grad()

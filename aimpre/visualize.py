@@ -27,10 +27,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from aimpre.data import Augment, ImageTextStream, build_tokenizer, demo_shards, expand_shards
+from aimpre.data import Augment, ImageTextStream, build_tokenizer
 from aimpre.export import load, read_run
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
+from aimpre.train.module import sources
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -216,10 +217,9 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
     model = AIMv2(cfg.model).eval()
     model.load_state_dict(ckpt.state)
     spec = data or cfg.data.val_shards or cfg.data.train_shards
-    urls = demo_shards("val") if spec == "demo" else expand_shards(spec)
     tok = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
-    stream = ImageTextStream(urls, tok, cfg.model.text_len, n, Augment(cfg.model.img_size, train=False),
-                             shuffle_buffer=0, split_by="samples")  # fmt: skip
+    shards = sources(spec, "val", need_counts=True, index=cfg.data.index)
+    stream = ImageTextStream(shards, tok, cfg.model.text_len, n, Augment(cfg.model.img_size, train=False), shuffle=0)
     batch = next(iter(stream))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.data.mean, cfg.data.std))
     out = Path(out) if out else run / "figures"
