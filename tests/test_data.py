@@ -214,3 +214,13 @@ def test_pipe_sources_read_epochs_with_an_index_file(tmp_path: Path, uneven) -> 
     a = [k for b in take(stream([piped], batch_size=4), 5) for k in b["key"]]
     b = [k for b in take(stream([uneven], batch_size=4), 5) for k in b["key"]]
     assert a == b  # the same epoch order whether read through a pipe or from files
+
+
+def test_demo_splits_are_sources_by_name() -> None:
+    from aimpre.train.module import sources
+
+    scenes, digits = sources(["demo", "demo:digits-train"], "pretrain", need_counts=True, index=None)
+    assert [s.url for s in scenes] == demo_shards("pretrain")
+    assert [s.url for s in digits] == demo_shards("digits-train") and sum(s.samples or 0 for s in digits) == 1258
+    with pytest.raises(ValueError, match="'demo:nope': demo data has no split 'nope'"):
+        sources("demo:nope", "pretrain", need_counts=True, index=None)

@@ -138,10 +138,18 @@ class AIMv2Module(pl.LightningModule):
 
 
 def sources(spec: str | list[str], demo_split: str, need_counts: bool, index: str | None) -> list[list[Shard]]:
-    """One shard set per source; "demo" is the embedded demo data's split."""
+    """One shard set per source; "demo" is the embedded demo data's ``demo_split``, "demo:SPLIT" another split."""
     specs = spec if isinstance(spec, list) else [spec]
-    return [shard_set(demo_shards(demo_split), need_counts) if s == "demo" else shard_set(s, need_counts, index)
-            for s in specs]  # fmt: skip
+    out = []
+    for s in specs:
+        if s == "demo" or s.startswith("demo:"):
+            try:
+                out.append(shard_set(demo_shards(s.partition(":")[2] or demo_split), need_counts))
+            except KeyError as e:
+                raise ValueError(f"shard spec {s!r}: {e.args[0]}") from e
+        else:
+            out.append(shard_set(s, need_counts, index))
+    return out
 
 
 class AIMv2DataModule(pl.LightningDataModule):
