@@ -85,7 +85,7 @@ def bench_step(
         g = torch.Generator(device="cpu").manual_seed(0)
         data = {
             "images": torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device),
-            "text": torch.randint(2, 32000, (batch, cfg.text_len), generator=g).to(device),
+            "text": torch.randint(2, cfg.vocab_size or 258, (batch, cfg.text_len), generator=g).to(device),
             "prefix": torch.randint(1, cfg.num_patches, (batch,), generator=g).to(device),
         }
         data["mask"] = torch.ones_like(data["text"], dtype=torch.bool)
