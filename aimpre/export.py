@@ -39,6 +39,7 @@ from aimpre.formats import (
     to_hf,
 )
 from aimpre.model import AIMv2Encoder, ModelConfig
+from aimpre.train.checkpoint import load_checkpoint, model_state
 
 FORMATS = ("timm", "hf", "safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -86,25 +87,29 @@ class RunCheckpoint:
 def read_run(path: str | Path) -> RunCheckpoint:
     """Reads a run directory (its ``checkpoints/last.ckpt``) or one of its checkpoints, with the run's config.
 
+    A sharded (FSDP, ``torch.distributed.checkpoint``) checkpoint directory is consolidated on the fly.
+
     Args:
         path: ``runs/NAME`` or ``runs/NAME/checkpoints/X.ckpt``.
     """
     path = Path(path)
-    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if not ckpt.is_file():
+    ckpt = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path
+    if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
     cfg_file = ckpt.parent.parent / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{ckpt}: its run's config {cfg_file} is missing (checkpoints are read with it)")
     cfg = load_config(cfg_file)
     try:
-        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle and zip errors have many types
+        if ckpt.resolve().is_dir():  # a sharded checkpoint written by this run's Checkpointer
+            obj = load_checkpoint(ckpt)
+        else:  # a single file: read tensors only, nothing unpickled
+            obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and DCP errors have many types
         raise ExportError(f"{ckpt}: not a readable torch checkpoint ({e})") from e
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise ExportError(f"{ckpt}: no 'state_dict' key: not a Lightning checkpoint")
-    state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")}
-    return RunCheckpoint(cfg, state, obj.get("global_step"), ckpt)
+    return RunCheckpoint(cfg, model_state(obj), obj.get("global_step"), ckpt)
 
 
 def _read_checkpoint(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from aimpre.config import load_config
+from aimpre.export import load_encoder
 from aimpre.train import train
 from aimpre.train.checkpoint import load_checkpoint, model_state
 from aimpre.train.module import NonFiniteError
@@ -57,6 +58,12 @@ def test_ddp_and_fsdp_match_one_process(tmp_path: Path) -> None:
     assert sharded.keys() == single.keys()
     for k in single:
         torch.testing.assert_close(sharded[k], single[k], rtol=1e-3, atol=1e-4)
+    # and a sharded run exports like any other: the same encoder as the 1-process run's
+    size = load_config(fsdp_run / "config.yaml").model.img_size
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        feats = [load_encoder(run).eval()(x) for run in (fsdp_run, tmp_path / "one" / "job")]
+    torch.testing.assert_close(feats[0], feats[1], rtol=1e-3, atol=1e-3)
 
 
 def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path) -> None:
