@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,14 @@ from aimpre import __version__
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from aimpre.config import load_config
     from aimpre.train import train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 writes and prints the summary
+    if getattr(rank_zero_only, "rank", 0) != 0:  # the global rank Lightning set under any launcher (torchrun, srun)
         return 0
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"\nrun directory: {run_dir}")
