@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from webdataset.tariterators import tarfile_samples
 
-from aimpre.data import Augment, demo_shards, expand_shards
+from aimpre.data import Augment, demo_spec, expand_shards
 from aimpre.data.decode import IMAGE_KEYS, decode_image
 from aimpre.data.demo import cache_root
 from aimpre.export import load
@@ -63,12 +63,11 @@ class ProbeSettings:
 
 def shard_urls(spec: str) -> list[str]:
     """``demo:SPLIT`` or a shard spec (braces, ``::``) -> shard paths."""
-    if spec.startswith("demo:"):
-        try:
-            return demo_shards(spec.removeprefix("demo:"))
-        except KeyError as e:
-            raise ProbeError(str(e).strip('"')) from e
-    return expand_shards(spec)
+    try:
+        urls = demo_spec(spec)
+    except ValueError as e:
+        raise ProbeError(str(e)) from e
+    return expand_shards(spec) if urls is None else urls
 
 
 def label_of(sample: dict[str, Any]) -> int | None:

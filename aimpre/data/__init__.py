@@ -1,7 +1,7 @@
 """Data: shard writing, the loading pipeline and tokenizers (knows nothing of the model)."""
 
 from aimpre.data.decode import SKIP_REASONS, Augment
-from aimpre.data.demo import demo_dir, demo_shards, write_demo
+from aimpre.data.demo import demo_dir, demo_shards, demo_spec, write_demo
 from aimpre.data.pipeline import ImageTextStream, batches_per_epoch
 from aimpre.data.shards import write_shards
 from aimpre.data.shardset import Shard, expand_shards, shard_set
@@ -19,6 +19,7 @@ __all__ = [
     "build_tokenizer",
     "demo_dir",
     "demo_shards",
+    "demo_spec",
     "encode_captions",
     "expand_shards",
     "shard_set",

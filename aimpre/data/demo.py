@@ -160,5 +160,18 @@ def demo_shards(split: str, root: Path | None = None) -> list[str]:
     root = demo_dir() if root is None else root
     index = json.loads((root / "index.json").read_text())
     if split not in index["splits"]:
-        raise KeyError(f"demo data has no split {split!r}; splits: {list(index['splits'])}")
+        raise ValueError(f"demo data has no split {split!r}; splits: {list(index['splits'])}")
     return [str(root / name) for name in index["splits"][split]["shards"]]
+
+
+def demo_spec(spec: str, default_split: str | None = None) -> list[str] | None:
+    """Shard paths for the shard spec ``demo:SPLIT`` (or ``demo``: ``default_split``); None for any other spec."""
+    if spec != "demo" and not spec.startswith("demo:"):
+        return None
+    split = spec.partition(":")[2] or default_split
+    if split is None:
+        raise ValueError(f"shard spec {spec!r}: name a split, as demo:SPLIT")
+    try:
+        return demo_shards(split)
+    except ValueError as e:
+        raise ValueError(f"shard spec {spec!r}: {e}") from e

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from aimpre.config import Config, ConfigError
-from aimpre.data import Augment, ImageTextStream, Shard, Tokenizer, demo_shards, shard_set
+from aimpre.data import Augment, ImageTextStream, Shard, Tokenizer, demo_spec, shard_set
 from aimpre.model import AIMv2
 from aimpre.train.optim import build_optimizer, lr_factor
 
@@ -142,13 +142,8 @@ def sources(spec: str | list[str], demo_split: str, need_counts: bool, index: st
     specs = spec if isinstance(spec, list) else [spec]
     out = []
     for s in specs:
-        if s == "demo" or s.startswith("demo:"):
-            try:
-                out.append(shard_set(demo_shards(s.partition(":")[2] or demo_split), need_counts))
-            except KeyError as e:
-                raise ValueError(f"shard spec {s!r}: {e.args[0]}") from e
-        else:
-            out.append(shard_set(s, need_counts, index))
+        urls = demo_spec(s, demo_split)
+        out.append(shard_set(s, need_counts, index) if urls is None else shard_set(urls, need_counts))
     return out
 
 
