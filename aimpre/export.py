@@ -39,7 +39,6 @@ from aimpre.formats import (
     to_hf,
 )
 from aimpre.model import AIMv2Encoder, ModelConfig
-from aimpre.train.checkpoint import load_checkpoint, model_state
 
 FORMATS = ("timm", "hf", "safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -100,6 +99,8 @@ def read_run(path: str | Path) -> RunCheckpoint:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{ckpt}: its run's config {cfg_file} is missing (checkpoints are read with it)")
     cfg = load_config(cfg_file)
+    from aimpre.train.checkpoint import load_checkpoint, model_state  # here: it imports Lightning
+
     try:
         if ckpt.resolve().is_dir():  # a sharded checkpoint written by this run's Checkpointer
             obj = load_checkpoint(ckpt)
