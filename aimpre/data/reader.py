@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import url_opener
 
 from aimpre.data.shardset import (
     Shard,
@@ -34,6 +34,7 @@ from aimpre.data.shardset import (
     shard_name,
     write_index,
 )
+from aimpre.data.tario import TarError, group_samples, tar_members
 
 Sample = dict[str, Any]
 
@@ -46,20 +47,39 @@ class Segment:
 
 
 class ReadErrors:
-    """webdataset exception handler: counts tar/stream errors by type and carries on, without sleeping."""
+    """Counts stream errors by kind (exception type, or a name like ``duplicate_member``) and carries on.
+
+    Also webdataset's exception handler for opening URLs: counts, never sleeps, never re-raises.
+    """
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
+    def count(self, kind: str) -> None:
+        self.counts[kind] += 1
+
     def __call__(self, exn: Exception) -> bool:
-        self.counts[type(exn).__name__] += 1
+        self.count(type(exn).__name__)
         return True
 
 
 def shard_samples(url: str, errors: ReadErrors) -> Iterator[Sample]:
-    """Samples of one shard (a dict of member bytes by extension, plus ``__key__``); never unpickles anything."""
-    streams = url_opener([{"url": url}], handler=errors)
-    return group_by_keys(tar_file_expander(streams, handler=errors), handler=errors)
+    """Samples of one shard (member bytes by field, plus ``__key__``); never unpickles or extracts anything.
+
+    A shard that cannot be opened, or whose stream breaks (truncated or damaged tar, a failing ``pipe:``
+    command), is counted in ``errors``; the samples before the break are kept, the one it cut is lost.
+    """
+    for source in url_opener([{"url": url}], handler=errors):
+        stream = source["stream"]
+        try:
+            yield from group_samples(tar_members(stream), errors.count)
+        except (TarError, OSError) as exn:
+            errors(exn)
+        finally:
+            try:
+                stream.close()
+            except Exception as exn:  # e.g. the exit status of a pipe: command
+                errors(exn)
 
 
 def segment_samples(seg: Segment, errors: ReadErrors) -> Iterator[Sample | None]:

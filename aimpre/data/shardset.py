@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
+from aimpre.data.tario import TarError, split_name, tar_members
+
 INDEX = "index.json"
-_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _TAR_NAME = re.compile(r"([^/\s]+\.tar)\b")
 
 
@@ -58,17 +58,15 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
 
 def count_samples(path: str) -> int:
-    """Samples in a local tar, from its headers alone (tarfile seeks over the data). Stops at a truncation."""
+    """Samples in a local tar, from its headers alone (member data is seeked over). Stops at a truncation."""
     n, last = 0, None
     try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                m = _KEY.match(info.name)
-                if not info.isreg() or m is None or os.path.basename(info.name).startswith("__"):
-                    continue
-                if m.group(1) != last:
-                    n, last = n + 1, m.group(1)
-    except (tarfile.ReadError, EOFError, OSError):
+        with open(path, "rb") as f:
+            for name, _ in tar_members(f, read=False):
+                parts = split_name(name)
+                if parts is not None and parts[0] != last:
+                    n, last = n + 1, parts[0]
+    except (TarError, OSError):
         pass  # a truncated shard: count what is readable; reading will skip and count the rest
     return n
 
