@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
-from aimpre.data.decode import decode_image
+from aimpre.data.decode import _jpeg_rgbx, decode_image, jpeg_frame
 from aimpre.data.make_shards import from_csv, from_folder, from_shards, make_shards
 from aimpre.data.scan import inspect_shards
 from aimpre.data.shardset import write_index
@@ -108,6 +108,49 @@ def test_odd_image_modes_decode_to_sane_rgb() -> None:
     assert isinstance(alpha, torch.Tensor) and (alpha == 255).all()  # transparent -> white
     assert isinstance(deep, torch.Tensor) and abs(float(deep.float().mean()) - 40000 / 65535 * 255) <= 1
     assert isinstance(cmyk, torch.Tensor) and cmyk.shape == (3, 16, 16)
+
+
+def _photo(size: tuple[int, int], progressive: bool = False) -> bytes:
+    rng = np.random.default_rng(0)
+    field = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    field.save(buf, format="JPEG", quality=90, progressive=progressive)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("draft", [None, (200, 150)])
+def test_jpeg_fast_path_gives_pillows_pixels(progressive: bool, draft: tuple[int, int] | None) -> None:
+    data = _photo((800, 600), progressive)
+    ref = Image.open(io.BytesIO(data))
+    if draft is not None:
+        ref.draft("RGB", draft)
+    expected = np.asarray(ref.convert("RGB"))
+    assert jpeg_frame(data) == (800, 600, 3)
+    got = _jpeg_rgbx(data, (800, 600), 4 if draft else 1)
+    assert got.shape == (*expected.shape[:2], 4) and (got[..., :3] == expected).all()
+    assert got.shape[:2] == ((150, 200) if draft else (600, 800))
+    with pytest.raises(OSError):
+        _jpeg_rgbx(data[: len(data) // 2], (800, 600), 1)
+
+
+def test_jpeg_frame_reads_sizes_past_other_segments() -> None:
+    img = Image.new("RGB", (123, 45))
+    for kw in ({}, {"exif": b"Exif\0\0" + bytes(300), "icc_profile": bytes(5000)}, {"progressive": True}):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", **kw)  # type: ignore[arg-type]
+        assert jpeg_frame(buf.getvalue()) == (123, 45, 3)
+    assert jpeg_frame(jpeg(mode="CMYK")) == (64, 48, 4)
+    assert jpeg_frame(png(img)) is None and jpeg_frame(b"\xff\xd8\xff") is None
+
+
+def test_jpeg_and_lossless_copy_crop_and_resize_alike() -> None:
+    data = _photo((512, 384))
+    lossless = png(Image.open(io.BytesIO(data)))  # Pillow's own decode of the JPEG, through the generic path
+    for seed in range(8):
+        a = decode_image(data, Augment(224), np.random.default_rng(seed))
+        b = decode_image(lossless, Augment(224), np.random.default_rng(seed))
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
 
 
 def test_truncated_tar_loses_only_its_tail(tmp_path: Path) -> None:
