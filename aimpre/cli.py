@@ -76,14 +76,15 @@ def _data_index(args: argparse.Namespace) -> int:
 
 def _data_inspect(args: argparse.Namespace) -> int:
     from aimpre.config import load_config
-    from aimpre.data import Augment, build_tokenizer, shard_set
+    from aimpre.data import Augment, build_tokenizer, demo_spec, shard_set
     from aimpre.data.scan import inspect_shards
 
     cfg = load_config(args.config, args.overrides)
     d, m = cfg.data, cfg.model
     aug = Augment(m.img_size, scale=d.crop_scale, hflip=d.hflip, max_pixels=d.max_pixels)
     tok = build_tokenizer(d.tokenizer, d.lowercase)
-    report = inspect_shards(shard_set(args.shards, need_counts=False), aug, tok, m.text_len, args.workers)
+    shards = shard_set(demo_spec(args.shards, "pretrain") or args.shards, need_counts=False)
+    report = inspect_shards(shards, aug, tok, m.text_len, args.workers)
     if args.json:
         print(json.dumps(report))
     else:
@@ -97,11 +98,12 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    from aimpre.data import shard_set
+    from aimpre.data import demo_spec, shard_set
     from aimpre.data.scan import iter_captions
     from aimpre.data.tokenizer import build_tokenizer, train_bpe
 
-    captions = iter_captions(shard_set(args.shards, need_counts=False), args.max_samples)
+    shards = shard_set(demo_spec(args.shards, "pretrain") or args.shards, need_counts=False)
+    captions = iter_captions(shards, args.max_samples)
     out = train_bpe(captions, args.vocab_size, Path(args.out), lowercase=not args.keep_case)
     tok = build_tokenizer(str(out), lowercase=not args.keep_case)
     print(f"wrote {out}: vocabulary {tok.vocab_size}, pad id {tok.pad_id}, end-of-text id {tok.eos_id}")
@@ -121,12 +123,19 @@ def _bench_loader(args: argparse.Namespace) -> int:
         if spec is None:
             print(f"writing {args.synthetic} synthetic 512x384 JPEGs ...", flush=True)
             spec = synthetic_shards(Path(tmp), args.synthetic)
-        rows = bench_loader(spec, args.workers, args.batch, args.batches)
+        rows = bench_loader(spec, args.workers, args.batch, args.batches, rounds=args.rounds)
     cpu = platform.processor() or platform.machine()
     print(f"loader throughput, {args.workers} worker(s), batch {args.batch}, {cpu}, torch {torch.__version__}")
-    print(f"{'pipeline':42}{'img/s':>10}{'per worker':>12}{'vs plain':>10}")
+    print(f"median of {args.rounds} alternating rounds (slowest-fastest round in brackets); per CPU-s: images per")
+    print("CPU-second of the main process and its workers together, i.e. per core busy")
+    head = f"{'img/s':>9}{'per worker':>12}{'vs plain':>10}{'rounds':>13}{'per CPU-s':>11}{'vs plain':>10}"
+    print(f"{'pipeline':42}{head}")
     for r in rows:
-        print(f"{r['pipeline']:42}{r['img_per_s']:>10.1f}{r['per_worker']:>12.1f}{r['vs_plain']:>9.2f}x")
+        spread = f"[{r['low']:.0f}-{r['high']:.0f}]"
+        cpu = "-" if r["img_per_cpu_s"] is None else f"{r['img_per_cpu_s']:.1f}"
+        cpu_vs = "-" if r["cpu_vs_plain"] is None else f"{r['cpu_vs_plain']:.2f}x"
+        print(f"{r['pipeline']:42}{r['img_per_s']:>9.1f}{r['per_worker']:>12.1f}{r['vs_plain']:>9.2f}x"
+              f"{spread:>13}{cpu:>11}{cpu_vs:>10}")  # fmt: skip
     return 0
 
 
@@ -445,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix.set_defaults(fn=_data_index)
 
     ins = dsub.add_parser("inspect", help="read a shard set through the training decode; report skips by reason")
-    ins.add_argument("shards", help="shard spec")
+    ins.add_argument("shards", help="shard spec, or demo[:SPLIT] for the built-in demo set (demo: its pretrain split)")
     ins.add_argument("--json", action="store_true", help='print {"read", "kept", "skipped", ...} as JSON')
     ins.add_argument("--workers", type=int, default=2, help="decode processes (default 2)")
     ins.add_argument("--config", help="YAML config whose data/model settings to use")
@@ -453,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(fn=_data_inspect)
 
     tt = dsub.add_parser("train-tokenizer", help="train a byte-level BPE on the captions of a shard set")
-    tt.add_argument("shards", help="shard spec")
+    tt.add_argument("shards", help="shard spec, or demo[:SPLIT] for the built-in demo set (demo: its pretrain split)")
     tt.add_argument("--vocab-size", type=int, required=True)
     tt.add_argument("--out", required=True, help="tokenizer.json to write")
     tt.add_argument("--max-samples", type=int, help="use at most this many captions")
@@ -484,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--workers", type=int, default=1, help="DataLoader workers for each pipeline (default 1)")
     bl.add_argument("--batch", type=int, default=64)
     bl.add_argument("--batches", type=int, default=30, help="timed batches after 3 warm-up batches")
+    bl.add_argument("--rounds", type=int, default=3, help="alternating rounds per pipeline; the median is shown")
     bl.set_defaults(fn=_bench_loader)
     bs = bsub.add_parser("step", help="one AIMv2 training step: plain compiled PyTorch vs ours (GPU)")
     bs.add_argument("--size", default="large")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from aimpre.data import (
     Augment,
     ByteTokenizer,
     ImageTextStream,
+    StreamLoader,
     batches_per_epoch,
     demo_shards,
     encode_captions,
@@ -25,6 +27,7 @@ from aimpre.data import (
 )
 from aimpre.data.decode import decode_image
 from aimpre.data.demo import BACKGROUNDS, COLOURS, digit_split, render_scene
+from aimpre.data.pipeline import SHARED
 from aimpre.data.shardset import count_samples
 from helpers import good_samples, write_tar
 
@@ -148,6 +151,26 @@ def test_resume_from_batch_states_is_exact(uneven, workers: int, resampled: bool
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
 
 
+def test_stream_loader_reuses_shared_buffers_and_kept_batches_stay_intact(uneven) -> None:
+    """Each worker stacks into 4 reused shared-memory buffers; a caller that keeps every batch still has each one
+    as it was made (the loader copies images out before the worker may overwrite their buffer)."""
+    expected = take(stream([uneven], batch_size=4), 30, workers=2)  # a plain DataLoader: fresh memory per batch
+    ds = stream([uneven], batch_size=4)
+    kept = list(itertools.islice(StreamLoader(ds, 2, prefetch_factor=2), 30))
+    assert ds.released is not None and ds.released.tolist() == [15, 15]  # every batch came in a reused buffer
+    for a, b in zip(expected, kept, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and set(a) == set(b)
+
+
+def test_a_consumer_that_never_releases_buffers_is_not_waited_for(uneven) -> None:
+    ds = stream([uneven], batch_size=4)
+    StreamLoader(ds, 1, prefetch_factor=2)  # gives the stream 4 buffers; a plain DataLoader never releases them
+    got = take(ds, 12, workers=1)
+    assert [SHARED in b for b in got] == [True] * 4 + [False] * 8  # then fresh memory, as any DataLoader
+    for a, b in zip(take(stream([uneven], batch_size=4), 12), got, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+
+
 def test_order_depends_on_seed_and_epoch(uneven) -> None:
     a = take(stream([uneven], batch_size=4), 28 * 2)
     epoch0, epoch1 = [k for b in a[:28] for k in b["key"]], [k for b in a[28:] for k in b["key"]]
@@ -224,3 +247,14 @@ def test_demo_splits_are_sources_by_name() -> None:
     assert [s.url for s in digits] == demo_shards("digits-train") and sum(s.samples or 0 for s in digits) == 1258
     with pytest.raises(ValueError, match="'demo:nope': demo data has no split 'nope'"):
         sources("demo:nope", "pretrain", need_counts=True, index=None)
+
+
+def test_data_commands_take_demo_specs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from aimpre.cli import main
+
+    assert main(["data", "inspect", "demo:digits-test", "--json", "--workers", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["read"] == report["kept"] == 539 and report["skipped"] == {}
+    out = tmp_path / "tok.json"
+    assert main(["data", "train-tokenizer", "demo:digits-test", "--vocab-size", "300", "--out", str(out)]) == 0
+    assert out.exists()

@@ -2,7 +2,7 @@
 
 from aimpre.data.decode import SKIP_REASONS, Augment
 from aimpre.data.demo import demo_dir, demo_shards, demo_spec, write_demo
-from aimpre.data.pipeline import ImageTextStream, batches_per_epoch
+from aimpre.data.pipeline import ImageTextStream, StreamLoader, batches_per_epoch
 from aimpre.data.shards import write_shards
 from aimpre.data.shardset import Shard, expand_shards, shard_set
 from aimpre.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer, encode_captions
@@ -14,6 +14,7 @@ __all__ = [
     "HFTokenizer",
     "ImageTextStream",
     "Shard",
+    "StreamLoader",
     "Tokenizer",
     "batches_per_epoch",
     "build_tokenizer",

@@ -138,8 +138,9 @@ def encode_captions(tok: Tokenizer, captions: list[str], length: int) -> tuple[T
 
     A caption longer than ``length - 1`` tokens is cut and keeps no EOS: it did not end there.
     """
-    ids = torch.full((len(captions), length), tok.pad_id, dtype=torch.long)
-    for row, caption in enumerate(captions):
+    rows = []
+    for caption in captions:
         toks = [*tok.encode(caption), tok.eos_id][:length]
-        ids[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        rows.append(toks + [tok.pad_id] * (length - len(toks)))
+    ids = torch.tensor(rows, dtype=torch.long).reshape(len(captions), length)  # reshape: an empty batch too
     return ids, ids != tok.pad_id

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from aimpre.config import Config, ConfigError
-from aimpre.data import Augment, ImageTextStream, Shard, Tokenizer, demo_spec, shard_set
+from aimpre.data import Augment, ImageTextStream, Shard, StreamLoader, Tokenizer, demo_spec, shard_set
 from aimpre.model import AIMv2
 from aimpre.train.optim import build_optimizer, lr_factor
 
@@ -186,15 +186,8 @@ class AIMv2DataModule(pl.LightningDataModule):
             resume=resume,
         )
 
-    def _loader(self, stream: ImageTextStream, workers: int) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(
-            stream,
-            batch_size=None,  # the stream batches
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-        )
+    def _loader(self, stream: ImageTextStream, workers: int) -> StreamLoader:
+        return StreamLoader(stream, workers, pin_memory=torch.cuda.is_available(), persistent_workers=True)
 
     def _resume_states(self) -> list | None:
         if self.saved is None:
@@ -216,7 +209,7 @@ class AIMv2DataModule(pl.LightningDataModule):
         self._module().loader_state = dict(mine)  # a checkpoint taken before any new batch keeps the resumed state
         return [mine.get(k) for k in range(max(1, d.num_workers))]
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
+    def train_dataloader(self) -> StreamLoader:
         stream = self.stream(self.cfg.data.train_shards, "pretrain", True, self._resume_states())
         # the DataLoader hands out batches round-robin over workers: continue the rotation where it stopped
         stream.first_worker = self._module().batches_seen % max(1, self.cfg.data.num_workers)
