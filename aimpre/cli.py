@@ -400,13 +400,15 @@ def _probe(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
     settings = ProbeSettings(**{k: v for k, v in given.items() if v is not None})
     test = None if args.test == "none" else args.test
+    encoder = Path(args.encoder)
+    out = Path(args.out) if args.out else (encoder if encoder.is_dir() else encoder.parent) / "probe.json"
     res = run_probe(args.encoder, args.train, test, tuple(args.kind), settings, args.compare_random,
-                    not args.no_cache, Path(args.out))  # fmt: skip
+                    not args.no_cache, out)  # fmt: skip
     print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; top-1 on {res['test']}:")
     print(f"{'':14}" + "".join(f"{k:>12}" for k in args.kind))
     for name, by_kind in res["results"].items():
         print(f"{name:14}" + "".join(f"{by_kind[k]['top1']:>12.1%}" for k in args.kind))
-    print(f"results: {args.out}")
+    print(f"results: {out}")
     return 0
 
 
@@ -534,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, help="probe init, shuffling and the random-init twin (default 0)")
     pr.add_argument("--compare-random", action="store_true", help="also probe the architecture at random init")
     pr.add_argument("--no-cache", action="store_true", help="do not cache features in $AIMPRE_CACHE/features")
-    pr.add_argument("--out", default="probe.json", help="results JSON")
+    pr.add_argument("--out", help="results JSON (default: probe.json in the encoder's directory)")
     pr.set_defaults(fn=_probe)
 
     v = sub.add_parser("visualize", help="PNGs: next-patch predictions, loss curves, encoder attention maps")

@@ -56,9 +56,10 @@ def test_probe_trains_on_real_digits_and_caches_features(demo: Path, tmp_path: P
     again = run_probe(path, train, test, kinds=("linear",), settings=settings)
     assert again["results"]["encoder"]["linear"] == res["results"]["encoder"]["linear"]
     args = ["probe", str(path), "--train", train, "--test", test, "--kind", "linear", "--epochs", "5"]
-    assert main([*args, "--out", str(tmp_path / "cli.json")]) == 0  # the CLI, on the cached features
+    assert main(args) == 0  # the CLI, on the cached features
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("encoder"))
     assert line.split()[1] == f"{res['results']['encoder']['linear']['top1']:.1%}"
+    assert json.loads((path / "probe.json").read_text())["results"]["encoder"]["linear"]["top1"] > 0.5  # beside it
     assert main(["probe", str(path), "--train", "demo:digits"]) == 2 and "no split" in capsys.readouterr().err
     with pytest.raises(ProbeError, match="no labelled images"):
         run_probe(path, str(demo / "val-000000.tar"), None, settings=settings)
