@@ -134,6 +134,20 @@ def test_jpeg_fast_path_gives_pillows_pixels(progressive: bool, draft: tuple[int
         _jpeg_rgbx(data[: len(data) // 2], (800, 600), 1)
 
 
+def test_jpeg_fast_path_stops_at_the_crop_only_on_whole_data() -> None:
+    data = _photo((800, 600))
+    full = _jpeg_rgbx(data, (800, 600), 1)
+    top = _jpeg_rgbx(data, (800, 600), 1, rows=100)
+    assert top.shape == (100, 800, 4) and (top == full[:100]).all()
+    assert _jpeg_rgbx(data + b"\0" * 16, (800, 600), 1, rows=100).shape == (600, 800, 4)  # no end marker last
+    with pytest.raises(OSError):  # truncated: decoded to its end and refused, whatever the crop
+        _jpeg_rgbx(data[: len(data) // 2], (800, 600), 1, rows=100)
+    dht = data.index(b"\xff\xc4")
+    broken = data[: dht + 4] + bytes(40) + data[dht + 44 :]  # a zeroed Huffman table: libjpeg gives up early
+    with pytest.raises(OSError):
+        _jpeg_rgbx(broken, (800, 600), 1, rows=100)
+
+
 def test_jpeg_frame_reads_sizes_past_other_segments() -> None:
     img = Image.new("RGB", (123, 45))
     for kw in ({}, {"exif": b"Exif\0\0" + bytes(300), "icc_profile": bytes(5000)}, {"progressive": True}):
