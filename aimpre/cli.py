@@ -76,14 +76,14 @@ def _data_index(args: argparse.Namespace) -> int:
 
 def _data_inspect(args: argparse.Namespace) -> int:
     from aimpre.config import load_config
-    from aimpre.data import Augment, build_tokenizer, demo_spec, shard_set
+    from aimpre.data import Augment, build_tokenizer, sources
     from aimpre.data.scan import inspect_shards
 
     cfg = load_config(args.config, args.overrides)
     d, m = cfg.data, cfg.model
     aug = Augment(m.img_size, scale=d.crop_scale, hflip=d.hflip, max_pixels=d.max_pixels)
     tok = build_tokenizer(d.tokenizer, d.lowercase)
-    shards = shard_set(demo_spec(args.shards, "pretrain") or args.shards, need_counts=False)
+    shards = sources(args.shards, "pretrain", need_counts=False, index=None)[0]
     report = inspect_shards(shards, aug, tok, m.text_len, args.workers)
     if args.json:
         print(json.dumps(report))
@@ -98,12 +98,11 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    from aimpre.data import demo_spec, shard_set
+    from aimpre.data import sources
     from aimpre.data.scan import iter_captions
     from aimpre.data.tokenizer import build_tokenizer, train_bpe
 
-    shards = shard_set(demo_spec(args.shards, "pretrain") or args.shards, need_counts=False)
-    captions = iter_captions(shards, args.max_samples)
+    captions = iter_captions(sources(args.shards, "pretrain", need_counts=False, index=None)[0], args.max_samples)
     out = train_bpe(captions, args.vocab_size, Path(args.out), lowercase=not args.keep_case)
     tok = build_tokenizer(str(out), lowercase=not args.keep_case)
     print(f"wrote {out}: vocabulary {tok.vocab_size}, pad id {tok.pad_id}, end-of-text id {tok.eos_id}")

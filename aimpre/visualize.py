@@ -27,11 +27,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from aimpre.data import Augment, ImageTextStream, build_tokenizer
+from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources
 from aimpre.export import load, read_run
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
-from aimpre.train.module import sources
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -24,6 +24,7 @@ from aimpre.data import (
     encode_captions,
     expand_shards,
     shard_set,
+    sources,
 )
 from aimpre.data.decode import decode_image
 from aimpre.data.demo import BACKGROUNDS, COLOURS, digit_split, render_scene
@@ -240,8 +241,6 @@ def test_pipe_sources_read_epochs_with_an_index_file(tmp_path: Path, uneven) -> 
 
 
 def test_demo_splits_are_sources_by_name() -> None:
-    from aimpre.train.module import sources
-
     scenes, digits = sources(["demo", "demo:digits-train"], "pretrain", need_counts=True, index=None)
     assert [s.url for s in scenes] == demo_shards("pretrain")
     assert [s.url for s in digits] == demo_shards("digits-train") and sum(s.samples or 0 for s in digits) == 1258

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from aimpre.data.shards import encode_jpeg, publish_dir, write_shards
-from aimpre.data.shardset import write_index
+from aimpre.data.shardset import Shard, shard_set, write_index
 
 VERSION = 2  # bump when the written data changes: the cache is keyed by it
 IMAGE_SIZE = 128
@@ -175,3 +175,13 @@ def demo_spec(spec: str, default_split: str | None = None) -> list[str] | None:
         return demo_shards(split)
     except ValueError as e:
         raise ValueError(f"shard spec {spec!r}: {e}") from e
+
+
+def sources(spec: str | list[str], demo_split: str, need_counts: bool, index: str | None) -> list[list[Shard]]:
+    """One shard set per source; "demo" is the embedded demo data's ``demo_split``, "demo:SPLIT" another split."""
+    specs = spec if isinstance(spec, list) else [spec]
+    out = []
+    for s in specs:
+        urls = demo_spec(s, demo_split)
+        out.append(shard_set(s, need_counts, index) if urls is None else shard_set(urls, need_counts))
+    return out

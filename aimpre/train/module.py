@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from aimpre.config import Config, ConfigError
-from aimpre.data import Augment, ImageTextStream, Shard, StreamLoader, Tokenizer, demo_spec, shard_set
+from aimpre.data import Augment, ImageTextStream, StreamLoader, Tokenizer, sources
 from aimpre.model import AIMv2
 from aimpre.train.optim import build_optimizer, lr_factor
 
@@ -135,16 +135,6 @@ class AIMv2Module(pl.LightningModule):
             raise ConfigError(f"data.tokenizer is {self.tokenizer_identity}; the checkpoint was trained with {saved}")
         self.batches_seen = checkpoint.get("batches_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
-
-
-def sources(spec: str | list[str], demo_split: str, need_counts: bool, index: str | None) -> list[list[Shard]]:
-    """One shard set per source; "demo" is the embedded demo data's ``demo_split``, "demo:SPLIT" another split."""
-    specs = spec if isinstance(spec, list) else [spec]
-    out = []
-    for s in specs:
-        urls = demo_spec(s, demo_split)
-        out.append(shard_set(s, need_counts, index) if urls is None else shard_set(urls, need_counts))
-    return out
 
 
 class AIMv2DataModule(pl.LightningDataModule):
