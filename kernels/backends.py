@@ -114,7 +114,7 @@ def xformers(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | No
         allowed = dense_mask(mask, prefix_len, T, q.device)  # [B, 1, T, T]
         assert allowed is not None
         bias = torch.zeros(B, 1, T, -(-T // 8) * 8, dtype=q.dtype, device=q.device)[..., :T]
-        bias = bias.masked_fill(~allowed, float("-inf")).expand(B, H, T, T)
+        bias = bias.masked_fill_(~allowed, float("-inf")).expand(B, H, T, T)  # in place: keeps the padded rows
     # xformers takes [B, T, H, D]: transposed views, no copies
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
     return out.transpose(1, 2)  # [B, T, H, D] -> [B, H, T, D]
