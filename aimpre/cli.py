@@ -230,7 +230,8 @@ def _scaling_plan(args: argparse.Namespace) -> int:
 
 
 def _scaling_run(args: argparse.Namespace) -> int:
-    from aimpre.scaling import files, runner
+    from aimpre import files
+    from aimpre.scaling import runner
 
     if args.slurm or args.commands:
         for path, text in ((args.slurm, runner.slurm_script(args.plan, args.launcher, tuple(args.sbatch))),

@@ -1,5 +1,6 @@
-"""Atomic file writes: every file this package writes appears whole or not at all (temp file beside it, then
-``os.replace``), so an interrupted sweep, collect or fit never leaves a truncated plan, table or checkpoint."""
+"""Atomic file writes: every file aimpre writes appears whole or not at all (temp file beside it, then
+``os.replace``), so an interrupted run, sweep, collect or fit never leaves a truncated config, table or
+checkpoint."""
 
 from __future__ import annotations
 

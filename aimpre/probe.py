@@ -34,6 +34,7 @@ from aimpre.data import Augment, demo_spec, expand_shards
 from aimpre.data.decode import IMAGE_KEYS, decode_image
 from aimpre.data.demo import cache_root
 from aimpre.export import load
+from aimpre.files import atomic_path, write_text
 from aimpre.model import AIMv2Encoder
 from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier
 
@@ -147,10 +148,8 @@ def features(encoder: AIMv2Encoder, pre: dict[str, Any], urls: list[str], cache:
     mean, std = (torch.tensor(pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     tokens = extract(encoder, images, mean, std)
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-        torch.save({"tokens": tokens, "labels": labels}, tmp)
-        os.replace(tmp, file)
+        with atomic_path(file) as tmp:
+            torch.save({"tokens": tokens, "labels": labels}, tmp)
     return tokens, labels
 
 
@@ -292,8 +291,5 @@ def run_probe(
         "seconds": round(time.time() - start, 1),
     }
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_text(out, json.dumps(res, indent=2) + "\n")
     return res

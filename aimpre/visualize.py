@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,15 @@ from torch import Tensor
 
 from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources
 from aimpre.export import load, read_run
+from aimpre.files import atomic_path
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -23,12 +23,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aimpre.files import write_text
 from aimpre.kernels import attention, backends, dense_mask
 
 
@@ -224,10 +224,7 @@ def run_attention(quick: bool = False, dtype: str = "bf16", reps: int = 20, out:
     report = "\n".join([*_header(device, torch_dtype, warmup, reps), "", table(rows), "", *targets(rows), ""])
     print(report)
     if out:
-        path = Path(out)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(report)
-        os.replace(tmp, path)
+        write_text(out, report)
     return report
 
 

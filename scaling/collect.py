@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from aimpre import files
 from aimpre.config import ConfigError, load_config
-from aimpre.scaling import files
 from aimpre.scaling.flops import param_counts
 
 COLUMNS = (

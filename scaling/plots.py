@@ -18,8 +18,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
+from aimpre.files import atomic_path
 from aimpre.scaling import law as lw
-from aimpre.scaling.files import atomic_path
 from aimpre.scaling.fit import FitResult, fit_isoflop, frontier, group_budgets, parabola
 from aimpre.scaling.table import Table, TableError
 

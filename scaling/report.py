@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from aimpre.scaling import files
+from aimpre import files
 from aimpre.scaling.fit import FORMS, FitResult, fit_chinchilla, fit_isoflop, fit_power
 from aimpre.scaling.predict import holdout_report, predict
 from aimpre.scaling.table import Table, TableError, drop_highest

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aimpre.scaling import files
+from aimpre import files
 from aimpre.scaling.sweep import load_plan
 
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
+from aimpre import files
 from aimpre.config import Config, ConfigError, build_config, dump_config, to_dict
-from aimpre.scaling import files
 from aimpre.scaling.flops import flops_per_sample, param_counts
 
 DESIGNS = ("grid", "isoflop", "cooldown")

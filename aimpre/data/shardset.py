@@ -21,6 +21,7 @@ from pathlib import Path
 from webdataset.shardlists import expand_urls
 
 from aimpre.data.tario import TarError, split_name, tar_members
+from aimpre.files import write_text
 
 INDEX = "index.json"
 _TAR_NAME = re.compile(r"([^/\s]+\.tar)\b")
@@ -89,9 +90,7 @@ def write_index(path: Path, counts: dict[str, int], **extra: object) -> Path:
     """Writes (atomically) an index with per-shard sample counts and any extra fields (a directory: its
     ``index.json``)."""
     path = path / INDEX if path.is_dir() else path
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"version": 1, **extra, "shards": counts}, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"version": 1, **extra, "shards": counts}, indent=2))
     return path
 
 

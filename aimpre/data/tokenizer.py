@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from aimpre.files import atomic_path
+
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "[EOS]", "<|eos|>", "[SEP]")
 
@@ -126,10 +128,8 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out: Path, lowercase: bo
     )
     tok.train_from_iterator((c.lower() if lowercase else c for c in captions), trainer=trainer)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tok.save(str(tmp))
     return out
 
 

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from aimpre.files import atomic_path
+
 COLUMNS = (
     "step", "samples", "flops", "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text",
     "lr", "grad_norm", "img_per_s", "img_per_s_device", "tflops", "mfu", "data_time", "step_time", "skipped",
@@ -37,17 +39,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temp file beside it, fsyncs, then renames: a crash leaves the old one intact."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class StepProgressBar(TQDMProgressBar):

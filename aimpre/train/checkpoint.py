@@ -22,6 +22,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from aimpre.files import symlink
+
 _STEP = re.compile(r"^step-(\d+)\.ckpt$")
 PREEMPTED = "PREEMPTED"
 
@@ -41,10 +43,7 @@ def step_checkpoints(directory: Path) -> list[Path]:
 
 def point_last(directory: Path, target: Path) -> None:
     """Atomically makes ``directory/last.ckpt`` a relative symlink to ``target``."""
-    tmp = directory / f".last.ckpt.tmp-{os.getpid()}"
-    _remove(tmp)
-    os.symlink(target.name, tmp)
-    os.replace(tmp, directory / "last.ckpt")
+    symlink(target.name, directory / "last.ckpt")
 
 
 class Checkpointer(pl.Callback):

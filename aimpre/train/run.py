@@ -23,6 +23,7 @@ import yaml
 
 from aimpre.config import Config, ConfigError, config_hash, dump_config, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
+from aimpre.files import write_text
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
 from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar
@@ -57,12 +58,6 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
         name = f"{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}"
     os.environ["AIMPRE_RUN_NAME"] = name
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab), run=replace(cfg.run, name=name))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
@@ -208,10 +203,10 @@ def train(
     if trainer.is_global_zero:
         action = "resuming" if resume and last.exists() else "starting"
         print(f"aimpre: {action} run {cfg.run.name} ({cfg.model.size}) in {run_dir}", flush=True)
-        _write_atomic(run_dir / "config.yaml", dump_config(cfg))
-        _write_atomic(run_dir / "tokenizer.identity.json", json.dumps(tokenizer.identity()))
+        write_text(run_dir / "config.yaml", dump_config(cfg))
+        write_text(run_dir / "tokenizer.identity.json", json.dumps(tokenizer.identity()))
         if isinstance(tokenizer, HFTokenizer):  # the run carries its own copy of the vocabulary
-            _write_atomic(run_dir / "tokenizer.json", tokenizer.path.read_text())
+            write_text(run_dir / "tokenizer.json", tokenizer.path.read_text())
     start = time.time()
     if trainer.is_global_zero:
         (run_dir / PREEMPTED).unlink(missing_ok=True)
@@ -263,4 +258,4 @@ def _write_summary(
         summary["baselines"] = baselines(
             module, train_batches, val_batches, lambda i, b: module.prefix_len(b, _seed(seed, 1 << 30, i, 0))
         )
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
