@@ -17,6 +17,8 @@ build with triton 3.6 (torch 2.11's) as well as newer releases, and run under ``
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -319,6 +321,9 @@ _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64,
                           (16, 64, 4, 4)])  # fmt: skip
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 2)])
 _KEY = ["T", "HEAD_DIM", "HAS_PREFIX", "P_CONST", "IEEE"]
+_fwd_tuned: Any = None  # the autotuned launchers; None under the interpreter
+_dkdv_tuned: Any = None
+_dq_tuned: Any = None
 if not INTERPRETED:  # the autotuner times configs with CUDA events: GPU only
     _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY)(_attn_fwd)
     _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY)(_attn_bwd_dkdv)
@@ -364,18 +369,26 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(raw: triton.JITFunction, tuned_name: str, axis: str, T: int, BH: int, args: tuple, kwargs: dict,
-            blocks: tuple[int, int] | None) -> tuple[int, int]:  # fmt: skip
+def _common_args(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None, dummy: Tensor,
+                 count: bool) -> dict:  # fmt: skip
+    """The keyword arguments every attention kernel takes: mask, scale, sizes, q/k/v strides, constants."""
+    _, H, T, D = q.shape
+    return dict(**_mask_args(mask, prefix_len, T, dummy), sm_scale=D**-0.5, T=T, H=H,
+                stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
+                stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kt=k.stride(2),
+                stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vt=v.stride(2),
+                COUNT=count, IEEE=_ieee(q.dtype), HEAD_DIM=D)  # fmt: skip
+
+
+def _launch(raw: triton.JITFunction, tuned: Any, axis: str, T: int, BH: int, args: tuple, kwargs: dict,
+            blocks: tuple[int, int] | None) -> None:  # fmt: skip
     """Launches over (blocks along T, batch * heads): autotuned on a GPU, fixed tiles under the interpreter or when
-    ``blocks`` is given. Returns the tile sizes used."""
-    if blocks is None and not INTERPRETED:
-        tuned = globals()[tuned_name]
+    ``blocks`` is given."""
+    if blocks is None and tuned is not None:
         tuned[lambda meta: (triton.cdiv(T, meta[axis]), BH)](*args, **kwargs)
-        cfg = tuned.best_config.kwargs
-        return cfg["BLOCK_M"], cfg["BLOCK_N"]
+        return
     bm, bn = blocks or _INTERPRETER_BLOCKS
     raw[(triton.cdiv(T, bm if axis == "BLOCK_M" else bn), BH)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn)
-    return bm, bn
 
 
 def forward(
@@ -403,17 +416,13 @@ def forward(
     """
     check_inputs(q, k, v)
     q, k, v = _rows(q), _rows(k), _rows(v)
-    B, H, T, D = q.shape
+    B, H, T, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, H, T, D] contiguous
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     args = (q, k, v, out, lse)
-    kwargs = dict(**_mask_args(mask, prefix_len, T, lse), VISITS=lse if visits is None else visits,
-                  sm_scale=D**-0.5, T=T, H=H,
-                  stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
-                  stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kt=k.stride(2),
-                  stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vt=v.stride(2),
-                  COUNT=visits is not None, IEEE=_ieee(q.dtype), HEAD_DIM=D)  # fmt: skip
-    _launch(_attn_fwd, "_fwd_tuned", "BLOCK_M", T, B * H, args, kwargs, blocks)
+    kwargs = _common_args(q, k, v, mask, prefix_len, lse, visits is not None)
+    kwargs["VISITS"] = lse if visits is None else visits
+    _launch(_attn_fwd, _fwd_tuned, "BLOCK_M", T, B * H, args, kwargs, blocks)
     return out, lse
 
 
@@ -453,16 +462,12 @@ def backward(
         HEAD_DIM=D, BLOCK_M=pre_m,
     )  # fmt: skip
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    common = dict(**_mask_args(mask, prefix_len, T, lse), sm_scale=D**-0.5, T=T, H=H,
-                  stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
-                  stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kt=k.stride(2),
-                  stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vt=v.stride(2),
-                  stride_db=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_dt=grad_out.stride(2),
-                  COUNT=visits is not None, IEEE=_ieee(q.dtype), HEAD_DIM=D)  # fmt: skip
+    common = dict(_common_args(q, k, v, mask, prefix_len, lse, visits is not None),
+                  stride_db=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_dt=grad_out.stride(2))  # fmt: skip
     kv_visits, q_visits = visits if visits is not None else (lse, lse)
-    _launch(_attn_bwd_dkdv, "_dkdv_tuned", "BLOCK_N", T, B * H, (q, k, v, grad_out, lse, delta, dk, dv),
+    _launch(_attn_bwd_dkdv, _dkdv_tuned, "BLOCK_N", T, B * H, (q, k, v, grad_out, lse, delta, dk, dv),
             dict(common, VISITS=kv_visits), blocks)  # fmt: skip
-    _launch(_attn_bwd_dq, "_dq_tuned", "BLOCK_M", T, B * H, (q, k, v, grad_out, lse, delta, dq),
+    _launch(_attn_bwd_dq, _dq_tuned, "BLOCK_M", T, B * H, (q, k, v, grad_out, lse, delta, dq),
             dict(common, VISITS=q_visits), blocks)  # fmt: skip
     return dq, dk, dv
 
