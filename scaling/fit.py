@@ -60,7 +60,8 @@ class FitResult:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _interval(values: np.ndarray, ci: float) -> list[float]:
+def percentile_interval(values: np.ndarray, ci: float) -> list[float]:
+    """The central ``ci`` percent of ``values``: [low, high]."""
     lo = (100.0 - ci) / 2
     return [float(np.percentile(values, lo)), float(np.percentile(values, 100 - lo))]
 
@@ -74,7 +75,7 @@ def _summarise(res: FitResult, samples: list[dict[str, float]], ci: float) -> No
         return
     for name in res.params:
         v = np.array([s[name] for s in samples])
-        res.ci[name] = _interval(v, ci)
+        res.ci[name] = percentile_interval(v, ci)
         res.se[name] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
@@ -127,7 +128,8 @@ def fit_chinchilla(
         thetas = lw.refit_weighted(law, logx, logy, best.theta, w, objective, delta)
         _summarise(res, [lw.chinchilla_params(t) for t in thetas], ci)
         for key in res.derived if res.samples else ():
-            res.derived_ci[key] = _interval(np.array([_allocation_exponents(s)[key] for s in res.samples]), ci)
+            draws = np.array([_allocation_exponents(s)[key] for s in res.samples])
+            res.derived_ci[key] = percentile_interval(draws, ci)
     return res
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from aimpre.scaling import law as lw
-from aimpre.scaling.fit import FitResult
+from aimpre.scaling.fit import FitResult, percentile_interval
 from aimpre.scaling.table import Table
 
 
@@ -59,12 +59,11 @@ def predict(
     if not point:
         raise ValueError(f"a {fit.form} fit cannot predict from {'N and D' if flops is None else 'a budget'} alone")
     draws = [_point(s, fit, flops, n, d) for s in fit.samples]
-    lo = (100.0 - fit.extra.get("ci_percent", 95.0)) / 2
+    ci_percent = fit.extra.get("ci_percent", 95.0)
     out = {}
     for key, value in point.items():
         vals = np.array([s[key] for s in draws])
-        ci = [float(np.percentile(vals, lo)), float(np.percentile(vals, 100 - lo))] if len(vals) else None
-        out[key] = {"value": value, "ci": ci}
+        out[key] = {"value": value, "ci": percentile_interval(vals, ci_percent) if len(vals) else None}
     return out
 
 
