@@ -251,6 +251,13 @@ def _isoflop_fit(table: Table, rows: list[np.ndarray]) -> tuple[dict[str, float]
     return {"a": float(a), "kN": math.exp(log_kn), "b": float(b), "kD": math.exp(log_kd)}, budgets, sse
 
 
+def budget_rows(table: Table, budgets: list[float] | None, tol: float) -> list[np.ndarray]:
+    """Row indices of each compute budget (``group_budgets``) that has 3 or more model sizes."""
+    groups = group_budgets(table.c, budgets, tol)
+    rows = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
+    return [r for r in rows if len(np.unique(table.n[r])) >= 3]
+
+
 def fit_isoflop(
     table: Table,
     budgets: list[float] | None = None,
@@ -261,9 +268,7 @@ def fit_isoflop(
 ) -> FitResult:
     """Hoffmann et al.'s Approach 2 (see the module docstring; ``budgets``/``tol`` as ``group_budgets``)."""
     require(table, "isoflop", min_points=6, min_n=3)
-    groups = group_budgets(table.c, budgets, tol)
-    rows = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
-    rows = [r for r in rows if len(np.unique(table.n[r])) >= 3]
+    rows = budget_rows(table, budgets, tol)
     if len(rows) < 2:
         raise TableError(
             "--form isoflop needs at least 2 compute budgets with 3 or more model sizes each; found "

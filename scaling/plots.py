@@ -20,7 +20,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from aimpre.files import atomic_path
 from aimpre.scaling import law as lw
-from aimpre.scaling.fit import FitResult, fit_isoflop, frontier, group_budgets, parabola
+from aimpre.scaling.fit import FitResult, budget_rows, fit_isoflop, frontier, parabola
 from aimpre.scaling.table import Table, TableError
 
 
@@ -79,11 +79,9 @@ def _panel_compute(ax: Axes, table: Table, fit: FitResult | None) -> None:
 
 
 def _panel_isoflop(ax: Axes, table: Table, budgets: list[float] | None, tol: float, note: str | None) -> None:
-    groups = group_budgets(table.c, budgets, tol)
     cmap = matplotlib.colormaps["plasma"]
-    shown = [g for g in range(groups.max() + 1) if len(np.unique(table.n[groups == g])) >= 3]
-    for j, g in enumerate(shown):
-        i = np.flatnonzero(groups == g)
+    shown = budget_rows(table, budgets, tol)
+    for j, i in enumerate(shown):
         color = cmap(j / max(1, len(shown)))
         ax.plot(table.n[i], table.loss[i], "o", ms=4, color=color)
         logn = np.log(table.n[i])
