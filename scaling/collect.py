@@ -17,6 +17,7 @@ from typing import Any
 from aimpre import files
 from aimpre.config import ConfigError, load_config
 from aimpre.scaling.flops import param_counts
+from aimpre.scaling.sweep import load_plan
 
 COLUMNS = (
     "run", "size", "kind", "params", "params_encoder", "params_decoder", "params_heads", "params_total",
@@ -88,7 +89,7 @@ def collect(path: str | Path, params: str = "total", include_trunks: bool = Fals
         raise FileNotFoundError(f"runs folder not found: {root}")
     rows, missing = [], []
     if (root / "plan.json").is_file():
-        plan = json.loads((root / "plan.json").read_text())
+        plan = load_plan(root)
         for p in plan["points"]:
             if p["kind"] == "trunk" and not include_trunks:
                 continue
