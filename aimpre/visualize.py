@@ -27,7 +27,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources
-from aimpre.export import load, read_run
+from aimpre.export import read_run
 from aimpre.files import atomic_path
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
@@ -225,6 +225,6 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
     written = [_save(plot_predictions(model, batch, mean, std, cfg.model.num_patches // 4), out / "predictions.png")]
     if (run / "metrics.csv").is_file():
         written.append(_save(plot_losses(run / "metrics.csv", run / "summary.json"), out / "losses.png"))
-    encoder = load(run).encoder  # the exported encoder: the same weights, run with full attention
-    written.append(_save(plot_attention(encoder, batch["image"][: min(n, 4)], mean, std), out / "attention.png"))
+    # the encoder as exported: the same module, run without a prefix (full attention), as downstream tools run it
+    written.append(_save(plot_attention(model.encoder, batch["image"][: min(n, 4)], mean, std), out / "attention.png"))
     return written
