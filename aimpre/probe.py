@@ -121,11 +121,18 @@ def extract(encoder: AIMv2Encoder, images: Tensor, mean: Tensor, std: Tensor, ba
     return torch.cat(out)
 
 
-def _digest(encoder: AIMv2Encoder, pre: dict[str, Any], urls: list[str]) -> str:
+def _weights_hash(encoder: AIMv2Encoder, pre: dict[str, Any]) -> Any:
+    """A sha256 object fed the preprocessing and every weight: the encoder's part of a feature-cache key."""
     h = hashlib.sha256(json.dumps([pre["mean"], pre["std"], pre["img_size"]]).encode())
     for k, v in sorted(encoder.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
+    return h
+
+
+def _digest(weights: Any, urls: list[str]) -> str:
+    """The cache key of the features of ``urls`` under the encoder whose ``_weights_hash`` is ``weights``."""
+    h = weights.copy()
     for u in urls:
         if not os.path.isfile(u):  # a pipe: or remote URL: its name is all we can key on
             h.update(u.encode())
@@ -136,9 +143,17 @@ def _digest(encoder: AIMv2Encoder, pre: dict[str, Any], urls: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
-def features(encoder: AIMv2Encoder, pre: dict[str, Any], urls: list[str], cache: Path | None) -> tuple[Tensor, Tensor]:
-    """Tokens [N, T, C] and labels [N] of the labelled shards ``urls``, from the cache when it has them."""
-    file = None if cache is None else cache / f"{_digest(encoder, pre, urls)}.pt"
+def features(
+    encoder: AIMv2Encoder, pre: dict[str, Any], urls: list[str], cache: Path | None, weights: Any = None
+) -> tuple[Tensor, Tensor]:
+    """Tokens [N, T, C] and labels [N] of the labelled shards ``urls``, from the cache when it has them.
+
+    ``weights``: the encoder's ``_weights_hash``, when the caller has it already (hashing a large encoder takes
+    seconds).
+    """
+    if cache is not None and weights is None:
+        weights = _weights_hash(encoder, pre)
+    file = None if cache is None else cache / f"{_digest(weights, urls)}.pt"
     if file is not None and file.is_file():
         saved = torch.load(file, weights_only=True)
         return saved["tokens"], saved["labels"]
@@ -269,12 +284,13 @@ def run_probe(
     train_urls, test_urls = shard_urls(train), None if test is None else shard_urls(test)
     results: dict[str, dict[str, Any]] = {}
     for name, encoder in encoders.items():
-        x, y = features(encoder, pre, train_urls, cache_dir)
+        weights = _weights_hash(encoder, pre) if cache_dir else None  # once for both shard sets
+        x, y = features(encoder, pre, train_urls, cache_dir, weights)
         if test_urls is None:
             tr, te = _split(y, 0.2, s.seed)
             train_set, test_set = (x[tr], y[tr]), (x[te], y[te])
         else:
-            train_set, test_set = (x, y), features(encoder, pre, test_urls, cache_dir)
+            train_set, test_set = (x, y), features(encoder, pre, test_urls, cache_dir, weights)
         results[name] = {kind: train_probe(kind, train_set, test_set, s) for kind in kinds}
     res = {
         "encoder_path": str(encoder_path),
