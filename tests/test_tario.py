@@ -6,6 +6,7 @@ import io
 import tarfile
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from aimpre.data.tario import TarError, group_samples, split_name, tar_members
@@ -100,3 +101,93 @@ def test_a_member_too_big_to_read_is_refused() -> None:
     with pytest.raises(TarError, match="9663676416 bytes") as exn:
         list(tar_members(io.BytesIO(raw)))
     assert exn.value.member == "huge.jpg"
+
+
+def _shard(n: int = 32) -> bytes:
+    """A webdataset-layout tar: n samples of a jpg and a txt member (1000 and 20 bytes), as tarfile writes them."""
+    return _tar(
+        [(f"s{i:03d}.{ext}", bytes([i]) * size) for i in range(n) for ext, size in (("jpg", 1000), ("txt", 20))]
+    )
+
+
+def _read(raw: bytes) -> tuple[list[str], Counter[str], list[TarError]]:
+    counts: Counter[str] = Counter()
+    damage: list[TarError] = []
+    members = tar_members(io.BytesIO(raw), resync=True)
+    keys = [str(s["__key__"]) for s in group_samples(members, lambda k: counts.update([k]), damage.append)]
+    return keys, counts, damage
+
+
+def _offset(raw: bytes, name: str, pax: bool = False) -> int:
+    """Where a member's own header starts (with ``pax``: the pax header before it)."""
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        member = tar.getmember(name)
+    return member.offset if pax else member.offset_data - 512
+
+
+ALL = [f"s{i:03d}" for i in range(32)]
+
+
+def test_reading_resumes_after_a_corrupt_header_and_loses_only_its_sample() -> None:
+    raw = bytearray(_shard())
+    at, txt, pax = _offset(raw, "s016.jpg"), _offset(raw, "s016.txt", pax=True), _offset(raw, "s016.jpg", pax=True)
+    raw[at + 150] ^= 0x11  # the header's checksum field: its name still says whose member it was
+    keys, counts, damage = _read(bytes(raw))
+    assert keys == [k for k in ALL if k != "s016"]
+    assert counts == Counter({"samples_lost": 1, "samples_recovered": 15})
+    assert [(d.reason, d.offset) for d in damage] == [("bad_header", at)]
+    assert damage[0].resumed == txt
+    raw[at + 1] ^= 0x11  # and its name: either neighbour may have lost the member, so both are dropped
+    keys, counts, _ = _read(bytes(raw))
+    assert keys == [k for k in ALL if k not in ("s015", "s016")] and counts["samples_lost"] == 2
+    raw = bytearray(_shard())
+    raw[pax + 150] ^= 0x11  # a pax header (an mtime record) before it: its member is whole, nothing is lost
+    keys, counts, damage = _read(bytes(raw))
+    assert keys == ALL and counts["samples_lost"] == 0 and damage[0].metadata_only
+    assert (damage[0].offset, damage[0].resumed) == (pax, at)
+
+
+@pytest.mark.parametrize("inserted", [False, True])
+def test_noise_in_the_middle_loses_only_what_it_covers(inserted: bool) -> None:
+    raw = _shard()
+    starts = {k: _offset(raw, f"{k}.jpg", pax=True) for k in ALL}
+    mid = _offset(raw, "s016.jpg") + 700  # inside a member's data
+    noise = np.random.default_rng(0).integers(0, 256, 20_001, dtype=np.uint8).tobytes()
+    damaged = raw[:mid] + noise + raw[mid + (0 if inserted else len(noise)) :]  # 20 KB over it, or pushed in
+    keys, counts, damage = _read(damaged)
+    after = ALL[17:] if inserted else [k for k in ALL if starts[k] > mid + len(noise)]
+    assert keys == ALL[:16] + after  # everything before and after the noise, at any byte alignment
+    assert counts["samples_recovered"] == len(after) and counts["samples_lost"] >= 1
+    assert [d.reason for d in damage] == ["bad_header"] and damage[0].offset is not None
+    assert damage[0].offset > mid - 1000 and damage[0].resumed == damaged.index(b"ustar", damage[0].offset + 1) - 257
+
+
+def test_a_header_claiming_2_gib_loses_its_sample_and_reading_goes_on() -> None:
+    raw = _shard()
+    at = _offset(raw, "s016.jpg")
+    info = tarfile.TarInfo("huge.jpg")
+    info.size = 2 << 30
+    keys, counts, damage = _read(raw[:at] + info.tobuf(tarfile.USTAR_FORMAT) + raw[at:])
+    assert keys == ALL and counts == Counter({"samples_lost": 1, "samples_recovered": 16})
+    assert [(d.reason, d.offset, d.member) for d in damage] == [("oversized_member", at, "huge.jpg")]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (np.random.default_rng(1).integers(0, 256, 50_000, dtype=np.uint8).tobytes(), "not_a_tar"),
+        (b"", "empty_shard"),
+        (_tar([], extra=False), "empty_shard"),  # only the end-of-archive blocks
+    ],
+)
+def test_streams_without_samples_say_why(raw: bytes, reason: str) -> None:
+    keys, _, damage = _read(raw)
+    assert keys == [] and [(d.reason, d.offset, d.resumed) for d in damage] == [(reason, 0, None)]
+    with pytest.raises(TarError, match="at byte 0"):
+        list(tar_members(io.BytesIO(raw)))
+
+
+def test_header_cut_by_the_end_of_the_stream_keeps_the_whole_sample_before_it() -> None:
+    raw = _shard(3)
+    keys, _, damage = _read(raw[: _offset(raw, "s002.jpg") + 200])
+    assert keys == ["s000", "s001"] and [d.reason for d in damage] == ["truncated"] and damage[0].resumed is None

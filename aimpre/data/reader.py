@@ -47,16 +47,27 @@ class Segment:
 
 
 class ReadErrors:
-    """Counts stream errors by kind (exception type, or a name like ``duplicate_member``) and carries on.
+    """Counts stream errors by kind (a damage reason, an exception type, or a name like ``duplicate_member``)
+    and carries on; keeps where each damage was (the first ``KEEP``) for reports.
 
     Also webdataset's exception handler for opening URLs: counts, never sleeps, never re-raises.
     """
 
+    KEEP = 100
+
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.damage: list[dict[str, Any]] = []
 
     def count(self, kind: str) -> None:
         self.counts[kind] += 1
+
+    def damaged(self, url: str, exn: TarError) -> None:
+        self.count(exn.reason)
+        if len(self.damage) < self.KEEP:
+            self.damage.append(
+                {"shard": url, "reason": exn.reason, "offset": exn.offset, "resumed": exn.resumed, "error": str(exn)}
+            )
 
     def __call__(self, exn: Exception) -> bool:
         self.count(type(exn).__name__)
@@ -67,13 +78,15 @@ def shard_samples(url: str, errors: ReadErrors) -> Iterator[Sample]:
     """Samples of one shard (member bytes by field, plus ``__key__``); never unpickles or extracts anything.
 
     A shard that cannot be opened, or whose stream breaks (truncated or damaged tar, a failing ``pipe:``
-    command), is counted in ``errors``; the samples before the break are kept, the one it cut is lost.
+    command), is counted in ``errors``. Reading resumes at the next intact header after damage, so only the
+    samples the damage touches are lost (``tario.group_samples``); the same bytes always give the same samples,
+    so positions in a damaged shard are as reproducible as in a whole one.
     """
     for source in url_opener([{"url": url}], handler=errors):
         stream = source["stream"]
         try:
-            yield from group_samples(tar_members(stream), errors.count)
-        except (TarError, OSError) as exn:
+            yield from group_samples(tar_members(stream, resync=True), errors.count, lambda e: errors.damaged(url, e))
+        except OSError as exn:
             errors(exn)
         finally:
             try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
-from aimpre.data.tario import TarError, split_name, tar_members
+from aimpre.data.tario import group_samples, tar_members
 from aimpre.files import write_text
 
 INDEX = "index.json"
@@ -59,17 +59,13 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
 
 def count_samples(path: str) -> int:
-    """Samples in a local tar, from its headers alone (member data is seeked over). Stops at a truncation."""
-    n, last = 0, None
+    """Samples in a local tar, from its headers alone (member data is seeked over): those reading yields, with
+    the same resynchronisation past damage. An unreadable file counts 0; reading will count its errors."""
     try:
         with open(path, "rb") as f:
-            for name, _ in tar_members(f, read=False):
-                parts = split_name(name)
-                if parts is not None and parts[0] != last:
-                    n, last = n + 1, parts[0]
-    except (TarError, OSError):
-        pass  # a truncated shard: count what is readable; reading will skip and count the rest
-    return n
+            return sum(1 for _ in group_samples(tar_members(f, read=False, resync=True), damaged=lambda e: None))
+    except OSError:
+        return 0
 
 
 def read_index(path: Path) -> dict[str, int]:
