@@ -92,8 +92,14 @@ def _data_inspect(args: argparse.Namespace) -> int:
         for reason, n in sorted(report["skipped"].items()):
             print(f"  skipped {reason:14} {n}")
         for kind, n in sorted(report["errors"].items()):
-            print(f"  read error {kind:11} {n}")
+            print(f"  read error {kind:17} {n}")
+        for d in report["damage"]:
+            after = f"resumed at byte {d['resumed']}" if d["resumed"] is not None else "nothing readable after it"
+            print(f"  damaged: {d['shard']}: {d['reason']} at byte {d['offset']}, {after}")
         print(f"  captions cut at {m.text_len} tokens: {report['truncated_captions']}")
+    if report["kept"] == 0:  # a data set that yields nothing must not pass a vetting step in a script
+        print(f"aimpre: error: no usable sample in {args.shards}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -237,3 +237,39 @@ def test_inspect_cli_json(tmp_path: Path) -> None:
     )  # fmt: skip
     report = json.loads(out.stdout)
     assert report["read"] == len(samples) and report["kept"] == 7 and report["skipped"] == expected
+
+
+def test_inspect_finds_a_directorys_shards_and_reports_damage_by_reason(tmp_path: Path) -> None:
+    """Damaged shards are errors by reason, with the shard and the byte offset where reading stopped; the samples
+    after damage are read; a set with nothing usable exits non-zero."""
+    good = write_tar(tmp_path / "a-good.tar", good_samples("g", 6)).read_bytes()
+    with tarfile.open(tmp_path / "a-good.tar") as tar:
+        third = tar.getmember("g00002.jpg").offset  # its pax header
+    huge = tarfile.TarInfo("huge.jpg")
+    huge.size = 2 << 30  # a header claiming 2 GiB, with no data behind it
+    (tmp_path / "b-huge.tar").write_bytes(good[:third] + huge.tobuf(tarfile.USTAR_FORMAT) + good[third:])
+    noisy = bytearray(good)
+    noisy[third + 700 : third + 700 + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    (tmp_path / "c-noisy.tar").write_bytes(noisy)
+    (tmp_path / "d-random.tar").write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    (tmp_path / "e-empty.tar").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a shard")
+
+    def inspect(spec: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "aimpre", "data", "inspect", spec, "--json", "--workers", "1"]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    out = inspect(str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    damage = {(Path(d["shard"]).name, d["reason"], d["offset"]) for d in report["damage"]}
+    assert damage == {("b-huge.tar", "oversized_member", third), ("c-noisy.tar", "bad_header", third + 1024),
+                      ("d-random.tar", "not_a_tar", 0), ("e-empty.tar", "empty_shard", 0)}  # fmt: skip
+    assert report["shards"] == 5 and report["kept"] == report["read"] == 6 + 6 + 4
+    assert report["errors"]["samples_lost"] == 1 + 2 and report["errors"]["samples_recovered"] == 4 + 3
+    out = inspect(str(tmp_path / "d-random.tar"))
+    assert out.returncode == 1 and "no usable sample" in out.stderr
+    assert json.loads(out.stdout)["damage"][0]["reason"] == "not_a_tar"
+    (tmp_path / "empty-dir").mkdir()
+    out = inspect(str(tmp_path / "empty-dir"))
+    assert out.returncode == 2 and "without *.tar files" in out.stderr and out.stderr.count("\n") == 1

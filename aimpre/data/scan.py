@@ -34,7 +34,8 @@ class _Inspect(IterableDataset):
             counts: Counter[str] = Counter()
             rng = np.random.default_rng(i)
             captions = []
-            for sample in segment_samples(Segment(shard.url, 0, shard.samples), errors):
+            # a count of 0 (an unreadable shard) still reads it, so its damage is reported
+            for sample in segment_samples(Segment(shard.url, 0, shard.samples or None), errors):
                 counts["read"] += 1
                 out = decode_sample(sample, self.aug, rng)
                 if isinstance(out, str):
@@ -45,7 +46,7 @@ class _Inspect(IterableDataset):
             if captions:  # the same tokenisation as training, for its truncation count
                 text, mask = encode_captions(self.tokenizer, captions, self.text_len)
                 counts["truncated"] += int((mask.all(dim=1) & (text[:, -1] != self.tokenizer.eos_id)).sum())
-            yield {"counts": dict(counts), "errors": dict(errors.counts)}
+            yield {"counts": dict(counts), "errors": dict(errors.counts), "damage": errors.damage}
 
 
 def inspect_shards(
@@ -54,22 +55,28 @@ def inspect_shards(
     """Reads every sample through the training decode; returns {"read", "kept", "skipped", "errors", ...}.
 
     ``read`` counts samples by key (with index counts, samples a truncated shard lost count as "missing");
-    ``read == kept + sum(skipped)``. ``errors`` counts tar/stream exceptions by type.
+    ``read == kept + sum(skipped)``. ``errors`` counts stream errors by reason (``tario.DAMAGE_REASONS``, or an
+    exception type for a shard that cannot be opened) with the samples damage cost (``samples_lost``) and those
+    read after it (``samples_recovered``); ``damage`` lists each damage: shard, reason, the byte offset where
+    reading stopped and the one where it resumed (None: nothing after it was readable).
     """
     loader = torch.utils.data.DataLoader(
         _Inspect(shards, aug, tokenizer, text_len), batch_size=None, num_workers=min(workers, len(shards))
     )
     total: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    damage: list[dict[str, Any]] = []
     for part in tqdm(loader, total=len(shards), desc="inspect", unit="shard"):
         total.update(part["counts"])
         errors.update(part["errors"])
+        damage += part["damage"]
     skipped = {r: total[r] for r in SKIP_REASONS if total[r]}
     return {
         "read": total["read"],
         "kept": total["kept"],
         "skipped": skipped,
         "errors": dict(errors),
+        "damage": damage,
         "truncated_captions": total["truncated"],
         "shards": len(shards),
     }

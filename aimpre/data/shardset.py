@@ -44,7 +44,8 @@ def is_local(url: str) -> bool:
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Shard spec -> URLs: brace expansion (``/data/{00000..09999}.tar``); ``::`` or a list joins several specs.
+    """Shard spec -> URLs: brace expansion (``/data/{00000..09999}.tar``); ``::`` or a list joins several specs;
+    a local directory stands for the ``*.tar`` files in it.
 
     Local paths must exist (the error names the first missing one); ``pipe:`` and other URLs are kept as-is.
     """
@@ -52,10 +53,22 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     urls = [u for s in specs for u in expand_urls(s.strip()) if u]
     if not urls:
         raise ValueError(f"shard spec {spec!r} names no shards")
+    urls = [t for u in urls for t in (_dir_shards(u) if is_local(u) and os.path.isdir(u) else [u])]
     for u in urls:
         if is_local(u) and not os.path.exists(u):
             raise FileNotFoundError(f"shard not found: {u} (from spec {spec!r})")
     return urls
+
+
+def _dir_shards(path: str) -> list[str]:
+    """A directory as a spec: the ``*.tar`` files in it, in name order."""
+    names = sorted(n for n in os.listdir(path) if n.endswith(".tar") and os.path.isfile(os.path.join(path, n)))
+    if not names:
+        raise FileNotFoundError(
+            f"shard spec {path!r} is a directory without *.tar files; name the shards, e.g. "
+            f"'{path.rstrip('/')}/shard-{{000000..000009}}.tar'"
+        )
+    return [os.path.join(path, n) for n in names]
 
 
 def count_samples(path: str) -> int:
