@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from webdataset.tariterators import tarfile_samples
 
 from aimpre.data import Augment, demo_spec, expand_shards
 from aimpre.data.decode import IMAGE_KEYS, decode_image
 from aimpre.data.demo import cache_root
+from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.export import load
 from aimpre.files import atomic_path, write_text
 from aimpre.model import AIMv2Encoder
@@ -87,10 +87,15 @@ def label_of(sample: dict[str, Any]) -> int | None:
 
 
 def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Counter[str]]:
-    """Images uint8 [N, 3, S, S] (centre square crop), labels int64 [N], and skipped samples by reason."""
+    """Images uint8 [N, 3, S, S] (centre square crop), labels int64 [N], and skipped samples by reason.
+
+    Shards are read as training reads them: damage is skipped and counted by reason (with ``samples_lost``),
+    and reading goes on after it.
+    """
     aug, rng = Augment(img_size, train=False), np.random.default_rng(0)
     images, labels, skipped = [], [], Counter[str]()
-    for s in tarfile_samples({"url": u} for u in urls):
+    errors = ReadErrors()
+    for s in (s for u in urls for s in shard_samples(u, errors)):
         label, image_key = label_of(s), next((k for k in IMAGE_KEYS if k in s), None)
         if label is None or image_key is None:
             skipped["no_label" if label is None else "no_image"] += 1
@@ -101,6 +106,7 @@ def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Count
             continue
         images.append(image)
         labels.append(label)
+    skipped.update({k: n for k, n in errors.counts.items() if k != "samples_recovered"})
     if not images:
         raise ProbeError(f"no labelled images in {urls[:3]}{'...' if len(urls) > 3 else ''} (skipped: {dict(skipped)})")
     return torch.stack(images), torch.tensor(labels), skipped

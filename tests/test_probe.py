@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from aimpre.cli import main
 from aimpre.export import preprocessing_info, write_export
 from aimpre.model import AIMv2Encoder, model_config
 from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier
-from aimpre.probe import ProbeError, ProbeSettings, label_of, run_probe
+from aimpre.probe import ProbeError, ProbeSettings, label_of, read_labelled, run_probe
+from helpers import jpeg, write_tar
 
 
 def test_labels_come_from_cls_or_json() -> None:
@@ -65,3 +67,21 @@ def test_probe_trains_on_real_digits_and_caches_features(demo: Path, tmp_path: P
         run_probe(path, str(demo / "val-000000.tar"), None, settings=settings)
     with pytest.raises(ProbeError, match="no split 'digits'"):
         run_probe(path, "demo:digits", None, settings=settings)
+
+
+def test_damaged_labelled_shards_are_read_past_and_counted(tmp_path: Path) -> None:
+    """probe reads shards with the training reader: a corrupt header costs its sample, not a traceback."""
+    samples = [{"__key__": f"k{i:03d}", "jpg": jpeg((i * 20, 0, 0)), "cls": str(i % 3)} for i in range(10)]
+    shard = write_tar(tmp_path / "labelled.tar", samples)
+    with tarfile.open(shard) as tar:
+        at = tar.getmember("k004.cls").offset_data - 512
+    raw = bytearray(shard.read_bytes())
+    raw[at + 150] ^= 0x11  # a checksum digit
+    shard.write_bytes(raw)
+    images, labels, skipped = read_labelled([str(shard)], 16)
+    assert labels.tolist() == [i % 3 for i in range(10) if i != 4] and images.shape == (9, 3, 16, 16)
+    assert skipped == {"bad_header": 1, "samples_lost": 1}
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(ProbeError, match="not_a_tar"):
+        read_labelled([str(junk)], 16)
