@@ -81,7 +81,7 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     d, m = cfg.data, cfg.model
-    aug = Augment(m.img_size, scale=d.crop_scale, hflip=d.hflip, max_pixels=d.max_pixels)
+    aug = Augment(m.img_size, scale=d.crop_scale, hflip=d.hflip, max_pixels=d.max_pixels, max_bytes=d.max_sample_bytes)
     tok = build_tokenizer(d.tokenizer, d.lowercase)
     shards = sources(args.shards, "pretrain", need_counts=False, index=None)[0]
     report = inspect_shards(shards, aug, tok, m.text_len, args.workers)

@@ -48,6 +48,8 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 1000  # samples per chunk of the chunked permutation shuffle (exactly resumable)
     max_pixels: int = 100_000_000  # larger images are skipped unread (decompression bombs)
+    # memory one image may take to decode (its bytes + every decoded copy, from its header): skipped if more
+    max_sample_bytes: int = 512 << 20
     crop_scale: tuple[float, float] = (0.4, 1.0)  # AIMv2: RandomResizedCrop(scale 0.4-1) + horizontal flip
     hflip: bool = True
     # AIMv2's reference trained with ImageNet statistics; every export records what was used
@@ -206,6 +208,7 @@ def validate(cfg: Config) -> Config:
     _check(m.w_text >= 0 and m.w_image >= 0 and m.w_text + m.w_image > 0, "model.w_text", "weights must be >= 0")
     backends = available_backends()
     _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
+    _check(d.max_sample_bytes > 0, "data.max_sample_bytes", f"{d.max_sample_bytes} must be positive (bytes)")
     _check(d.batch_size > 0, "data.batch_size", "must be positive")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.shuffle_buffer >= 0 and d.max_pixels > 0, "data.shuffle_buffer", "shuffle_buffer >= 0, max_pixels > 0")

@@ -20,6 +20,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from aimpre.config import ConfigError, load_config
 from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
 from aimpre.data.decode import _jpeg_rgbx, decode_image, jpeg_frame
 from aimpre.data.make_shards import from_csv, from_folder, from_shards, make_shards
@@ -273,3 +274,55 @@ def test_inspect_finds_a_directorys_shards_and_reports_damage_by_reason(tmp_path
     (tmp_path / "empty-dir").mkdir()
     out = inspect(str(tmp_path / "empty-dir"))
     assert out.returncode == 2 and "without *.tar files" in out.stderr and out.stderr.count("\n") == 1
+
+
+BOMB_SCRIPT = """
+import resource, struct, sys, zlib
+import numpy as np
+from aimpre.data.decode import Augment, decode_image
+
+def one_bit_png(w, h):  # zeros compress to almost nothing: 12 KB for 10^8 pixels
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    z, row = zlib.compressobj(9), bytes(1 + (w + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+def rss():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+side = int(sys.argv[1])
+data = one_bit_png(side, side)
+aug = Augment(224, train=sys.argv[2] == "train")
+base = rss()
+out = decode_image(data, aug, np.random.default_rng(0))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(len(data), out if isinstance(out, str) else "decoded", peak - base)
+"""
+
+
+@pytest.mark.parametrize(("side", "train"), [(10_000, "train"), (10_000, "eval"), (7_000, "eval"), (6_000, "eval")])
+def test_a_12_kb_png_bomb_decodes_in_bounded_memory(side: int, train: str) -> None:
+    """A 1-bit PNG of exactly max_pixels pixels (Pillow holds a byte per pixel, then RGB copies: 1.1 GB to decode
+    before) is refused from its header; a smaller one within max_bytes decodes, inside the bound."""
+    assert side * side <= Augment(224).max_pixels
+    out = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(side), train], capture_output=True, text=True)
+    size, result, extra = out.stdout.split()
+    assert int(size) < 13_000
+    assert result == ("decoded" if side == 6_000 else "too_large")  # 36 Mpx: 396 MB by decode_bytes
+    assert int(extra) < 0.5e9  # peak resident memory above what the process held before decoding
+
+
+def test_sample_byte_cap_is_a_config_key() -> None:
+    aug = Augment(32, max_bytes=20_000)  # the file's bytes and the decoded pixels count
+    small, big = jpeg(size=(64, 48)), _photo((800, 600))
+    assert len(small) + 64 * 48 * 4 < 20_000 < len(big)
+    assert isinstance(decode_image(small, aug, np.random.default_rng(0)), torch.Tensor)
+    assert decode_image(big, aug, np.random.default_rng(0)) == "too_large"
+    flat = png(Image.new("RGB", (64, 48)))  # a few hundred bytes, 64 * 48 * 14 decoded
+    assert decode_image(flat, aug, np.random.default_rng(0)) == "too_large"
+    assert isinstance(decode_image(flat, Augment(32), np.random.default_rng(0)), torch.Tensor)
+    assert load_config(None, ["data.max_sample_bytes=1000"]).data.max_sample_bytes == 1000
+    with pytest.raises(ConfigError, match=r"'data\.max_sample_bytes': 0 must be positive"):
+        load_config(None, ["data.max_sample_bytes=0"])

@@ -6,7 +6,10 @@ antialiasing as AIMv2's RandomResizedCrop. The resize runs in torch's uint8 kern
 bicubic (mean 0.01) at about a sixth of its cost, which was most of the loader's time (docs/benchmarks.md).
 Colour JPEGs, nearly all of a web-scale set, skip PIL's image object: their size comes from our read of the
 frame header and libjpeg-turbo writes the pixels straight into our array (Pillow's pixels, fewer copies).
-Images over ``max_pixels`` are refused before decoding (decompression bombs).
+Images over ``max_pixels``, or whose decoding would hold more than ``max_bytes`` (the encoded bytes plus every
+decoded copy of the pixels, worked out from the header: a 12 KB 1-bit PNG of 10^8 pixels takes 0.8 GB), are
+refused before decoding (decompression bombs). Pillow decodes only JPEGs at a reduced scale (``draft``); other
+formats decode whole, so for them the byte bound is what holds.
 Palette, alpha, CMYK and 16-bit images are converted to 8-bit RGB, transparency composited on white.
 Caption: ``KEY.txt`` (UTF-8), else ``KEY.json``'s "caption" (or "text") string.
 """
@@ -41,6 +44,7 @@ class Augment:
     hflip: bool = True
     train: bool = True  # False: centre square crop, no flip
     max_pixels: int = 100_000_000
+    max_bytes: int = 512 << 20  # memory one image's decoding may take (see decode_bytes)
 
 
 def crop_box(W: int, H: int, aug: Augment, rng: np.random.Generator) -> tuple[float, float, float, float]:
@@ -68,6 +72,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I") and a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_bytes(mode: str, w: int, h: int) -> int:
+    """Peak bytes of pixels decoding a ``w`` x ``h`` image of ``mode`` to our RGB array takes (``_to_rgb``).
+
+    Pillow holds 1 byte per pixel for modes 1, L and P (a 1-bit image costs 8 times its bits), 2 for 16-bit grey,
+    4 for the rest; the RGB image adds 4, and our array 3 + 3 (numpy copies the bytes Pillow packs it into);
+    compositing alpha adds up to three RGBA images, scaling 16/32-bit grey three float64 arrays and a few bytes.
+    Measured: a 1-bit 7000 x 7000 PNG peaks at 541 MB above the process's baseline, this says 539 MB.
+    """
+    held = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    extra = 12 if mode in ("RGBA", "LA", "PA", "P") else 28 if mode.startswith("I") or mode == "F" else 0
+    return w * h * (held + 4 + 6 + extra)
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (0xC4, 0xC8, 0xCC are other segments)
@@ -123,6 +140,8 @@ def decode_image(data: bytes, aug: Augment, rng: np.random.Generator) -> Tensor 
     """Bytes -> uint8 [3, S, S] (channels-last in memory, possibly a view of 4 channels), or a skip reason."""
     if not data:
         return "empty_image"
+    if len(data) > aug.max_bytes:
+        return "too_large"
     frame = jpeg_frame(data)
     try:
         with warnings.catch_warnings():
@@ -142,9 +161,13 @@ def decode_image(data: bytes, aug: Augment, rng: np.random.Generator) -> Tensor 
                 most = min(W // need[0], H // need[1])
                 scale = next((s for s in (8, 4, 2) if most >= s), 1)
                 w, h = -(-W // scale), -(-H // scale)
+                held = w * h * 4  # the RGBX array libjpeg writes into
             else:
                 img.draft("RGB", need)
                 w, h = img.size
+                held = decode_bytes(img.mode, w, h)
+            if len(data) + held > aug.max_bytes:
+                return "too_large"
             sx, sy = w / W, h / H  # the crop box in decoded pixels, never empty:
             top, left = min(round(y0 * sy), h - 1), min(round(x0 * sx), w - 1)
             bottom, right = max(round(y1 * sy), top + 1), max(round(x1 * sx), left + 1)
