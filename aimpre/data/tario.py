@@ -55,9 +55,12 @@ class _Source:
         self.stream, self.pending, self.offset = stream, b"", 0
 
     def read(self, n: int) -> bytes:
-        out, self.pending = self.pending[:n], self.pending[n:]
-        if len(out) < n:
-            out += self.stream.read(n - len(out))
+        if self.pending:
+            out, self.pending = self.pending[:n], self.pending[n:]
+            if len(out) < n:
+                out += self.stream.read(n - len(out))
+        else:  # the usual case: no damage seen
+            out = self.stream.read(n)
         self.offset += len(out)
         return out
 
