@@ -191,3 +191,16 @@ def test_header_cut_by_the_end_of_the_stream_keeps_the_whole_sample_before_it() 
     raw = _shard(3)
     keys, _, damage = _read(raw[: _offset(raw, "s002.jpg") + 200])
     assert keys == ["s000", "s001"] and [d.reason for d in damage] == ["truncated"] and damage[0].resumed is None
+
+
+def test_a_bad_pax_record_costs_only_the_record() -> None:
+    """Reading resumes right after the pax header, at its member's own header: the member is whole."""
+    raw = bytearray(_shard(4))
+    pax = _offset(raw, "s002.jpg", pax=True)
+    record = raw.index(b"mtime=", pax + 512)
+    raw[record - 3 : record - 1] = b"zz"  # the record's length digits: the header is intact, its data is not
+    keys, counts, damage = _read(bytes(raw))
+    assert [(d.reason, d.offset, d.resumed) for d in damage] == [("bad_header", pax, _offset(raw, "s002.jpg"))]
+    assert keys == ["s000", "s001", "s002", "s003"] and counts["samples_lost"] == 0 and damage[0].metadata_only
+    keys, _, damage = _read(_shard(2)[:-100])
+    assert keys == ["s000", "s001"] and damage == []  # end-of-archive zeros cut short are no damage

@@ -160,10 +160,10 @@ def tar_members(
     while True:
         start = src.offset
         header = src.read(_BLOCK)
-        data = None
+        data = pad = None
         try:
             if len(header) < _BLOCK or header == _ZERO:
-                if header and header != _ZERO:
+                if header.strip(b"\0"):  # zeros cut short are only end-of-archive padding
                     exn = TarError("stream ends inside a header", reason="truncated", offset=start)
                     exn.guess = _name(header)
                     raise exn
@@ -192,7 +192,7 @@ def tar_members(
                         f"stream ends inside member data ({len(data)} of {size} bytes)", member, reason="truncated"
                     )
                 if skip > size:
-                    src.read(skip - size)
+                    pad = src.read(skip - size)
             else:
                 src.skip(skip)
             if kind == b"x":  # pax header: applies to the next member
@@ -210,10 +210,10 @@ def tar_members(
                     return
                 raise exn
             # go on from the byte after the damaged header (what was read past it is put back)
-            src.unread(header[1:] + (data or b"") if src.offset > start else b"")
+            src.unread(header[1:] + (data or b"") + (pad or b"") if src.offset > start else b"")
             found = exn.reason != "truncated" and src.resync()
             exn.resumed = src.offset if found else None
-            if found and exn.guess is not None and header[156:157] in (b"x", b"g", b"L", b"K"):
+            if found and header[156:157] in (b"x", b"g", b"L", b"K"):
                 try:
                     extent = _BLOCK + -(-_number(header[124:136]) // _BLOCK) * _BLOCK
                 except TarError:
