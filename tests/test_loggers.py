@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from aimpre.cli import main
 from aimpre.config import ConfigError, load_config
 from aimpre.train import train
-from aimpre.train.callbacks import COLUMNS
+from aimpre.train.callbacks import COLUMNS, peak_flops
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step (\d+)/4 loss [\d.]+ loss_image [\d.]+ loss_text [\d.]+ "
@@ -163,3 +164,23 @@ def test_missing_logger_package_names_the_key_and_the_pip_command(
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert "trainer.loggers" in err and "pip install 'aimpre[wandb]'" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "peak"),
+    [
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),  # Lightning's table (ours said 989e12 for every H100)
+        ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+        ("NVIDIA H200", torch.bfloat16, 989e12),  # names Lightning misses or misreads: our fallback
+        ("NVIDIA GH200 480GB", torch.bfloat16, 989e12),
+        ("NVIDIA L40S", torch.bfloat16, 362e12),
+        ("NVIDIA H200", torch.float32, None),  # the fallback knows 16-bit peaks only
+        ("Some Future GPU", torch.bfloat16, None),
+    ],
+)
+def test_peak_flops_from_lightning_with_a_fallback(
+    name: str, dtype: torch.dtype, peak: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0), dtype) == peak
+    assert peak_flops(torch.device("cpu"), dtype) is None

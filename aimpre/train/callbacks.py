@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from aimpre.config import ConfigError
 from aimpre.files import atomic_path
@@ -35,8 +36,8 @@ COLUMNS = (
 LOSSES = ("loss", "loss_image", "loss_text")
 
 # Lightning's get_available_flops misses or misreads some chips we train on: a plain "NVIDIA H200" or "GH200" name
-# (it knows only the "H200 SXM1"/"NVL1" spellings) gives None, and "L40S" is read as an L4. Dense bf16 FLOP/s.
-_PEAK_FLOPS_FALLBACK = {"GH200": 989e12, "H200": 989e12, "L40S": 362e12}
+# (it knows only the "H200 SXM1"/"NVL1" spellings) gives None, and "L40S" is read as an L4. Dense bf16/fp16 FLOP/s.
+_PEAK_FLOPS_16BIT = {"GH200": 989e12, "H200": 989e12, "L40S": 362e12}
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
@@ -44,8 +45,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    fallback = next((v for k, v in _PEAK_FLOPS_FALLBACK.items() if k in name), None)
-    return fallback or get_available_flops(device, dtype)
+    ours = next((v for k, v in _PEAK_FLOPS_16BIT.items() if k in name), None)
+    if ours is not None:
+        return ours if dtype in (torch.bfloat16, torch.float16) else None
+    return get_available_flops(device, dtype)
 
 
 # trainer.loggers name -> (the modules any one of which it needs, the pip command that installs it)
@@ -71,7 +74,7 @@ def build_loggers(names: list[str], run_dir: Path, run_name: str) -> list[Logger
             # offline unless WANDB_MODE says otherwise: no network at run time; `wandb sync RUN/wandb/offline-*`
             # uploads later. The run name is the W&B id, so a resumed run continues the same W&B run.
             mode, project = os.environ.get("WANDB_MODE", "offline"), os.environ.get("WANDB_PROJECT", "aimpre")
-            run_id = re.sub(r"[^\w.-]", "-", run_name)  # W&B ids may not hold / \\ # ? % :
+            run_id = re.sub(r"[^\w.-]", "-", run_name)  # W&B refuses ids with / # ? % : and the like
             loggers.append(_WandbRun(name=run_name, save_dir=run_dir, id=run_id, project=project, mode=mode))
     return loggers
 
@@ -80,6 +83,7 @@ class _WandbRun(WandbLogger):
     """Lightning's WandbLogger, closing its W&B run at the end of fit: Lightning leaves it open, and the next
     WandbLogger in this process (a second ``train()``) would join the old run instead of starting its own."""
 
+    @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
         if self._experiment is not None:
