@@ -89,6 +89,8 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # recompute each block in backward
     max_bad_steps: int = 10  # non-finite gradients: the step is skipped; this many in a row stops the run
     log_every: int = 10
+    # where the metrics go, besides metrics.csv (always written): csv | tensorboard | wandb (offline; WANDB_MODE)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
     val_every: int = 100
     val_batches: int = 4
     ckpt_every: int = 100
@@ -232,6 +234,8 @@ def validate(cfg: Config) -> Config:
     for k in ("log_every", "val_every", "ckpt_every", "accumulate_grad_batches", "num_nodes", "max_bad_steps"):
         _check(getattr(t, k) > 0, f"trainer.{k}", "must be positive")
     _check(t.val_batches >= 0, "trainer.val_batches", "must be >= 0")
+    bad = [x for x in t.loggers if x not in ("csv", "tensorboard", "wandb")]
+    _check(not bad, "trainer.loggers", f"{', '.join(map(repr, bad))} not one of csv, tensorboard, wandb")
     _check(t.keep_last == -1 or t.keep_last >= 1, "trainer.keep_last", "must be >= 1, or -1 to keep all")
     _check(t.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"), "trainer.precision",
            f"{t.precision!r} is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true")  # fmt: skip

@@ -1,9 +1,13 @@
-"""Callbacks and plugins: atomic checkpoints, the metrics CSV (throughput, MFU, skips), the progress bar."""
+"""Callbacks and plugins: atomic checkpoints, the metrics rows (throughput, MFU, skips) sent to the chosen loggers
+(``metrics.csv`` always), the progress bar and the plain text log."""
 
 from __future__ import annotations
 
 import csv
+import datetime
+import importlib.util
 import os
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -12,9 +16,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from aimpre.config import ConfigError
 from aimpre.files import atomic_path
 
 COLUMNS = (
@@ -24,15 +35,107 @@ COLUMNS = (
 )  # fmt: skip
 LOSSES = ("loss", "loss_image", "loss_text")
 
-# Dense bf16 peak FLOP/s per device, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# Lightning's get_available_flops misses or misreads some chips we train on: a plain "NVIDIA H200" or "GH200" name
+# (it knows only the "H200 SXM1"/"NVL1" spellings) gives None, and "L40S" is read as an L4. Dense bf16/fp16 FLOP/s.
+_PEAK_FLOPS_16BIT = {"GH200": 989e12, "H200": 989e12, "L40S": 362e12}
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak FLOP/s of one device at ``dtype`` (for MFU); None off CUDA or for an unknown chip."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    ours = next((v for k, v in _PEAK_FLOPS_16BIT.items() if k in name), None)
+    if ours is not None:
+        return ours if dtype in (torch.bfloat16, torch.float16) else None
+    return get_available_flops(device, dtype)
+
+
+# trainer.loggers name -> (the modules any one of which it needs, the pip command that installs it)
+LOGGERS = {
+    "csv": ((), ""),
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'aimpre[tensorboard]'"),
+    "wandb": (("wandb",), "pip install 'aimpre[wandb]'"),
+}
+
+
+def build_loggers(names: list[str], run_dir: Path, run_name: str) -> list[Logger]:
+    """The Lightning loggers of ``trainer.loggers`` (metrics.csv always), all writing inside the run directory."""
+    loggers: list[Logger] = []
+    for name in dict.fromkeys(["csv", *names]):  # CSV first, each once
+        modules, pip = LOGGERS[name]
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise ConfigError(f"config key 'trainer.loggers': {name!r} needs a package that is not installed: {pip}")
+        if name == "csv":
+            loggers.append(RunCSVLogger(run_dir))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
+        else:
+            # offline unless WANDB_MODE says otherwise: no network at run time; `wandb sync RUN/wandb/offline-*`
+            # uploads later. The run name is the W&B id, so a resumed run continues the same W&B run.
+            mode, project = os.environ.get("WANDB_MODE", "offline"), os.environ.get("WANDB_PROJECT", "aimpre")
+            run_id = re.sub(r"[^\w.-]", "-", run_name)  # W&B refuses ids with / # ? % : and the like
+            loggers.append(_WandbRun(name=run_name, save_dir=run_dir, id=run_id, project=project, mode=mode))
+    return loggers
+
+
+class _WandbRun(WandbLogger):
+    """Lightning's WandbLogger, closing its W&B run at the end of fit: Lightning leaves it open, and the next
+    WandbLogger in this process (a second ``train()``) would join the old run instead of starting its own."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+
+
+class _RunCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, changed where it falls short for runs that are killed and resumed: it deletes
+    ``metrics.csv`` in a non-empty directory (every resume would lose the history), buffers rows (a SIGKILL loses
+    them) and sorts and re-derives its columns. This one appends each row under the fixed COLUMNS at once."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # keep metrics.csv: a resume keeps the rows up to its restored step (keep_until)
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        pass  # config.yaml in the run directory holds them
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        new = not os.path.isfile(self.metrics_file_path)
+        with open(self.metrics_file_path, "a", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerows(self.metrics)
+        self.metrics = []
+
+    def keep_until(self, step: int) -> None:
+        """Starts metrics.csv afresh, or after a resume keeps the rows up to the restored ``step``."""
+        keep = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                keep = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(keep)
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger writing ``metrics.csv`` into the run directory itself, a row at a time."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir, name="", version="", flush_logs_every_n_steps=1)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _RunCSVWriter:
+        if self._experiment is None:
+            self._experiment = _RunCSVWriter(log_dir=self.log_dir)
+        return self._experiment  # type: ignore[return-value]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,7 +149,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """The train stream is endless: show progress against max_steps instead of an unknown epoch length."""
+    """The train stream is endless: show progress against max_steps instead of an unknown epoch length, with the
+    loss, the learning rate and the img/s of the last metrics row."""
+
+    def __init__(self, metrics: MetricsCSV) -> None:
+        super().__init__()
+        self.metrics = metrics
 
     @property
     def total_train_batches(self) -> int | float:
@@ -60,15 +168,28 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        if trainer.optimizers:
+            metrics["lr"] = f"{trainer.optimizers[0].param_groups[0]['lr']:.2e}"
+        if "img_per_s" in self.metrics.last_row:
+            metrics["img/s"] = f"{self.metrics.last_row['img_per_s']:.1f}"
         return metrics
 
 
 class MetricsCSV(pl.Callback):
-    """Appends a row to ``metrics.csv`` after the first step and every ``log_every`` steps, and after each
-    validation. Losses are means over the interval and over ranks; ``samples`` and ``flops`` are global."""
+    """The rows of ``metrics.csv``, sent to every logger: one after the first step and every ``log_every`` steps,
+    and one after each validation. Losses are means over the interval and over ranks; ``samples`` and ``flops`` are
+    global. Each train row is also a plain text line appended to ``text_log`` and, if ``echo``, printed (for logs
+    that are files, where a progress bar is carriage-return soup).
 
-    def __init__(self, path: Path, log_every: int, samples_per_step: int, flops_per_sample: float) -> None:
-        self.path, self.log_every = path, log_every
+    Throughput and MFU are measured here, not by Lightning's ThroughputMonitor: it counts rank 0's batches times the
+    world size, needs the FLOPs per batch as a module attribute (ours come from aimpre.scaling.flops_per_sample),
+    logs under its own names at Lightning's cadence rather than in these rows, and synchronises CUDA every batch.
+    """
+
+    def __init__(
+        self, log_every: int, samples_per_step: int, flops_per_sample: float, text_log: Path, echo: bool = False
+    ) -> None:
+        self.log_every, self.text_log, self.echo = log_every, text_log, echo
         self.samples_per_step, self.flops_per_sample = samples_per_step, flops_per_sample
         self.sums: dict[str, float] = defaultdict(float)
         self.count = 0
@@ -79,20 +200,21 @@ class MetricsCSV(pl.Callback):
         self.t_row: float | None = None
         self.steps_in_row = 0
         self.last_step = -1
+        self.last_row: dict[str, Any] = {}  # the latest train row, for the progress bar
+        self.t_start, self.start_step = 0.0, 0
+        self.peak: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after a resume's restore, so global_step is the restored step
         if trainer.is_global_zero:
-            keep = []
-            if self.path.exists():  # resumed: keep the rows up to the restored step
-                with open(self.path) as f:
-                    keep = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.global_step]
-            with open(self.path, "w", newline="") as f:
-                w = csv.DictWriter(f, COLUMNS)
-                w.writeheader()
-                w.writerows(keep)
-        self.last_step = trainer.global_step
+            for logger in trainer.loggers:
+                if isinstance(logger, RunCSVLogger):
+                    logger.experiment.keep_until(trainer.global_step)
+        self.last_step = self.start_step = trainer.global_step
+        self.t_start = time.perf_counter()
         self.data_state = dict(getattr(pl_module, "loader_state", {}))  # resumed counts
+        # MFU against the peak of the dtype the matmuls run in (Lightning's mapping, as its ThroughputMonitor)
+        self.peak = peak_flops(pl_module.device, _plugin_to_compute_dtype(trainer.precision_plugin))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
         now = time.perf_counter()
@@ -156,7 +278,7 @@ class MetricsCSV(pl.Callback):
         (skipped,) = self._reduce(trainer, [float(sum(self._counts("skipped").values()))], "sum")
         step = trainer.global_step
         img_s = self.steps_in_row * self.samples_per_step / max(elapsed, 1e-9)
-        peak = peak_flops(pl_module.device)
+        peak = self.peak
         row = {
             "step": step,
             "samples": step * self.samples_per_step,
@@ -188,6 +310,29 @@ class MetricsCSV(pl.Callback):
         self._write(trainer, row)
 
     def _write(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
-        if trainer.is_global_zero:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, COLUMNS).writerow(row)
+        """Sends ``row`` to every logger (an empty value is left out: a blank in metrics.csv) and writes its line."""
+        if not trainer.is_global_zero:
+            return
+        step = row.pop("step")
+        values = {k: v for k, v in row.items() if v != ""}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+        if "loss" in row:
+            self.last_row = values
+        self._text_line(trainer, step, values)
+
+    def _text_line(self, trainer: pl.Trainer, step: int, row: dict[str, Any]) -> None:
+        """``2026-12-01 00:52:07 step 20/300 loss 5.1028 loss_image 0.9870 loss_text 4.1158 lr 2.00e-04 img/s 41.3
+        eta 0:02:31`` (ETA from this process's mean step time), or ``... step 100/300 val loss 4.9 ...``."""
+        head = f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}/{trainer.max_steps}"
+        if "loss" in row:
+            per_step = (time.perf_counter() - self.t_start) / max(step - self.start_step, 1)
+            eta = datetime.timedelta(seconds=round(per_step * max(trainer.max_steps - step, 0)))
+            losses = " ".join(f"{k} {row[k]:.4f}" for k in LOSSES)
+            line = f"{head} {losses} lr {row['lr']:.2e} img/s {row['img_per_s']:.1f} eta {eta}"
+        else:
+            line = f"{head} val " + " ".join(f"{k} {row['val_' + k]:.4f}" for k in LOSSES)
+        with open(self.text_log, "a") as f:
+            f.write(line + "\n")
+        if self.echo:
+            print(line, flush=True)

@@ -1,7 +1,8 @@
 """One pretraining run: resolve the config, set up the run directory and the Trainer, fit, summarise.
 
 Run directory (``run.out_dir/run.name``): ``config.yaml`` (resolved), ``checkpoints/`` (``last.ckpt`` and
-``step-N.ckpt``, atomic), ``metrics.csv``, ``summary.json`` (what the scaling module reads).
+``step-N.ckpt``, atomic), ``metrics.csv``, ``out.log`` (a text line every ``trainer.log_every`` steps),
+``summary.json`` (what the scaling module reads); ``tensorboard/`` and ``wandb/`` if ``trainer.loggers`` has them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -26,7 +28,7 @@ from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
 from aimpre.files import write_text
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
-from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar
+from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar, build_loggers
 from aimpre.train.checkpoint import PREEMPTED, Checkpointer
 from aimpre.train.module import AIMv2DataModule, AIMv2Module, _seed
 
@@ -178,7 +180,10 @@ def train(
     world = _world_size(cfg, nodes)
     accumulate = _accumulate(cfg, world)
     fps = flops_per_sample(cfg.model)
-    metrics = MetricsCSV(run_dir / "metrics.csv", t.log_every, 0, fps)  # samples/step is set below
+    # a progress bar on a terminal; in a file (a SLURM log) a text line every log_every steps instead
+    tty = sys.stdout.isatty()
+    metrics = MetricsCSV(t.log_every, 0, fps, run_dir / "out.log", echo=not tty)  # samples/step is set below
+    bar = [StepProgressBar(metrics)] if tty else []
     trainer = pl.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -191,19 +196,22 @@ def train(
         check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches if cfg.data.val_shards else 0,
         num_sanity_val_steps=0,
-        logger=False,
+        logger=build_loggers(t.loggers, run_dir, cfg.run.name),
         deterministic=t.deterministic,
         default_root_dir=run_dir,
         enable_model_summary=False,
+        enable_progress_bar=tty,
         enable_checkpointing=False,  # the Checkpointer below does it atomically
         plugins=[AtomicCheckpointIO()],
-        callbacks=[Checkpointer(ckpt_dir, t.ckpt_every, t.keep_last), metrics, StepProgressBar(), *callbacks],
+        callbacks=[Checkpointer(ckpt_dir, t.ckpt_every, t.keep_last), metrics, *bar, *callbacks],
     )
     metrics.samples_per_step = cfg.data.batch_size * trainer.world_size * accumulate
     if trainer.is_global_zero:
         action = "resuming" if resume and last.exists() else "starting"
         print(f"aimpre: {action} run {cfg.run.name} ({cfg.model.size}) in {run_dir}", flush=True)
         write_text(run_dir / "config.yaml", dump_config(cfg))
+        for logger in trainer.loggers:  # the run config beside the curves in TensorBoard and W&B
+            logger.log_hyperparams(to_dict(cfg))
         write_text(run_dir / "tokenizer.identity.json", json.dumps(tokenizer.identity()))
         if isinstance(tokenizer, HFTokenizer):  # the run carries its own copy of the vocabulary
             write_text(run_dir / "tokenizer.json", tokenizer.path.read_text())
