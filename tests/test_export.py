@@ -16,7 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from aimpre.export import ExportError, export_encoder, load, load_encoder, preprocessing_info, write_export
-from aimpre.formats import TIMM_MLP_RATIO, config_from_hf, config_from_timm, hf_config, timm_config, to_hf
+from aimpre.formats import (
+    TIMM_MLP_RATIO,
+    config_from_hf,
+    config_from_timm,
+    hf_config,
+    hf_mean_head,
+    timm_config,
+    to_hf,
+)
 from aimpre.model import AIMv2Encoder, model_config
 
 PRE = preprocessing_info((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 112)
@@ -130,7 +138,7 @@ def test_paper_sizes_match_timm_and_hf_names_and_shapes(size: str) -> None:
         t = timm.create_model(f"aimv2_{size}_patch14_224", pretrained=False)
         h = transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**hf_fields))
     assert shapes(ours) == shapes(t.state_dict())  # the timm export is our state dict as it is
-    assert shapes(to_hf(ours)) == shapes(h.state_dict())
+    assert shapes({**to_hf(ours), **hf_mean_head(cfg.width, torch.float32)}) == shapes(h.state_dict())
     assert sum(v.numel() for v in t.state_dict().values()) == pytest.approx(SIZES[size], rel=5e-4)
     assert timm_config(cfg, PRE)["architecture"] == f"aimv2_{size}_patch14_224"
     for back in (config_from_timm(timm_config(cfg, PRE), "t"), config_from_hf(hf_config(cfg, "fp32"), "h")):
@@ -204,7 +212,9 @@ def test_run_exports_encoder_only_with_provenance(tiny_run: Path, images: torch.
     assert info["preprocessing"]["mean"] == list(run.cfg.data.mean) and info["preprocessing"]["img_size"] == 112
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         names = list(f.keys())
-    assert len(names) == 5 + 2 * 9 and all(n.startswith(("embeddings.", "encoder.layers.", "rms_norm.")) for n in names)
+    trunk = [n for n in names if not n.startswith("head.")]  # head.*: the mean-pooling head of pooler_output
+    assert len(trunk) == 5 + 2 * 9 and all(n.startswith(("embeddings.", "encoder.layers.", "rms_norm.")) for n in trunk)
+    assert sorted(set(names) - set(trunk)) == sorted(hf_mean_head(192, torch.float32))
     model = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "hf").eval()
     assert _max_diff(model(pixel_values=images).last_hidden_state, enc(images)) < 1e-5
     step3 = load(tiny_run / "checkpoints" / "step-3.ckpt")
