@@ -367,7 +367,7 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--label", help="column naming each run (default 'run' when present)")
         q.add_argument("--flops-per-param", type=float, help="k in C = k N D (default 6 when a column is derived)")
         q.add_argument("--budgets", type=float, nargs="+", help="iso-FLOP budgets (default: grouped by --tol)")
-        q.add_argument("--tol", type=float, default=0.15, help="iso-FLOP budget tolerance, relative (0.15)")
+        q.add_argument("--tol", type=float, default=0.15, help="budgets span a factor 1 + tol from their smallest C")
 
     f = ssub.add_parser("fit", help="fit a scaling law to a results table")
     columns(f)
