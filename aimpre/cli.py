@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -367,7 +366,7 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--label", help="column naming each run (default 'run' when present)")
         q.add_argument("--flops-per-param", type=float, help="k in C = k N D (default 6 when a column is derived)")
         q.add_argument("--budgets", type=float, nargs="+", help="iso-FLOP budgets (default: grouped by --tol)")
-        q.add_argument("--tol", type=float, default=0.15, help="budgets span a factor 1 + tol from their smallest C")
+        q.add_argument("--tol", type=float, default=0.15, help="iso-FLOP budget tolerance, relative (0.15)")
 
     f = ssub.add_parser("fit", help="fit a scaling law to a results table")
     columns(f)
@@ -465,23 +464,26 @@ EXAMPLES = {
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Appends an option's default to its help unless the help already says it or there is none to show
-    (None, False, []); keeps the examples' line breaks."""
+    """Appends an option's default to its help unless the help already says it ("default", or the value in
+    parentheses) or there is none to show (None, False, []); keeps the examples' line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         d = action.default
-        if "default" in text or d is None or d is False or d == [] or d == argparse.SUPPRESS:
+        if d is None or d is False or d == [] or d == argparse.SUPPRESS or "default" in text or f"({d})" in text:
             return text
         if not action.option_strings and action.nargs not in ("?", "*"):
             return text
         return f"{text} (default: %(default)s)".lstrip()
 
     def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and self._get_help_string(action):  # an option without help still shows its default
-            action = copy.copy(action)
-            action.help = self._get_help_string(action)
-        return super()._format_action(action)
+        if action.help is not None or not self._get_help_string(action):
+            return super()._format_action(action)
+        action.help = self._get_help_string(action)  # an option without help still shows its default
+        try:
+            return super()._format_action(action)
+        finally:
+            action.help = None
 
 
 def _with_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -43,6 +43,7 @@ def test_help_shows_defaults_but_not_noise() -> None:
     assert "samples per shard (default 1000)" in text and "(default: 1000)" not in text  # already said
     fit = _commands(build_parser())["scaling fit"].format_help()
     assert "(default: chinchilla)" in fit and "(default: 95.0)" in fit
+    assert "relative (0.15)" in fit and "(default: 0.15)" not in fit  # the value in parentheses is the default
     assert "(default: False)" not in fit and "(default: None)" not in fit
     assert "demo data set as webdataset shards" in _commands(build_parser())["data demo"].format_help()  # description
 
