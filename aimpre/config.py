@@ -323,7 +323,7 @@ def field_help(cls: type) -> dict[str, str]:
             above.insert(0, comments[i])
             i -= 1
         own = [comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments]
-        out[node.target.id] = "; ".join(above + own)
+        out[node.target.id] = "; ".join(t for t in (" ".join(above), *own) if t)  # the lines above are one text
     return out
 
 

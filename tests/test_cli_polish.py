@@ -55,6 +55,10 @@ def test_every_config_key_has_help() -> None:
             assert len(helps.get(f.name, "")) > 5, f"{section}.{f.name} has no help"
     assert set(field_help(ModelConfig)) == {f.name for f in dataclasses.fields(ModelConfig)}
     assert "tiny, large, huge, 1b, 3b" in field_help(ModelConfig)["size"]
+    data = field_help(typing.get_type_hints(Config)["data"])
+    assert data["train_shards"].endswith('one source each; "demo" is the embedded demo set')  # 2 lines above it
+    assert data["mean"].endswith("every export records what was used; per-channel mean of 0..1 pixels")
+    assert field_help(typing.get_type_hints(Config)["optim"])["betas"] == "AdamW betas"
 
 
 def test_config_show_prints_every_key_value_and_help(capsys: pytest.CaptureFixture[str]) -> None:
