@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.legend_handler import HandlerTuple
@@ -60,7 +62,7 @@ def _legend(ax: Axes, **kwargs: Any) -> None:
     by_label: dict[str, list] = {}
     for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
         by_label.setdefault(label, []).append(handle)
-    handles = [tuple(h) for h in by_label.values()]
+    handles = [tuple(h[:2]) for h in by_label.values()]  # two suffice: points and line
     ax.legend(handles, list(by_label), handler_map={tuple: HandlerTuple(ndivide=None)}, fontsize=8, **kwargs)
 
 
@@ -94,12 +96,18 @@ def _panel_compute(ax: Axes, table: Table, fit: FitResult | None) -> None:
 def _panel_isoflop(ax: Axes, table: Table, budgets: list[float] | None, tol: float, note: str | None) -> None:
     cmap = matplotlib.colormaps["plasma"]
     shown = budget_rows(table, budgets, tol)
+    budget_c = [float(np.exp(np.log(table.c[i]).mean())) for i in shown]
+    many = len(shown) > 10  # an entry per budget would not fit: colour by C, explained by a colour bar
+    norm = LogNorm(min(budget_c), max(budget_c) * 1.0001) if shown else None
     minima = []
     for j, i in enumerate(shown):
-        color = cmap(j / max(1, len(shown)))
+        color = cmap(norm(budget_c[j]) if many and norm else j / max(1, len(shown)))
         logn = np.log(table.n[i])
         q = parabola(logn, table.loss[i])
-        label = f"C={np.exp(np.log(table.c[i]).mean()):.2g}" + (" (concave: dropped)" if q is None else "")
+        if many:
+            label = "iso-FLOP budget (colour: C)" if q is not None else "concave budget: dropped"
+        else:
+            label = f"C={budget_c[j]:.2g}" + (" (concave: dropped)" if q is None else "")
         ax.plot(table.n[i], table.loss[i], "o", ms=4, color=color, label=label)
         if q is not None:
             x = np.linspace(logn.min(), logn.max(), 50)
@@ -109,13 +117,16 @@ def _panel_isoflop(ax: Axes, table: Table, budgets: list[float] | None, tol: flo
                 minima.append((np.exp(xm), np.polyval(q, xm)))
     if minima:
         ax.plot(*zip(*minima, strict=True), "kx", ms=8, mew=2, ls="", label="parabola minimum")
+    if many:
+        ax.figure.colorbar(ScalarMappable(norm, cmap), ax=ax, label="budget C")
+    why = textwrap.fill(note, 50) if note else None  # why there is no iso-FLOP fit
     if not shown:
         ax.text(0.5, 0.5, "no budget with 3+ sizes", ha="center", transform=ax.transAxes)
-    else:
-        _legend(ax, loc="best")
+        if why:
+            ax.text(0.02, 0.98, why, transform=ax.transAxes, fontsize=8, va="top")
+    else:  # the reason heads the legend, which matplotlib places off the data
+        _legend(ax, loc="best", title=why, title_fontsize=8)
     ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="(b) iso-FLOP curves, minima x")
-    if note:  # why there is no iso-FLOP fit
-        ax.text(0.02, 0.98, note, transform=ax.transAxes, fontsize=8, va="top", wrap=True)
 
 
 def _panel_extrapolate(ax: Axes, table: Table, fit: FitResult | None, factor: float) -> None:

@@ -99,7 +99,7 @@ def format_fit(res: FitResult) -> str:
                 found += f"  ({b['dropped']}: dropped, its {b['points']} points not counted)"
             lines.append(f"  budget C={b['C']:.3g}: {found}")
         for r in res.extra.get("off_budget", []):
-            lines.append(f"  row {r['label']} (C={r['C']:.3g}) not used: {r['reason']}")
+            lines.append(f"  not used: {r['label']} (C={r['C']:.3g}): {r['reason']}")
     for h in res.extra.get("holdout", []):
         lines.append(
             f"  held out {h['label']}: loss {h['loss']:.4f}, predicted {h['predicted']:.4f} {_ci(h['ci'])} "

@@ -238,10 +238,10 @@ def test_budgets_print_the_rows_they_drop(tmp_path: Path, capsys: pytest.Capture
     argv = ["scaling", "fit", str(src), "--n", "params", "--c", "flops", "--form", "isoflop"]
     assert main([*argv, "--budgets", "1e17", "1e18", "1e19"]) == 0
     out = capsys.readouterr().out
-    assert "row stray (C=5e+17) not used: C is not within a factor 1.15 of any of --budgets" in out
+    assert "not used: stray (C=5e+17): C is not within a factor 1.15 of any of --budgets" in out
     assert out.startswith("isoflop fit on 21 points")
     assert main(argv) == 0  # grouped by --tol: the stray row is a budget of one size
-    assert "row stray (C=5e+17) not used: its budget (C~5e+17) has fewer than 3 model sizes" in capsys.readouterr().out
+    assert "not used: stray (C=5e+17): its budget (C~5e+17) has fewer than 3 model sizes" in capsys.readouterr().out
 
 
 def test_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
@@ -275,6 +275,14 @@ def test_scaling_figure_is_legible(tmp_path: Path) -> None:
             legend = ax.get_legend()
             assert legend is not None and all(t.get_fontsize() >= 8 for t in legend.get_texts()), ax.get_title()
             assert all(isinstance(ln, Line2D) for ln in ax.lines)
+    many = []  # 15 budgets: an entry each would not fit; colour by C, one legend entry for all
+    for c in np.geomspace(1e17, 1e21, 15):
+        centre = lw.compute_optimal(TRUE, c, 6.0)[0]
+        many += [(n, c, float(lw.chinchilla_loss(TRUE, n, c / (6 * n)))) for n in centre * np.geomspace(0.3, 3, 5)]
+    n, c, loss = (np.array(v) for v in zip(*many, strict=True))
+    panel = scaling_figure(Table(n, c / (6 * n), c, loss, [""] * n.size, Columns(), 6.0), None).axes[1]
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == ["iso-FLOP budget (colour: C)", "parabola minimum"]
+    assert any(ax.get_ylabel() == "budget C" for ax in panel.figure.axes)  # the colour bar
     out = plot_scaling(iso, None, tmp_path / "s.png")
     with Image.open(out) as img:
         assert min(img.info["dpi"]) >= 149.9 and img.size[0] >= 1400
