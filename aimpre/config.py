@@ -48,7 +48,7 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per device
     shuffle_buffer: int = 1000  # samples per chunk of the chunked permutation shuffle (exactly resumable)
     max_pixels: int = 100_000_000  # larger images are skipped unread (decompression bombs)
-    crop_scale: tuple[float, float] = (0.4, 1.0)  # RandomResizedCrop area range; AIMv2: 0.4-1 + horizontal flip
+    crop_scale: tuple[float, float] = (0.4, 1.0)  # AIMv2: RandomResizedCrop(scale 0.4-1) + horizontal flip
     hflip: bool = True  # random horizontal flip in training
     # AIMv2's reference trained with ImageNet statistics; every export records what was used
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean of 0..1 pixels
