@@ -160,8 +160,11 @@ def _launch(args: argparse.Namespace) -> int:
 def _bench_step(args: argparse.Namespace) -> int:
     import torch
 
+    from aimpre.model import SIZES
     from aimpre.train.bench import bench_step
 
+    if args.size not in SIZES:
+        raise ValueError(f"bench step --size: unknown size {args.size!r}; known sizes: {', '.join(SIZES)}")
     quick = args.quick or not torch.cuda.is_available()
     if quick and not args.quick:
         print("no GPU: running the CPU smoke version (--quick); the targets are H100 numbers")
@@ -192,8 +195,10 @@ def _model_info(args: argparse.Namespace) -> int:
 
     if args.name in SIZES:
         cfg = load_config(None, [f"model.size={args.name}", "run.name=info"])
-    else:
+    elif Path(args.name).is_file():
         cfg = load_config(args.name, ["run.name=info"])
+    else:
+        raise ValueError(f"{args.name!r} is neither a model size ({', '.join(SIZES)}) nor a config file")
     cfg = resolve(cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase))
     with torch.device("meta"):
         model = AIMv2(cfg.model)
@@ -206,6 +211,17 @@ def _model_info(args: argparse.Namespace) -> int:
         for k in ("encoder", "decoder", "heads", "total"):
             print(f"  {k:10} {info[k] / 1e6:10.1f}M params")
         print(f"  training FLOPs per sample: {info['flops_per_sample'] / 1e9:.1f} GFLOP")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from aimpre.config import describe, load_config
+
+    rows = describe(load_config(args.config, args.overrides))
+    key_w = max(len(k) for k, _, _ in rows)
+    val_w = min(max(len(v) for _, v, _ in rows), 40)
+    for key, value, text in rows:
+        print(f"{key:{key_w}}  {value:{val_w}}  {text}".rstrip())
     return 0
 
 
@@ -426,6 +442,72 @@ def _visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+# One example per command, shown under its --help (tests/test_cli_polish.py parses every one).
+EXAMPLES = {
+    "train": "aimpre train --config configs/aimv2_large.yaml run.name=l14 optim.lr=8e-4",
+    "data demo": "aimpre data demo --out data/demo",
+    "data make-shards": "aimpre data make-shards --from-folder photos/ --out shards/ --per-shard 1000",
+    "data index": "aimpre data index 'shards/shard-{000000..000009}.tar'",
+    "data inspect": "aimpre data inspect 'shards/shard-{000000..000009}.tar' --json",
+    "data train-tokenizer": "aimpre data train-tokenizer demo --vocab-size 4096 --out tokenizer.json",
+    "launch slurm": "aimpre launch slurm --config configs/aimv2_large.yaml --name l14 --nodes 2 > l14.sbatch",
+    "launch torchrun": "aimpre launch torchrun --config configs/aimv2_large.yaml --name l14 --gpus-per-node 8",
+    "bench loader": "aimpre bench loader --workers 4",
+    "bench step": "aimpre bench step --size large --batch 128",
+    "bench attention": "aimpre bench attention --dtype bf16 --out attention.md",
+    "model-info": "aimpre model-info huge",
+    "config show": "aimpre config show --config configs/aimv2_large.yaml optim.lr=3e-4",
+    "scaling plan": "aimpre scaling plan configs/sweeps/tiny_cpu.yaml --out sweeps/tiny",
+    "scaling run": "aimpre scaling run sweeps/tiny --jobs 2 --threads 1",
+    "scaling collect": "aimpre scaling collect sweeps/tiny",
+    "scaling fit": "aimpre scaling fit sweeps/tiny/results.csv --form chinchilla --bootstrap 200 --json fit.json",
+    "scaling predict": "aimpre scaling predict fit.json --flops 1e21",
+    "scaling plot": "aimpre scaling plot sweeps/tiny/results.csv --fit fit.json --out scaling.png",
+    "export": "aimpre export runs/l14 --format hf --out exports/l14-hf",
+    "probe": "aimpre probe runs/l14 --train demo:digits-train --test demo:digits-test",
+    "visualize": "aimpre visualize runs/l14 -n 4",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends an option's default to its help unless the help already says it ("default", or the value in
+    parentheses) or there is none to show (None, False, []); keeps the examples' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d == [] or d == argparse.SUPPRESS or "default" in text or f"({d})" in text:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is not None or not self._get_help_string(action):
+            return super()._format_action(action)
+        action.help = self._get_help_string(action)  # an option without help still shows its default
+        try:
+            return super()._format_action(action)
+        finally:
+            action.help = None
+
+
+def _with_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Gives ``parser`` and every subcommand the defaults-showing formatter, its one-line help as description,
+    and its example from ``EXAMPLES`` as epilog."""
+    parser.formatter_class = _HelpFormatter
+    command = parser.prog.removeprefix("aimpre").strip()
+    if command in EXAMPLES:
+        parser.epilog = f"example:\n  {EXAMPLES[command]}"
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                child.description = child.description or helps.get(name)
+                _with_help(child)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aimpre", description="Pretrain vision encoders the AIMv2 way.")
     p.add_argument("--version", action="version", version=f"aimpre {__version__}")
@@ -522,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("name", help="a size (tiny, large, huge, 1b, 3b) or a YAML config file")
     mi.add_argument("--json", action="store_true", help="print one JSON object")
     mi.set_defaults(fn=_model_info)
+    cf = sub.add_parser("config", help="show the resolved configuration")
+    csub = cf.add_subparsers(dest="config_command", required=True)
+    cs = csub.add_parser("show", help="every config key with its value and what it does")
+    cs.add_argument("--config", help="YAML config (differences from the defaults)")
+    cs.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.size=large")
+    cs.set_defaults(fn=_config_show)
     _add_scaling(sub)
 
     e = sub.add_parser("export", help="write a run's encoder for timm, Hugging Face transformers or as safetensors")
@@ -551,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-n", type=int, default=6, help="images per figure")
     v.add_argument("--data", help="shards to draw images from (default: the run's validation shards)")
     v.set_defaults(fn=_visualize)
-    return p
+    return _with_help(p)
 
 
 def main(argv: list[str] | None = None) -> int:

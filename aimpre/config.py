@@ -36,73 +36,73 @@ class DataConfig:
     # a webdataset shard spec (braces, "::" joins specs, pipe: URLs), or a list of them: one source each;
     # "demo" is the embedded demo set
     train_shards: str | list[str] = "demo"
-    val_shards: str | list[str] | None = "demo"
+    val_shards: str | list[str] | None = "demo"  # the same forms; null: no validation
     # resampled: draw shards with replacement forever (sample-count training, source mixing by `weights`);
     # otherwise epochs, each sample once per epoch, the same number of batches on every rank
     resampled: bool = False
-    weights: list[float] | None = None  # one per train_shards source; needs resampled
+    weights: list[float] | None = None  # sampling weight of each train_shards source; needs resampled
     index: str | None = None  # shard sample counts for pipe:/remote shards (aimpre data index SPEC --out FILE)
-    tokenizer: str = "bytes"  # or the path of a Hugging Face tokenizer.json
-    lowercase: bool = True
-    batch_size: int = 32  # per device
-    num_workers: int = 1
+    tokenizer: str = "bytes"  # "bytes" (byte-level, no file) or the path of a Hugging Face tokenizer.json
+    lowercase: bool = True  # lower-case captions before tokenizing (as AIMv2)
+    batch_size: int = 32  # samples per device per micro-batch
+    num_workers: int = 1  # DataLoader worker processes per device
     shuffle_buffer: int = 1000  # samples per chunk of the chunked permutation shuffle (exactly resumable)
     max_pixels: int = 100_000_000  # larger images are skipped unread (decompression bombs)
     # memory one image may take to decode (its bytes + every decoded copy, from its header): skipped if more
     max_sample_bytes: int = 512 << 20
     crop_scale: tuple[float, float] = (0.4, 1.0)  # AIMv2: RandomResizedCrop(scale 0.4-1) + horizontal flip
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flip in training
     # AIMv2's reference trained with ImageNet statistics; every export records what was used
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean of 0..1 pixels
+    std: tuple[float, float, float] = IMAGENET_STD  # per-channel std of 0..1 pixels
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak; AIMv2: 1e-3 (L), 8e-4 (H, 1B), 4e-4 (3B)
-    min_lr: float = 1e-5
-    warmup_steps: int = 30
+    min_lr: float = 1e-5  # the cosine decays to it; the cooldown ends at it
+    warmup_steps: int = 30  # linear warm-up from 0 to lr
     schedule: str = "cosine"  # cosine (warmup, cosine to min_lr) | constant (warmup, then flat)
     # constant schedule only: the last cooldown_steps before trainer.max_steps decay linearly from lr to min_lr
     # (the cooldown branches of AIMv2's scaling protocol; 0 = none)
     cooldown_steps: int = 0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
     # decoupled: each step p <- p * (1 - weight_decay * lr_t / lr), as AIMv2's AdamW; torch gets weight_decay / lr
     weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # gradient-norm clip; 0 = none
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = 1
+    max_steps: int = 300  # optimiser steps of the whole run
+    accelerator: str = "auto"  # Lightning accelerator: auto | cpu | gpu | cuda | mps
+    devices: int | str = "auto"  # devices per node: a count, or auto (a launcher's processes per node, else all)
+    num_nodes: int = 1  # machines in the job
     precision: str = "auto"  # auto: bf16-mixed where the accelerator supports it, else 32-true
     # auto (Lightning's choice) | ddp | fsdp (FSDP2 fully_shard per block: bf16 params, fp32 reduce, DCP checkpoints)
     strategy: str = "auto"
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = 1  # micro-batches per optimiser step
     # if set, accumulate_grad_batches = global_batch_size / (data.batch_size x world size), which must divide
     global_batch_size: int | None = None
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block in backward
     max_bad_steps: int = 10  # non-finite gradients: the step is skipped; this many in a row stops the run
-    log_every: int = 10
+    log_every: int = 10  # steps between logged metrics
     # where the metrics go, besides metrics.csv (always written): csv | tensorboard | wandb (offline; WANDB_MODE)
     loggers: list[str] = field(default_factory=lambda: ["csv"])
-    val_every: int = 100
-    val_batches: int = 4
-    ckpt_every: int = 100
+    val_every: int = 100  # steps between validations
+    val_batches: int = 4  # batches per validation; 0 = none
+    ckpt_every: int = 100  # steps between checkpoints (step-N.ckpt and last.ckpt)
     keep_last: int = 2  # step-N.ckpt files kept besides last.ckpt; -1 keeps all
-    deterministic: bool = False
+    deterministic: bool = False  # torch deterministic algorithms (slower)
 
 
 @dataclass
 class RunConfig:
     name: str | None = None  # default: "<size>-<date>-<time>"
-    out_dir: str = "runs"
-    seed: int = 0
+    out_dir: str = "runs"  # runs are written to out_dir/name
+    seed: int = 0  # model init, data order, prefixes
 
 
 @dataclass
@@ -300,3 +300,47 @@ def dump_config(cfg: Config) -> str:
 
 def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help text: the comment lines right above it and the comment on its line.
+
+    The dataclasses' comments are the one place a key is documented; ``aimpre config show`` prints them.
+    """
+    import ast  # here: only ``config show`` reads source
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {  # line number -> comment text; tool directives are not help
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT and not tok.string.lstrip("#").strip().startswith(("fmt:", "noqa", "type:"))
+    }
+    out = {}
+    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above: list[str] = []
+        i = node.lineno - 1
+        while i >= 1 and lines[i - 1].lstrip().startswith("#") and i in comments:
+            above.insert(0, comments[i])
+            i -= 1
+        own = [comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments]
+        out[node.target.id] = "; ".join(t for t in (" ".join(above), *own) if t)  # the lines above are one text
+    return out
+
+
+def describe(cfg: Config) -> list[tuple[str, str, str]]:
+    """(``section.key``, value as an override would spell it, help) for every key of ``cfg``."""
+    values = to_dict(cfg)
+    rows = []
+    for section, cls in typing.get_type_hints(Config).items():
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            text = yaml.safe_dump(values[section][f.name], default_flow_style=True, width=1 << 20)
+            rows.append((f"{section}.{f.name}", text.removesuffix("\n...\n").strip(), helps.get(f.name, "")))
+    return rows

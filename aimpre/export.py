@@ -18,12 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from aimpre import __version__
 from aimpre.config import Config, config_hash, load_config
+from aimpre.data.decode import Augment, crop_box
 from aimpre.formats import (
     ENCODER_FIELDS,
     ExportError,
@@ -34,6 +38,7 @@ from aimpre.formats import (
     from_hf,
     from_timm,
     hf_config,
+    hf_mean_head,
     hf_preprocessor,
     timm_config,
     to_hf,
@@ -46,12 +51,37 @@ WEIGHTS = "model.safetensors"
 INFO = "aimpre.json"
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """An image -> the normalised [3, img_size, img_size] float tensor the encoder takes, as aimpre evaluates it:
+    centre square crop, antialiased bicubic resize in uint8 (``aimpre.data.decode``'s eval path), then
+    (x / 255 - mean) / std per channel."""
+
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """A PIL image (any mode; alpha is dropped) or a uint8 [3, H, W] tensor -> float32 [3, S, S]."""
+        if isinstance(image, Image.Image):
+            image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+        _, H, W = image.shape
+        x0, y0, x1, y1 = crop_box(W, H, Augment(self.img_size, train=False), np.random.default_rng(0))
+        top, left, bottom, right = round(y0), round(x0), round(y1), round(x1)  # rounded as the decoder rounds
+        x = image[None, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)  # [1, 3, h, w]
+        x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", antialias=True)[0]
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (self.mean, self.std))
+        return (x.float() / 255 - mean) / std
+
+
 @dataclass
 class Loaded:
-    """An encoder and what is known about it: ``preprocessing`` (mean, std, img_size) and provenance."""
+    """An encoder and what is known about it: ``preprocessing`` (mean, std, img_size) and provenance, and
+    ``transform``, the matching image preprocessing (None when the source does not record its mean/std)."""
 
     encoder: AIMv2Encoder
     info: dict[str, Any]
+    transform: Preprocess | None = None
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------
@@ -248,11 +278,17 @@ def load(path: str | Path) -> Loaded:
         say, and img_size) and, where known, ``run``, ``step`` and ``config_hash``.
     """
     cfg, state, info = _read(Path(path))
-    return Loaded(_build(cfg, state, str(path)), info)
+    pre = info.get("preprocessing") or {}
+    known = pre.get("mean") is not None and pre.get("std") is not None
+    transform = Preprocess(cfg.img_size, tuple(pre["mean"]), tuple(pre["std"])) if known else None
+    return Loaded(_build(cfg, state, str(path)), info, transform)
 
 
 def load_encoder(path: str | Path) -> AIMv2Encoder:
-    """Our encoder from ``path`` (see ``load``): ``forward(images)`` on normalised [B, 3, H, W] gives [B, N, width]."""
+    """Our encoder from ``path`` (see ``load``): ``forward(images)`` on normalised [B, 3, H, W] gives [B, N, width].
+
+    ``load(path).transform`` is the image preprocessing that matches it.
+    """
     return load(path).encoder
 
 
@@ -305,7 +341,7 @@ def write_export(
     }  # fmt: skip
     tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in encoder.state_dict().items()}
     if fmt == "hf":
-        tensors = to_hf(tensors)
+        tensors = {**to_hf(tensors), **hf_mean_head(cfg.width, DTYPES[dtype])}
     files: dict[str, dict] = {INFO: record}
     if fmt == "timm":
         files["config.json"] = timm_config(cfg, pre)

@@ -10,6 +10,8 @@ Checked against the installed sources of timm 1.0.31 and transformers 5.23:
   ``encoder.layers.i.{rms_norm1, attention.{q,k,v,out}_proj, rms_norm2, ffn.{gate,up,down}_proj}``; the final
   ``rms_norm`` (``last_hidden_state`` comes after it); ``use_head`` adds a pooling head outside the trunk.
   To HF: rename, split the fused qkv rows into q, k, v, drop pos_embed's batch axis. Nothing is approximated.
+  Exports set ``use_head`` with a head that averages the tokens (``hf_mean_head``), so ``pooler_output`` is the
+  mean of ``last_hidden_state``, the pooling timm's ``global_pool="avg"`` gives; loading drops the head.
 """
 
 from __future__ import annotations
@@ -78,6 +80,19 @@ def to_hf(state: State) -> State:
         else:
             raise ExportError(f"encoder tensor {k!r} has no Hugging Face name")
     return out
+
+
+def hf_mean_head(width: int, dtype: torch.dtype) -> State:
+    """``Aimv2AttentionPoolingHead`` weights that compute the mean of the tokens exactly: zero keys make every
+    attention score 0, so the softmax is uniform; values and the output projection are the identity."""
+    eye = torch.eye(width, dtype=dtype)
+    return {
+        "head.cls_token": torch.zeros(1, 1, width, dtype=dtype),
+        "head.k_proj.weight": torch.zeros(width, width, dtype=dtype),
+        "head.v_proj.weight": eye,
+        "head.output_proj.weight": eye.clone(),  # no shared storage (safetensors refuses it)
+        "head.output_proj.bias": torch.zeros(width, dtype=dtype),
+    }
 
 
 def from_hf(state: State, where: str) -> State:
@@ -174,7 +189,7 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
         "hidden_size": cfg.width, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.heads, "num_channels": 3, "image_size": cfg.img_size,
         "patch_size": cfg.patch_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "qkv_bias": False,
-        "mlp_bias": False, "use_head": False, "is_native": False, "attention_dropout": 0.0,
+        "mlp_bias": False, "use_head": True, "is_native": False, "attention_dropout": 0.0,
         "initializer_range": 0.02, "dtype": "bfloat16" if dtype == "bf16" else "float32",
     }  # fmt: skip
 

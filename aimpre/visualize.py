@@ -4,6 +4,8 @@
   variance (Fini et al. 2024; apple/ml-l3m ``RasterPixelLoss`` with ``norm_pix_loss``), so a prediction has no
   brightness or contrast of its own. To draw it, each predicted patch is mapped back with its *target* patch's
   mean/std, as MAE's figures do; the figure title says so, since that borrows two numbers per patch from the answer.
+  The standardisation is over all of a patch's RGB values together, so a target keeps which channel is higher but
+  not how bright, how contrasted or how saturated the patch is: the colour drawn comes from the original.
   Patches inside the prefix are not prediction targets: they are drawn from the original, faded.
 - Losses: ``metrics.csv`` (train and validation) with the baselines of ``summary.json``.
 - Attention: the exported encoder (``aimpre.export.load``, full attention), last block, softmax(q k^T / sqrt(d))
@@ -32,10 +34,12 @@ from aimpre.files import atomic_path
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
 
+DPI = 150
+
 
 def _save(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -105,9 +109,12 @@ def plot_predictions(model: AIMv2, batch: dict[str, Any], mean: Tensor, std: Ten
     axes[0, 0].set_title("original", loc="left", fontsize=9)
     axes[1, 0].set_title(f"prediction (first {prefix} patches = prefix, faded)", loc="left", fontsize=9)
     fig.suptitle(
-        "Next-patch predictions, teacher-forced, raster order. Each predicted patch is de-normalised\n"
-        "with its target patch's own mean/std (the model predicts per-patch standardised pixels).",
+        "Next-patch predictions, teacher-forced, raster order. The model predicts each patch standardised by its "
+        "own mean and std over all its RGB values, so it never predicts a patch's brightness, contrast or colour "
+        "saturation: per-patch normalisation drops colour. Each prediction is drawn with its target patch's "
+        "mean/std, so the colours shown are borrowed from the original.",
         fontsize=10,
+        wrap=True,
     )
     return fig
 

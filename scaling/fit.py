@@ -16,7 +16,6 @@ parabolas refitted), percentile intervals.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -191,7 +190,8 @@ def group_budgets(c: np.ndarray, budgets: list[float] | None = None, tol: float 
     Args:
         c: [n] training FLOPs.
         budgets: the iso-FLOP budgets; a row belongs to the nearest within a factor 1 + tol. None: rows are
-            clustered, a new budget starting where sorted C jumps by more than 1 + tol.
+            clustered by increasing C, each budget holding the rows within a factor 1 + tol of its smallest C
+            (so a budget spans at most 1 + tol: close rows cannot chain one budget across many).
         tol: the relative tolerance.
     """
     out = np.full(len(c), -1, dtype=np.int64)
@@ -202,13 +202,11 @@ def group_budgets(c: np.ndarray, budgets: list[float] | None = None, tol: float 
         ok = dist[np.arange(len(c)), near] <= math.log1p(tol)
         out[ok] = near[ok]
         return out
-    order = np.argsort(c)
-    group = 0
-    for prev, i in itertools.pairwise(order):
-        out[prev] = group
-        if c[i] > c[prev] * (1 + tol):
-            group += 1
-    out[order[-1]] = group
+    group, first = -1, -math.inf
+    for i in np.argsort(c, kind="stable"):
+        if c[i] > first * (1 + tol):  # beyond the budget's first row: start the next budget here
+            group, first = group + 1, c[i]
+        out[i] = group
     return out
 
 
@@ -222,33 +220,54 @@ def parabola(logn: np.ndarray, loss: np.ndarray) -> np.ndarray | None:
 
 def _isoflop_fit(table: Table, rows: list[np.ndarray]) -> tuple[dict[str, float], list[dict], float]:
     """The power laws through the per-budget minima computed on ``rows`` (an index array per budget);
-    also the parabolas' summed squared residuals."""
+    also every budget's entry (``used`` False with a ``dropped`` reason for those left out) and the used
+    parabolas' summed squared residuals."""
     budgets, sse = [], 0.0
     for g, r in enumerate(rows):
         logn = np.log(table.n[r])
+        entry: dict[str, Any] = {"budget": g, "C": float(np.exp(np.log(table.c[r]).mean())), "points": len(r)}
         q = parabola(logn, table.loss[r])
-        if q is None:
+        if q is None:  # no minimum to read: the loss does not turn up at both ends of the sizes
+            budgets.append({**entry, "inside": False, "used": False, "dropped": "concave, no minimum in N"})
             continue
         x = -q[1] / (2 * q[0])
-        sse += float(((np.polyval(q, logn) - table.loss[r]) ** 2).sum())
         d1, d0 = np.polyfit(logn, np.log(table.d[r]), 1)  # log D along the budget (linear when C = k N D)
         n_opt = math.exp(x)
+        inside = bool(table.n[r].min() <= n_opt <= table.n[r].max())  # False: an extrapolated minimum
         budgets.append({
-            "budget": g, "C": float(np.exp(np.log(table.c[r]).mean())), "N_opt": n_opt,
-            "D_opt": math.exp(d0 + d1 * x), "L_opt": float(np.polyval(q, x)), "points": len(r),
-            "inside": bool(table.n[r].min() <= n_opt <= table.n[r].max()),  # False: an extrapolated minimum
+            **entry, "N_opt": n_opt, "D_opt": math.exp(d0 + d1 * x), "L_opt": float(np.polyval(q, x)),
+            "inside": inside, "used": inside, "dropped": None if inside else "minimum outside the sampled sizes",
         })  # fmt: skip
+        if inside:
+            sse += float(((np.polyval(q, logn) - table.loss[r]) ** 2).sum())
     # a minimum outside the sampled sizes is an extrapolation of the parabola: reported, not fitted
-    used = [b for b in budgets if b["inside"]]
+    used = [b for b in budgets if b["used"]]
     if len(used) < 2:
+        convex = sum(1 for b in budgets if "N_opt" in b)
         raise TableError(
             f"--form isoflop needs at least 2 budgets whose parabola has its minimum inside the sampled sizes; "
-            f"found {len(used)} ({len(budgets)} convex of {len(rows)} budgets with 3+ sizes)"
+            f"found {len(used)} ({convex} convex of {len(rows)} budgets with 3+ sizes)"
         )
     logc = np.log([b["C"] for b in used])
     a, log_kn = np.polyfit(logc, np.log([b["N_opt"] for b in used]), 1)
     b, log_kd = np.polyfit(logc, np.log([b["D_opt"] for b in used]), 1)
     return {"a": float(a), "kN": math.exp(log_kn), "b": float(b), "kD": math.exp(log_kd)}, budgets, sse
+
+
+def off_budget_rows(table: Table, budgets: list[float] | None, tol: float) -> list[dict[str, Any]]:
+    """The rows on no budget with 3+ sizes (``budget_rows``), each with its label, C and why."""
+    groups = group_budgets(table.c, budgets, tol)
+    out = []
+    for i, g in enumerate(groups):
+        members = np.flatnonzero(groups == g)
+        if g < 0:
+            why = f"C is not within a factor {1 + tol:g} of any of --budgets"
+        elif len(np.unique(table.n[members])) < 3:
+            why = f"its budget (C~{np.exp(np.log(table.c[members]).mean()):.3g}) has fewer than 3 model sizes"
+        else:
+            continue
+        out.append({"label": table.labels[i], "C": float(table.c[i]), "reason": why})
+    return out
 
 
 def budget_rows(table: Table, budgets: list[float] | None, tol: float) -> list[np.ndarray]:
@@ -275,13 +294,13 @@ def fit_isoflop(
             f"{len(rows)} (budgets are grouped within a factor {1 + tol:g}; pass --budgets to name them)"
         )
     params, per_budget, sse = _isoflop_fit(table, rows)
-    used = sum(len(r) for r in rows)
+    used = sum(b["points"] for b in per_budget if b["used"])  # rows of dropped budgets are not counted
     res = FitResult(
         form="isoflop", params=params, ci={}, n_points=used, objective=sse,
         method="per-budget least-squares parabola of loss in log N; log-log least squares of the minima",
         columns=asdict(table.columns), flops_per_param=table.flops_per_param,
         extra={"budgets": per_budget, "dropped_rows": len(table) - used, "bootstrap": bootstrap, "seed": seed,
-               "ci_percent": ci, "notes": table.notes},
+               "ci_percent": ci, "notes": table.notes, "off_budget": off_budget_rows(table, budgets, tol)},
     )  # fmt: skip
     if bootstrap:
         rng = np.random.default_rng(seed)

@@ -8,14 +8,18 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.legend_handler import HandlerTuple
 from matplotlib.ticker import FormatStrFormatter
 
 from aimpre.files import atomic_path
@@ -52,6 +56,16 @@ def _plain_loss_axis(ax: Axes, lo: float, hi: float) -> None:
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
 
 
+def _legend(ax: Axes, **kwargs: Any) -> None:
+    """A legend with one entry per label: artists sharing a label (a budget's points and parabola, every held-out
+    star) share the entry. Every line carries a label, so every line is explained."""
+    by_label: dict[str, list] = {}
+    for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+        by_label.setdefault(label, []).append(handle)
+    handles = [tuple(h[:2]) for h in by_label.values()]  # two suffice: points and line
+    ax.legend(handles, list(by_label), handler_map={tuple: HandlerTuple(ndivide=None)}, fontsize=8, **kwargs)
+
+
 def _held(fit: FitResult | None) -> list[dict]:
     return fit.extra.get("holdout", []) if fit else []
 
@@ -65,7 +79,6 @@ def _panel_compute(ax: Axes, table: Table, fit: FitResult | None) -> None:
             i = np.flatnonzero(table.n == n)
             i = i[np.argsort(table.c[i])]
             ax.plot(table.c[i], table.loss[i], "o-", ms=4, color=cmap(norm(n)), label=f"N={n:.3g}")
-        ax.legend(fontsize=6, ncol=2)
     else:
         sc = ax.scatter(table.c, table.loss, c=table.n, norm=norm, cmap=cmap, s=10)
         ax.figure.colorbar(sc, ax=ax, label="N")
@@ -73,7 +86,9 @@ def _panel_compute(ax: Axes, table: Table, fit: FitResult | None) -> None:
         c = np.geomspace(table.c.min(), table.c.max(), 100)
         ax.plot(c, _frontier_curve(fit, c), "k--", lw=1.5, label="fitted frontier")
     for h in _held(fit):
-        ax.plot(h["C"], h["loss"], "r*", ms=12, zorder=5)
+        ax.plot(h["C"], h["loss"], "r*", ms=12, zorder=5, label="held out")
+    if ax.get_legend_handles_labels()[0]:
+        _legend(ax, ncol=2)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="loss", title="(a) loss vs compute")
     _plain_loss_axis(ax, table.loss.min() / 1.3, table.loss.max() * 1.3)
 
@@ -81,24 +96,37 @@ def _panel_compute(ax: Axes, table: Table, fit: FitResult | None) -> None:
 def _panel_isoflop(ax: Axes, table: Table, budgets: list[float] | None, tol: float, note: str | None) -> None:
     cmap = matplotlib.colormaps["plasma"]
     shown = budget_rows(table, budgets, tol)
+    budget_c = [float(np.exp(np.log(table.c[i]).mean())) for i in shown]
+    many = len(shown) > 10  # an entry per budget would not fit: colour by C, explained by a colour bar
+    norm = LogNorm(min(budget_c), max(budget_c) * 1.0001) if shown else None
+    minima = []
     for j, i in enumerate(shown):
-        color = cmap(j / max(1, len(shown)))
-        ax.plot(table.n[i], table.loss[i], "o", ms=4, color=color)
+        color = cmap(norm(budget_c[j]) if many and norm else j / max(1, len(shown)))
         logn = np.log(table.n[i])
         q = parabola(logn, table.loss[i])
+        if many:
+            label = "iso-FLOP budget (colour: C)" if q is not None else "concave budget: dropped"
+        else:
+            label = f"C={budget_c[j]:.2g}" + (" (concave: dropped)" if q is None else "")
+        ax.plot(table.n[i], table.loss[i], "o", ms=4, color=color, label=label)
         if q is not None:
             x = np.linspace(logn.min(), logn.max(), 50)
-            ax.plot(np.exp(x), np.polyval(q, x), "-", color=color, label=f"C={np.exp(np.log(table.c[i]).mean()):.2g}")
+            ax.plot(np.exp(x), np.polyval(q, x), "-", color=color, label=label)
             xm = -q[1] / (2 * q[0])
             if logn.min() <= xm <= logn.max():  # a minimum outside the sampled sizes is not one
-                ax.plot(np.exp(xm), np.polyval(q, xm), "kx", ms=8, mew=2)
+                minima.append((np.exp(xm), np.polyval(q, xm)))
+    if minima:
+        ax.plot(*zip(*minima, strict=True), "kx", ms=8, mew=2, ls="", label="parabola minimum")
+    if many:
+        ax.figure.colorbar(ScalarMappable(norm, cmap), ax=ax, label="budget C")
+    why = textwrap.fill(note, 50) if note else None  # why there is no iso-FLOP fit
     if not shown:
         ax.text(0.5, 0.5, "no budget with 3+ sizes", ha="center", transform=ax.transAxes)
-    else:
-        ax.legend(fontsize=6, loc="center right")
+        if why:
+            ax.text(0.02, 0.98, why, transform=ax.transAxes, fontsize=8, va="top")
+    else:  # the reason heads the legend, which matplotlib places off the data
+        _legend(ax, loc="best", title=why, title_fontsize=8)
     ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="(b) iso-FLOP curves, minima x")
-    if note:  # why there is no iso-FLOP fit
-        ax.text(0.02, 0.98, note, transform=ax.transAxes, fontsize=6, va="top", wrap=True)
 
 
 def _panel_extrapolate(ax: Axes, table: Table, fit: FitResult | None, factor: float) -> None:
@@ -112,13 +140,13 @@ def _panel_extrapolate(ax: Axes, table: Table, fit: FitResult | None, factor: fl
         if band is not None:
             ci = fit.extra.get("ci_percent", 95.0)
             ax.fill_between(c, band[0], band[1], color="C0", alpha=0.3, label=f"{ci:g}% bootstrap band")
-        ax.axvline(table.c.max(), color="0.5", ls=":", lw=1)
+        ax.axvline(table.c.max(), color="0.5", ls=":", lw=1, label="largest compute in the data")
     if fit and fit.form == "power":
         idx = frontier(table)
         ax.plot(table.c[idx], table.loss[idx], "ko", ms=3, label="frontier")
-    for k, h in enumerate(_held(fit)):
-        ax.plot(h["C"], h["loss"], "r*", ms=12, zorder=5, label="held out" if k == 0 else None)
-    ax.legend(fontsize=6)
+    for h in _held(fit):
+        ax.plot(h["C"], h["loss"], "r*", ms=12, zorder=5, label="held out")
+    _legend(ax)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="loss", title="(c) law extrapolated")
     lo = table.loss.min() if central is None else min(table.loss.min(), central.min())
     _plain_loss_axis(ax, lo / 1.5, table.loss.max() * 1.3)  # a wide band is clipped, not the data
@@ -130,14 +158,18 @@ def _panel_nopt(ax: Axes, table: Table, fit: FitResult | None, iso: FitResult | 
         ax.plot(c, lw.compute_optimal(fit.params, c, fit.flops_per_param)[0], "k-", label="Chinchilla-form fit")
         band = _band(fit, c, "n")
         if band is not None:
-            ax.fill_between(c, band[0], band[1], color="C0", alpha=0.3)
+            ci = fit.extra.get("ci_percent", 95.0)
+            ax.fill_between(c, band[0], band[1], color="C0", alpha=0.3, label=f"{ci:g}% bootstrap band")
     if iso is not None:
         b = [x for x in iso.extra["budgets"] if x["inside"]]
         ax.plot([x["C"] for x in b], [x["N_opt"] for x in b], "s", color="C3", label="iso-FLOP minima")
         ax.plot(c, iso.params["kN"] * c ** iso.params["a"], "--", color="C3", label=f"C^{iso.params['a']:.2f}")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6)
+        _legend(ax)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="N*", title="(d) compute-optimal N*(C)")
+
+
+DPI = 150
 
 
 def plot_scaling(
@@ -149,7 +181,7 @@ def plot_scaling(
     extrapolate: float = 100.0,
     title: str | None = None,
 ) -> Path:
-    """Writes the four-panel figure.
+    """Writes the four-panel figure (``scaling_figure``) as a PNG at ``DPI``.
 
     Args:
         table: the runs.
@@ -160,6 +192,21 @@ def plot_scaling(
         extrapolate: how far past the largest compute panels (c) and (d) go, as a factor.
         title: the figure title.
     """
+    fig = scaling_figure(table, fit, budgets, tol, extrapolate, title)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    return Path(out)
+
+
+def scaling_figure(
+    table: Table,
+    fit: FitResult | None,
+    budgets: list[float] | None = None,
+    tol: float = 0.15,
+    extrapolate: float = 100.0,
+    title: str | None = None,
+) -> Figure:
+    """The four panels (arguments as ``plot_scaling``)."""
     fig = Figure(figsize=(10, 8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
@@ -174,6 +221,4 @@ def plot_scaling(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    return Path(out)
+    return fig

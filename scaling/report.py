@@ -94,8 +94,12 @@ def format_fit(res: FitResult) -> str:
         lines.append(f"  {k:8}{v:>14.4f}   {_ci(res.derived_ci.get(k))}  ({what})")
     if res.form == "isoflop":
         for b in res.extra["budgets"]:
-            flag = "" if b["inside"] else "  (minimum outside the sampled sizes: not used)"
-            lines.append(f"  budget C={b['C']:.3g}: N*={b['N_opt']:.4g} D*={b['D_opt']:.4g} L*={b['L_opt']:.4g}{flag}")
+            found = f"N*={b['N_opt']:.4g} D*={b['D_opt']:.4g} L*={b['L_opt']:.4g}" if "N_opt" in b else "no minimum"
+            if not b["used"]:
+                found += f"  ({b['dropped']}: dropped, its {b['points']} points not counted)"
+            lines.append(f"  budget C={b['C']:.3g}: {found}")
+        for r in res.extra.get("off_budget", []):
+            lines.append(f"  not used: {r['label']} (C={r['C']:.3g}): {r['reason']}")
     for h in res.extra.get("holdout", []):
         lines.append(
             f"  held out {h['label']}: loss {h['loss']:.4f}, predicted {h['predicted']:.4f} {_ci(h['ci'])} "

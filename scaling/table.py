@@ -85,7 +85,7 @@ def read_table(path: str | Path, columns: Columns = Columns(), flops_per_param: 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"table not found: {p}")
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: drops the byte-order mark Excel writes
         reader = csv.DictReader(f)
         header = list(reader.fieldnames or [])
         rows = list(reader)

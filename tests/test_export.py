@@ -16,7 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from aimpre.export import ExportError, export_encoder, load, load_encoder, preprocessing_info, write_export
-from aimpre.formats import TIMM_MLP_RATIO, config_from_hf, config_from_timm, hf_config, timm_config, to_hf
+from aimpre.formats import (
+    TIMM_MLP_RATIO,
+    config_from_hf,
+    config_from_timm,
+    hf_config,
+    hf_mean_head,
+    timm_config,
+    to_hf,
+)
 from aimpre.model import AIMv2Encoder, model_config
 
 PRE = preprocessing_info((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 112)
@@ -67,8 +75,10 @@ def test_timm_export_loads_in_timm(encoder: AIMv2Encoder, images: torch.Tensor, 
 def test_hf_export_loads_in_transformers(encoder: AIMv2Encoder, images: torch.Tensor, tmp_path: Path) -> None:
     out = write_export(encoder, "hf", tmp_path / "hf", info={"preprocessing": PRE})
     model = transformers.Aimv2VisionModel.from_pretrained(out).eval()
-    assert not model.config.use_head and model.dtype == torch.float32
-    assert _max_diff(model(pixel_values=images).last_hidden_state, encoder(images)) < 1e-5
+    assert model.config.use_head and model.dtype == torch.float32
+    got = model(pixel_values=images)
+    assert _max_diff(got.last_hidden_state, encoder(images)) < 1e-5
+    assert _max_diff(got.pooler_output, encoder(images).mean(1)) < 1e-5  # the mean-pooled features, as timm's avg
     proc = transformers.AutoImageProcessor.from_pretrained(out)
     assert list(proc.image_mean) == PRE["mean"] and list(proc.image_std) == PRE["std"]
 
@@ -128,7 +138,7 @@ def test_paper_sizes_match_timm_and_hf_names_and_shapes(size: str) -> None:
         t = timm.create_model(f"aimv2_{size}_patch14_224", pretrained=False)
         h = transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**hf_fields))
     assert shapes(ours) == shapes(t.state_dict())  # the timm export is our state dict as it is
-    assert shapes(to_hf(ours)) == shapes(h.state_dict())
+    assert shapes({**to_hf(ours), **hf_mean_head(cfg.width, torch.float32)}) == shapes(h.state_dict())
     assert sum(v.numel() for v in t.state_dict().values()) == pytest.approx(SIZES[size], rel=5e-4)
     assert timm_config(cfg, PRE)["architecture"] == f"aimv2_{size}_patch14_224"
     for back in (config_from_timm(timm_config(cfg, PRE), "t"), config_from_hf(hf_config(cfg, "fp32"), "h")):
@@ -202,7 +212,9 @@ def test_run_exports_encoder_only_with_provenance(tiny_run: Path, images: torch.
     assert info["preprocessing"]["mean"] == list(run.cfg.data.mean) and info["preprocessing"]["img_size"] == 112
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         names = list(f.keys())
-    assert len(names) == 5 + 2 * 9 and all(n.startswith(("embeddings.", "encoder.layers.", "rms_norm.")) for n in names)
+    trunk = [n for n in names if not n.startswith("head.")]  # head.*: the mean-pooling head of pooler_output
+    assert len(trunk) == 5 + 2 * 9 and all(n.startswith(("embeddings.", "encoder.layers.", "rms_norm.")) for n in trunk)
+    assert sorted(set(names) - set(trunk)) == sorted(hf_mean_head(192, torch.float32))
     model = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "hf").eval()
     assert _max_diff(model(pixel_values=images).last_hidden_state, enc(images)) < 1e-5
     step3 = load(tiny_run / "checkpoints" / "step-3.ckpt")
@@ -212,3 +224,33 @@ def test_run_exports_encoder_only_with_provenance(tiny_run: Path, images: torch.
     assert "exists" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "timm", "--out", str(tmp_path / "t")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_load_gives_the_matching_transform(encoder: AIMv2Encoder, tmp_path: Path) -> None:
+    """``load(...).transform`` turns an image into exactly what the evaluation pipeline feeds the encoder."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from aimpre.data.decode import Augment, decode_image
+
+    out = write_export(encoder, "safetensors", tmp_path / "st", info={"preprocessing": PRE})
+    loaded = load(out)
+    assert loaded.transform is not None
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (131, 157, 3), dtype=np.uint8)  # not square: the centre crop matters
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    image = Image.open(io.BytesIO(buf.getvalue()))
+    u8 = decode_image(buf.getvalue(), Augment(112, train=False), rng)
+    assert isinstance(u8, torch.Tensor)
+    mean, std = (torch.tensor(PRE[k]).view(3, 1, 1) for k in ("mean", "std"))
+    x = loaded.transform(image)
+    assert x.shape == (3, 112, 112) and x.dtype == torch.float32
+    assert _max_diff(x, (u8.float() / 255 - mean) / std) == 0.0
+    assert _max_diff(loaded.transform(image.convert("RGBA")), x) == 0.0
+    with torch.no_grad():
+        assert loaded.encoder(x[None]).shape == (1, 64, encoder.cfg.width)
+    bare = write_export(encoder, "safetensors", tmp_path / "bare")  # no recorded mean/std: no transform
+    assert load(bare).transform is None

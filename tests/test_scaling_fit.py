@@ -191,3 +191,98 @@ def test_bad_tables_are_rejected_naming_the_problem(tmp_path: Path, capsys: pyte
     assert main(["scaling", "fit", str(tmp_path / "a.csv")]) == 2
     err = capsys.readouterr().err
     assert "no column 'val_loss'" in err and "Traceback" not in err
+
+
+def test_tol_grouping_does_not_chain() -> None:
+    """Runs 10% apart used to chain into one budget spanning 2x at tol 0.15; each budget now spans at most 1 + tol."""
+    from aimpre.scaling.fit import group_budgets
+
+    c = np.append(3.6e17 * 1.1 ** np.arange(8), 7.4e17)
+    groups = group_budgets(c, None, 0.15)
+    assert groups.max() >= 3
+    for g in range(groups.max() + 1):
+        members = c[groups == g]
+        assert members.max() <= members.min() * 1.15
+    assert list(group_budgets(np.array([1e18, 1.1e18, 5e18]), [1e18, 4.5e18], 0.15)) == [0, 0, 1]
+
+
+def _isoflop_rows(concave: bool) -> list[dict]:
+    """7 sizes on each of 3 budgets from the Chinchilla law; optionally a 4th budget whose loss is concave in N."""
+    rows = []
+    for c in (1e17, 1e18, 1e19):
+        centre = lw.compute_optimal(TRUE, c, 6.0)[0]
+        for n in centre * np.geomspace(0.25, 4, 7):
+            rows.append({"run": f"c{c:.0e}-n{n:.3g}", "params": n, "flops": c,
+                         "val_loss": float(lw.chinchilla_loss(TRUE, n, c / (6 * n)))})  # fmt: skip
+    if concave:
+        for x in np.linspace(-1, 1, 5):
+            rows.append({"run": f"concave{x:+.1f}", "params": 1e9 * np.exp(x), "flops": 1e20, "val_loss": 3 - x * x})
+    return rows
+
+
+def test_concave_budgets_are_listed_and_not_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _isoflop_rows(concave=True)
+    src = _write(tmp_path / "t.csv", rows)
+    assert main(["scaling", "fit", str(src), "--n", "params", "--c", "flops", "--form", "isoflop"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("isoflop fit on 21 points")  # the concave budget's 5 rows are not counted
+    assert "budget C=1e+20: no minimum  (concave, no minimum in N: dropped, its 5 points not counted)" in out
+    fit = fit_isoflop(read_table(src, Columns(d=None)))
+    assert fit.n_points == 21 and fit.extra["dropped_rows"] == 5
+    assert [b["used"] for b in fit.extra["budgets"]] == [True, True, True, False]
+
+
+def test_budgets_print_the_rows_they_drop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [*_isoflop_rows(concave=False), {"run": "stray", "params": 1e8, "flops": 5e17, "val_loss": 3.0}]
+    src = _write(tmp_path / "t.csv", rows)
+    argv = ["scaling", "fit", str(src), "--n", "params", "--c", "flops", "--form", "isoflop"]
+    assert main([*argv, "--budgets", "1e17", "1e18", "1e19"]) == 0
+    out = capsys.readouterr().out
+    assert "not used: stray (C=5e+17): C is not within a factor 1.15 of any of --budgets" in out
+    assert out.startswith("isoflop fit on 21 points")
+    assert main(argv) == 0  # grouped by --tol: the stray row is a budget of one size
+    assert "not used: stray (C=5e+17): its budget (C~5e+17) has fewer than 3 model sizes" in capsys.readouterr().out
+
+
+def test_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
+    rows = _isoflop_rows(concave=False)
+    src = tmp_path / "excel.csv"
+    with open(src, "w", newline="", encoding="utf-8-sig") as f:  # what Excel's "CSV UTF-8" writes
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert src.read_bytes().startswith(b"\xef\xbb\xbf")
+    table = read_table(src, Columns(n="params", d=None, c="flops"))
+    assert len(table) == 21 and table.labels[0] == rows[0]["run"]
+
+
+def test_scaling_figure_is_legible(tmp_path: Path) -> None:
+    """150 dpi, legends in 8 pt or more, and every line carries a legend label."""
+    from matplotlib.lines import Line2D
+    from PIL import Image
+
+    from aimpre.scaling.plots import plot_scaling, scaling_figure
+
+    iso = read_table(_write(tmp_path / "iso.csv", _isoflop_rows(concave=True)), Columns(d=None))
+    fit = fit_table(_grid_data(outliers=0), "power", bootstrap=20, holdout=2)
+    for table, f in ((iso, None), (_grid_data(outliers=0), fit)):
+        fig = scaling_figure(table, f)
+        for ax in fig.axes:
+            if not ax.lines:
+                continue
+            unlabelled = [ln for ln in ax.lines if ln.get_label().startswith("_")]
+            assert not unlabelled, (ax.get_title(), unlabelled)
+            legend = ax.get_legend()
+            assert legend is not None and all(t.get_fontsize() >= 8 for t in legend.get_texts()), ax.get_title()
+            assert all(isinstance(ln, Line2D) for ln in ax.lines)
+    many = []  # 15 budgets: an entry each would not fit; colour by C, one legend entry for all
+    for c in np.geomspace(1e17, 1e21, 15):
+        centre = lw.compute_optimal(TRUE, c, 6.0)[0]
+        many += [(n, c, float(lw.chinchilla_loss(TRUE, n, c / (6 * n)))) for n in centre * np.geomspace(0.3, 3, 5)]
+    n, c, loss = (np.array(v) for v in zip(*many, strict=True))
+    panel = scaling_figure(Table(n, c / (6 * n), c, loss, [""] * n.size, Columns(), 6.0), None).axes[1]
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == ["iso-FLOP budget (colour: C)", "parabola minimum"]
+    assert any(ax.get_ylabel() == "budget C" for ax in panel.figure.axes)  # the colour bar
+    out = plot_scaling(iso, None, tmp_path / "s.png")
+    with Image.open(out) as img:
+        assert min(img.info["dpi"]) >= 149.9 and img.size[0] >= 1400

@@ -20,30 +20,25 @@ class ModelConfig:
     Defaults are AIMv2-L at 224 px; a named size (``SIZES``) overrides some of them.
     """
 
-    size: str = "large"
-    img_size: int = 224
-    patch_size: int = 14
-    # encoder
-    width: int = 1024
-    depth: int = 24
-    heads: int = 8
-    mlp_hidden: int = 2816
-    # decoder (one for all encoder sizes)
-    dec_width: int = 1024
-    dec_depth: int = 12
-    dec_heads: int = 8
-    dec_mlp_hidden: int = 2816
-    # text: None means "the tokenizer's vocabulary size", resolved by the training set-up
-    vocab_size: int | None = 32000
-    text_len: int = 77
-    norm_eps: float = 1e-5
-    # loss = w_text * CE + w_image * MSE (AIMv2: 1.0 and 0.4)
-    w_text: float = 1.0
-    w_image: float = 0.4
-    # prefix length M ~ U{prefix_min..prefix_max}; None means num_patches - 1
-    prefix_min: int = 1
-    prefix_max: int | None = None
-    attn_backend: str = "auto"
+    size: str = "large"  # a named size (SIZES: tiny, large, huge, 1b, 3b); the other model.* keys override it
+    img_size: int = 224  # input resolution in pixels (square)
+    patch_size: int = 14  # patch side in pixels; img_size must be a multiple
+    width: int = 1024  # encoder width (embedding dimension)
+    depth: int = 24  # encoder blocks
+    heads: int = 8  # encoder attention heads (width / heads = head dim)
+    mlp_hidden: int = 2816  # encoder SwiGLU hidden width
+    dec_width: int = 1024  # decoder width (one decoder for all encoder sizes)
+    dec_depth: int = 12  # decoder blocks
+    dec_heads: int = 8  # decoder attention heads
+    dec_mlp_hidden: int = 2816  # decoder SwiGLU hidden width
+    vocab_size: int | None = 32000  # text vocabulary; null: the tokenizer's, resolved by the training set-up
+    text_len: int = 77  # caption tokens per sample (padded or cut)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    w_text: float = 1.0  # loss = w_text * CE(text) + w_image * MSE(pixels); AIMv2: 1.0
+    w_image: float = 0.4  # weight of the pixel loss; AIMv2: 0.4
+    prefix_min: int = 1  # prefix length M ~ U{prefix_min..prefix_max} patches (bidirectional attention inside)
+    prefix_max: int | None = None  # null: num_patches - 1
+    attn_backend: str = "auto"  # attention kernel: auto | triton | flex | sdpa | xformers | reference
 
     @property
     def grid(self) -> int:
