@@ -16,10 +16,17 @@ def _train(args: argparse.Namespace) -> int:
 
     from aimpre.config import load_config
     from aimpre.train import train
+    from aimpre.train.checkpoint import PREEMPTED
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume)
     if getattr(rank_zero_only, "rank", 0) != 0:  # the global rank Lightning set under any launcher (torchrun, srun)
+        return 0
+    stopped = run_dir / PREEMPTED
+    if stopped.exists():  # a signal stopped it early: not finished, no summary (exit 0: the launcher requeues)
+        at = stopped.read_text().strip()
+        print(f"\naimpre: run {run_dir.name} stopped at {at} before trainer.max_steps, with a checkpoint; "
+              f"not finished: resume with `aimpre train --resume` and the same config ({run_dir})")  # fmt: skip
         return 0
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"\nrun directory: {run_dir}")
@@ -257,7 +264,7 @@ def _scaling_run(args: argparse.Namespace) -> int:
         print("interrupted: the same command resumes (finished runs are skipped, the others continue)")
         return 130
     bar.close()
-    failed = [r.name for r in results if r.status == "failed"]
+    failed = [r.name for r in results if r.status in ("failed", "stopped")]
     tail = f"; failed: {', '.join(failed)}" if failed else ""
     print(f"{len(results) - len(failed)} of {len(results)} runs finished{tail}")
     return 1 if failed else 0
