@@ -184,3 +184,31 @@ def test_launch_refuses_bad_input_when_writing(
     code, out, err = _launch(capsys, target, "--config", cfg, *rest)
     assert code == 2 and out == ""
     assert err.startswith("aimpre: error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_torchrun_commands_run_as_two_nodes(
+    tmp_path: Path, pretrain_spec: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The printed multi-node command, run on two 'nodes' of one process each (a c10d rendezvous on this host)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    _config(tmp_path, pretrain_spec, 2)
+    code, out, err = _launch(capsys, "torchrun", "--config", "cfg.yaml", "--name", "two nodes", "--nodes", "2",
+                             "--gpus-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                             "--out-dir", "runs")  # fmt: skip
+    assert code == 0, err
+    command = out.splitlines()[-1]  # the line after the comment: the same on every node
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(["bash", "-c", command], cwd="/", env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    run = tmp_path / "runs" / "two nodes"
+    assert _steps(run) == [1, 2]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["AIMv2DataModule"]["world"] == 2
+    saved = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    assert (saved["num_nodes"], saved["devices"]) == (2, 1)
