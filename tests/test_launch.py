@@ -155,8 +155,13 @@ def test_launch_carries_the_shape_and_every_override(
     for part in ("--rdzv-endpoint head:29500", "--max-restarts 3", "model.depth=12", "trainer.num_nodes=2",
                  "trainer.devices=8", f"run.out_dir={tmp_path / 'scratch'}", "run.name=l14"):  # fmt: skip
         assert part in out, part
-    code, out, _ = _launch(capsys, "slurm", "--config", cfg, "--name", "l14", "--nodes", "2", "--gpus-per-node", "8")
+    code, out, err = _launch(capsys, "slurm", "--config", cfg, "--name", "l14", "--nodes", "2", "--gpus-per-node", "8")
     assert code == 0 and "trainer.num_nodes=2 trainer.devices=8" in out and "OMP_NUM_THREADS=" in out
+    assert err == ""  # the config left devices to the launcher: nothing it said is overridden
+    # a config that says 8 nodes x 8 devices, launched on 2 x 8: the shrunken global batch is pointed out
+    code, out, err = _launch(capsys, "slurm", "--config", cfg, "--name", "l14", "--nodes", "2", "--gpus-per-node", "8",
+                             "trainer.devices=8")  # fmt: skip
+    assert code == 0 and "global batch is 64, not 256" in err
 
 
 @pytest.mark.parametrize(
@@ -172,6 +177,7 @@ def test_launch_carries_the_shape_and_every_override(
         (["torchrun", "--max-restarts", "-1"], "--max-restarts"),
         (["slurm", "--name", "interactive"], "interactive"),
         (["slurm", "--nodes", "0"], "--nodes"),
+        (["slurm", "--nodes", "3", "--gpus-per-node", "8", "trainer.global_batch_size=100"], "global_batch_size"),
     ],
 )
 def test_launch_refuses_bad_input_when_writing(

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from aimpre.config import Config, ConfigError, load_config, parse_override
+from aimpre.train.run import _accumulate
 
 SBATCH = """#!/bin/bash
 # aimpre pretraining on SLURM: {nodes} node(s) x {gpus} GPU(s), one task per GPU, requeued on preemption or at the
@@ -33,8 +35,7 @@ SBATCH = """#!/bin/bash
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
-{extra}
-# SIGUSR1 (180 s before the time limit, sent to the ranks) and SIGTERM (preemption, sent to the ranks and to this
+{extra}# SIGUSR1 (180 s before the time limit, sent to the ranks) and SIGTERM (preemption, sent to the ranks and to this
 # shell) make every rank save a checkpoint at the next step and exit, leaving a PREEMPTED marker in the run
 # directory; this script then requeues the job, which resumes. The log is appended to, so requeues add to it.
 set -uo pipefail
@@ -90,9 +91,26 @@ def train_args(
     shape = [f"run.name={_yaml_str(name)}", f"trainer.num_nodes={nodes}", f"trainer.devices={gpus}"]
     config = Path(config).resolve()
     cfg = load_config(config, [*overrides, *shape])  # a bad key fails here, not on the cluster after the queue wait
+    _accumulate(cfg, nodes * gpus)  # trainer.global_batch_size must divide over this many ranks
+    _note_shape_change(load_config(config, overrides), cfg)
     out = str(Path(out_dir if out_dir is not None else cfg.run.out_dir).resolve())
     args = ["train", "--resume", "--config", str(config), *overrides, *shape, f"run.out_dir={_yaml_str(out)}"]
     return args, replace(cfg, run=replace(cfg.run, out_dir=out))
+
+
+def _note_shape_change(written: Config, launched: Config) -> None:
+    """Says on stderr when the launch replaces the config's own node/device counts, and what that does to the
+    global batch (unless trainer.global_batch_size pins it): a config for 8 nodes run on 2 trains 4x smaller."""
+    w, n = written.trainer, launched.trainer
+    if (w.num_nodes, w.devices) == (n.num_nodes, n.devices) or w.devices == "auto":
+        return
+    note = f"aimpre: note: the config sets {w.num_nodes} node(s) x {w.devices} device(s); the launch runs " \
+           f"{n.num_nodes} x {n.devices}"  # fmt: skip
+    if n.global_batch_size is None and isinstance(w.devices, int) and isinstance(n.devices, int):
+        per = launched.data.batch_size * n.accumulate_grad_batches
+        note += (f": the global batch is {per * n.num_nodes * n.devices}, not {per * w.num_nodes * w.devices} "
+                 f"(set trainer.global_batch_size to keep it by accumulating gradients)")  # fmt: skip
+    print(note, file=sys.stderr)
 
 
 def _yaml_str(value: str) -> str:
@@ -140,7 +158,7 @@ def sbatch_script(
     return SBATCH.format(
         nodes=nodes, gpus=gpus, cpus=cpus, time=_sbatch_quote(time), job_name=_sbatch_quote(name),
         chdir=_sbatch_quote(str(cwd)), cwd_comment=str(cwd).replace("\n", " "), omp=max(1, cpus - workers),
-        extra="\n".join(f"#SBATCH {_sbatch_quote(x)}" for x in sbatch_extra),
+        extra="".join(f"#SBATCH {_sbatch_quote(x)}\n" for x in sbatch_extra),
         run_dir=shlex.quote(str(Path(cfg.run.out_dir) / name)), python=shlex.quote(python),
         train_args=shlex.join(args),
     )  # fmt: skip
