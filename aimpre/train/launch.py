@@ -59,7 +59,6 @@ fi
 exit "$status"
 """
 
-_SHAPE = ("trainer.num_nodes", "trainer.devices")
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
