@@ -16,10 +16,17 @@ def _train(args: argparse.Namespace) -> int:
 
     from aimpre.config import load_config
     from aimpre.train import train
+    from aimpre.train.checkpoint import PREEMPTED
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume)
     if getattr(rank_zero_only, "rank", 0) != 0:  # the global rank Lightning set under any launcher (torchrun, srun)
+        return 0
+    stopped = run_dir / PREEMPTED
+    if stopped.exists():  # a signal stopped it early: not finished, no summary (exit 0: the launcher requeues)
+        at = stopped.read_text().strip()
+        print(f"\naimpre: run {run_dir.name} stopped at {at} before trainer.max_steps, with a checkpoint; "
+              f"not finished: resume with `aimpre train --resume` and the same config ({run_dir})")  # fmt: skip
         return 0
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"\nrun directory: {run_dir}")
@@ -145,15 +152,15 @@ def _bench_loader(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from aimpre.config import load_config
     from aimpre.train.launch import sbatch_script, torchrun_commands
 
-    load_config(args.config)  # fail here, not on the cluster, if the config is bad
+    overrides = tuple(args.overrides)
     if args.target == "slurm":
         print(sbatch_script(args.config, args.name, args.nodes, args.gpus_per_node, args.time, args.cpus,
-                            args.out_dir, args.python, tuple(args.overrides), tuple(args.sbatch)), end="")  # fmt: skip
+                            args.out_dir, args.python, overrides, tuple(args.sbatch)), end="")  # fmt: skip
     else:
-        print(torchrun_commands(args.config, args.name, args.gpus_per_node, args.nodes))
+        print(torchrun_commands(args.config, args.name, args.gpus_per_node, args.nodes, args.rdzv_endpoint,
+                                args.max_restarts, args.out_dir, overrides))  # fmt: skip
     return 0
 
 
@@ -279,7 +286,7 @@ def _scaling_run(args: argparse.Namespace) -> int:
         print("interrupted: the same command resumes (finished runs are skipped, the others continue)")
         return 130
     bar.close()
-    failed = [r.name for r in results if r.status == "failed"]
+    failed = [r.name for r in results if r.status in ("failed", "stopped")]
     tail = f"; failed: {', '.join(failed)}" if failed else ""
     print(f"{len(results) - len(failed)} of {len(results)} runs finished{tail}")
     return 1 if failed else 0
@@ -567,11 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
         lt.add_argument("--name", required=True, help="run name (the run directory and the job name)")
         lt.add_argument("--nodes", type=int, default=1)
         lt.add_argument("--gpus-per-node", type=int, default=8)
-        lt.add_argument("--time", default="48:00:00", help="SLURM time limit")
-        lt.add_argument("--cpus", type=int, default=8, help="CPUs per task (SLURM)")
-        lt.add_argument("--out-dir", default="runs")
-        lt.add_argument("--python", default="python", help="the interpreter aimpre is installed in (SLURM)")
-        lt.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. --account=x")
+        lt.add_argument("--out-dir", help="runs folder (default: the config's run.out_dir)")
+        if target == "slurm":
+            lt.add_argument("--time", default="48:00:00", help="SLURM time limit")
+            lt.add_argument("--cpus", type=int, help="CPUs per task (default: data.num_workers + 1)")
+            lt.add_argument("--python", default="python", help="the interpreter aimpre is installed in")
+            lt.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. --account=x")
+        else:
+            lt.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous (needed for --nodes > 1)")
+            lt.add_argument("--max-restarts", type=int, default=0, help="restarts of failed workers (each resumes)")
         lt.add_argument("overrides", nargs="*", help="section.key=value")
         lt.set_defaults(fn=_launch)
 

@@ -28,6 +28,12 @@ COLUMNS = (
 PARAMS = ("encoder", "total", "encoder_nonemb", "total_nonemb")
 
 
+def finished(run: Path) -> bool:
+    """Whether a run folder holds a finished run: ``summary.json`` and no ``PREEMPTED`` marker (older versions
+    wrote a summary for a run a signal had stopped early too: such a run is unfinished and resumes)."""
+    return (run / "summary.json").is_file() and not (run / "PREEMPTED").exists()
+
+
 def _final_val(run: Path, steps: int) -> dict[str, Any]:
     with open(run / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
@@ -94,13 +100,16 @@ def collect(path: str | Path, params: str = "total", include_trunks: bool = Fals
             if p["kind"] == "trunk" and not include_trunks:
                 continue
             run = root / plan.get("runs_dir", "runs") / p["name"]
-            if (run / "summary.json").is_file():
+            if finished(run):
                 rows.append(run_row(run, params, p["size"], p["kind"]))
             else:
                 missing.append(p["name"])
     else:
         for s in sorted(root.rglob("summary.json")):
-            rows.append(run_row(s.parent, params))
+            if finished(s.parent):
+                rows.append(run_row(s.parent, params))
+            else:
+                missing.append(s.parent.name)
     if not rows:
         raise FileNotFoundError(f"no finished runs (summary.json) under {root}")
     return rows, missing

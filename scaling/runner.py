@@ -1,12 +1,12 @@
 """Running a plan: locally one run after another (or a few at once), or as a SLURM array / command list.
 
 Each point runs as its own process, ``python -m aimpre train --config configs/POINT.yaml --resume`` (this
-module never imports Lightning), so a crash loses one point and a rerun continues: points whose run folder has
-``summary.json`` are skipped, and a half-finished point resumes from its last checkpoint. A cooldown branch
-starts by copying its trunk's step-N checkpoint (and metrics and tokenizer files) into its own run folder, with
-``last.ckpt`` linked to it; the resume then restores model, optimiser, step and data position, and continues with the
-branch's schedule (``aimpre.train.run`` allows optim and trainer changes on resume, never model changes).
-Points of one group (a trunk and its branches) run in order; groups are independent.
+module never imports Lightning), so a crash loses one point and a rerun continues: finished points (``summary.json``
+and no ``PREEMPTED`` marker) are skipped, and a half-finished or preempted point resumes from its last checkpoint.
+A cooldown branch starts by copying its trunk's step-N checkpoint (and metrics and tokenizer files) into its own run
+folder, with ``last.ckpt`` linked to it; the resume then restores model, optimiser, step and data position, and
+continues with the branch's schedule (``aimpre.train.run`` allows optim and trainer changes on resume, never model
+changes). Points of one group (a trunk and its branches) run in order; groups are independent.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from aimpre import files
+from aimpre.scaling.collect import finished
 from aimpre.scaling.sweep import load_plan
 
 
 @dataclass
 class Outcome:
     name: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | stopped (by a preemption signal: a rerun resumes it) | failed
     seconds: float
     log: Path | None = None
 
@@ -73,7 +74,7 @@ def run_point(
     threads: int | None = None,
     live: set[subprocess.Popen] | None = None,
 ) -> Outcome:
-    """Trains one point unless its summary exists; output goes to ``plan_dir/logs/NAME.log``.
+    """Trains one point unless it has finished; output goes to ``plan_dir/logs/NAME.log``.
 
     Args:
         plan_dir: the plan folder.
@@ -83,7 +84,7 @@ def run_point(
         live: the training process is kept here while it runs (so an interrupted runner can stop it).
     """
     runs = plan_dir / "runs"
-    if (runs / point["name"] / "summary.json").exists():
+    if finished(runs / point["name"]):
         return Outcome(point["name"], "skipped", 0.0)
     if point["kind"] == "branch":
         prepare_branch(runs, point)
@@ -103,8 +104,9 @@ def run_point(
         finally:
             if live is not None:
                 live.discard(proc)
-    ok = rc == 0 and (runs / point["name"] / "summary.json").exists()
-    return Outcome(point["name"], "done" if ok else "failed", time.perf_counter() - t0, log)
+    run = runs / point["name"]
+    status = "done" if rc == 0 and finished(run) else "stopped" if (run / "PREEMPTED").exists() else "failed"
+    return Outcome(point["name"], status, time.perf_counter() - t0, log)
 
 
 def run_plan(
@@ -117,7 +119,7 @@ def run_plan(
 ) -> list[Outcome]:
     """Runs every point of a plan; groups run ``jobs`` at a time, a group's points in order.
 
-    A failed point stops its group (its branches need it); the other groups go on.
+    A failed or stopped point stops its group (its branches need it); the other groups go on.
 
     Args:
         plan_dir: the folder ``plan`` wrote.
@@ -151,7 +153,7 @@ def run_plan(
                 results.append(out)
                 if report:
                     report(out, len(results), total)
-            if out.status == "failed":
+            if out.status in ("failed", "stopped"):
                 for rest in points[i + 1 :]:
                     with lock:
                         results.append(Outcome(rest["name"], "failed", 0.0))

@@ -5,7 +5,8 @@ hidden temp name and renamed into place once every rank has finished; only then 
 move to it, by an atomic rename. A crash at any point leaves the previous checkpoint and ``last.ckpt`` intact;
 leftover temp names are removed at the next start. SIGTERM (Lightning syncs it across ranks) and SIGUSR1 (SLURM's
 warning before the time limit) save a checkpoint at the next step boundary, leave a ``PREEMPTED`` marker in the
-run directory for the launcher to requeue on, and stop the run.
+run directory for the launcher to requeue on (and so that the run is not taken for finished: no summary), and
+stop the run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from aimpre.files import symlink
+from aimpre.files import symlink, write_text
 
 _STEP = re.compile(r"^step-(\d+)\.ckpt$")
 PREEMPTED = "PREEMPTED"
@@ -82,8 +83,8 @@ class Checkpointer(pl.Callback):
         if step != self.saved_step and ((step % self.every == 0 and not in_bad_streak) or preempted):
             self.save(trainer)
         if preempted:
-            if trainer.is_global_zero:
-                (self.directory.parent / PREEMPTED).write_text(f"step {step}\n")
+            if trainer.is_global_zero:  # after the checkpoint: the marker promises a resumable step
+                write_text(self.directory.parent / PREEMPTED, f"step {step}\n")
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

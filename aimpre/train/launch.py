@@ -1,80 +1,208 @@
 """Launch commands for one node, several nodes and SLURM, all running the same ``aimpre train`` and config.
 
-Lightning recognises torchrun's and SLURM's environments; ``aimpre train`` reads the node and device counts
-from them (``trainer.num_nodes`` / ``trainer.devices`` left at their defaults), so one config serves all three.
+The launch's shape is written into the command every rank runs (``trainer.num_nodes``, ``trainer.devices``), so a
+config written for another cluster cannot contradict it, and the config is loaded with every override when the
+script is written: a bad key fails here, not on the cluster after the queue wait. Paths become absolute and the
+job runs in the directory the script was written from, so relative data paths mean what they meant here.
 Restarts pass ``--resume``: the run continues from its newest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from aimpre.config import Config, ConfigError, load_config, parse_override
+from aimpre.train.run import _accumulate
 
 SBATCH = """#!/bin/bash
-# aimpre pretraining on SLURM: {nodes} node(s) x {gpus} GPU(s), requeued on preemption or time limit.
-#SBATCH --job-name={name}
+# aimpre pretraining on SLURM: {nodes} node(s) x {gpus} GPU(s), one task per GPU, requeued on preemption or at the
+# time limit. Written by `aimpre launch slurm`; the job runs in {cwd_comment}.
+#SBATCH --job-name={job_name}
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node={gpus}
 #SBATCH --gpus-per-node={gpus}
 #SBATCH --cpus-per-task={cpus}
 #SBATCH --time={time}
+#SBATCH --chdir={chdir}
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
-#SBATCH --output=slurm-%x-%j.out
-{extra}
-# SIGUSR1 (180 s before the time limit) and SIGTERM (preemption) make every rank save a checkpoint at the next
-# step and exit; the run leaves a PREEMPTED marker, and this script requeues the job, which resumes.
+{extra}# SIGUSR1 (180 s before the time limit, sent to the ranks) and SIGTERM (preemption, sent to the ranks and to this
+# shell) make every rank save a checkpoint at the next step and exit, leaving a PREEMPTED marker in the run
+# directory; this script then requeues the job, which resumes. The log is appended to, so requeues add to it.
 set -uo pipefail
-status=0
-srun --kill-on-bad-exit=1 {python} -m aimpre train --resume --config {config} run.name={name} \\
-    run.out_dir={out_dir} {overrides} || status=$?
-if [ -f {out_dir}/{name}/PREEMPTED ]; then
+export OMP_NUM_THREADS={omp}  # the task's CPUs minus one per data worker (workers run single-threaded)
+run_dir={run_dir}
+# Without a trap, SIGTERM would kill this shell at once and nothing would requeue; with one, `wait` returns early
+# and the loop below waits again until srun (which passes the signal on to the ranks) has finished.
+trap 'echo "aimpre: SIGTERM: waiting for the ranks to save a checkpoint" >&2' TERM
+# Slurm >= 22.05 no longer passes the job's --cpus-per-task on to srun: without it every rank gets one CPU.
+srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" {python} -m aimpre {train_args} &
+srun_pid=$!
+wait "$srun_pid"
+status=$?
+while kill -0 "$srun_pid" 2>/dev/null; do
+    wait "$srun_pid"
+    status=$?
+done
+if [ -f "$run_dir/PREEMPTED" ]; then
     scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$status"
 """
 
+_ENDPOINT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+def train_args(
+    config: str | Path, name: str, nodes: int, gpus: int, out_dir: str | None, overrides: tuple[str, ...]
+) -> tuple[list[str], Config]:
+    """The ``aimpre train`` arguments every rank runs, and the config they resolve to (loaded here to check it).
+
+    Args:
+        config: the YAML config.
+        name: run name.
+        nodes, gpus: nodes and processes (GPUs) per node: written as trainer.num_nodes / trainer.devices.
+        out_dir: runs folder (None: the config's run.out_dir); made absolute.
+        overrides: ``section.key=value`` overrides; ones that contradict the other arguments are refused.
+    """
+    if nodes < 1 or gpus < 1:
+        raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus}")
+    if not name.strip():
+        raise ValueError("--name must not be empty")
+    flags = {"run.name": ("--name", name), "trainer.num_nodes": ("--nodes", nodes),
+             "trainer.devices": ("--gpus-per-node", gpus)}  # fmt: skip
+    if out_dir is not None:
+        flags["run.out_dir"] = ("--out-dir", out_dir)
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        flag = flags.get(f"{section}.{key}")
+        if flag is not None and value != flag[1]:
+            raise ConfigError(f"override {item!r} contradicts {flag[0]} {flag[1]}: drop one of them")
+    shape = [f"run.name={_yaml_str(name)}", f"trainer.num_nodes={nodes}", f"trainer.devices={gpus}"]
+    config = Path(config).resolve()
+    cfg = load_config(config, [*overrides, *shape])  # a bad key fails here, not on the cluster after the queue wait
+    _accumulate(cfg, nodes * gpus)  # trainer.global_batch_size must divide over this many ranks
+    _note_shape_change(load_config(config, overrides), cfg)
+    out = str(Path(out_dir if out_dir is not None else cfg.run.out_dir).resolve())
+    args = ["train", "--resume", "--config", str(config), *overrides, *shape, f"run.out_dir={_yaml_str(out)}"]
+    return args, replace(cfg, run=replace(cfg.run, out_dir=out))
+
+
+def _note_shape_change(written: Config, launched: Config) -> None:
+    """Says on stderr when the launch replaces the config's own node/device counts, and what that does to the
+    global batch (unless trainer.global_batch_size pins it): a config for 8 nodes run on 2 trains 4x smaller."""
+    w, n = written.trainer, launched.trainer
+    if (w.num_nodes, w.devices) == (n.num_nodes, n.devices) or w.devices == "auto":
+        return
+    note = f"aimpre: note: the config sets {w.num_nodes} node(s) x {w.devices} device(s); the launch runs " \
+           f"{n.num_nodes} x {n.devices}"  # fmt: skip
+    if n.global_batch_size is None and isinstance(w.devices, int) and isinstance(n.devices, int):
+        per = launched.data.batch_size * n.accumulate_grad_batches
+        note += (f": the global batch is {per * n.num_nodes * n.devices}, not {per * w.num_nodes * w.devices} "
+                 f"(set trainer.global_batch_size to keep it by accumulating gradients)")  # fmt: skip
+    print(note, file=sys.stderr)
+
+
+def _yaml_str(value: str) -> str:
+    """``value`` as an override value that parses back to this string (JSON strings are YAML: "123", "on" stay)."""
+    try:
+        plain = yaml.safe_load(value) == value
+    except yaml.YAMLError:
+        plain = False
+    return value if plain else json.dumps(value)
+
 
 def sbatch_script(
-    config: str,
+    config: str | Path,
     name: str,
     nodes: int,
     gpus: int,
     time: str = "48:00:00",
-    cpus: int = 8,
-    out_dir: str = "runs",
+    cpus: int | None = None,
+    out_dir: str | None = None,
     python: str = "python",
     overrides: tuple[str, ...] = (),
     sbatch_extra: tuple[str, ...] = (),
 ) -> str:
-    """An sbatch script that runs (and requeues) ``aimpre train`` with ``config``.
+    """An sbatch script that runs (and requeues) ``aimpre train`` with ``config``, from the current directory.
 
     Args:
         config: the YAML config.
         name: run name (the job and the run directory).
         nodes, gpus: nodes and GPUs per node (one task per GPU).
         time: the job's time limit.
-        cpus: CPUs per task (data workers + 1).
-        out_dir: run.out_dir.
+        cpus: CPUs per task (default: data.num_workers + 1).
+        out_dir: run.out_dir (default: the config's).
         python: the interpreter of the environment aimpre is installed in.
         overrides: extra ``section.key=value`` overrides.
         sbatch_extra: extra ``#SBATCH`` options, e.g. ``--account=x``.
     """
-    if nodes < 1 or gpus < 1:
-        raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus}")
+    if name in ("bash", "interactive"):  # Lightning takes a job of these names for a shell and ignores SLURM
+        raise ValueError(f"--name {name!r} is a name Lightning reserves for interactive SLURM jobs: choose another")
+    args, cfg = train_args(config, name, nodes, gpus, out_dir, overrides)
+    workers = cfg.data.num_workers
+    cpus = workers + 1 if cpus is None else cpus
+    if cpus < 1:
+        raise ValueError(f"--cpus must be >= 1, got {cpus}")
+    cwd = Path.cwd()
     return SBATCH.format(
-        name=name, nodes=nodes, gpus=gpus, cpus=cpus, time=time, out_dir=shlex.quote(out_dir),
-        python=shlex.quote(python), config=shlex.quote(config), overrides=" ".join(map(shlex.quote, overrides)),
-        extra="\n".join(f"#SBATCH {shlex.quote(x)}" for x in sbatch_extra),
+        nodes=nodes, gpus=gpus, cpus=cpus, time=_sbatch_quote(time), job_name=_sbatch_quote(name),
+        chdir=_sbatch_quote(str(cwd)), cwd_comment=str(cwd).replace("\n", " "), omp=max(1, cpus - workers),
+        extra="".join(f"#SBATCH {_sbatch_quote(x)}\n" for x in sbatch_extra),
+        run_dir=shlex.quote(str(Path(cfg.run.out_dir) / name)), python=shlex.quote(python),
+        train_args=shlex.join(args),
     )  # fmt: skip
 
 
-def torchrun_commands(config: str, name: str, gpus: int, nodes: int = 1, endpoint: str = "HEAD_NODE:29500") -> str:
-    """The torchrun command(s): one node, or every node of a multi-node rendezvous."""
-    train = f"-m aimpre train --resume --config {shlex.quote(config)} run.name={shlex.quote(name)}"
+def _sbatch_quote(value: str) -> str:
+    """A value for an ``#SBATCH`` line: sbatch splits those at whitespace, honouring double quotes and backslashes."""
+    if value and not re.search(r'[\s"\\#]', value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def torchrun_commands(
+    config: str | Path,
+    name: str,
+    gpus: int,
+    nodes: int = 1,
+    endpoint: str | None = None,
+    max_restarts: int = 0,
+    out_dir: str | None = None,
+    overrides: tuple[str, ...] = (),
+) -> str:
+    """The torchrun command(s): one node, or the command every node of a multi-node rendezvous runs.
+
+    Args:
+        config, name, out_dir, overrides: as ``sbatch_script``.
+        gpus: processes per node.
+        nodes: nodes; more than one needs ``endpoint``.
+        endpoint: HOST:PORT of the c10d rendezvous (a port free on the first node).
+        max_restarts: times torchrun restarts failed workers; each restart resumes from the last checkpoint.
+    """
+    if max_restarts < 0:
+        raise ValueError(f"--max-restarts must be >= 0, got {max_restarts}")
+    args, _ = train_args(config, name, nodes, gpus, out_dir, overrides)
+    cd = f"cd {shlex.quote(str(Path.cwd()))} && "  # relative data paths in the config mean what they mean here
+    train = f"-m aimpre {shlex.join(args)}"
+    restarts = f"--max-restarts {max_restarts}"
     if nodes == 1:
-        return f"torchrun --standalone --nproc-per-node {gpus} {train}"
+        return f"{cd}torchrun --standalone --nproc-per-node {gpus} {restarts} {train}"
+    if endpoint is None:
+        raise ValueError(f"--nodes {nodes} needs --rdzv-endpoint HOST:PORT (the first node and a free port on it)")
+    if not _ENDPOINT.match(endpoint):
+        raise ValueError(f"--rdzv-endpoint must be HOST:PORT, got {endpoint!r}")
     return (
         f"# on each of the {nodes} nodes (same command; the c10d rendezvous on {endpoint} assigns ranks):\n"
-        f"torchrun --nnodes {nodes} --nproc-per-node {gpus} --rdzv-backend c10d --rdzv-endpoint {endpoint} "
-        f"--rdzv-id {shlex.quote(name)} {train}"
+        f"{cd}torchrun --nnodes {nodes} --nproc-per-node {gpus} --rdzv-backend c10d --rdzv-endpoint {endpoint} "
+        f"--rdzv-id {shlex.quote(name)} {restarts} {train}"
     )

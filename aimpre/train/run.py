@@ -2,19 +2,25 @@
 
 Run directory (``run.out_dir/run.name``): ``config.yaml`` (resolved), ``checkpoints/`` (``last.ckpt`` and
 ``step-N.ckpt``, atomic), ``metrics.csv``, ``out.log`` (a text line every ``trainer.log_every`` steps),
-``summary.json`` (what the scaling module reads); ``tensorboard/`` and ``wandb/`` if ``trainer.loggers`` has them.
+``summary.json`` (what the scaling module reads; written only when a training process ends at
+``trainer.max_steps``, never for a run that stopped early and left ``PREEMPTED``), ``.lock``, which one live
+training process holds at a time, and ``tensorboard/`` and ``wandb/`` if ``trainer.loggers`` has them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import itertools
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from aimpre.config import Config, ConfigError, config_hash, dump_config, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
@@ -53,13 +60,62 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
             f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})"
         )
     # Lightning's DDP launcher re-runs the command in child processes: they inherit the parent's generated name.
-    name = cfg.run.name or os.environ.get("AIMPRE_RUN_NAME")
+    # (Only they: a second unnamed run in one process gets a name of its own.)
+    name = cfg.run.name or (None if _first_process() else os.environ.get("AIMPRE_RUN_NAME"))
     if name is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("config key 'run.name' must be set for multi-process runs (every rank needs it)")
-        name = f"{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = _new_name(Path(cfg.run.out_dir), f"{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.environ["AIMPRE_RUN_NAME"] = name
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab), run=replace(cfg.run, name=name))
+
+
+def _new_name(out_dir: Path, stem: str) -> str:
+    """``stem``, else ``stem-2``, ``stem-3``, ...: the first whose run directory this call creates. mkdir is atomic,
+    so two unnamed runs started in the same second (or on two hosts sharing ``out_dir``) get different names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count(1):
+        name = stem if i == 1 else f"{stem}-{i}"
+        try:
+            (out_dir / name).mkdir()
+            return name
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def _first_process() -> bool:
+    """Whether this is the run's first process. Every launcher gives its other processes a non-zero rank variable
+    (torchrun RANK/GROUP_RANK, srun SLURM_PROCID, Lightning's DDP launcher LOCAL_RANK/NODE_RANK for the children
+    it re-runs the command in), and Lightning's own rank is not known before the Trainer has set up."""
+    ranks = ("RANK", "GROUP_RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    return all(os.environ.get(v, "0") in ("", "0") for v in ranks)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Holds ``run_dir/.lock`` exclusively while the block runs; refuses if another process holds it.
+
+    ``fcntl.flock``: the OS drops the lock when its process dies, however it dies, so a killed run never blocks its
+    own resume. The file names the holder (host, pid, start time) for the refusal message.
+    """
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            raise FileExistsError(
+                f"run directory {run_dir} is in use by {holder}: one training process per run "
+                f"(wait for it to end, or stop it; a killed process releases it at once)"
+            ) from None
+        os.ftruncate(fd, 0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
@@ -163,13 +219,26 @@ def train(
     cfg = resolve(cfg, tokenizer)
     assert cfg.run.name is not None
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # only the first process takes the lock: the other ranks of the same launch share the directory
+    with run_lock(run_dir) if _first_process() else contextlib.nullcontext():
+        return _train_locked(cfg, run_dir, tokenizer, resume, callbacks, datamodule)
+
+
+def _train_locked(
+    cfg: Config,
+    run_dir: Path,
+    tokenizer: Tokenizer,
+    resume: bool,
+    callbacks: tuple[pl.Callback, ...],
+    datamodule: pl.LightningDataModule | None,
+) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if last.exists() and not resume:
         raise FileExistsError(f"run {run_dir} already has checkpoints: pass --resume to continue it")
     if resume and last.exists():
         _check_resume(run_dir, cfg, tokenizer)
-    run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
@@ -217,9 +286,16 @@ def train(
             write_text(run_dir / "tokenizer.json", tokenizer.path.read_text())
     start = time.time()
     if trainer.is_global_zero:
+        # the run is unfinished from here until it ends: a summary of an earlier segment must not outlive this start
         (run_dir / PREEMPTED).unlink(missing_ok=True)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.exists() else None)
-    if trainer.is_global_zero:
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.exists() else None)
+    except SIGTERMException:  # Lightning's exit on SIGTERM under DDP: a normal stop once the checkpoint is saved
+        if not (run_dir / PREEMPTED).exists():
+            raise
+    # the Checkpointer leaves PREEMPTED (global rank 0) when a signal stopped the run: a stopped run is not finished
+    if trainer.is_global_zero and not (run_dir / PREEMPTED).exists():
         _write_summary(run_dir, cfg, module, data, metrics, trainer, fps, time.time() - start, tokenizer)
     return run_dir
 
