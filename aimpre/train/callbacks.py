@@ -16,6 +16,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from aimpre.files import atomic_path
+from aimpre.train.checkpoint import load_torch_file
 
 COLUMNS = (
     "step", "samples", "flops", "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text",
@@ -43,6 +44,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """``--resume`` reads through here: tensors and plain containers only, whatever Lightning asks for."""
+        checkpoint = load_torch_file(Path(path))
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+        return checkpoint
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -130,12 +130,12 @@ def _accumulate(cfg: Config, world: int) -> int:
 
 def _strategy(cfg: Config, world: int) -> Any:
     if cfg.trainer.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from aimpre.train.checkpoint import safe_model_parallel_strategy
 
         # FSDP2 (fully_shard) over all ranks, applied per block in AIMv2Module.configure_model; checkpoints are
         # torch.distributed.checkpoint directories, loadable on another number of ranks. ("auto" would make the
         # data-parallel size the node count.)
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        return safe_model_parallel_strategy(data_parallel_size=world, tensor_parallel_size=1)
     return cfg.trainer.strategy
 
 
