@@ -145,14 +145,15 @@ class _MetadataUnpickler(pickle.Unpickler):
 def _safe_reader() -> type:
     """``FileSystemReader`` whose ``.metadata`` goes through ``_MetadataUnpickler`` instead of ``pickle.load``.
 
-    Built on first use: importing torch.distributed.checkpoint takes a second.
+    Defined on first use, so that importing this module (every training run does) does not import DCP.
     """
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     class SafeFileSystemReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-            path = Path(self.path) / ".metadata"
+            rank = kwargs.get("rank")  # DCP falls back to a per-rank __RANK.metadata
+            path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
             try:
                 with open(path, "rb") as f:
                     metadata = _MetadataUnpickler(f).load()
@@ -226,8 +227,10 @@ def load_sharded(path: Path, state: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+    reader = _safe_reader()(path)
+    reader.read_metadata()  # refused here, in one line: inside dcp.load a failure is logged with tracebacks
     try:
-        dcp.load(state, storage_reader=_safe_reader()(path), planner=_safe_planner(DefaultLoadPlanner)())
+        dcp.load(state, storage_reader=reader, planner=_safe_planner(DefaultLoadPlanner)())
     except dcp.CheckpointException as e:  # DCP gathers per-rank failures; ours carry the file and the key
         raise _unwrap(e, path) from None
 
@@ -247,11 +250,14 @@ def _check_claimed_sizes(path: Path, metadata: Any) -> None:
     """The tensors ``.metadata`` claims must fit in the shard files: a forged claim allocates nothing."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    claimed = sum(
-        math.prod(m.size) * m.properties.dtype.itemsize
-        for m in metadata.state_dict_metadata.values()
-        if isinstance(m, TensorStorageMetadata)
-    )
+    try:
+        claimed = sum(
+            math.prod(m.size) * m.properties.dtype.itemsize
+            for m in metadata.state_dict_metadata.values()
+            if isinstance(m, TensorStorageMetadata)
+        )
+    except (AttributeError, TypeError) as e:  # the classes are DCP's, their fields anything a pickle can hold
+        raise ValueError(f"{path / '.metadata'}: malformed tensor entries ({_line(e)})") from e
     on_disk = sum(p.stat().st_size for p in path.glob("*.distcp"))
     if claimed > on_disk:
         raise ValueError(f"{path}: .metadata claims {claimed} bytes of tensors, its .distcp files hold {on_disk}")
@@ -312,7 +318,10 @@ def safe_model_parallel_strategy(**kwargs: Any) -> pl.strategies.Strategy:
         def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
             path = Path(self.broadcast(checkpoint_path))
             if not path.is_dir():  # a consolidated file: Lightning's reader, told to unpickle nothing
-                return super().load_checkpoint(path, weights_only=True)
+                try:
+                    return super().load_checkpoint(path, weights_only=True)
+                except pickle.UnpicklingError as e:
+                    raise UnsafeCheckpointError(f"{path}: refused: {_line(e)}; nothing was run") from None
             assert self.model is not None and self.lightning_module is not None
             # the sharded branch of lightning.fabric.strategies.model_parallel._load_checkpoint, with safe reads
             module = {"state_dict": get_model_state_dict(self.model)}
