@@ -62,7 +62,12 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
 
 def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
     """A run may resume with a new schedule or data, never with another model or tokenizer."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not valid YAML ({type(e).__name__})") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("model", {}), dict):
+        raise ConfigError(f"cannot resume {run_dir}: its config.yaml does not hold a mapping of sections")
     now = to_dict(cfg)
     diff = [k for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]]
     if diff:
