@@ -153,10 +153,13 @@ def _weight_files(folder: Path) -> list[Path]:
     index = folder / f"{WEIGHTS}.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
-        names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
-        for name in names:
+        if not isinstance(weight_map, dict):
+            raise ExportError(f"{index}: weight_map must be an object, got {short_repr(weight_map)}")
+        names: set[str] = set()
+        for name in weight_map.values():
             if not isinstance(name, str) or Path(name).name != name:  # shards live beside the index
                 raise ExportError(f"{index}: weight_map names {short_repr(name)}, not a file name in {folder}")
+            names.add(name)
         return [folder / name for name in sorted(names)]
     raise FileNotFoundError(f"{folder}: no {WEIGHTS} (or {WEIGHTS}.index.json); only safetensors weights are read")
 

@@ -340,3 +340,12 @@ def test_state_dict_not_a_mapping_of_tensors(
     torch.save({"state_dict": state_dict, "global_step": 1}, run / "checkpoints" / "last.ckpt")
     code, err = _cli(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and err.count("\n") == 1 and "last.ckpt: 'state_dict'" in err, err
+
+
+@pytest.mark.parametrize("weight_map", [{"pos_embed": "../elsewhere.safetensors"}, ["model.safetensors"]])
+def test_weight_index_names_only_files_beside_it(weight_map: object, tmp_path: Path) -> None:
+    out = _exported(tmp_path, "safetensors")
+    (out / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ExportError, match=r"index\.json: weight_map"):
+        load_encoder(out)

@@ -179,7 +179,7 @@ def _safe_planner(base: type) -> type:
     """
     from torch.distributed.checkpoint._traverse import set_element
 
-    class SafePlanner(base):  # type: ignore[misc, valid-type]
+    class SafePlanner(base):
         def set_up_planner(self, state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> None:
             self.loaded = state_dict  # filled in place by the empty-state-dict planner
             super().set_up_planner(state_dict, *args, **kwargs)
