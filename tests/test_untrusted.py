@@ -43,9 +43,9 @@ class Payload:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.fixture(scope="module")
-def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("marker") / "CODE-RAN"
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    return tmp_path / "CODE-RAN"  # one per test, so that each test tells on its own entry point
 
 
 @pytest.fixture(scope="module")
