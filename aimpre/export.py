@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -41,12 +41,13 @@ from aimpre.formats import (
     timm_config,
     to_hf,
 )
-from aimpre.model import AIMv2Encoder, ModelConfig
+from aimpre.model import AIMv2, AIMv2Encoder, ModelConfig
 
 FORMATS = ("timm", "hf", "safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = "model.safetensors"
 INFO = "aimpre.json"
+M = TypeVar("M", AIMv2Encoder, AIMv2)
 
 
 @dataclass
@@ -174,19 +175,19 @@ def _read_weights(folder: Path, cfg: ModelConfig, fmt: str, claim: str) -> State
                 names += f.keys()
         except Exception as e:  # safetensors raises its own error type for truncated or foreign files
             raise ExportError(f"{file}: not a readable safetensors file ({e})") from e
-    _check_depth(cfg, _rename(fmt, dict.fromkeys(names, torch.empty(0)), folder), claim, str(files[0]))
+    _check_depth(cfg.depth, _rename(fmt, dict.fromkeys(names, torch.empty(0)), folder), claim, str(files[0]))
     return {k: v for f in files for k, v in _load_safetensors(f)[0].items()}
 
 
-def _check_depth(cfg: ModelConfig, state: State, claim: str, weights: str) -> None:
+def _check_depth(depth: int, state: State, claim: str, weights: str, prefix: str = "", key: str = "depth") -> None:
     """The claimed depth must match the blocks the tensors hold, before a model of that depth is built.
 
     Building costs memory per block even on the meta device (a claimed depth of 200000 took 7.75 GB); widths
     cost nothing there, and ``_build`` checks every shape after.
     """
-    blocks = {int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if cfg.depth != len(blocks):
-        raise ExportError(f"{claim} says depth {cfg.depth}, but {weights} holds {len(blocks)} blocks")
+    blocks = {int(m[1]) for k in state if (m := re.match(rf"{re.escape(prefix)}blocks\.(\d+)\.", k))}
+    if depth != len(blocks):
+        raise ExportError(f"{claim} says {key} {depth}, but {weights} holds {len(blocks)} blocks")
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -292,20 +293,26 @@ def _read(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise ExportError(f"{where} is not valid JSON ({e})") from e
     cfg = encoder_config(info["encoder"], where)
-    _check_depth(cfg, _rename(info["format"], dict.fromkeys(names, torch.empty(0)), path), where, "the file")
+    _check_depth(cfg.depth, _rename(info["format"], dict.fromkeys(names, torch.empty(0)), path), where, "the file")
     return cfg, _rename(info["format"], _load_safetensors(path)[0], path), info
 
 
-def _build(cfg: ModelConfig, state: State, source: str) -> AIMv2Encoder:
-    """Our encoder holding ``state`` (float32), after checking every name and shape."""
-    _check_depth(cfg, state, f"{source}: the config", "the state dict")
+def _build(cfg: ModelConfig, state: State, source: str, cls: type[M] = AIMv2Encoder) -> M:  # type: ignore[assignment]
+    """Our encoder (or, with ``cls=AIMv2``, the whole model) holding ``state`` (float32), after checking every
+    name and shape, on the meta device, where a forged shape allocates nothing."""
+    claim = f"{source}: the config"
+    if cls is AIMv2Encoder:
+        _check_depth(cfg.depth, state, claim, "the state dict")
+    else:
+        _check_depth(cfg.depth, state, claim, "the state dict", "encoder.")
+        _check_depth(cfg.dec_depth, state, claim, "the state dict", "decoder.", "dec_depth")
     with torch.device("meta"):
-        encoder = AIMv2Encoder(cfg)
+        encoder = cls(cfg)
     want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:
         raise ExportError(
-            f"{source}: tensor names do not match a {cfg.depth}-block AIMv2 encoder: "
+            f"{source}: tensor names do not match a {cfg.depth}-block {cls.__name__}: "
             f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
         )
@@ -314,6 +321,11 @@ def _build(cfg: ModelConfig, state: State, source: str) -> AIMv2Encoder:
             raise ExportError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the config implies {shape}")
     encoder.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return encoder.eval()
+
+
+def run_model(run: RunCheckpoint) -> AIMv2:
+    """The whole pretraining model of a run checkpoint (float32, eval mode), checked as ``_build`` checks."""
+    return _build(run.cfg.model, run.state, str(run.path), AIMv2)
 
 
 def load(path: str | Path) -> Loaded:

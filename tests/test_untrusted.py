@@ -349,3 +349,27 @@ def test_weight_index_names_only_files_beside_it(weight_map: object, tmp_path: P
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ExportError, match=r"index\.json: weight_map"):
         load_encoder(out)
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [("depth", 3000, "says depth 3000, but the state dict holds 2"),
+                                                     ("dec_width", 3072, "the config implies")])  # fmt: skip
+def test_run_config_claims_are_checked_before_the_model_is_built(
+    key: str, value: int, words: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """visualize builds the whole model from the run's config.yaml: a claim the checkpoint does not back is an
+    error before anything of the claimed size is allocated."""
+    import yaml
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"][key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    tracemalloc.start()
+    try:
+        code, err = _cli(["visualize", str(run), "--out", str(tmp_path / "fig")], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and err.count("\n") == 1 and words in err, err
+    assert peak < 50e6
