@@ -237,7 +237,9 @@ def config_from_hf(conf: dict[str, Any], where: str) -> ModelConfig:
     names = {"hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "heads",
              "intermediate_size": "mlp_hidden", "image_size": "img_size", "patch_size": "patch_size",
              "rms_norm_eps": "norm_eps"}  # fmt: skip
-    return encoder_config({ours: conf.get(hf, getattr(d, ours)) for hf, ours in names.items()}, where)
+    hints = get_type_hints(ModelConfig)  # checked under HF's names, the ones the file has
+    values = {ours: _field(where, hf, conf.get(hf, getattr(d, ours)), hints[ours]) for hf, ours in names.items()}
+    return encoder_config(values, where)
 
 
 def config_from_timm(conf: dict[str, Any], where: str) -> ModelConfig:

@@ -313,7 +313,7 @@ MALFORMED = {  # what is wrong -> (the format to export, an edit of its JSON fil
     "timm std a dict": ("timm", "config.json", lambda d: d["pretrained_cfg"].update(std={}), "std"),
     "hf vision_config a string": ("hf", "config.json", lambda d: d.update(model_type="aimv2", vision_config="x"),
                                 "vision_config"),
-    "hf hidden_size null": ("hf", "config.json", lambda d: d.update(hidden_size=None), "'width'"),
+    "hf hidden_size null": ("hf", "config.json", lambda d: d.update(hidden_size=None), "'hidden_size'"),
     "hf image_mean a string": ("hf", "preprocessor_config.json", lambda d: d.update(image_mean="0.5"), "mean"),
 }  # fmt: skip
 
@@ -373,3 +373,13 @@ def test_run_config_claims_are_checked_before_the_model_is_built(
         tracemalloc.stop()
     assert code == 2 and err.count("\n") == 1 and words in err, err
     assert peak < 50e6
+
+
+def test_resuming_a_sharded_checkpoint_without_fsdp_says_how(
+    fsdp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shutil.copytree(fsdp_run, tmp_path / "f", symlinks=True)
+    argv = ["train", "--resume", "--config", str(fsdp_run / "config.yaml"), f"run.out_dir={tmp_path}",
+            "trainer.max_steps=3", "trainer.strategy=auto"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "resume it with trainer.strategy=fsdp" in err, err

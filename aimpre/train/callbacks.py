@@ -47,6 +47,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """``--resume`` reads through here: tensors and plain containers only, whatever Lightning asks for."""
+        if Path(path).is_dir():  # only the FSDP strategy reads sharded checkpoints, through its own reader
+            raise ValueError(f"{path} is a sharded (FSDP) checkpoint: resume it with trainer.strategy=fsdp")
         checkpoint = load_torch_file(Path(path))
         if not isinstance(checkpoint, dict):
             raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
