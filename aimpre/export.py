@@ -11,12 +11,14 @@ approximation: ``tests/test_export.py`` compares features with the real librarie
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,15 +42,17 @@ from aimpre.formats import (
     hf_config,
     hf_mean_head,
     hf_preprocessor,
+    short_repr,
     timm_config,
     to_hf,
 )
-from aimpre.model import AIMv2Encoder, ModelConfig
+from aimpre.model import AIMv2, AIMv2Encoder, ModelConfig
 
 FORMATS = ("timm", "hf", "safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = "model.safetensors"
 INFO = "aimpre.json"
+M = TypeVar("M", AIMv2Encoder, AIMv2)
 
 
 @dataclass(frozen=True)
@@ -131,16 +135,24 @@ def read_run(path: str | Path) -> RunCheckpoint:
     cfg = load_config(cfg_file)
     from aimpre.train.checkpoint import load_checkpoint, model_state  # here: it imports Lightning
 
-    try:
-        if ckpt.resolve().is_dir():  # a sharded checkpoint written by this run's Checkpointer
-            obj = load_checkpoint(ckpt)
-        else:  # a single file: read tensors only, nothing unpickled
-            obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and DCP errors have many types
-        raise ExportError(f"{ckpt}: not a readable torch checkpoint ({e})") from e
+    obj = load_checkpoint(ckpt)  # a file or a sharded (FSDP) directory; nothing in either can run code
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise ExportError(f"{ckpt}: no 'state_dict' key: not a Lightning checkpoint")
-    return RunCheckpoint(cfg, model_state(obj), obj.get("global_step"), ckpt)
+    state = _tensors(obj["state_dict"], f"{ckpt}: 'state_dict'")
+    step = obj.get("global_step")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+        raise ExportError(f"{ckpt}: 'global_step' is a {type(step).__name__}, not an integer")
+    return RunCheckpoint(cfg, model_state({"state_dict": state}), step, ckpt)
+
+
+def _tensors(obj: Any, where: str) -> State:
+    """``obj`` if it maps names to tensors, else an error naming ``where`` and the first bad entry."""
+    if not isinstance(obj, dict):
+        raise ExportError(f"{where} is a {type(obj).__name__}, not a mapping of tensor names to tensors")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ExportError(f"{where}: entry {str(k)[:80]!r} is a {type(v).__name__}, not a tensor")
+    return obj
 
 
 def _read_checkpoint(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
@@ -165,21 +177,53 @@ def _load_safetensors(file: Path) -> tuple[State, dict[str, str]]:
         raise ExportError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def _read_weights(folder: Path) -> State:
+def _weight_files(folder: Path) -> list[Path]:
     """``model.safetensors``, or the shards named by ``model.safetensors.index.json``."""
     if (folder / WEIGHTS).is_file():
-        return _load_safetensors(folder / WEIGHTS)[0]
+        return [folder / WEIGHTS]
     index = folder / f"{WEIGHTS}.index.json"
     if index.is_file():
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        return {k: v for f in files for k, v in _load_safetensors(folder / f)[0].items()}
+        weight_map = _read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise ExportError(f"{index}: weight_map must be an object, got {short_repr(weight_map)}")
+        names: set[str] = set()
+        for name in weight_map.values():
+            if not isinstance(name, str) or Path(name).name != name:  # shards live beside the index
+                raise ExportError(f"{index}: weight_map names {short_repr(name)}, not a file name in {folder}")
+            names.add(name)
+        return [folder / name for name in sorted(names)]
     raise FileNotFoundError(f"{folder}: no {WEIGHTS} (or {WEIGHTS}.index.json); only safetensors weights are read")
+
+
+def _read_weights(folder: Path, cfg: ModelConfig, fmt: str, claim: str) -> State:
+    """The weights of ``folder``, once their headers show as many blocks as ``claim`` (a file) says in ``cfg``."""
+    files = _weight_files(folder)
+    names: list[str] = []
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:  # reads the JSON header only
+                names += f.keys()
+        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+            raise ExportError(f"{file}: not a readable safetensors file ({e})") from e
+    _check_depth(cfg.depth, _rename(fmt, dict.fromkeys(names, torch.empty(0)), folder), claim, str(files[0]))
+    return {k: v for f in files for k, v in _load_safetensors(f)[0].items()}
+
+
+def _check_depth(depth: int, state: State, claim: str, weights: str, prefix: str = "", key: str = "depth") -> None:
+    """The claimed depth must match the blocks the tensors hold, before a model of that depth is built.
+
+    Building costs memory per block even on the meta device (a claimed depth of 200000 took 7.75 GB); widths
+    cost nothing there, and ``_build`` checks every shape after.
+    """
+    blocks = {int(m[1]) for k in state if (m := re.match(rf"{re.escape(prefix)}blocks\.(\d+)\.", k))}
+    if depth != len(blocks):
+        raise ExportError(f"{claim} says {key} {depth}, but {weights} holds {len(blocks)} blocks")
 
 
 def _read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise ExportError(f"{file}: expected a JSON object")
@@ -190,17 +234,39 @@ def _rename(fmt: str, state: State, file: Path) -> State:
     return from_hf(state, str(file)) if fmt == "hf" else from_timm(state)
 
 
-def _read_export(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
-    """A directory written by ``export_encoder`` (its ``aimpre.json`` says the format and the encoder)."""
-    info = _read_json(folder / INFO)
+def _check_info(info: Any, where: str) -> dict[str, Any]:
+    """An export's ``aimpre.json`` record: the fields ``load`` uses, each of the right kind."""
+    if not isinstance(info, dict):
+        raise ExportError(f"{where}: expected a JSON object, got {short_repr(info)}")
     for key in ("format", "encoder"):
         if key not in info:
-            raise ExportError(f"{folder / INFO}: missing key {key!r}")
-    return (
-        encoder_config(info["encoder"], str(folder / INFO)),
-        _rename(info["format"], _read_weights(folder), folder),
-        info,
-    )
+            raise ExportError(f"{where}: missing key {key!r}")
+    if info["format"] not in FORMATS:
+        raise ExportError(f"{where}: 'format' is {short_repr(info['format'])}, not one of {', '.join(FORMATS)}")
+    pre = info.get("preprocessing")
+    if pre is not None:
+        if not isinstance(pre, dict):
+            raise ExportError(f"{where}: 'preprocessing' must be an object, got {short_repr(pre)}")
+        _check_preprocessing(pre.get("mean"), pre.get("std"), where)
+    return info
+
+
+def _check_preprocessing(mean: Any, std: Any, where: str) -> None:
+    for key, value in (("mean", mean), ("std", std)):
+        ok = value is None or (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+        )
+        if not ok or (key == "std" and value is not None and min(value) <= 0):
+            raise ExportError(f"{where}: {key} must be 3 finite numbers (std positive), got {short_repr(value)}")
+
+
+def _read_export(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
+    """A directory written by ``export_encoder`` (its ``aimpre.json`` says the format and the encoder)."""
+    info = _check_info(_read_json(folder / INFO), str(folder / INFO))
+    cfg = encoder_config(info["encoder"], str(folder / INFO))
+    return cfg, _rename(info["format"], _read_weights(folder, cfg, info["format"], str(folder / INFO)), folder), info
 
 
 def _read_dir(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
@@ -216,19 +282,23 @@ def _read_dir(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
     conf = _read_json(conf_file)
     if "architecture" in conf:  # timm hub layout
         cfg = config_from_timm(conf, str(conf_file))
-        pc = conf.get("pretrained_cfg") or {}
-        pre = preprocessing_info(pc.get("mean"), pc.get("std"), cfg.img_size)
+        pc, where = conf.get("pretrained_cfg") or {}, f"{conf_file}: pretrained_cfg"
+        if not isinstance(pc, dict):
+            raise ExportError(f"{where} must be an object, got {short_repr(pc)}")
+        mean, std = pc.get("mean"), pc.get("std")
         fmt = "timm"
     elif "model_type" in conf:  # transformers layout
         cfg = config_from_hf(conf, str(conf_file))
         proc = folder / "preprocessor_config.json"
-        pc = _read_json(proc) if proc.is_file() else {}
-        pre = preprocessing_info(pc.get("image_mean"), pc.get("image_std"), cfg.img_size)
+        pc, where = _read_json(proc) if proc.is_file() else {}, str(proc)
+        mean, std = pc.get("image_mean"), pc.get("image_std")
         fmt = "hf"
     else:
         raise ExportError(f"{conf_file}: neither timm's ('architecture') nor transformers' ('model_type') config")
-    info = {"source": str(folder), "format": fmt, "preprocessing": pre}
-    return cfg, _rename(fmt, _read_weights(folder), folder), info
+    mean, std = (list(v) if isinstance(v, tuple) else v for v in (mean, std))
+    _check_preprocessing(mean, std, where)
+    info = {"source": str(folder), "format": fmt, "preprocessing": preprocessing_info(mean, std, cfg.img_size)}
+    return cfg, _rename(fmt, _read_weights(folder, cfg, fmt, str(conf_file)), folder), info
 
 
 def _read(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
@@ -240,22 +310,39 @@ def _read(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
         return _read_checkpoint(path)
     if path.suffix != ".safetensors":
         raise ExportError(f"{path}: expected a run or model directory, a .ckpt or a .safetensors file")
-    state, meta = _load_safetensors(path)
+    try:
+        with safe_open(str(path), "pt") as f:  # the header only: names, shapes and metadata
+            meta, names = f.metadata() or {}, list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ExportError(f"{path}: not a readable safetensors file ({e})") from e
     if "aimpre" not in meta:  # a timm or HF weights file: its directory holds the config
         return _read_dir(path.parent)
-    info = json.loads(meta["aimpre"])  # our exports describe themselves: the file alone is enough
-    return encoder_config(info["encoder"], str(path)), _rename(info["format"], state, path), info
+    where = f"{path}: header metadata 'aimpre'"  # our exports describe themselves: the file alone is enough
+    try:
+        info = _check_info(json.loads(meta["aimpre"]), where)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{where} is not valid JSON ({e})") from e
+    cfg = encoder_config(info["encoder"], where)
+    _check_depth(cfg.depth, _rename(info["format"], dict.fromkeys(names, torch.empty(0)), path), where, "the file")
+    return cfg, _rename(info["format"], _load_safetensors(path)[0], path), info
 
 
-def _build(cfg: ModelConfig, state: State, source: str) -> AIMv2Encoder:
-    """Our encoder holding ``state`` (float32), after checking every name and shape."""
+def _build(cfg: ModelConfig, state: State, source: str, cls: type[M] = AIMv2Encoder) -> M:  # type: ignore[assignment]
+    """Our encoder (or, with ``cls=AIMv2``, the whole model) holding ``state`` (float32), after checking every
+    name and shape, on the meta device, where a forged shape allocates nothing."""
+    claim = f"{source}: the config"
+    if cls is AIMv2Encoder:
+        _check_depth(cfg.depth, state, claim, "the state dict")
+    else:
+        _check_depth(cfg.depth, state, claim, "the state dict", "encoder.")
+        _check_depth(cfg.dec_depth, state, claim, "the state dict", "decoder.", "dec_depth")
     with torch.device("meta"):
-        encoder = AIMv2Encoder(cfg)
+        encoder = cls(cfg)
     want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:
         raise ExportError(
-            f"{source}: tensor names do not match a {cfg.depth}-block AIMv2 encoder: "
+            f"{source}: tensor names do not match a {cfg.depth}-block {cls.__name__}: "
             f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
         )
@@ -264,6 +351,11 @@ def _build(cfg: ModelConfig, state: State, source: str) -> AIMv2Encoder:
             raise ExportError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the config implies {shape}")
     encoder.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return encoder.eval()
+
+
+def run_model(run: RunCheckpoint) -> AIMv2:
+    """The whole pretraining model of a run checkpoint (float32, eval mode), checked as ``_build`` checks."""
+    return _build(run.cfg.model, run.state, str(run.path), AIMv2)
 
 
 def load(path: str | Path) -> Loaded:

@@ -16,9 +16,10 @@ Checked against the installed sources of timm 1.0.31 and transformers 5.23:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import fields, replace
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from torch import Tensor
@@ -149,12 +150,43 @@ def _size_name(cfg: ModelConfig) -> str:
     return "custom"
 
 
+def _field(where: str, key: str, value: Any, tp: Any) -> Any:
+    """``value`` as the ModelConfig field ``key`` of type ``tp``, or an error naming the file and field."""
+    if tp is int or tp == int | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ok = ok or (value is None and tp is not int)
+        want = "a positive integer"
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a finite number"
+    else:
+        ok, want = isinstance(value, str), "a string"
+    if not ok:
+        raise ExportError(f"{where}: encoder field {key!r} must be {want}, got {short_repr(value)}")
+    return value
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` cut to 60 characters, for messages about values read from files."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def encoder_config(values: dict[str, Any], where: str) -> ModelConfig:
     """A ModelConfig from encoder fields (decoder fields keep their defaults; no "size" means look it up)."""
+    if not isinstance(values, dict):
+        raise ExportError(f"{where}: the encoder fields must be an object, got {short_repr(values)}")
     unknown = sorted(set(values) - {f.name for f in fields(ModelConfig)})
     if unknown:
         raise ExportError(f"{where}: unknown encoder field(s) {unknown}; known: {', '.join(ENCODER_FIELDS)}")
-    cfg = replace(ModelConfig(), **values)
+    hints = get_type_hints(ModelConfig)
+    cfg = replace(ModelConfig(), **{k: _field(where, k, v, hints[k]) for k, v in values.items()})
+    if cfg.norm_eps <= 0:
+        raise ExportError(f"{where}: encoder field 'norm_eps' must be positive, got {cfg.norm_eps}")
+    if cfg.width % cfg.heads:
+        raise ExportError(f"{where}: width {cfg.width} is not divisible by heads {cfg.heads}")
+    if cfg.img_size % cfg.patch_size:
+        raise ExportError(f"{where}: img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
     return cfg if "size" in values else replace(cfg, size=_size_name(cfg))
 
 
@@ -209,16 +241,20 @@ def config_from_hf(conf: dict[str, Any], where: str) -> ModelConfig:
     """Our encoder config from an ``Aimv2VisionConfig`` (or ``Aimv2Config``) ``config.json``."""
     if conf.get("model_type") == "aimv2" and "vision_config" in conf:
         conf = conf["vision_config"] or {}
+        if not isinstance(conf, dict):
+            raise ExportError(f"{where}: vision_config must be an object, got {short_repr(conf)}")
     if conf.get("is_native"):
         raise ExportError(f"{where}: is_native checkpoints use sinusoidal positions; this encoder learns them")
     for key, want in (("qkv_bias", False), ("mlp_bias", False), ("hidden_act", "silu"), ("num_channels", 3)):
         if conf.get(key, want) != want:
-            raise ExportError(f"{where}: {key}={conf[key]!r} is not supported (AIMv2 has {want!r})")
+            raise ExportError(f"{where}: {key}={short_repr(conf[key])} is not supported (AIMv2 has {want!r})")
     d = ModelConfig()  # Aimv2VisionConfig's defaults are AIMv2-L at 224 px, as ours
     names = {"hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "heads",
              "intermediate_size": "mlp_hidden", "image_size": "img_size", "patch_size": "patch_size",
              "rms_norm_eps": "norm_eps"}  # fmt: skip
-    return encoder_config({ours: conf.get(hf, getattr(d, ours)) for hf, ours in names.items()}, where)
+    hints = get_type_hints(ModelConfig)  # checked under HF's names, the ones the file has
+    values = {ours: _field(where, hf, conf.get(hf, getattr(d, ours)), hints[ours]) for hf, ours in names.items()}
+    return encoder_config(values, where)
 
 
 def config_from_timm(conf: dict[str, Any], where: str) -> ModelConfig:
@@ -229,16 +265,19 @@ def config_from_timm(conf: dict[str, Any], where: str) -> ModelConfig:
         raise ExportError(f"{where}: architecture {arch!r} is not an AIMv2 model (aimv2_<size>_patch<p>_<res>)")
     values: dict[str, Any] = {**SIZES[m[1]], "patch_size": int(m[2]), "img_size": int(m[3])}
     ratio = TIMM_MLP_RATIO[m[1]]
-    for k, v in (conf.get("model_args") or {}).items():
+    args = conf.get("model_args") or {}
+    if not isinstance(args, dict):
+        raise ExportError(f"{where}: model_args must be an object, got {short_repr(args)}")
+    for k, v in args.items():
         if k in _TIMM_ARGS:
             if isinstance(v, list | tuple):  # img_size / patch_size may be (h, w): only squares are supported
-                if len(set(v)) != 1:
-                    raise ExportError(f"{where}: model_args.{k}={v} is not square")
+                if not v or any(x != v[0] for x in v):
+                    raise ExportError(f"{where}: model_args.{k}={short_repr(v)} is not square")
                 v = v[0]
-            values[_TIMM_ARGS[k]] = int(v)
+            values[_TIMM_ARGS[k]] = _field(where, f"model_args.{k}", v, int)
         elif k == "mlp_ratio":
-            ratio = float(v)
+            ratio = _field(where, "model_args.mlp_ratio", v, float)
         elif k not in ("num_classes", "global_pool") and not (k == "in_chans" and v == 3):
-            raise ExportError(f"{where}: model_args.{k}={v!r} is not supported: it would change the encoder")
+            raise ExportError(f"{where}: model_args.{k}={short_repr(v)} is not supported: it would change the encoder")
     values["mlp_hidden"] = int(values["width"] * ratio)
     return encoder_config(values, where)

@@ -29,7 +29,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources
-from aimpre.export import read_run
+from aimpre.export import read_run, run_model
 from aimpre.files import atomic_path
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
@@ -219,8 +219,7 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
     run = Path(run)
     ckpt = read_run(run)
     cfg = ckpt.cfg
-    model = AIMv2(cfg.model).eval()
-    model.load_state_dict(ckpt.state)
+    model = run_model(ckpt)  # built on the meta device and checked against the checkpoint before any allocation
     spec = data or cfg.data.val_shards or cfg.data.train_shards
     tok = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
     shards = sources(spec, "val", need_counts=True, index=cfg.data.index)

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from aimpre.config import ConfigError
 from aimpre.files import atomic_path
+from aimpre.train.checkpoint import load_torch_file
 
 COLUMNS = (
     "step", "samples", "flops", "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text",
@@ -146,6 +147,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """``--resume`` reads through here: tensors and plain containers only, whatever Lightning asks for."""
+        if Path(path).is_dir():  # only the FSDP strategy reads sharded checkpoints, through its own reader
+            raise ValueError(f"{path} is a sharded (FSDP) checkpoint: resume it with trainer.strategy=fsdp")
+        checkpoint = load_torch_file(Path(path))
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+        return checkpoint
 
 
 class StepProgressBar(TQDMProgressBar):

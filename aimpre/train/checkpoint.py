@@ -11,11 +11,13 @@ stop the run.
 
 from __future__ import annotations
 
+import io
+import math
 import os
+import pickle
 import re
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -112,21 +114,184 @@ class Checkpointer(pl.Callback):
         return final
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file asks to run code or to build objects no checkpoint of ours holds; nothing was run."""
+
+
+# Everything a DCP ``.metadata`` pickle names (torch 2.4-2.14, ``torch/distributed/checkpoint/metadata.py`` and
+# ``filesystem.py``): plain dataclasses and an enum, whose constructors only store their arguments.
+_DCP_METADATA = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # looks a layout up by name in torch's namespace
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # StorageMeta.checkpoint_id
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only the classes above (and torch dtypes), as the ``pickle`` docs' "Restricting Globals" recipe."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(f"refers to {module}.{name}, which no checkpoint metadata holds")
+
+
+def _safe_reader() -> type:
+    """``FileSystemReader`` whose ``.metadata`` goes through ``_MetadataUnpickler`` instead of ``pickle.load``.
+
+    Defined on first use, so that importing this module (every training run does) does not import DCP.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            rank = kwargs.get("rank")  # DCP falls back to a per-rank __RANK.metadata
+            path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except UnsafeCheckpointError as e:
+                raise UnsafeCheckpointError(f"{path}: {e}; nothing was loaded") from None
+            except Exception as e:  # truncated or foreign pickles fail in many ways
+                raise ValueError(f"{path}: not a torch.distributed.checkpoint metadata file ({_line(e)})") from e
+            if not isinstance(metadata, Metadata):
+                raise ValueError(f"{path}: holds a {type(metadata).__name__}, not checkpoint metadata")
+            if metadata.storage_meta is None:  # as FileSystemReader.read_metadata does
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader
+
+
+def _safe_planner(base: type) -> type:
+    """``base`` (a DCP load planner) reading non-tensor values with ``weights_only=True``.
+
+    DefaultLoadPlanner.load_bytes unpickles them with ``weights_only=False``; in our checkpoints they are the
+    optimizer's param_groups (floats, tuples, strings).
+    """
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(base):
+        def set_up_planner(self, state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+            self.loaded = state_dict  # filled in place by the empty-state-dict planner
+            super().set_up_planner(state_dict, *args, **kwargs)
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise UnsafeCheckpointError(f"value {fqn!r} refused: {_line(e)}; nothing was run") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return SafePlanner
+
+
+def _line(e: BaseException) -> str:
+    """An exception in one line: for torch's weights_only refusals (a dozen lines of advice), the reason."""
+    text = str(e)
+    if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return f"it refers to {m[1]}, which weights_only loading does not allow"
+    if m := re.search(r"WeightsUnpickler error: ([^\n]+)", text):
+        text = m[1]
+    return (text.strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def load_torch_file(path: Path) -> Any:
+    """``torch.load`` of a file of ours with ``weights_only=True``: tensors and plain containers, no code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{path}: refused: {_line(e)}; nothing was run") from None
+    except Exception as e:  # zip, pickle and storage errors have many types
+        raise ValueError(f"{path}: not a readable torch checkpoint ({_line(e)})") from e
+
+
+def load_sharded(path: Path, state: dict[str, Any]) -> None:
+    """Fills ``state`` (tensors in place, other values replaced) from the DCP checkpoint directory ``path``.
+
+    As ``torch.distributed.checkpoint.load``, but nothing in the directory is unpickled beyond checkpoint
+    metadata classes and weights_only values.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    reader = _safe_reader()(path)
+    reader.read_metadata()  # refused here, in one line: inside dcp.load a failure is logged with tracebacks
+    try:
+        dcp.load(state, storage_reader=reader, planner=_safe_planner(DefaultLoadPlanner)())
+    except dcp.CheckpointException as e:  # DCP gathers per-rank failures; ours carry the file and the key
+        raise _unwrap(e, path) from None
+
+
+def _unwrap(e: BaseException, path: Path) -> ValueError:
+    """DCP's CheckpointException (per-rank (exception, traceback) pairs) as one line naming the directory."""
+    causes = [pair[0] for pair in getattr(e, "failures", {}).values()] or [e]
+    cause = next((c for c in causes if isinstance(c, ValueError)), causes[0])
+    if isinstance(cause, ValueError) and str(path) in str(cause):
+        return cause
+    if isinstance(cause, UnsafeCheckpointError):
+        return UnsafeCheckpointError(f"{path}: {cause}")
+    return ValueError(f"{path}: not a readable sharded checkpoint ({_line(cause)})")
+
+
+def _check_claimed_sizes(path: Path, metadata: Any) -> None:
+    """The tensors ``.metadata`` claims must fit in the shard files: a forged claim allocates nothing."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        claimed = sum(
+            math.prod(m.size) * m.properties.dtype.itemsize
+            for m in metadata.state_dict_metadata.values()
+            if isinstance(m, TensorStorageMetadata)
+        )
+    except (AttributeError, TypeError) as e:  # the classes are DCP's, their fields anything a pickle can hold
+        raise ValueError(f"{path / '.metadata'}: malformed tensor entries ({_line(e)})") from e
+    on_disk = sum(p.stat().st_size for p in path.glob("*.distcp"))
+    if claimed > on_disk:
+        raise ValueError(f"{path}: .metadata claims {claimed} bytes of tensors, its .distcp files hold {on_disk}")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint as one dict, whether a file or a sharded (FSDP) directory, which is consolidated here."""
+    """A checkpoint as one dict, whether a file or a sharded (FSDP) directory, which is consolidated here.
+
+    Nothing read can run code: files load with ``weights_only=True``, a sharded directory's ``.metadata`` through
+    an unpickler that admits only DCP's metadata classes (see ``_MetadataUnpickler``).
+    """
     path = Path(path).resolve()
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        return load_torch_file(path)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(path, Path(tmp) / "full.pt")
-        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+    reader = _safe_reader()(path)
+    _check_claimed_sizes(path, reader.read_metadata())
+    planner = _safe_planner(_EmptyStateDictLoadPlanner)()  # rebuilds the state from the metadata, as dcp_to_torch_save
+    try:
+        dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+    except dcp.CheckpointException as e:
+        raise _unwrap(e, path) from None
+    full = planner.loaded
     meta = path / "meta.pt"  # Lightning keeps the non-tensor state (step, loops, ...) beside the shards
     if meta.exists():
-        full = {**torch.load(meta, map_location="cpu", weights_only=False), **full}
+        saved = load_torch_file(meta)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{meta}: holds a {type(saved).__name__}, not a dict of run state")
+        full = {**saved, **full}
     return full
 
 
@@ -134,3 +299,45 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The AIMv2 model's state dict (keys without the LightningModule's ``model.`` prefix)."""
     state = checkpoint.get("state_dict", checkpoint)
     return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def safe_model_parallel_strategy(**kwargs: Any) -> pl.strategies.Strategy:
+    """Lightning's ``ModelParallelStrategy`` (FSDP2), resuming without unpickling anything untrusted.
+
+    Its own ``load_checkpoint`` reads a sharded directory through ``torch.distributed.checkpoint.load`` (which
+    ``pickle.load``s ``.metadata`` and non-tensor values) and ``meta.pt`` with the caller's ``weights_only``.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    class SafeModelParallelStrategy(ModelParallelStrategy):
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+            path = Path(self.broadcast(checkpoint_path))
+            if not path.is_dir():  # a consolidated file: Lightning's reader, told to unpickle nothing
+                try:
+                    return super().load_checkpoint(path, weights_only=True)
+                except pickle.UnpicklingError as e:
+                    raise UnsafeCheckpointError(f"{path}: refused: {_line(e)}; nothing was run") from None
+            assert self.model is not None and self.lightning_module is not None
+            # the sharded branch of lightning.fabric.strategies.model_parallel._load_checkpoint, with safe reads
+            module = {"state_dict": get_model_state_dict(self.model)}
+            load_sharded(path, module)
+            self.model.load_state_dict(module["state_dict"], strict=self.lightning_module.strict_loading)
+            for i, optimizer in enumerate(self.optimizers):
+                key = f"optimizer_{i}"
+                optim = {key: get_optimizer_state_dict(self.model, optimizer)}
+                load_sharded(path, optim)
+                set_optimizer_state_dict(
+                    self.model, optimizer, optim_state_dict=optim[key], options=StateDictOptions(cpu_offload=True)
+                )
+            meta = load_torch_file(path / "meta.pt")
+            if not isinstance(meta, dict):
+                raise ValueError(f"{path / 'meta.pt'}: holds a {type(meta).__name__}, not a dict of run state")
+            return meta
+
+    return SafeModelParallelStrategy(**kwargs)

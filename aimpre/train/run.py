@@ -120,7 +120,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
     """A run may resume with a new schedule or data, never with another model or tokenizer."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not valid YAML ({type(e).__name__})") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("model", {}), dict):
+        raise ConfigError(f"cannot resume {run_dir}: its config.yaml does not hold a mapping of sections")
     now = to_dict(cfg)
     diff = [k for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]]
     if diff:
@@ -188,12 +193,12 @@ def _accumulate(cfg: Config, world: int) -> int:
 
 def _strategy(cfg: Config, world: int) -> Any:
     if cfg.trainer.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from aimpre.train.checkpoint import safe_model_parallel_strategy
 
         # FSDP2 (fully_shard) over all ranks, applied per block in AIMv2Module.configure_model; checkpoints are
         # torch.distributed.checkpoint directories, loadable on another number of ranks. ("auto" would make the
         # data-parallel size the node count.)
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        return safe_model_parallel_strategy(data_parallel_size=world, tensor_parallel_size=1)
     return cfg.trainer.strategy
 
 

@@ -1,0 +1,385 @@
+"""Files that would run code if unpickled, planted in everything aimpre reads, through every entry point.
+
+Each payload is a real pickle whose ``__reduce__`` creates a marker file (what an attacker's ``os.system`` would
+do). Every planted run or export must end in a one-line ``aimpre: error: ...`` naming the file, exit code 2,
+and no marker. The sharded fixtures are real: a 1-process FSDP run writes a torch.distributed.checkpoint
+directory, which is then tampered with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+
+from aimpre.cli import main
+from aimpre.export import ExportError, load_encoder, write_export
+from aimpre.model import AIMv2Encoder, model_config
+from aimpre.train.checkpoint import load_checkpoint, model_state
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TINY = ["model.depth=2", "model.dec_depth=1", "data.batch_size=4", "data.num_workers=0", "trainer.log_every=1"]
+
+
+class Payload:
+    """Unpickling this opens (creates) ``marker`` for writing: any code at all would run just as well."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    return tmp_path / "CODE-RAN"  # one per test, so that each test tells on its own entry point
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory, pretrain_spec: str) -> Path:
+    """A real run trained under FSDP (1 process): its last.ckpt is a sharded checkpoint directory."""
+    out = tmp_path_factory.mktemp("fsdp")
+    cmd = [sys.executable, "-m", "aimpre", "train", f"run.out_dir={out}", "run.name=f",
+           f"data.train_shards={pretrain_spec}", "data.val_shards=null", "trainer.max_steps=2", "trainer.ckpt_every=2",
+           "trainer.strategy=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+           *TINY]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "f" / "checkpoints" / "last.ckpt").resolve().is_dir()
+    return out / "f"
+
+
+# ---- planting ---------------------------------------------------------------------------------------------------
+
+
+def _sharded(run: Path) -> Path:
+    return (run / "checkpoints" / "last.ckpt").resolve()
+
+
+def _replace_last(run: Path, make: Callable[[Path], None]) -> None:
+    last = run / "checkpoints" / "last.ckpt"
+    target = last.resolve()
+    shutil.rmtree(target)
+    last.unlink()
+    make(last)
+
+
+def plant_ckpt_torch(run: Path, marker: Path) -> None:
+    """last.ckpt a torch.save zip whose pickle holds the payload beside a real state_dict."""
+    state = model_state(load_checkpoint(run / "checkpoints" / "last.ckpt"))
+    _replace_last(run, lambda p: torch.save({"state_dict": state, "global_step": 2, "x": Payload(marker)}, p))
+
+
+def plant_ckpt_pickle(run: Path, marker: Path) -> None:
+    """last.ckpt a raw (legacy, non-zip) pickle."""
+    _replace_last(run, lambda p: p.write_bytes(pickle.dumps({"state_dict": {}, "x": Payload(marker)})))
+
+
+def plant_metadata(run: Path, marker: Path) -> None:
+    (_sharded(run) / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+
+
+def plant_distcp(run: Path, marker: Path) -> None:
+    """The optimizer's learning rate, a value --resume reads, becomes the payload inside the .distcp shard."""
+    ckpt = _sharded(run)
+    state = load_checkpoint(ckpt)
+    state.pop("global_step")  # meta.pt's keys stay in meta.pt
+    for key in [k for k in state if k not in ("state_dict", "optimizer_0")]:
+        state.pop(key)
+    state["optimizer_0"]["param_groups"][0]["lr"] = Payload(marker)
+    for f in ckpt.iterdir():
+        if f.name != "meta.pt":
+            f.unlink()
+    dcp.save(state, checkpoint_id=ckpt, no_dist=True)
+
+
+def plant_meta_pt(run: Path, marker: Path) -> None:
+    meta = _sharded(run) / "meta.pt"
+    saved = torch.load(meta, weights_only=True)
+    torch.save({**saved, "x": Payload(marker)}, meta)
+
+
+def plant_config_yaml(run: Path, marker: Path) -> None:
+    """yaml.unsafe_load would run this tag."""
+    (run / "config.yaml").write_text(f"!!python/object/apply:builtins.open [{str(marker)!r}, 'w']\n")
+
+
+RUN_PLANTS = {
+    "ckpt-torch-zip": plant_ckpt_torch,
+    "ckpt-raw-pickle": plant_ckpt_pickle,
+    "dcp-.metadata": plant_metadata,
+    "dcp-.distcp": plant_distcp,
+    "dcp-meta.pt": plant_meta_pt,
+    "config.yaml": plant_config_yaml,
+}
+FILE_NAMED = {"ckpt-torch-zip": "last.ckpt", "ckpt-raw-pickle": "last.ckpt", "dcp-.metadata": ".metadata",
+              "dcp-.distcp": "optimizer_0.param_groups.0.lr", "dcp-meta.pt": "meta.pt",
+              "config.yaml": "config.yaml"}  # fmt: skip
+
+
+def _exported(tmp: Path, fmt: str) -> Path:
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(model_config("tiny", depth=2, img_size=56)).eval()
+    return write_export(enc, fmt, tmp / fmt, info={"preprocessing": {"mean": [0.5] * 3, "std": [0.25] * 3,
+                                                                      "img_size": 56}})  # fmt: skip
+
+
+def plant_aimpre_json(tmp: Path, marker: Path) -> Path:
+    out = _exported(tmp, "safetensors")
+    (out / "aimpre.json").write_bytes(pickle.dumps(Payload(marker)))
+    return out
+
+
+def plant_config_json(tmp: Path, marker: Path) -> Path:
+    out = _exported(tmp, "timm")
+    (out / "aimpre.json").unlink()  # read as a timm hub directory: config.json says what it is
+    (out / "config.json").write_bytes(pickle.dumps(Payload(marker)))
+    return out
+
+
+def plant_safetensors_header(tmp: Path, marker: Path) -> Path:
+    out = _exported(tmp, "safetensors")
+    evil = pickle.dumps(Payload(marker))
+    (out / "model.safetensors").write_bytes(struct.pack("<Q", len(evil)) + evil)
+    return out
+
+
+def plant_safetensors_metadata(tmp: Path, marker: Path) -> Path:
+    """A well-formed safetensors file whose ``aimpre`` metadata string is a pickle, not JSON."""
+    out = _exported(tmp, "safetensors")
+    tensors = {"pos_embed": torch.zeros(1, 16, 192)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"aimpre": pickle.dumps(Payload(marker)).hex()})
+    return out / "model.safetensors"
+
+
+EXPORT_PLANTS = {
+    "aimpre.json": (plant_aimpre_json, "aimpre.json"),
+    "config.json": (plant_config_json, "config.json"),
+    "safetensors-header": (plant_safetensors_header, "model.safetensors"),
+    "safetensors-metadata": (plant_safetensors_metadata, "model.safetensors"),
+}
+
+
+# ---- entry points -----------------------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def _subprocess(argv: list[str], _capsys: object) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "aimpre", *argv], capture_output=True, text=True, timeout=300,
+                          env=ENV)  # fmt: skip
+    return done.returncode, done.stderr
+
+
+def _load_encoder(path: Path, _capsys: object) -> tuple[int, str]:
+    """The Python API: the same one-line error, raised (the CLI turns it into exit code 2)."""
+    try:
+        load_encoder(path)
+    except (ValueError, FileNotFoundError) as e:
+        return 2, f"aimpre: error: {e}\n"
+    return 0, ""
+
+
+def _assert_refused(code: int, err: str, named: str, marker: Path) -> None:
+    assert not marker.exists(), "the planted payload ran"
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("aimpre: error: ")]
+    assert len(errors) == 1 and named in errors[0], err[-2000:]
+
+
+@pytest.mark.parametrize("entry", ["export", "probe", "visualize", "load_encoder", "resume"])
+@pytest.mark.parametrize("plant", list(RUN_PLANTS))
+def test_planted_run_runs_nothing(
+    plant: str, entry: str, fsdp_run: Path, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "f"
+    shutil.copytree(fsdp_run, run, symlinks=True)
+    RUN_PLANTS[plant](run, marker)
+    if entry == "load_encoder":
+        code, err = _load_encoder(run, capsys)
+    elif entry == "resume":
+        # the config a user would resume with: the run's own, from outside the (planted) directory
+        strategy = "trainer.strategy=auto" if plant.startswith("ckpt") else "trainer.strategy=fsdp"
+        cfg = ["--config", str(fsdp_run / "config.yaml"), f"run.out_dir={tmp_path}", "trainer.max_steps=3", strategy]
+        # FSDP initialises a process group: a process of its own, as a user's job has
+        call = _cli if plant.startswith("ckpt") or plant == "config.yaml" else _subprocess
+        code, err = call(["train", "--resume", *cfg], capsys)
+    else:
+        argv = {"export": ["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "out")],
+                "probe": ["probe", str(run), "--epochs", "1"],
+                "visualize": ["visualize", str(run), "--out", str(tmp_path / "fig")]}[entry]  # fmt: skip
+        code, err = _cli(argv, capsys)
+    _assert_refused(code, err, FILE_NAMED[plant], marker)
+
+
+@pytest.mark.parametrize("entry", ["export", "probe", "load_encoder"])
+@pytest.mark.parametrize("plant", list(EXPORT_PLANTS))
+def test_planted_export_runs_nothing(
+    plant: str, entry: str, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    make, named = EXPORT_PLANTS[plant]
+    src = make(tmp_path, marker)
+    if entry == "load_encoder":
+        code, err = _load_encoder(src, capsys)
+    else:
+        argv = {"export": ["export", str(src), "--format", "timm", "--out", str(tmp_path / "out")],
+                "probe": ["probe", str(src), "--epochs", "1"]}[entry]  # fmt: skip
+        code, err = _cli(argv, capsys)
+    _assert_refused(code, err, named, marker)
+
+
+def test_real_sharded_checkpoint_still_exports_and_resumes(fsdp_run: Path, tmp_path: Path) -> None:
+    """What the safe readers admit is what FSDP training writes: it exports, and resumes to the next steps."""
+    consolidated = load_checkpoint(_sharded(fsdp_run))
+    assert consolidated["global_step"] == 2 and consolidated["optimizer_0"]["param_groups"][0]["lr"] > 0
+    state = model_state(consolidated)
+    enc = load_encoder(fsdp_run)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, state[f"encoder.{k}"]), k
+    run = tmp_path / "f"
+    shutil.copytree(fsdp_run, run, symlinks=True)
+    argv = ["train", "--resume", "--config", str(fsdp_run / "config.yaml"), f"run.out_dir={tmp_path}",
+            "trainer.max_steps=3"]  # fmt: skip
+    code, err = _subprocess(argv, None)
+    assert code == 0, err[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_sharded_metadata_claiming_huge_tensors_allocates_nothing(tmp_path: Path) -> None:
+    ckpt = tmp_path / "c"
+    dcp.save({"state_dict": {"model.w": torch.zeros(4, 4)}}, checkpoint_id=ckpt, no_dist=True)
+    metadata = pickle.loads((ckpt / ".metadata").read_bytes())  # our own file, written just above
+    metadata.state_dict_metadata["state_dict.model.w"].size = torch.Size([1 << 20, 1 << 20])
+    (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ValueError, match=r"\.metadata claims 4398046511104 bytes of tensors, its \.distcp files hold"):
+        load_checkpoint(ckpt)
+
+
+def test_claimed_depth_is_checked_before_anything_is_built(tmp_path: Path) -> None:
+    """A 2-block export whose aimpre.json claims 3000 blocks: refused from the header, with no model built."""
+    out = _exported(tmp_path, "safetensors")
+    info = json.loads((out / "aimpre.json").read_text())
+    info["encoder"]["depth"] = 3000
+    (out / "aimpre.json").write_text(json.dumps(info))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ExportError, match=r"aimpre\.json says depth 3000, but .* holds 2 blocks"):
+            load_encoder(out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6  # building 3000 blocks, even on the meta device, takes over 100 MB
+
+
+def _edit_json(file: Path, edit: Callable[[dict], None]) -> None:
+    data = json.loads(file.read_text())
+    edit(data)
+    file.write_text(json.dumps(data))
+
+
+MALFORMED = {  # what is wrong -> (the format to export, an edit of its JSON file, the words the error must hold)
+    "encoder not an object": ("safetensors", "aimpre.json", lambda d: d.update(encoder=[1, 2]), "encoder fields"),
+    "depth a string": ("safetensors", "aimpre.json", lambda d: d["encoder"].update(depth="2"), "'depth'"),
+    "width negative": ("safetensors", "aimpre.json", lambda d: d["encoder"].update(width=-192), "'width'"),
+    "norm_eps zero": ("safetensors", "aimpre.json", lambda d: d["encoder"].update(norm_eps=0), "'norm_eps'"),
+    "heads not dividing": ("safetensors", "aimpre.json", lambda d: d["encoder"].update(heads=5), "heads 5"),
+    "unknown format": ("safetensors", "aimpre.json", lambda d: d.update(format="onnx"), "'format'"),
+    "mean not 3 numbers": ("safetensors", "aimpre.json", lambda d: d["preprocessing"].update(mean="x"), "mean"),
+    "record without format": ("safetensors", "aimpre.json", lambda d: d.pop("format"), "missing key 'format'"),
+    "timm model_args a list": ("timm", "config.json", lambda d: d.update(model_args=[1]), "model_args"),
+    "timm depth a float": ("timm", "config.json", lambda d: d["model_args"].update(depth=2.5), "model_args.depth"),
+    "timm img_size not square": ("timm", "config.json", lambda d: d["model_args"].update(img_size=[56, 42]),
+                                 "not square"),
+    "timm mlp_ratio a string": ("timm", "config.json", lambda d: d["model_args"].update(mlp_ratio="4"), "mlp_ratio"),
+    "timm pretrained_cfg a string": ("timm", "config.json", lambda d: d.update(pretrained_cfg="x"), "pretrained_cfg"),
+    "timm std a dict": ("timm", "config.json", lambda d: d["pretrained_cfg"].update(std={}), "std"),
+    "hf vision_config a string": ("hf", "config.json", lambda d: d.update(model_type="aimv2", vision_config="x"),
+                                "vision_config"),
+    "hf hidden_size null": ("hf", "config.json", lambda d: d.update(hidden_size=None), "'hidden_size'"),
+    "hf image_mean a string": ("hf", "preprocessor_config.json", lambda d: d.update(image_mean="0.5"), "mean"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_export_fields_are_one_line_errors(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fmt, name, edit, words = MALFORMED[case]
+    out = _exported(tmp_path, fmt)
+    if name != "aimpre.json":
+        (out / "aimpre.json").unlink()  # read as a timm / transformers directory
+    _edit_json(out / name, edit)
+    code, err = _cli(["export", str(out), "--format", "safetensors", "--out", str(tmp_path / "again")], capsys)
+    assert code == 2 and err.startswith("aimpre: error: ") and err.count("\n") == 1, err
+    assert name in err and words in err, err
+
+
+@pytest.mark.parametrize("state_dict", [[1, 2], {"model.encoder.pos_embed": [0.0]}, "weights"])
+def test_state_dict_not_a_mapping_of_tensors(
+    state_dict: object, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
+    torch.save({"state_dict": state_dict, "global_step": 1}, run / "checkpoints" / "last.ckpt")
+    code, err = _cli(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "last.ckpt: 'state_dict'" in err, err
+
+
+@pytest.mark.parametrize("weight_map", [{"pos_embed": "../elsewhere.safetensors"}, ["model.safetensors"]])
+def test_weight_index_names_only_files_beside_it(weight_map: object, tmp_path: Path) -> None:
+    out = _exported(tmp_path, "safetensors")
+    (out / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ExportError, match=r"index\.json: weight_map"):
+        load_encoder(out)
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [("depth", 3000, "says depth 3000, but the state dict holds 2"),
+                                                     ("dec_width", 3072, "the config implies")])  # fmt: skip
+def test_run_config_claims_are_checked_before_the_model_is_built(
+    key: str, value: int, words: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """visualize builds the whole model from the run's config.yaml: a claim the checkpoint does not back is an
+    error before anything of the claimed size is allocated."""
+    import yaml
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"][key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    tracemalloc.start()
+    try:
+        code, err = _cli(["visualize", str(run), "--out", str(tmp_path / "fig")], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and err.count("\n") == 1 and words in err, err
+    assert peak < 50e6
+
+
+def test_resuming_a_sharded_checkpoint_without_fsdp_says_how(
+    fsdp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shutil.copytree(fsdp_run, tmp_path / "f", symlinks=True)
+    argv = ["train", "--resume", "--config", str(fsdp_run / "config.yaml"), f"run.out_dir={tmp_path}",
+            "trainer.max_steps=3", "trainer.strategy=auto"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "resume it with trainer.strategy=fsdp" in err, err
