@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type or an impossible value; the message names the key."""
 
 
+class RunError(RuntimeError):
+    """A run stopped for a reason its message explains (what happened, what is on disk, what to do); the
+    ``aimpre`` command prints it as one line, like a ConfigError."""
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
