@@ -76,8 +76,10 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def load_yaml(path: str | Path, what: str = "config file") -> Any:
     """A YAML file's content, or a ConfigError naming the file (missing, not text, not YAML, aliases)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory, not a YAML file")
     if not p.is_file():
-        raise ConfigError(f"{what} not found: {p}" + (" (it is a directory)" if p.is_dir() else ""))
+        raise ConfigError(f"{what} not found: {p}")
     try:
         return yaml.load(p.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # _NoAliasLoader is a SafeLoader
     except UnicodeDecodeError as e:
