@@ -247,10 +247,11 @@ def test_non_finite_stop_is_one_line_and_names_the_checkpoint_on_disk(tmp_path: 
 
 
 def test_shard_set_too_small_for_one_batch(tmp_path: Path, demo: Path) -> None:
+    """2 data workers cannot each get a batch of 100 from 128 samples: said before the workers start."""
     shard = demo / "val-000000.tar"  # 128 samples
-    code, last = _cli("train", *_train_args(tmp_path, str(shard), "data.batch_size=200"))
+    code, last = _cli("train", *_train_args(tmp_path, str(shard), "data.batch_size=100", "data.num_workers=2"))
     assert code == 2 and last.startswith("aimpre: error: config key 'data.train_shards': 128 samples in "), last
-    assert str(shard) in last and "one batch of 200" in last
+    assert str(shard) in last and "one batch of 100 for each of 2 readers" in last
 
 
 def test_disk_full_names_the_file_and_the_free_space(tmp_path: Path, pretrain_spec: str) -> None:
