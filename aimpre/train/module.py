@@ -95,7 +95,8 @@ class AIMv2Module(pl.LightningModule):
         """What is on disk now, read from disk: a run may stop before its first checkpoint."""
         from aimpre.train.checkpoint import Checkpointer
 
-        found = [c for c in self.trainer.callbacks if isinstance(c, Checkpointer)] if self._trainer else []
+        callbacks = getattr(self._trainer, "callbacks", [])  # set by Lightning at run time; not in its stubs
+        found = [c for c in callbacks if isinstance(c, Checkpointer)]
         if not found:
             return "No checkpoint is written by this run"
         last = found[0].directory / "last.ckpt"
