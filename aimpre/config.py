@@ -281,9 +281,7 @@ def validate(cfg: Config) -> Config:
     _check(_finite(m.w_text, m.w_image), "model.w_text", "w_text and w_image must be finite")
     _check(_finite(m.norm_eps) and m.norm_eps > 0, "model.norm_eps", f"{m.norm_eps} must be positive and finite")
     backends = available_backends()
-    _check(
-        m.attn_backend in backends, "model.attn_backend", f"{short(m.attn_backend)} is not one of {', '.join(backends)}"
-    )
+    _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
     _check(d.batch_size > 0, "data.batch_size", "must be positive")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
