@@ -595,12 +595,18 @@ def _user_error(e: BaseException) -> bool:
         return True
     if isinstance(e, OSError):
         return e.filename is not None or e.errno in _FULL
+    return _lightning_refused(e)
+
+
+def _lightning_refused(e: BaseException) -> bool:
     lightning = sys.modules.get("lightning.fabric.utilities.exceptions")  # loaded whenever a Trainer was built
     return lightning is not None and isinstance(e, lightning.MisconfigurationException)
 
 
 def _one_line(e: BaseException, limit: int = 2000) -> str:
     text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    if _lightning_refused(e):  # e.g. "No supported gpu backend found!": say which settings it is about
+        text = f"Lightning refused the trainer.* settings on this machine: {text}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -246,6 +246,17 @@ def test_non_finite_stop_is_one_line_and_names_the_checkpoint_on_disk(tmp_path: 
     assert (tmp_path / "r1" / "checkpoints" / "last.ckpt").resolve().name == "step-1.ckpt"
 
 
+def test_settings_lightning_refuses_are_one_line(tmp_path: Path) -> None:
+    """Valid config values the machine cannot honour (no GPU here; on a GPU machine, more devices than it has)."""
+    import torch
+
+    devices = (
+        "trainer.devices=1" if not torch.cuda.is_available() else f"trainer.devices={torch.cuda.device_count() + 1}"
+    )
+    code, last = _cli("train", f"run.out_dir={tmp_path}", "trainer.accelerator=gpu", devices)
+    assert code == 2 and last.startswith("aimpre: error: Lightning refused the trainer.* settings"), last
+
+
 def test_shard_set_too_small_for_one_batch(tmp_path: Path, demo: Path) -> None:
     """2 data workers cannot each get a batch of 100 from 128 samples: said before the workers start."""
     shard = demo / "val-000000.tar"  # 128 samples
