@@ -86,6 +86,8 @@ def load_yaml(path: str | Path, what: str = "config file") -> Any:
         raise ConfigError(f"{what} {p} is not UTF-8 text (byte {e.start})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {p} is not valid YAML: {_yaml_problem(e)}") from e
+    except RecursionError as e:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{what} {p} nests lists or mappings too deeply") from e
 
 
 @dataclass
@@ -348,6 +350,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         return path, yaml.load(text, Loader=_NoAliasLoader)  # _NoAliasLoader is a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError(f"override {short(item)}: the value is not valid YAML: {_yaml_problem(e)}") from e
+    except RecursionError as e:
+        raise ConfigError(f"override {short(item)}: the value nests lists or mappings too deeply") from e
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -38,6 +38,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "unknown": "modle:\n  depth: 2\n",
         "laughs": LAUGHS,
         "huge_value": "model:\n  depth: " + "x" * 1_000_000 + "\n",
+        "deep": "model:\n  depth: " + "[" * 5000 + "\n",
         "sweep_unknown": "design: grid\nsizez: [tiny]\n",
         "sweep_laughs": "sizes: &s [tiny]\nbase_sizes: *s\n",
         "csv": "params,samples,flops,val_loss\n1e6,1e8,6e14,3.0\n2e6,1e8,1.2e15,2.9\n",
@@ -108,6 +109,8 @@ CASES: list[tuple[str, str]] = [
     ("train --config {unknown}", "'modle'"),
     ("train --config {laughs}", "aliases"),
     ("train --config {huge_value}", "'model.depth' must be int"),
+    ("train --config {deep}", "deep nests lists or mappings too deeply"),
+    ("train model.depth=" + "[" * 5000, "nests lists or mappings too deeply"),
     ("train --resume --config {garbage}", "garbage"),
     # data
     ("data inspect demo --workers -1", "--workers"),
