@@ -3,12 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aimpre import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the same shape as every other ``aimpre`` error) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(kind: type, ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and refuses values outside ``ok``, e.g. ``--batch-size -1``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text[:40]!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text[:40]}")
+        return value
+
+    return parse
+
+
+INT_GT0 = _checked(int, lambda v: v > 0, "a positive integer")
+COUNT = _checked(int, lambda v: v >= 0, "an integer >= 0")
+FLOAT_GT0 = _checked(float, lambda v: v > 0, "a positive number")
+PERCENT = _checked(float, lambda v: 0 < v < 100, "a percentage in (0, 100)")
+FACTOR = _checked(float, lambda v: v >= 1, "a factor >= 1")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -354,8 +386,8 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
 
     r = ssub.add_parser("run", help="train a plan's points (finished ones are skipped), or write cluster scripts")
     r.add_argument("plan", help="plan folder")
-    r.add_argument("--jobs", type=int, default=1, help="groups (a trunk and its branches, or one run) at a time")
-    r.add_argument("--threads", type=int, help="OMP threads per run (e.g. 1 with --jobs 2 on 2 cores)")
+    r.add_argument("--jobs", type=INT_GT0, default=1, help="groups (a trunk and its branches, or one run) at a time")
+    r.add_argument("--threads", type=INT_GT0, help="OMP threads per run (e.g. 1 with --jobs 2 on 2 cores)")
     r.add_argument("--launcher", help="replaces python in each training command, e.g. 'torchrun --nproc_per_node 8'")
     r.add_argument("--group", help="run only this group (what a SLURM array task does)")
     r.add_argument("--slurm", help="write a SLURM array script here instead of running")
@@ -377,31 +409,31 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--c", help="training FLOPs column (default 'flops')")
         q.add_argument("--loss", help="loss column (default 'val_loss')")
         q.add_argument("--label", help="column naming each run (default 'run' when present)")
-        q.add_argument("--flops-per-param", type=float, help="k in C = k N D (default 6 when a column is derived)")
-        q.add_argument("--budgets", type=float, nargs="+", help="iso-FLOP budgets (default: grouped by --tol)")
-        q.add_argument("--tol", type=float, default=0.15, help="iso-FLOP budget tolerance, relative (0.15)")
+        q.add_argument("--flops-per-param", type=FLOAT_GT0, help="k in C = k N D (default 6 when a column is derived)")
+        q.add_argument("--budgets", type=FLOAT_GT0, nargs="+", help="iso-FLOP budgets (default: grouped by --tol)")
+        q.add_argument("--tol", type=FLOAT_GT0, default=0.15, help="iso-FLOP budget tolerance, relative (0.15)")
 
     f = ssub.add_parser("fit", help="fit a scaling law to a results table")
     columns(f)
     f.add_argument("--form", default="chinchilla", choices=("chinchilla", "power", "isoflop"))
     f.add_argument("--objective", default="huber", choices=("huber", "likelihood", "squares"))
     f.add_argument("--no-e", action="store_true", help="power form without the irreducible loss E")
-    f.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for the intervals")
+    f.add_argument("--bootstrap", type=COUNT, default=0, help="bootstrap resamples for the intervals")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--ci", type=float, default=95.0, help="interval coverage in percent")
-    f.add_argument("--holdout", type=int, default=0, help="leave out the K runs of largest compute and predict them")
-    f.add_argument("--drop-highest", type=int, default=0, help="drop the K runs of highest loss (Epoch: 5)")
+    f.add_argument("--ci", type=PERCENT, default=95.0, help="interval coverage in percent")
+    f.add_argument("--holdout", type=COUNT, default=0, help="leave out the K runs of largest compute and predict them")
+    f.add_argument("--drop-highest", type=COUNT, default=0, help="drop the K runs of highest loss (Epoch: 5)")
     f.add_argument("--json", help="write the fit here")
     f.add_argument("--bench", action="store_true", help="time the batched fit against a scipy loop instead")
-    f.add_argument("--scipy-every", type=int, default=1, help="bench: the loop runs every k-th start")
+    f.add_argument("--scipy-every", type=INT_GT0, default=1, help="bench: the loop runs every k-th start")
     f.add_argument("--numeric", action="store_true", help="bench: the loop uses numerical gradients")
     f.set_defaults(fn=_scaling_fit)
 
     pr = ssub.add_parser("predict", help="compute-optimal N*, D* and loss at a budget, or the loss of (N, D)")
     pr.add_argument("fit", help="a fit JSON (aimpre scaling fit --json)")
-    pr.add_argument("--flops", type=float, help="compute budget C")
-    pr.add_argument("--n-params", type=float, help="parameters N (with --d-samples)")
-    pr.add_argument("--d-samples", type=float, help="samples/tokens D (with --n-params)")
+    pr.add_argument("--flops", type=FLOAT_GT0, help="compute budget C")
+    pr.add_argument("--n-params", type=FLOAT_GT0, help="parameters N (with --d-samples)")
+    pr.add_argument("--d-samples", type=FLOAT_GT0, help="samples/tokens D (with --n-params)")
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(fn=_scaling_predict)
 
@@ -409,7 +441,7 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     columns(pt)
     pt.add_argument("--fit", help="a Chinchilla-form or power fit JSON (its columns are the default)")
     pt.add_argument("--out", required=True, help="PNG to write")
-    pt.add_argument("--extrapolate", type=float, default=100.0, help="extend panels (c), (d) by this factor in C")
+    pt.add_argument("--extrapolate", type=FACTOR, default=100.0, help="extend panels (c), (d) by this factor in C")
     pt.add_argument("--title")
     pt.set_defaults(fn=_scaling_plot)
 
@@ -516,7 +548,7 @@ def _with_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aimpre", description="Pretrain vision encoders the AIMv2 way.")
+    p = _Parser(prog="aimpre", description="Pretrain vision encoders the AIMv2 way.")
     p.add_argument("--version", action="version", version=f"aimpre {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -538,8 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-csv", help="CSV/TSV with a header; --path-col and --caption-col name the columns")
     src.add_argument("--from-shards", help="existing shards to re-shard (a spec with braces)")
     mk.add_argument("--out", required=True, help="directory to create")
-    mk.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    mk.add_argument("--max-side", type=int, help="shrink images whose longer side is larger (JPEG q95)")
+    mk.add_argument("--per-shard", type=INT_GT0, default=1000, help="samples per shard (default 1000)")
+    mk.add_argument("--max-side", type=INT_GT0, help="shrink images whose longer side is larger (JPEG q95)")
     mk.add_argument("--prefix", default="shard", help="shard file name prefix")
     mk.add_argument("--path-col", default="path")
     mk.add_argument("--caption-col", default="caption")
@@ -553,16 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins = dsub.add_parser("inspect", help="read a shard set through the training decode; report skips by reason")
     ins.add_argument("shards", help="shard spec, or demo[:SPLIT] for the built-in demo set (demo: its pretrain split)")
     ins.add_argument("--json", action="store_true", help='print {"read", "kept", "skipped", ...} as JSON')
-    ins.add_argument("--workers", type=int, default=2, help="decode processes (default 2)")
+    ins.add_argument("--workers", type=COUNT, default=2, help="decode processes (default 2)")
     ins.add_argument("--config", help="YAML config whose data/model settings to use")
     ins.add_argument("overrides", nargs="*", help="section.key=value")
     ins.set_defaults(fn=_data_inspect)
 
     tt = dsub.add_parser("train-tokenizer", help="train a byte-level BPE on the captions of a shard set")
     tt.add_argument("shards", help="shard spec, or demo[:SPLIT] for the built-in demo set (demo: its pretrain split)")
-    tt.add_argument("--vocab-size", type=int, required=True)
+    tt.add_argument("--vocab-size", type=INT_GT0, required=True)
     tt.add_argument("--out", required=True, help="tokenizer.json to write")
-    tt.add_argument("--max-samples", type=int, help="use at most this many captions")
+    tt.add_argument("--max-samples", type=INT_GT0, help="use at most this many captions")
     tt.add_argument("--keep-case", action="store_true", help="do not lower-case captions")
     tt.set_defaults(fn=_train_tokenizer)
 
@@ -590,24 +622,24 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bl = bsub.add_parser("loader", help="our data pipeline vs a plain webdataset + torchvision one")
     bl.add_argument("shards", nargs="?", help="shard spec (default: write --synthetic JPEGs to a temp dir)")
-    bl.add_argument("--synthetic", type=int, default=2000, help="synthetic 512x384 JPEGs when no shards are given")
-    bl.add_argument("--workers", type=int, default=1, help="DataLoader workers for each pipeline (default 1)")
-    bl.add_argument("--batch", type=int, default=64)
-    bl.add_argument("--batches", type=int, default=30, help="timed batches after 3 warm-up batches")
-    bl.add_argument("--rounds", type=int, default=3, help="alternating rounds per pipeline; the median is shown")
+    bl.add_argument("--synthetic", type=INT_GT0, default=2000, help="synthetic 512x384 JPEGs when no shards are given")
+    bl.add_argument("--workers", type=COUNT, default=1, help="DataLoader workers for each pipeline (default 1)")
+    bl.add_argument("--batch", type=INT_GT0, default=64)
+    bl.add_argument("--batches", type=INT_GT0, default=30, help="timed batches after 3 warm-up batches")
+    bl.add_argument("--rounds", type=INT_GT0, default=3, help="alternating rounds per pipeline; the median is shown")
     bl.set_defaults(fn=_bench_loader)
     bs = bsub.add_parser("step", help="one AIMv2 training step: plain compiled PyTorch vs ours (GPU)")
     bs.add_argument("--size", default="large")
-    bs.add_argument("--batch", type=int, default=128, help="per GPU (default 128)")
-    bs.add_argument("--steps", type=int, default=10)
-    bs.add_argument("--warmup", type=int, default=5)
+    bs.add_argument("--batch", type=INT_GT0, default=128, help="per GPU (default 128)")
+    bs.add_argument("--steps", type=INT_GT0, default=10)
+    bs.add_argument("--warmup", type=COUNT, default=5)
     bs.add_argument("--backend", default="triton", help="our attention backend (default triton)")
     bs.add_argument("--quick", action="store_true", help="a CPU smoke run of a tiny model")
     bs.set_defaults(fn=_bench_step)
     ba = bsub.add_parser("attention", help="Triton attention vs FlexAttention, SDPA, xformers on the AIMv2 shapes")
     ba.add_argument("--quick", action="store_true", help="tiny shapes, 2 runs: a smoke test (always so without a GPU)")
     ba.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    ba.add_argument("--reps", type=int, default=20, help="timed runs per measurement (median reported)")
+    ba.add_argument("--reps", type=INT_GT0, default=20, help="timed runs per measurement (median reported)")
     ba.add_argument("--out", help="also write the report to this markdown file")
     ba.set_defaults(fn=_bench_attention)
 
@@ -635,9 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--train", default="demo:digits-train", help="labelled shards (demo:SPLIT or a shard spec)")
     pr.add_argument("--test", default="demo:digits-test", help="held-out labelled shards; 'none': 20%% of --train")
     pr.add_argument("--kind", nargs="+", default=["attentive", "linear"], choices=("attentive", "linear"))
-    pr.add_argument("--epochs", type=int, help="probe training epochs (default 60)")
-    pr.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-2)")
-    pr.add_argument("--batch-size", type=int, help="default 64")
+    pr.add_argument("--epochs", type=INT_GT0, help="probe training epochs (default 60)")
+    pr.add_argument("--lr", type=FLOAT_GT0, help="peak AdamW learning rate (default 1e-2)")
+    pr.add_argument("--batch-size", type=INT_GT0, help="default 64")
     pr.add_argument("--seed", type=int, help="probe init, shuffling and the random-init twin (default 0)")
     pr.add_argument("--compare-random", action="store_true", help="also probe the architecture at random init")
     pr.add_argument("--no-cache", action="store_true", help="do not cache features in $AIMPRE_CACHE/features")
@@ -647,20 +679,50 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("visualize", help="PNGs: next-patch predictions, loss curves, encoder attention maps")
     v.add_argument("run", help="a run directory")
     v.add_argument("--out", help="output directory (default RUN/figures)")
-    v.add_argument("-n", type=int, default=6, help="images per figure")
+    v.add_argument("-n", type=INT_GT0, default=6, help="images per figure")
     v.add_argument("--data", help="shards to draw images from (default: the run's validation shards)")
     v.set_defaults(fn=_visualize)
     return _with_help(p)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from aimpre.config import ConfigError
+# an OSError without a file name is only the user's to fix when the disk is full (or a quota or size limit hit)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
+
+def _user_error(e: BaseException) -> bool:
+    """Errors whose message tells the user what to fix: printed as one line. Anything else is a bug in aimpre
+    and keeps its traceback."""
+    from aimpre.config import RunError
+
+    if isinstance(e, ValueError | RunError):  # ConfigError is a ValueError
+        return True
+    if isinstance(e, FileNotFoundError | FileExistsError | IsADirectoryError | NotADirectoryError | PermissionError):
+        return True
+    if isinstance(e, OSError):
+        return e.filename is not None or e.errno in _FULL
+    return _lightning_refused(e)
+
+
+def _lightning_refused(e: BaseException) -> bool:
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")  # loaded whenever a Trainer was built
+    return lightning is not None and isinstance(e, lightning.MisconfigurationException)
+
+
+def _one_line(e: BaseException, limit: int = 2000) -> str:
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    if _lightning_refused(e):  # e.g. "No supported gpu backend found!": say which settings it is about
+        text = f"Lightning refused the trainer.* settings on this machine: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"aimpre: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        print(f"aimpre: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -29,6 +32,62 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type or an impossible value; the message names the key."""
+
+
+class RunError(RuntimeError):
+    """A run stopped for a reason its message explains (what happened, what is on disk, what to do); the
+    ``aimpre`` command prints it as one line, like a ConfigError."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def short(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: error messages quote values a user typed or a file held,
+    which may be megabytes long or deeply nested; reprlib stops early instead of building the whole repr."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases: a few hundred bytes of nested aliases ("billion laughs") expand to
+    gigabytes once anything walks the result, and our configs never need them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(
+                problem=f"YAML aliases (*{event.anchor[:40]}) are not supported; write the value out",
+                problem_mark=event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from PyYAML's multi-line message: where, then what."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        m = e.problem_mark
+        return f"line {m.line + 1}, column {m.column + 1}: {e.problem}"
+    return " ".join(str(e).split())
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's content, or a ConfigError naming the file (missing, not text, not YAML, aliases)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory, not a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # _NoAliasLoader is a SafeLoader
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p} is not UTF-8 text (byte {e.start})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {_yaml_problem(e)}") from e
+    except RecursionError as e:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{what} {p} nests lists or mappings too deeply") from e
 
 
 @dataclass
@@ -114,11 +173,11 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-def _known(cls: type, prefix: str, key: str) -> ConfigError:
+def _known(cls: type, prefix: str, key: Any) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
-    hint = difflib.get_close_matches(key, names, n=1)
+    hint = difflib.get_close_matches(str(key), names, n=1)
     extra = f"; did you mean {prefix + hint[0]!r}?" if hint else f"; known keys: {', '.join(names)}"
-    return ConfigError(f"unknown config key {prefix + key!r}{extra}")
+    return ConfigError(f"unknown config key {short(prefix + str(key))}{extra}")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -136,11 +195,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[-1])
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a list, got {short(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"config key {key!r} must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a list of {len(args)} values, got {short(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if tp is bool:
         if isinstance(value, bool):
@@ -163,12 +222,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"config key {key!r} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(f"config key {key!r} must be {getattr(tp, '__name__', tp)}, got {short(value)}")
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {raw!r}")
+        raise ConfigError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {short(raw)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
@@ -182,8 +241,25 @@ def _build_model(raw: dict[str, Any]) -> ModelConfig:
     kwargs = _build(ModelConfig, raw, "model.")
     size = kwargs.pop("size", "tiny")
     if size not in SIZES:
-        raise ConfigError(f"config key 'model.size': unknown size {size!r}; known sizes: {', '.join(SIZES)}")
+        raise ConfigError(f"config key 'model.size': unknown size {short(size)}; known sizes: {', '.join(SIZES)}")
     return model_config(size, **kwargs)
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+# Lightning's accelerator names that aimpre runs on (TPUs would need torch_xla, which aimpre does not support)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def _devices_ok(devices: int | str) -> bool:
+    """What Lightning accepts for ``devices``: "auto", a count (-1: all), or device indices "0,1"."""
+    if isinstance(devices, str) and re.fullmatch(r"\s*-?\d+\s*", devices):
+        devices = int(devices)  # Lightning reads "2" as a count, like 2
+    if isinstance(devices, int):
+        return devices > 0 or devices == -1
+    return devices == "auto" or re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?", devices) is not None
 
 
 def _check(ok: bool, key: str, why: str) -> None:
@@ -208,28 +284,39 @@ def validate(cfg: Config) -> Config:
     _check(1 <= lo <= hi <= m.num_patches - 1, "model.prefix_min",
            f"prefix range {lo}..{hi} must lie inside 1..{m.num_patches - 1}")  # fmt: skip
     _check(m.w_text >= 0 and m.w_image >= 0 and m.w_text + m.w_image > 0, "model.w_text", "weights must be >= 0")
+    _check(_finite(m.w_text, m.w_image), "model.w_text", "w_text and w_image must be finite")
+    _check(_finite(m.norm_eps) and m.norm_eps > 0, "model.norm_eps", f"{m.norm_eps} must be positive and finite")
     backends = available_backends()
     _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
     _check(d.max_sample_bytes > 0, "data.max_sample_bytes", f"{d.max_sample_bytes} must be positive (bytes)")
     _check(d.batch_size > 0, "data.batch_size", "must be positive")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(d.shuffle_buffer >= 0 and d.max_pixels > 0, "data.shuffle_buffer", "shuffle_buffer >= 0, max_pixels > 0")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _check(d.max_pixels > 0, "data.max_pixels", "must be positive")
     if d.weights is not None:
         n_sources = len(d.train_shards) if isinstance(d.train_shards, list) else 1
         _check(d.resampled, "data.weights", "mixing sources by weight needs data.resampled=true")
         _check(len(d.weights) == n_sources, "data.weights", f"needs one weight per source ({n_sources})")
         _check(all(w > 0 for w in d.weights), "data.weights", "weights must be positive")
     _check(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0 < lo <= hi <= 1")
-    _check(all(s > 0 for s in d.std), "data.std", "must be positive")
-    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr", "needs lr > 0 and 0 <= min_lr <= lr")
-    _check(o.schedule in ("cosine", "constant"), "optim.schedule", f"{o.schedule!r} is not cosine or constant")
+    _check(_finite(*d.mean), "data.mean", f"{list(d.mean)} must be finite")
+    _check(_finite(*d.std) and all(s > 0 for s in d.std), "data.std", f"{list(d.std)} must be positive and finite")
+    _check(_finite(o.lr) and o.lr > 0, "optim.lr", f"{o.lr} must be positive and finite")
+    _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"{o.min_lr} must lie in [0, optim.lr={o.lr}]")
+    _check(_finite(o.eps) and o.eps > 0, "optim.eps", f"{o.eps} must be positive and finite")
+    _check(o.schedule in ("cosine", "constant"), "optim.schedule", f"{short(o.schedule)} is not cosine or constant")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(o.cooldown_steps == 0 or (o.schedule == "constant" and 2 <= o.cooldown_steps <= t.max_steps),
            "optim.cooldown_steps", "> 0 needs optim.schedule=constant and 2 <= it <= trainer.max_steps")  # fmt: skip
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must lie in [0, 1)")
-    _check(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay", "weight_decay and grad_clip must be >= 0")
+    _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", "must be >= 0 and finite")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     _check(t.max_steps > 0, "trainer.max_steps", "must be positive")
-    _check(t.strategy in ("auto", "ddp", "fsdp"), "trainer.strategy", f"{t.strategy!r} is not auto, ddp or fsdp")
+    _check(t.accelerator in ACCELERATORS, "trainer.accelerator",
+           f"{short(t.accelerator)} is not one of {', '.join(ACCELERATORS)}")  # fmt: skip
+    _check(_devices_ok(t.devices), "trainer.devices",
+           f"{short(t.devices)} is not auto, a positive count, -1 (all) or device indices like '0,1'")  # fmt: skip
+    _check(t.strategy in ("auto", "ddp", "fsdp"), "trainer.strategy", f"{short(t.strategy)} is not auto, ddp or fsdp")
     _check(t.global_batch_size is None or t.global_batch_size > 0, "trainer.global_batch_size", "must be positive")
     for k in ("log_every", "val_every", "ckpt_every", "accumulate_grad_batches", "num_nodes", "max_bad_steps"):
         _check(getattr(t, k) > 0, f"trainer.{k}", "must be positive")
@@ -238,7 +325,7 @@ def validate(cfg: Config) -> Config:
     _check(not bad, "trainer.loggers", f"{', '.join(map(repr, bad))} not one of csv, tensorboard, wandb")
     _check(t.keep_last == -1 or t.keep_last >= 1, "trainer.keep_last", "must be >= 1, or -1 to keep all")
     _check(t.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"), "trainer.precision",
-           f"{t.precision!r} is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true")  # fmt: skip
+           f"{short(t.precision)} is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true")  # fmt: skip
     return cfg
 
 
@@ -259,12 +346,19 @@ def build_config(raw: dict[str, Any]) -> Config:
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        raise ConfigError(f"override {short(item)} must look like section.key=value")
     key, _, text = item.partition("=")
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
-        raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
-    return path, yaml.safe_load(text) if text.strip() else ""
+        raise ConfigError(f"override key {short(key)} must be section.key (e.g. optim.lr)")
+    if not text.strip():
+        return path, ""
+    try:
+        return path, yaml.load(text, Loader=_NoAliasLoader)  # _NoAliasLoader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {short(item)}: the value is not valid YAML: {_yaml_problem(e)}") from e
+    except RecursionError as e:
+        raise ConfigError(f"override {short(item)}: the value nests lists or mappings too deeply") from e
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -272,19 +366,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        raw = load_yaml(p) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections")
     for item in overrides:
         (section, key), value = parse_override(item)
         sec = raw.setdefault(section, {})
         if not isinstance(sec, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping")
+            raise ConfigError(f"config section {short(section)} must be a mapping")
         sec[key] = value
     return build_config(raw)
 

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from aimpre import files
-from aimpre.config import Config, ConfigError, build_config, dump_config, to_dict
+from aimpre.config import Config, ConfigError, build_config, dump_config, load_yaml, short, to_dict
 from aimpre.scaling.flops import flops_per_sample, param_counts
 
 DESIGNS = ("grid", "isoflop", "cooldown")
@@ -83,11 +83,11 @@ def _typed(value: Any, tp: Any, key: str) -> Any:
         return _typed(value, next(a for a in args if a is not type(None)), key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"sweep key {key!r} must be a list, got {value!r}")
+            raise ConfigError(f"sweep key {key!r} must be a list, got {short(value)}")
         return [_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"sweep key {key!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"sweep key {key!r} must be a mapping, got {short(value)}")
         return {str(k): _typed(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
@@ -98,25 +98,23 @@ def _typed(value: Any, tp: Any, key: str) -> Any:
             pass
     ok = (tp is float and isinstance(value, int | float)) or isinstance(value, tp)
     if not ok or (tp in (int, float) and isinstance(value, bool)):
-        raise ConfigError(f"sweep key {key!r} must be {tp.__name__}, got {value!r}")
+        raise ConfigError(f"sweep key {key!r} must be {tp.__name__}, got {short(value)}")
     return float(value) if tp is float else value
 
 
 def load_sweep(path: str | Path) -> tuple[Sweep, Path]:
     """Reads and checks a sweep YAML; returns it and the folder its relative paths start from."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = load_yaml(p, "sweep file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {p} must hold a mapping of sweep keys")
     hints = typing.get_type_hints(Sweep)
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            hint = difflib.get_close_matches(key, list(hints), n=1)
+            hint = difflib.get_close_matches(str(key), list(hints), n=1)
             extra = f"; did you mean 'sweep.{hint[0]}'?" if hint else f"; known keys: {', '.join(hints)}"
-            raise ConfigError(f"unknown sweep key 'sweep.{key}'{extra}")
+            raise ConfigError(f"unknown sweep key {short(f'sweep.{key}')}{extra}")
         kwargs[key] = _typed(value, hints[key], f"sweep.{key}")
     sw = Sweep(**kwargs)
     _check_sweep(sw)
@@ -152,7 +150,9 @@ def _base_raw(sw: Sweep, root: Path) -> dict[str, Any]:
         p = Path(sw.base) if Path(sw.base).is_absolute() else root / sw.base
         if not p.is_file():
             raise ConfigError(f"sweep key 'sweep.base': config file not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = load_yaml(p) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"sweep key 'sweep.base': config file {p} must hold a mapping of sections")
     for key, value in sw.overrides.items():
         section, _, name = key.partition(".")
         if not name or "." in name:

@@ -35,8 +35,10 @@ def batches_per_epoch(sources: list[list[Shard]], batch_size: int, readers: int)
     total = sum(s.samples or 0 for shards in sources for s in shards)
     m = total // (readers * batch_size)
     if m == 0:
+        urls = [s.url for shards in sources for s in shards]
+        where = urls[0] if len(urls) == 1 else f"{len(urls)} shards ({urls[0]} ... {urls[-1]})"
         raise ValueError(
-            f"{total} samples cannot fill one batch of {batch_size} for each of {readers} readers "
+            f"{total} samples in {where} cannot fill one batch of {batch_size} for each of {readers} readers "
             f"(ranks x data.num_workers): lower data.batch_size or data.num_workers, or add data"
         )
     return m

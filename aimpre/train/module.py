@@ -11,8 +11,8 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from aimpre.config import Config, ConfigError
-from aimpre.data import Augment, ImageTextStream, StreamLoader, Tokenizer, sources
+from aimpre.config import Config, ConfigError, RunError
+from aimpre.data import Augment, ImageTextStream, StreamLoader, Tokenizer, batches_per_epoch, sources
 from aimpre.model import AIMv2
 from aimpre.train.optim import build_optimizer, lr_factor
 
@@ -21,7 +21,7 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """Too many consecutive steps had non-finite gradients."""
 
 
@@ -88,8 +88,22 @@ class AIMv2Module(pl.LightningModule):
         if self.bad_steps >= self.cfg.trainer.max_bad_steps:
             raise NonFiniteError(
                 f"{self.bad_steps} consecutive steps had non-finite gradients (last at step {self.global_step}); "
-                f"stopping. The last checkpoint was written before them. Lower optim.lr or check the data."
+                f"stopping. {self._last_checkpoint()}. Lower optim.lr or check the data."
             )
+
+    def _last_checkpoint(self) -> str:
+        """What is on disk now, read from disk: a run may stop before its first checkpoint."""
+        from aimpre.train.checkpoint import Checkpointer
+
+        callbacks = getattr(self._trainer, "callbacks", [])  # set by Lightning at run time; not in its stubs
+        found = [c for c in callbacks if isinstance(c, Checkpointer)]
+        if not found:
+            return "No checkpoint is written by this run"
+        last = found[0].directory / "last.ckpt"
+        if not last.exists():
+            return f"No checkpoint was written: {last} does not exist"
+        # the Checkpointer saves no step of a non-finite streak, so this one predates it
+        return f"The last checkpoint on disk is {last} -> {last.resolve().name}, from before these steps (--resume)"
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [B, 3, H, W] -> float, normalised with the data config's mean/std."""
@@ -161,7 +175,7 @@ class AIMv2DataModule(pl.LightningDataModule):
         d, m = self.cfg.data, self.cfg.model
         rank, world = self._where()
         resampled = d.resampled and train
-        return ImageTextStream(
+        stream = ImageTextStream(
             sources(spec, demo_split, need_counts=not resampled, index=d.index),
             self.tokenizer,
             text_len=m.text_len,
@@ -182,6 +196,12 @@ class AIMv2DataModule(pl.LightningDataModule):
             shuffle=d.shuffle_buffer if train else 0,
             resume=resume,
         )
+        if not resampled:  # fail here, naming the shards, rather than in a data worker with its traceback
+            try:
+                batches_per_epoch(stream.sources, d.batch_size, world * (max(1, d.num_workers) if train else 1))
+            except ValueError as e:
+                raise ConfigError(f"config key 'data.{'train' if train else 'val'}_shards': {e}") from e
+        return stream
 
     def _loader(self, stream: ImageTextStream, workers: int) -> StreamLoader:
         return StreamLoader(stream, workers, pin_memory=torch.cuda.is_available(), persistent_workers=True)
