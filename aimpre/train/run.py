@@ -270,7 +270,7 @@ def _train_locked(
         check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches if cfg.data.val_shards else 0,
         num_sanity_val_steps=0,
-        logger=build_loggers(t.loggers, run_dir, cfg.run.name),
+        logger=build_loggers(t.loggers, run_dir, run_dir.name),
         deterministic=t.deterministic,
         default_root_dir=run_dir,
         enable_model_summary=False,
