@@ -225,9 +225,20 @@ def train(
     assert cfg.run.name is not None
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    # only the first process takes the lock: the other ranks of the same launch share the directory
-    with run_lock(run_dir) if _first_process() else contextlib.nullcontext():
-        return _train_locked(cfg, run_dir, tokenizer, resume, callbacks, datamodule)
+    ours = not _distributed()  # Lightning starts the process group in fit(); one the caller started is left alone
+    try:
+        # only the first process takes the lock: the other ranks of the same launch share the directory
+        with run_lock(run_dir) if _first_process() else contextlib.nullcontext():
+            return _train_locked(cfg, run_dir, tokenizer, resume, callbacks, datamodule)
+    finally:
+        if ours and _distributed():
+            # Lightning leaves it up; a gloo group still up at interpreter exit can abort the process (SIGABRT,
+            # "terminate called without an active exception") while its worker threads are torn down
+            torch.distributed.destroy_process_group()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _train_locked(
