@@ -456,16 +456,19 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from aimpre.probe import ProbeSettings, run_probe
+    from aimpre.probe import Layers, ProbeSettings, run_probe
 
     given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
     settings = ProbeSettings(**{k: v for k, v in given.items() if v is not None})
     test = None if args.test == "none" else args.test
     encoder = Path(args.encoder)
     out = Path(args.out) if args.out else (encoder if encoder.is_dir() else encoder.parent) / "probe.json"
+    layers = Layers(None if args.layers is None else tuple(args.layers), args.merge)
     res = run_probe(args.encoder, args.train, test, tuple(args.kind), settings, args.compare_random,
-                    not args.no_cache, out)  # fmt: skip
-    print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; top-1 on {res['test']}:")
+                    not args.no_cache, out, layers)  # fmt: skip
+    what = "output" if args.layers is None else f"{args.merge} of blocks {', '.join(map(str, args.layers))}"
+    print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; features: {what}; "
+          f"top-1 on {res['test']}:")  # fmt: skip
     print(f"{'':14}" + "".join(f"{k:>12}" for k in args.kind))
     for name, by_kind in res["results"].items():
         print(f"{name:14}" + "".join(f"{by_kind[k]['top1']:>12.1%}" for k in args.kind))
@@ -674,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--compare-random", action="store_true", help="also probe the architecture at random init")
     pr.add_argument("--no-cache", action="store_true", help="do not cache features in $AIMPRE_CACHE/features")
     pr.add_argument("--out", help="results JSON (default: probe.json in the encoder's directory)")
+    pr.add_argument("--layers", type=int, nargs="+", help="probe these blocks (0-based; -1 the last) instead of the "
+                    "output, each through the final norm (default: the encoder's output)")  # fmt: skip
+    pr.add_argument("--merge", choices=("mean", "concat"), default="mean", help="how --layers' blocks combine")
     pr.set_defaults(fn=_probe)
 
     v = sub.add_parser("visualize", help="PNGs: next-patch predictions, loss curves, encoder attention maps")

@@ -1,10 +1,12 @@
-"""Frozen-trunk evaluation: attentive and linear probes on an encoder's last-layer tokens over labelled shards.
+"""Frozen-trunk evaluation: attentive and linear probes on an encoder's tokens over labelled shards.
 
 AIMv2 (Fini et al. 2024) and AIM (El-Nouby et al. 2024) judge an encoder by an attentive probe on its frozen
 last-layer features (``aimpre.model.pooling``). Here the trunk runs once per image (full attention, centre crop,
 normalised with the mean/std the encoder was trained with) and its tokens are cached on disk, keyed by a hash of
 the encoder's weights, the preprocessing and the shard bytes; the heads then train on the cached tokens.
-Departure from the papers: with cached features the probe trains without augmentation.
+Departure from the papers: with cached features the probe trains without augmentation. ``layers`` probes chosen
+blocks instead of the last one (each through the final RMSNorm), averaged or concatenated: AIM v1 found its best
+features in the middle of the trunk.
 
 Labels come from ``KEY.cls`` (an integer) or the ``label``/``cls`` field of ``KEY.json``. ``demo:SPLIT`` names a
 split of the embedded demo data (e.g. ``demo:digits-train``).
@@ -112,9 +114,34 @@ def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Count
     return torch.stack(images), torch.tensor(labels), skipped
 
 
+@dataclass(frozen=True)
+class Layers:
+    """Which features to probe: ``blocks`` (indices as ``AIMv2Encoder.forward_intermediates`` takes them; None:
+    the encoder's output) merged by ``merge``: "mean" ([N, T, C]) or "concat" ([N, T, C x blocks])."""
+
+    blocks: tuple[int, ...] | None = None
+    merge: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.merge not in MERGES:
+            raise ProbeError(f"unknown layer merge {self.merge!r}; merges: {', '.join(MERGES)}")
+
+    def tokens(self, encoder: AIMv2Encoder, x: Tensor) -> Tensor:
+        if self.blocks is None:
+            return encoder(x)
+        outs = encoder.forward_intermediates(x, list(self.blocks))  # each [B, T, C]
+        return torch.stack(outs).mean(0) if self.merge == "mean" else torch.cat(outs, dim=-1)
+
+
+MERGES = ("mean", "concat")
+
+
 @torch.no_grad()
-def extract(encoder: AIMv2Encoder, images: Tensor, mean: Tensor, std: Tensor, batch_size: int = 64) -> Tensor:
-    """Final-norm tokens [N, T, C] (float16 on the CPU, to halve memory and cache size) of uint8 images [N, 3, S, S].
+def extract(
+    encoder: AIMv2Encoder, images: Tensor, mean: Tensor, std: Tensor, batch_size: int = 64, layers: Layers = Layers()
+) -> Tensor:
+    """Tokens [N, T, C] (float16 on the CPU, to halve memory and cache size) of uint8 images [N, 3, S, S]: the
+    encoder's final-norm output, or the ``layers`` it is asked for.
 
     The encoder runs where its weights are; ``mean``/``std`` are [1, 3, 1, 1] in 0..1 units.
     """
@@ -123,7 +150,7 @@ def extract(encoder: AIMv2Encoder, images: Tensor, mean: Tensor, std: Tensor, ba
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
         x = (images[i : i + batch_size].to(device).float() / 255 - mean) / std
-        out.append(encoder(x).half().cpu())
+        out.append(layers.tokens(encoder, x).half().cpu())
     return torch.cat(out)
 
 
@@ -136,9 +163,12 @@ def _weights_hash(encoder: AIMv2Encoder, pre: dict[str, Any]) -> Any:
     return h
 
 
-def _digest(weights: Any, urls: list[str]) -> str:
-    """The cache key of the features of ``urls`` under the encoder whose ``_weights_hash`` is ``weights``."""
+def _digest(weights: Any, urls: list[str], layers: Layers = Layers()) -> str:
+    """The cache key of the ``layers`` features of ``urls`` under the encoder whose ``_weights_hash`` is
+    ``weights``."""
     h = weights.copy()
+    if layers != Layers():  # the default's keys stay those of the caches written before layers existed
+        h.update(json.dumps([layers.blocks, layers.merge]).encode())
     for u in urls:
         if not os.path.isfile(u):  # a pipe: or remote URL: its name is all we can key on
             h.update(u.encode())
@@ -150,7 +180,12 @@ def _digest(weights: Any, urls: list[str]) -> str:
 
 
 def features(
-    encoder: AIMv2Encoder, pre: dict[str, Any], urls: list[str], cache: Path | None, weights: Any = None
+    encoder: AIMv2Encoder,
+    pre: dict[str, Any],
+    urls: list[str],
+    cache: Path | None,
+    weights: Any = None,
+    layers: Layers = Layers(),
 ) -> tuple[Tensor, Tensor]:
     """Tokens [N, T, C] and labels [N] of the labelled shards ``urls``, from the cache when it has them.
 
@@ -159,7 +194,7 @@ def features(
     """
     if cache is not None and weights is None:
         weights = _weights_hash(encoder, pre)
-    file = None if cache is None else cache / f"{_digest(weights, urls)}.pt"
+    file = None if cache is None else cache / f"{_digest(weights, urls, layers)}.pt"
     if file is not None and file.is_file():
         saved = torch.load(file, weights_only=True)
         return saved["tokens"], saved["labels"]
@@ -167,7 +202,7 @@ def features(
     if skipped:
         print(f"probe: skipped {dict(skipped)} samples in {urls[0]}...", flush=True)
     mean, std = (torch.tensor(pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-    tokens = extract(encoder, images, mean, std)
+    tokens = extract(encoder, images, mean, std, layers=layers)
     if file is not None:
         with atomic_path(file) as tmp:
             torch.save({"tokens": tokens, "labels": labels}, tmp)
@@ -258,6 +293,7 @@ def run_probe(
     compare_random: bool = False,
     cache: bool = True,
     out: Path | None = None,
+    layers: Layers = Layers(),
 ) -> dict[str, Any]:
     """Probes a frozen encoder (and, if asked, the same architecture at random initialisation).
 
@@ -270,6 +306,7 @@ def run_probe(
         compare_random: also probe the encoder's architecture re-initialised (seeded) as ours is before pretraining.
         cache: keep features under ``$AIMPRE_CACHE/features``.
         out: where to write the results JSON (atomically), if anywhere.
+        layers: the blocks to probe and how to merge them (default: the encoder's output).
 
     Returns:
         A JSON-able dict with top-1 per encoder and probe, the data sizes and the settings.
@@ -280,6 +317,13 @@ def run_probe(
     pre = loaded.info.get("preprocessing") or {}
     if pre.get("mean") is None or pre.get("std") is None:
         raise ProbeError(f"{encoder_path}: its normalisation (mean/std) is unknown; probing needs it")
+    if layers.blocks is not None:
+        from aimpre.model.vit import block_indices
+
+        try:
+            block_indices(list(layers.blocks), loaded.encoder.cfg.depth)
+        except ValueError as e:
+            raise ProbeError(f"--layers: {e}") from None
     encoders = {"encoder": loaded.encoder.to(_device())}
     if compare_random:
         twin = AIMv2Encoder(loaded.encoder.cfg).eval()
@@ -291,12 +335,12 @@ def run_probe(
     results: dict[str, dict[str, Any]] = {}
     for name, encoder in encoders.items():
         weights = _weights_hash(encoder, pre) if cache_dir else None  # once for both shard sets
-        x, y = features(encoder, pre, train_urls, cache_dir, weights)
+        x, y = features(encoder, pre, train_urls, cache_dir, weights, layers)
         if test_urls is None:
             tr, te = _split(y, 0.2, s.seed)
             train_set, test_set = (x[tr], y[tr]), (x[te], y[te])
         else:
-            train_set, test_set = (x, y), features(encoder, pre, test_urls, cache_dir, weights)
+            train_set, test_set = (x, y), features(encoder, pre, test_urls, cache_dir, weights, layers)
         results[name] = {kind: train_probe(kind, train_set, test_set, s) for kind in kinds}
     res = {
         "encoder_path": str(encoder_path),
@@ -307,6 +351,7 @@ def run_probe(
         "n_test": len(test_set[1]),
         "classes": int(max(train_set[1].max(), test_set[1].max())) + 1,
         "settings": vars(s),
+        "layers": "output" if layers.blocks is None else {"blocks": list(layers.blocks), "merge": layers.merge},
         "results": results,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),

@@ -84,6 +84,32 @@ def test_full_attention_without_prefix() -> None:
     assert moved > 1e-6  # position 0 sees the last patch
 
 
+def test_forward_intermediates_are_the_blocks_outputs() -> None:
+    """Block i's output, by hand from the encoder's own layers, through the final norm or not; the last block with the
+    norm is forward(), with or without a prefix; an int n means the last n blocks; bad indices name the depth."""
+    enc = small().encoder  # depth 2
+    torch.manual_seed(2)
+    images = torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    prefix = torch.tensor([3, 7])
+    x = enc.patch_embed(images) + enc.pos_embed
+    by_hand = []
+    for block in enc.blocks:
+        x = block(x, "full", None)
+        by_hand.append(x)
+    first, last = enc.forward_intermediates(images, [0, -1], norm=False)
+    torch.testing.assert_close(first, by_hand[0], rtol=0, atol=0)
+    torch.testing.assert_close(last, by_hand[1], rtol=0, atol=0)
+    (normed,) = enc.forward_intermediates(images, [0])
+    torch.testing.assert_close(normed, enc.norm(by_hand[0]), rtol=0, atol=0)
+    assert not torch.allclose(normed, first)
+    torch.testing.assert_close(enc.forward_intermediates(images, 1)[0], enc(images), rtol=0, atol=0)
+    torch.testing.assert_close(enc.forward_intermediates(images, [-1], prefix_len=prefix)[0], enc(images, prefix))
+    assert len(enc.forward_intermediates(images)) == 2
+    for bad in ([2], [-3], 3, 0, []):
+        with pytest.raises(ValueError, match="block"):
+            enc.forward_intermediates(images, bad)
+
+
 def test_decoder_is_causal_over_the_caption() -> None:
     model = small()
     torch.manual_seed(2)

@@ -13,7 +13,7 @@ from aimpre.cli import main
 from aimpre.export import preprocessing_info, write_export
 from aimpre.model import AIMv2Encoder, model_config
 from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier
-from aimpre.probe import ProbeError, ProbeSettings, label_of, read_labelled, run_probe
+from aimpre.probe import Layers, ProbeError, ProbeSettings, features, label_of, read_labelled, run_probe
 from helpers import jpeg, write_tar
 
 
@@ -85,3 +85,33 @@ def test_damaged_labelled_shards_are_read_past_and_counted(tmp_path: Path) -> No
     junk.write_bytes(bytes(range(256)) * 40)
     with pytest.raises(ProbeError, match="not_a_tar"):
         read_labelled([str(junk)], 16)
+
+
+def test_probe_layers_average_or_concatenate_chosen_blocks(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--layers probes chosen blocks through the final norm: block -1 is the output, concat widens the tokens,
+    each choice is cached under its own key and recorded in probe.json; a block the encoder lacks is refused."""
+    monkeypatch.setenv("AIMPRE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(model_config("tiny", depth=2, vocab_size=258)).eval()
+    pre = preprocessing_info((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 112)
+    path = write_export(enc, "safetensors", tmp_path / "enc", info={"preprocessing": pre})
+    samples = [{"__key__": f"k{i:03d}", "jpg": jpeg((i * 20, 255 - i * 20, 0)), "cls": str(i % 2)} for i in range(12)]
+    urls = [str(write_tar(tmp_path / "labelled.tar", samples))]
+    out, _ = features(enc, pre, urls, None)
+    last, _ = features(enc, pre, urls, None, layers=Layers((-1,)))
+    torch.testing.assert_close(last, out, rtol=0, atol=0)
+    both, _ = features(enc, pre, urls, None, layers=Layers((0, 1), "concat"))
+    mean, _ = features(enc, pre, urls, None, layers=Layers((0, 1)))
+    assert both.shape == (12, out.shape[1], 2 * out.shape[2]) and mean.shape == out.shape
+    torch.testing.assert_close(both[..., out.shape[2] :], out, rtol=0, atol=0)
+    torch.testing.assert_close(mean.float(), (both[..., : out.shape[2]].float() + out.float()) / 2, atol=2e-3, rtol=0)
+    args = ["probe", str(path), "--train", urls[0], "--test", "none", "--kind", "linear", "--epochs", "2"]
+    assert main([*args, "--layers", "0", "1", "--merge", "concat"]) == 0
+    assert "features: concat of blocks 0, 1" in capsys.readouterr().out
+    assert json.loads((path / "probe.json").read_text())["layers"] == {"blocks": [0, 1], "merge": "concat"}
+    assert main(args) == 0
+    assert json.loads((path / "probe.json").read_text())["layers"] == "output"
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2  # one per choice of features
+    assert main([*args, "--layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--layers" in err and "2 blocks" in err

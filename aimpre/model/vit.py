@@ -8,6 +8,8 @@ encoder's state dict *is* a timm state dict.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -61,3 +63,46 @@ class AIMv2Encoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask, prefix_len)
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        images: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = True,
+        prefix_len: Tensor | None = None,
+    ) -> list[Tensor]:
+        """Outputs [B, N, d] of chosen blocks, in the order asked (as timm's ``forward_intermediates``).
+
+        AIM v1 found its best probe features in the middle blocks, not the last one.
+
+        Args:
+            images: [B, 3, H, W], normalised.
+            indices: an int n (the last n blocks), block indices (negative ones count from the end), or None (all).
+            norm: apply the final RMSNorm to each output, so every block's features are on the last one's scale.
+            prefix_len: as ``forward``.
+        """
+        wanted = block_indices(indices, len(self.blocks))
+        x = self.patch_embed(images) + self.pos_embed  # [B, N, d]
+        mask = "full" if prefix_len is None else "prefix"
+        outs: dict[int, Tensor] = {}
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):  # the blocks after the last one asked: not run
+            x = block(x, mask, prefix_len)
+            if i in wanted:
+                outs[i] = self.norm(x) if norm else x
+        return [outs[i] for i in wanted]
+
+
+def block_indices(indices: int | Sequence[int] | None, depth: int) -> list[int]:
+    """Block indices in 0..depth-1 from ``forward_intermediates``' ``indices``; out of range is a ValueError."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 1 <= indices <= depth:
+            raise ValueError(f"the last {indices} blocks: the encoder has {depth}")
+        return list(range(depth - indices, depth))
+    if not indices:
+        raise ValueError("no block indices given")
+    bad = [i for i in indices if not -depth <= i < depth]
+    if bad:
+        raise ValueError(f"block indices {bad} out of range: the encoder has {depth} blocks (0..{depth - 1}, or -1 ..)")
+    return [i % depth for i in indices]
