@@ -27,10 +27,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from aimpre.config import Config, ConfigError, config_hash, dump_config, to_dict
+from aimpre.config import Config, ConfigError, config_hash, dump_config, load_yaml, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
 from aimpre.files import write_text
 from aimpre.scaling import flops_per_sample
@@ -120,10 +119,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
     """A run may resume with a new schedule or data, never with another model or tokenizer."""
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not valid YAML ({type(e).__name__})") from e
+    saved = load_yaml(run_dir / "config.yaml", "the config of the run to resume")
     if not isinstance(saved, dict) or not isinstance(saved.get("model", {}), dict):
         raise ConfigError(f"cannot resume {run_dir}: its config.yaml does not hold a mapping of sections")
     now = to_dict(cfg)
