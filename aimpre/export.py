@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from aimpre import __version__
-from aimpre.config import Config, config_hash, load_config
+from aimpre.config import Config, config_hash, load_config, short
 from aimpre.data.decode import Augment, crop_box
 from aimpre.formats import (
     ENCODER_FIELDS,
@@ -42,7 +42,6 @@ from aimpre.formats import (
     hf_config,
     hf_mean_head,
     hf_preprocessor,
-    short_repr,
     timm_config,
     to_hf,
 )
@@ -185,11 +184,11 @@ def _weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
         if not isinstance(weight_map, dict):
-            raise ExportError(f"{index}: weight_map must be an object, got {short_repr(weight_map)}")
+            raise ExportError(f"{index}: weight_map must be an object, got {short(weight_map, 60)}")
         names: set[str] = set()
         for name in weight_map.values():
             if not isinstance(name, str) or Path(name).name != name:  # shards live beside the index
-                raise ExportError(f"{index}: weight_map names {short_repr(name)}, not a file name in {folder}")
+                raise ExportError(f"{index}: weight_map names {short(name, 60)}, not a file name in {folder}")
             names.add(name)
         return [folder / name for name in sorted(names)]
     raise FileNotFoundError(f"{folder}: no {WEIGHTS} (or {WEIGHTS}.index.json); only safetensors weights are read")
@@ -237,16 +236,16 @@ def _rename(fmt: str, state: State, file: Path) -> State:
 def _check_info(info: Any, where: str) -> dict[str, Any]:
     """An export's ``aimpre.json`` record: the fields ``load`` uses, each of the right kind."""
     if not isinstance(info, dict):
-        raise ExportError(f"{where}: expected a JSON object, got {short_repr(info)}")
+        raise ExportError(f"{where}: expected a JSON object, got {short(info, 60)}")
     for key in ("format", "encoder"):
         if key not in info:
             raise ExportError(f"{where}: missing key {key!r}")
     if info["format"] not in FORMATS:
-        raise ExportError(f"{where}: 'format' is {short_repr(info['format'])}, not one of {', '.join(FORMATS)}")
+        raise ExportError(f"{where}: 'format' is {short(info['format'], 60)}, not one of {', '.join(FORMATS)}")
     pre = info.get("preprocessing")
     if pre is not None:
         if not isinstance(pre, dict):
-            raise ExportError(f"{where}: 'preprocessing' must be an object, got {short_repr(pre)}")
+            raise ExportError(f"{where}: 'preprocessing' must be an object, got {short(pre, 60)}")
         _check_preprocessing(pre.get("mean"), pre.get("std"), where)
     return info
 
@@ -259,7 +258,7 @@ def _check_preprocessing(mean: Any, std: Any, where: str) -> None:
             and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in value)
         )
         if not ok or (key == "std" and value is not None and min(value) <= 0):
-            raise ExportError(f"{where}: {key} must be 3 finite numbers (std positive), got {short_repr(value)}")
+            raise ExportError(f"{where}: {key} must be 3 finite numbers (std positive), got {short(value, 60)}")
 
 
 def _read_export(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
@@ -284,7 +283,7 @@ def _read_dir(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
         cfg = config_from_timm(conf, str(conf_file))
         pc, where = conf.get("pretrained_cfg") or {}, f"{conf_file}: pretrained_cfg"
         if not isinstance(pc, dict):
-            raise ExportError(f"{where} must be an object, got {short_repr(pc)}")
+            raise ExportError(f"{where} must be an object, got {short(pc, 60)}")
         mean, std = pc.get("mean"), pc.get("std")
         fmt = "timm"
     elif "model_type" in conf:  # transformers layout

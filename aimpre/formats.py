@@ -24,6 +24,7 @@ from typing import Any, get_type_hints
 import torch
 from torch import Tensor
 
+from aimpre.config import short
 from aimpre.model import SIZES, ModelConfig
 
 State = dict[str, Tensor]
@@ -162,20 +163,14 @@ def _field(where: str, key: str, value: Any, tp: Any) -> Any:
     else:
         ok, want = isinstance(value, str), "a string"
     if not ok:
-        raise ExportError(f"{where}: encoder field {key!r} must be {want}, got {short_repr(value)}")
+        raise ExportError(f"{where}: encoder field {key!r} must be {want}, got {short(value, 60)}")
     return value
-
-
-def short_repr(value: Any) -> str:
-    """``repr`` cut to 60 characters, for messages about values read from files."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def encoder_config(values: dict[str, Any], where: str) -> ModelConfig:
     """A ModelConfig from encoder fields (decoder fields keep their defaults; no "size" means look it up)."""
     if not isinstance(values, dict):
-        raise ExportError(f"{where}: the encoder fields must be an object, got {short_repr(values)}")
+        raise ExportError(f"{where}: the encoder fields must be an object, got {short(values, 60)}")
     unknown = sorted(set(values) - {f.name for f in fields(ModelConfig)})
     if unknown:
         raise ExportError(f"{where}: unknown encoder field(s) {unknown}; known: {', '.join(ENCODER_FIELDS)}")
@@ -242,12 +237,12 @@ def config_from_hf(conf: dict[str, Any], where: str) -> ModelConfig:
     if conf.get("model_type") == "aimv2" and "vision_config" in conf:
         conf = conf["vision_config"] or {}
         if not isinstance(conf, dict):
-            raise ExportError(f"{where}: vision_config must be an object, got {short_repr(conf)}")
+            raise ExportError(f"{where}: vision_config must be an object, got {short(conf, 60)}")
     if conf.get("is_native"):
         raise ExportError(f"{where}: is_native checkpoints use sinusoidal positions; this encoder learns them")
     for key, want in (("qkv_bias", False), ("mlp_bias", False), ("hidden_act", "silu"), ("num_channels", 3)):
         if conf.get(key, want) != want:
-            raise ExportError(f"{where}: {key}={short_repr(conf[key])} is not supported (AIMv2 has {want!r})")
+            raise ExportError(f"{where}: {key}={short(conf[key], 60)} is not supported (AIMv2 has {want!r})")
     d = ModelConfig()  # Aimv2VisionConfig's defaults are AIMv2-L at 224 px, as ours
     names = {"hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "heads",
              "intermediate_size": "mlp_hidden", "image_size": "img_size", "patch_size": "patch_size",
@@ -267,17 +262,17 @@ def config_from_timm(conf: dict[str, Any], where: str) -> ModelConfig:
     ratio = TIMM_MLP_RATIO[m[1]]
     args = conf.get("model_args") or {}
     if not isinstance(args, dict):
-        raise ExportError(f"{where}: model_args must be an object, got {short_repr(args)}")
+        raise ExportError(f"{where}: model_args must be an object, got {short(args, 60)}")
     for k, v in args.items():
         if k in _TIMM_ARGS:
             if isinstance(v, list | tuple):  # img_size / patch_size may be (h, w): only squares are supported
                 if not v or any(x != v[0] for x in v):
-                    raise ExportError(f"{where}: model_args.{k}={short_repr(v)} is not square")
+                    raise ExportError(f"{where}: model_args.{k}={short(v, 60)} is not square")
                 v = v[0]
             values[_TIMM_ARGS[k]] = _field(where, f"model_args.{k}", v, int)
         elif k == "mlp_ratio":
             ratio = _field(where, "model_args.mlp_ratio", v, float)
         elif k not in ("num_classes", "global_pool") and not (k == "in_chans" and v == 3):
-            raise ExportError(f"{where}: model_args.{k}={short_repr(v)} is not supported: it would change the encoder")
+            raise ExportError(f"{where}: model_args.{k}={short(v, 60)} is not supported: it would change the encoder")
     values["mlp_hidden"] = int(values["width"] * ratio)
     return encoder_config(values, where)
