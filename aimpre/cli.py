@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import sys
@@ -691,21 +690,19 @@ def build_parser() -> argparse.ArgumentParser:
     return _with_help(p)
 
 
-# an OSError without a file name is only the user's to fix when the disk is full (or a quota or size limit hit)
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
 def _user_error(e: BaseException) -> bool:
     """Errors whose message tells the user what to fix: printed as one line. Anything else is a bug in aimpre
     and keeps its traceback."""
     from aimpre.config import RunError
+    from aimpre.files import NO_ROOM
 
     if isinstance(e, ValueError | RunError):  # ConfigError is a ValueError
         return True
     if isinstance(e, FileNotFoundError | FileExistsError | IsADirectoryError | NotADirectoryError | PermissionError):
         return True
     if isinstance(e, OSError):
-        return e.filename is not None or e.errno in _FULL
+        # one without a file name is only the user's to fix when the disk is full (or a quota or size limit hit)
+        return e.filename is not None or e.errno in NO_ROOM
     return _lightning_refused(e)
 
 

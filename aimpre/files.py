@@ -34,7 +34,7 @@ class WriteError(OSError):
 
 
 # a full disk, a quota, a file over RLIMIT_FSIZE
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextmanager
@@ -49,7 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, p)
     except OSError as e:
-        if e.errno in _NO_ROOM:
+        if e.errno in NO_ROOM:
             raise WriteError(p, e.strerror or str(e)) from e
         raise
     except RuntimeError as e:
