@@ -114,6 +114,9 @@ def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Count
     return torch.stack(images), torch.tensor(labels), skipped
 
 
+MERGES = ("mean", "concat")
+
+
 @dataclass(frozen=True)
 class Layers:
     """Which features to probe: ``blocks`` (indices as ``AIMv2Encoder.forward_intermediates`` takes them; None:
@@ -131,9 +134,6 @@ class Layers:
             return encoder(x)
         outs = encoder.forward_intermediates(x, list(self.blocks))  # each [B, T, C]
         return torch.stack(outs).mean(0) if self.merge == "mean" else torch.cat(outs, dim=-1)
-
-
-MERGES = ("mean", "concat")
 
 
 @torch.no_grad()

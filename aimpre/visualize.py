@@ -33,8 +33,7 @@ from aimpre.export import read_run, run_model
 from aimpre.files import atomic_path
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
-
-DPI = 150
+from aimpre.scaling.plots import DPI  # one resolution for every figure aimpre draws
 
 
 def _save(fig: Figure, path: Path) -> Path:
