@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from aimpre.kernels import available_backends
-from aimpre.model.sizes import SIZES, ModelConfig, model_config
+from aimpre.model.sizes import OBJECTIVES, SIZES, ModelConfig, model_config
+from aimpre.objectives.towers import POOLS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -286,6 +287,8 @@ def validate(cfg: Config) -> Config:
     _check(m.w_text >= 0 and m.w_image >= 0 and m.w_text + m.w_image > 0, "model.w_text", "weights must be >= 0")
     _check(_finite(m.w_text, m.w_image), "model.w_text", "w_text and w_image must be finite")
     _check(_finite(m.norm_eps) and m.norm_eps > 0, "model.norm_eps", f"{m.norm_eps} must be positive and finite")
+    _check(m.objective in OBJECTIVES, "model.objective", f"{short(m.objective)} is not one of {', '.join(OBJECTIVES)}")
+    _check(m.pool in POOLS, "model.pool", f"{short(m.pool)} is not one of {', '.join(POOLS)}")
     backends = available_backends()
     _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
     _check(d.max_sample_bytes > 0, "data.max_sample_bytes", f"{d.max_sample_bytes} must be positive (bytes)")

@@ -39,6 +39,17 @@ class ModelConfig:
     prefix_min: int = 1  # prefix length M ~ U{prefix_min..prefix_max} patches (bidirectional attention inside)
     prefix_max: int | None = None  # null: num_patches - 1
     attn_backend: str = "auto"  # attention kernel: auto | triton | flex | sdpa | xformers | reference
+    # the pretraining objective (aimpre.objectives): aimv2 | aimv1 | siglip | clip | classification
+    objective: str = "aimv2"
+    pool: str = "map"  # image and text embeddings (contrastive, classification): map (attention pooling) | mean
+    embed_dim: int = 768  # contrastive: the shared image-text embedding width
+    text_width: int = 768  # contrastive: text tower width (a causal transformer, as CLIP's)
+    text_depth: int = 12  # contrastive: text tower blocks
+    text_heads: int = 12  # contrastive: text tower attention heads
+    text_mlp_hidden: int = 2048  # contrastive: text tower SwiGLU hidden width
+    head_depth: int = 12  # aimv1: residual MLP blocks of the per-patch pixel head (AIM v1: 12)
+    head_width: int = 2048  # aimv1: width of the pixel head's MLP blocks
+    num_classes: int | None = None  # classification: labels 0..num_classes-1 (the sample's "cls")
 
     @property
     def grid(self) -> int:
@@ -71,12 +82,16 @@ SIZES: dict[str, dict[str, Any]] = {
         img_size=112, width=192, depth=6, heads=3, mlp_hidden=512,
         dec_width=192, dec_depth=4, dec_heads=3, dec_mlp_hidden=512,
         vocab_size=None, text_len=96,
+        embed_dim=128, text_width=128, text_depth=2, text_heads=2, text_mlp_hidden=384, head_depth=2, head_width=256,
     ),
     "large": dict(width=1024, heads=8, mlp_hidden=2816),
     "huge": dict(width=1536, heads=12, mlp_hidden=4096),
     "1b": dict(width=2048, heads=16, mlp_hidden=5632),
     "3b": dict(width=3072, heads=24, mlp_hidden=8192),
 }  # fmt: skip
+
+# what model.objective may name; each is a module of aimpre.objectives
+OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification")
 
 MODEL_KEYS = frozenset(f.name for f in fields(ModelConfig))
 
