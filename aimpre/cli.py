@@ -483,6 +483,21 @@ def _visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from aimpre.compare import compare, format_table, plan
+
+    out = Path(args.out)
+    planned = plan(tuple(args.objectives), args.config, tuple(args.overrides), args.flops, args.steps, out)
+    print(f"{'objective':16}{'FLOPs/sample':>14}{'steps':>8}{'samples':>10}{'train FLOPs':>13}")
+    for p in planned:
+        print(f"{p.objective:16}{p.flops_per_sample:>14.3g}{p.steps:>8}{p.samples:>10}{p.flops:>13.3g}")
+    epochs = {} if args.probe_epochs is None else {"epochs": args.probe_epochs}
+    res = compare(planned, out, tuple(range(args.seeds)), not args.no_lit, args.probe_train, args.probe_test, epochs)
+    print(format_table(res))
+    print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
+    return 0
+
+
 # One example per command, shown under its --help (tests/test_cli_polish.py parses every one).
 EXAMPLES = {
     "train": "aimpre train --config configs/aimv2_large.yaml run.name=l14 optim.lr=8e-4",
@@ -507,6 +522,7 @@ EXAMPLES = {
     "export": "aimpre export runs/l14 --format hf --out exports/l14-hf",
     "probe": "aimpre probe runs/l14 --train demo:digits-train --test demo:digits-test",
     "visualize": "aimpre visualize runs/l14 -n 4",
+    "compare": "aimpre compare --objectives aimv2 aimv1 siglip clip classification --steps 300 --out compare",
 }
 
 
@@ -687,6 +703,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-n", type=INT_GT0, default=6, help="images per figure")
     v.add_argument("--data", help="shards to draw images from (default: the run's validation shards)")
     v.set_defaults(fn=_visualize)
+
+    from aimpre.model.sizes import OBJECTIVES
+
+    c = sub.add_parser("compare", help="train one encoder per objective at equal training FLOPs; probe, zero-shot, "
+                       "one table and a bar chart")  # fmt: skip
+    c.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--flops", type=FLOAT_GT0, help="training FLOPs per objective (default: what aimv2 costs "
+                        "in --steps steps)")  # fmt: skip
+    budget.add_argument("--steps", type=INT_GT0, help="the budget is aimv2's FLOPs in this many steps "
+                        "(default: the config's trainer.max_steps)")  # fmt: skip
+    c.add_argument("--seeds", type=INT_GT0, default=3, help="probe seeds (0 .. N-1)")
+    c.add_argument("--probe-epochs", type=INT_GT0, help="probe training epochs (default 60)")
+    c.add_argument("--no-lit", action="store_true", help="no LiT zero-shot for the non-contrastive encoders")
+    c.add_argument("--probe-train", default="demo:digits-train", help="labelled shards the probes train on")
+    c.add_argument("--probe-test", default="demo:digits-test", help="labelled shards for probe and zero-shot top-1")
+    c.add_argument("--out", default="compare", help="folder of the runs and results (reused when present)")
+    c.add_argument("--config", help="YAML base config for every objective (default: the demo job)")
+    c.add_argument("overrides", nargs="*", help="section.key=value for every objective, e.g. data.batch_size=64")
+    c.set_defaults(fn=_compare)
     return _with_help(p)
 
 

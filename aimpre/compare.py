@@ -1,0 +1,273 @@
+"""``aimpre compare``: which pretraining objective gives the better encoder for the same compute?
+
+Trains the same encoder once per objective on the same data for the same training FLOPs (each objective's FLOPs per
+sample from ``aimpre.scaling.flops``, so an objective with a cheaper head trains on more samples), then judges every
+encoder the same way: attentive and linear probes on held-out labelled images, one per probe seed, and zero-shot
+top-1 for the contrastive objectives (their own text tower) and, through LiT (a text tower trained against the
+frozen encoder, ``aimpre.lit``), for the others. LiT's training is evaluation cost, not counted in the budget.
+
+Everything lands in one folder and is reused when present, so an interrupted comparison continues where it stopped:
+``runs/OBJECTIVE`` (a normal run; an unfinished one resumes), ``probe-seedS.json`` in each run, ``lit/OBJECTIVE``,
+``zero-shot-OBJECTIVE.json``, then ``compare.json``, ``compare.md`` (the table) and ``compare.png`` (bar chart).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aimpre.config import Config, ConfigError, load_config
+from aimpre.data import build_tokenizer
+from aimpre.files import atomic_path, write_text
+from aimpre.model.sizes import OBJECTIVES
+
+CONTRASTIVE = ("siglip", "clip")
+PROBE_TRAIN, PROBE_TEST = "demo:digits-train", "demo:digits-test"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One objective's run at the shared budget."""
+
+    objective: str
+    cfg: Config
+    flops_per_sample: float
+    steps: int
+
+    @property
+    def samples(self) -> int:
+        return self.steps * self.cfg.data.batch_size
+
+    @property
+    def flops(self) -> float:
+        return self.samples * self.flops_per_sample
+
+
+def _classes_of(spec: str | list[str]) -> int | None:
+    """How many classes a demo split's index.json names (``splits[NAME]["classes"]``); None if it names none."""
+    from aimpre.data.demo import demo_dir
+
+    if not isinstance(spec, str) or not (spec == "demo" or spec.startswith("demo:")):
+        return None
+    split = spec.partition(":")[2] or "pretrain"
+    index = json.loads((demo_dir() / "index.json").read_text())
+    classes = index["splits"].get(split, {}).get("classes")
+    return len(classes) if classes else None
+
+
+def plan(
+    objectives: tuple[str, ...],
+    config: str | None = None,
+    overrides: tuple[str, ...] = (),
+    flops: float | None = None,
+    reference_steps: int | None = None,
+    out: Path = Path("compare"),
+) -> list[Planned]:
+    """Each objective's config and step count for one training-FLOP budget.
+
+    Args:
+        objectives: names from ``OBJECTIVES``.
+        config, overrides: the shared base config (default: the demo job, ``tiny``).
+        flops: the budget in training FLOPs; default: what aimv2 costs in ``reference_steps`` (default the config's
+            ``trainer.max_steps``).
+        reference_steps: see ``flops``.
+        out: the comparison folder; runs go to ``out/runs/OBJECTIVE``.
+    """
+    from aimpre.scaling.flops import flops_per_sample
+
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or not objectives:
+        raise ConfigError(f"--objectives: {', '.join(bad) or 'none given'}; choose from {', '.join(OBJECTIVES)}")
+    if len(set(objectives)) != len(objectives):
+        raise ConfigError(f"--objectives names one twice: {', '.join(objectives)}")
+    if any(o.startswith(("model.objective=", "trainer.max_steps=", "run.name=", "run.out_dir=")) for o in overrides):
+        raise ConfigError("compare sets model.objective, trainer.max_steps, run.name and run.out_dir itself")
+
+    def config_of(objective: str, steps: int) -> Config:
+        extra = [f"model.objective={objective}", f"trainer.max_steps={steps}", f"run.name={objective}",
+                 f"run.out_dir={out / 'runs'}"]  # fmt: skip
+        cfg = load_config(config, [*overrides, *extra])
+        if objective == "classification" and cfg.model.num_classes is None:
+            n = _classes_of(cfg.data.train_shards)
+            if n is None:
+                raise ConfigError("config key 'model.num_classes': set it for the classification run "
+                                  "(the train shards' index.json names no classes)")  # fmt: skip
+            cfg = load_config(config, [*overrides, *extra, f"model.num_classes={n}"])
+        vocab = cfg.model.vocab_size or build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase).vocab_size
+        return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+
+    base = config_of("aimv2", 1)
+    per_step = base.data.batch_size * base.trainer.accumulate_grad_batches
+    if flops is None:
+        ref = reference_steps or load_config(config, list(overrides)).trainer.max_steps
+        flops = ref * per_step * flops_per_sample(base.model)
+    rows = []
+    for o in objectives:
+        cfg = config_of(o, 1)
+        fps = flops_per_sample(cfg.model)
+        steps = max(1, round(flops / (fps * per_step)))
+        rows.append(Planned(o, config_of(o, steps), fps, steps))
+    return rows
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _train(p: Planned) -> Path:
+    from aimpre.scaling.collect import finished
+    from aimpre.train.run import train
+
+    assert p.cfg.run.name is not None
+    run = Path(p.cfg.run.out_dir) / p.cfg.run.name
+    if finished(run):
+        return run
+    return train(p.cfg, resume=(run / "checkpoints" / "last.ckpt").exists())
+
+
+def _probe(run: Path, seeds: tuple[int, ...], train: str, test: str, probe: dict[str, Any]) -> dict[str, list[float]]:
+    from aimpre.probe import KINDS, ProbeSettings, run_probe
+
+    top1: dict[str, list[float]] = {k: [] for k in KINDS}
+    for s in seeds:
+        path = run / f"probe-seed{s}.json"
+        settings = ProbeSettings(**{**probe, "seed": s})
+        res = _json(path)
+        if res is None or (res["train"], res["test"], res["settings"]) != (train, test, vars(settings)):
+            res = run_probe(run, train, test, KINDS, settings, out=path)
+        for k in KINDS:
+            top1[k].append(res["results"]["encoder"][k]["top1"])
+    return top1
+
+
+def _zero_shot(p: Planned, run: Path, out: Path, lit: bool, test: str) -> dict[str, Any] | None:
+    from aimpre.lit import train_lit, zero_shot
+
+    path = out / f"zero-shot-{p.objective}.json"
+    if (res := _json(path)) is not None and res.get("shards") == test:
+        return res
+    if p.objective in CONTRASTIVE:
+        model, how = run, "own text tower"
+    elif lit:
+        model, how = out / "lit" / p.objective, "LiT"
+        if not model.is_dir():  # written whole (atomically): a folder there is a finished LiT from an earlier call
+            train_lit(run, model)
+    else:
+        return None
+    res = {**zero_shot(model, test), "via": how, "shards": test}
+    write_text(path, json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def _final_loss(run: Path) -> float | None:
+    summary = _json(run / "summary.json") or {}
+    return summary.get("final", {}).get("loss")
+
+
+def compare(
+    planned: list[Planned],
+    out: Path,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    lit: bool = True,
+    probe_train: str = PROBE_TRAIN,
+    probe_test: str = PROBE_TEST,
+    probe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Trains, probes and zero-shot-evaluates every planned run (reusing what ``out`` holds); writes the results.
+
+    ``probe``: ``ProbeSettings`` fields other than the seed (default: its defaults).
+    """
+    start = time.time()
+    rows = []
+    for p in planned:
+        t0 = time.time()
+        run = _train(p)
+        probes = _probe(run, seeds, probe_train, probe_test, probe or {})
+        zs = _zero_shot(p, run, out, lit, probe_test)
+        summary = _json(run / "summary.json") or {}
+        rows.append({
+            "objective": p.objective, "steps": p.steps, "samples": p.samples, "flops_per_sample": p.flops_per_sample,
+            "flops": p.flops, "params_encoder": summary.get("params", {}).get("encoder"),
+            "final_loss": _final_loss(run), "train_wall_s": summary.get("wall_time_s"),
+            "probe_top1": probes, "zero_shot_top1": None if zs is None else zs["top1"],
+            "zero_shot_via": None if zs is None else zs["via"], "seconds": round(time.time() - t0, 1),
+        })  # fmt: skip
+    res = {
+        "rows": rows,
+        "seeds": list(seeds),
+        "probe": {"train": probe_train, "test": probe_test},
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": round(time.time() - start, 1),
+    }
+    write_text(out / "compare.json", json.dumps(res, indent=2) + "\n")
+    write_text(out / "compare.md", format_table(res) + "\n")
+    plot(res, out / "compare.png")
+    return res
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float) * 100
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The comparison as a Markdown table: top-1 in %, mean ± sample std over the probe seeds."""
+    n = len(res["seeds"])
+    lines = [
+        "| objective | steps | samples | train FLOPs | final loss | attentive probe | linear probe | zero-shot |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        probes = [f"{m:.1f} ± {s:.1f}" for m, s in (_mean_std(r["probe_top1"][k]) for k in ("attentive", "linear"))]
+        zs = "-" if r["zero_shot_top1"] is None else f"{100 * r['zero_shot_top1']:.1f} ({r['zero_shot_via']})"
+        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        lines.append(f"| {r['objective']} | {r['steps']} | {r['samples']} | {r['flops']:.3g} | {loss} | "
+                     f"{probes[0]} | {probes[1]} | {zs} |")  # fmt: skip
+    lines.append("")
+    lines.append(f"Top-1 (%) on {res['probe']['test']}, probes trained on {res['probe']['train']}; probe columns are "
+                 f"the mean ± std over {n} probe seed{'s' * (n != 1)}. {res['machine']}, {res['date']}, "
+                 f"{res['seconds'] / 60:.1f} min in all.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> Path:
+    """Grouped bars per objective: attentive, linear (error bars: std over seeds) and zero-shot top-1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aimpre.scaling.plots import DPI
+
+    rows = res["rows"]
+    x = np.arange(len(rows))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
+    for i, kind in enumerate(("attentive", "linear")):
+        stats = [_mean_std(r["probe_top1"][kind]) for r in rows]
+        ax.bar(x + (i - 1) * width, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3,
+               label=f"{kind} probe")  # fmt: skip
+    zs = [math.nan if r["zero_shot_top1"] is None else 100 * r["zero_shot_top1"] for r in rows]
+    ax.bar(x + width, zs, width, label="zero-shot (own tower or LiT)")
+    ax.set_xticks(x, [r["objective"] for r in rows])
+    ax.set_ylabel(f"top-1 (%) on {res['probe']['test']}")
+    ax.set_ylim(0, 100)
+    flops = rows[0]["flops"] if rows else 0
+    ax.set_title(f"Objectives at equal training compute ({flops:.2g} FLOPs each)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    plt.close(fig)
+    return path
