@@ -324,9 +324,28 @@ def _scaling_run(args: argparse.Namespace) -> int:
 
 
 def _scaling_collect(args: argparse.Namespace) -> int:
-    from aimpre.scaling.collect import collect, write_csv
+    from dataclasses import replace
 
-    rows, missing = collect(args.runs, args.params, args.include_trunks)
+    from aimpre.scaling.collect import collect, parse_probe, write_csv
+
+    probe, bar, report = None, None, None
+    if args.probe:
+        from tqdm import tqdm
+
+        settings = {k: v for k, v in (("epochs", args.probe_epochs), ("seed", args.probe_seed)) if v is not None}
+        probe = replace(parse_probe(args.probe), settings=settings)
+        bar = progress = tqdm(total=None, desc="probe", unit="run")
+
+        def report(name: str, done: int, total: int, cached: bool) -> None:
+            progress.total = total
+            progress.update(1)
+            progress.write(f"[{done}/{total}] {name}: " + ("probe result reused" if cached else "probed"))
+
+    try:
+        rows, missing = collect(args.runs, args.params, args.include_trunks, probe, report)
+    finally:
+        if bar is not None:
+            bar.close()
     out = args.out or str(Path(args.runs) / "results.csv")
     write_csv(rows, out)
     print(f"{len(rows)} runs -> {out}" + (f"; not finished: {', '.join(missing)}" if missing else ""))
@@ -399,6 +418,11 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", help="CSV to write (default RUNS/results.csv)")
     c.add_argument("--params", default="total", help="the 'params' column: total|encoder|total_nonemb|encoder_nonemb")
     c.add_argument("--include-trunks", action="store_true", help="keep the constant-lr trunks of a cooldown sweep")
+    c.add_argument("--probe", metavar="TRAIN[,TEST]", help="probe each run's encoder (attentive and linear) on these "
+                   "labelled shards (demo:SPLIT or shard specs; no TEST: 20%% of TRAIN held out) and add "
+                   "probe_*_top1 columns; results are kept as RUN/probe-<digest>.json and reused")  # fmt: skip
+    c.add_argument("--probe-epochs", type=INT_GT0, help="probe training epochs (default 60)")
+    c.add_argument("--probe-seed", type=int, help="probe init and shuffling seed (default 0)")
     c.set_defaults(fn=_scaling_collect)
 
     def columns(q: argparse.ArgumentParser) -> None:
