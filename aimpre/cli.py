@@ -414,13 +414,18 @@ def _scaling_predict(args: argparse.Namespace) -> int:
 
 def _scaling_plot(args: argparse.Namespace) -> int:
     from aimpre.scaling import report
-    from aimpre.scaling.plots import plot_scaling
+    from aimpre.scaling.plots import plot_objectives, plot_scaling
     from aimpre.scaling.table import read_table
 
-    fit = report.read_json(args.fit) if args.fit else None
+    fits = report.read_fits(args.fit) if args.fit else {}
+    fit = next(iter(fits.values()), None)
     k = args.flops_per_param if args.flops_per_param else (fit.flops_per_param if fit else None)
     table = read_table(args.table, _columns(args, fit.columns if fit else None), k)
-    print(f"wrote {plot_scaling(table, fit, args.out, args.budgets, args.tol, args.extrapolate, args.title)}")
+    if table.columns.error or table.groups or len(fits) > 1:  # downstream error or several objectives
+        out = plot_objectives(table, fits, args.out, args.bins or 5, args.title)
+    else:
+        out = plot_scaling(table, fit, args.out, args.budgets, args.tol, args.extrapolate, args.title)
+    print(f"wrote {out}")
     return 0
 
 
@@ -498,7 +503,7 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--group", help="the fit of this group (e.g. an objective) in a per-group fit JSON")
     pr.set_defaults(fn=_scaling_predict)
 
-    pt = ssub.add_parser("plot", help="the four-panel scaling figure (PNG)")
+    pt = ssub.add_parser("plot", help="the four-panel scaling figure, or error vs compute per objective (PNG)")
     columns(pt)
     pt.add_argument("--fit", help="a Chinchilla-form or power fit JSON (its columns are the default)")
     pt.add_argument("--out", required=True, help="PNG to write")

@@ -1,5 +1,5 @@
 """Downstream scaling across objectives: probe top-1 in collect, binned error-vs-compute fits per objective
-(Cherti et al. 2023)."""
+(Cherti et al. 2023), and the per-objective figure."""
 
 from __future__ import annotations
 
@@ -184,3 +184,31 @@ def test_bad_downstream_input_is_one_line(tmp_path: Path, capsys: pytest.Capture
     refused([*fit, str(perfect), "--y", "error_linear"], "row 2", "[0, 1)")
     few = _write(tmp_path / "f.csv", _runs("aimv2", 3.0, -0.08) + _runs("clip", 4.0, -0.1, n=2))
     refused([*fit, str(few), "--y", "error_attentive"], "objective 'clip'", "--bins 5: only 2 of the 5")
+
+
+def test_objectives_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One colour per objective: its runs, the bins' best runs highlighted, its fitted line; log-log axes."""
+    from aimpre.scaling.plots import objectives_figure
+    from aimpre.scaling.report import read_fits
+
+    src = _write(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08) + _runs("siglip", 5.0, -0.12))
+    fit = tmp_path / "fit.json"
+    assert main(["scaling", "fit", str(src), "--form", "power", "--no-e", "--y", "error_attentive", "--json",
+                 str(fit)]) == 0  # fmt: skip
+    png = tmp_path / "objectives.png"
+    assert main(["scaling", "plot", str(src), "--fit", str(fit), "--out", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    table = read_table(src, Columns(**{**read_fits(fit)["aimv2"].columns}))
+    (ax,) = objectives_figure(table, read_fits(fit)).axes
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log") and ax.get_ylabel().startswith("error")
+    by_label = {ln.get_label(): ln for ln in ax.lines}
+    for name in ("aimv2", "siglip"):
+        runs, best = by_label[f"{name}: runs"], by_label[f"{name}: best per bin"]
+        line = next(ln for label, ln in by_label.items() if label.startswith(f"{name}: fit"))
+        assert len(runs.get_xdata()) == 72 and len(best.get_xdata()) == 5
+        assert runs.get_color() == best.get_color() == line.get_color()
+    assert by_label["aimv2: runs"].get_color() != by_label["siglip: runs"].get_color()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend) == 6
+    assert main(["scaling", "plot", str(src), "--y", "error_linear", "--out", str(png)]) == 0  # data only
+    assert "wrote" in capsys.readouterr().out
