@@ -40,6 +40,25 @@ COUNT = _checked(int, lambda v: v >= 0, "an integer >= 0")
 FLOAT_GT0 = _checked(float, lambda v: v > 0, "a positive number")
 PERCENT = _checked(float, lambda v: 0 < v < 100, "a percentage in (0, 100)")
 FACTOR = _checked(float, lambda v: v >= 1, "a factor >= 1")
+INT_GE2 = _checked(int, lambda v: v >= 2, "an integer >= 2")
+# what ``scaling fit/plot --y`` may name: the loss column, or the error 1 - top-1 of a probe (or any) top-1 column
+Y_ERRORS = {"error_attentive": "probe_attentive_top1", "error_linear": "probe_linear_top1"}
+
+
+def _y(text: str) -> str | None:
+    """``--y``: None for the loss, else the top-1 column whose error is fitted."""
+    if text == "loss":
+        return None
+    if text in Y_ERRORS:
+        return Y_ERRORS[text]
+    if text.startswith("error:") and text[6:]:
+        return text[6:]
+    raise argparse.ArgumentTypeError(f"must be loss, {', '.join(Y_ERRORS)} or error:COLUMN, got {text[:40]!r}")
+
+
+def _y_arg(text: str) -> str:
+    _y(text)  # refuses a value it cannot read, as argparse's one-line error naming --y
+    return text
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -271,13 +290,20 @@ def _bench_attention(args: argparse.Namespace) -> int:
 
 
 def _columns(args: argparse.Namespace, default: dict | None = None) -> Any:
-    """The table's column names: the ones given, else the fit's (plot), else collect's."""
-    from aimpre.scaling.table import Columns
+    """The table's column names: the ones given, else the fit's (plot), else collect's. The group column: --group
+    (``none``: no grouping), else the fit's, else ``objective`` when the table holds several objectives."""
+    from aimpre.scaling.table import Columns, varies
 
     base = default or {"n": "params", "d": "samples", "c": "flops", "loss": "val_loss"}
     given = any(getattr(args, k) for k in ("n", "d", "c"))
     ndc = {k: getattr(args, k) if given else base.get(k) for k in ("n", "d", "c")}
-    return Columns(**ndc, loss=args.loss or base.get("loss") or "val_loss", label=args.label or base.get("label"))
+    error = _y(args.y) if args.y else base.get("error")
+    if args.group is not None:
+        group = None if args.group == "none" else args.group
+    else:
+        group = base.get("group") if default else ("objective" if varies(args.table, "objective") else None)
+    return Columns(**ndc, loss=args.loss or base.get("loss") or "val_loss", label=args.label or base.get("label"),
+                   error=error, group=group)  # fmt: skip
 
 
 def _scaling_plan(args: argparse.Namespace) -> int:
@@ -324,9 +350,28 @@ def _scaling_run(args: argparse.Namespace) -> int:
 
 
 def _scaling_collect(args: argparse.Namespace) -> int:
-    from aimpre.scaling.collect import collect, write_csv
+    from dataclasses import replace
 
-    rows, missing = collect(args.runs, args.params, args.include_trunks)
+    from aimpre.scaling.collect import collect, parse_probe, write_csv
+
+    probe, bar, report = None, None, None
+    if args.probe:
+        from tqdm import tqdm
+
+        settings = {k: v for k, v in (("epochs", args.probe_epochs), ("seed", args.probe_seed)) if v is not None}
+        probe = replace(parse_probe(args.probe), settings=settings)
+        bar = progress = tqdm(total=None, desc="probe", unit="run")
+
+        def report(name: str, done: int, total: int, cached: bool) -> None:
+            progress.total = total
+            progress.update(1)
+            progress.write(f"[{done}/{total}] {name}: " + ("probe result reused" if cached else "probed"))
+
+    try:
+        rows, missing = collect(args.runs, args.params, args.include_trunks, probe, report)
+    finally:
+        if bar is not None:
+            bar.close()
     out = args.out or str(Path(args.runs) / "results.csv")
     write_csv(rows, out)
     print(f"{len(rows)} runs -> {out}" + (f"; not finished: {', '.join(missing)}" if missing else ""))
@@ -343,13 +388,17 @@ def _scaling_fit(args: argparse.Namespace) -> int:
 
         print(bench_fit(drop_highest(table, args.drop_highest), args.scipy_every, args.numeric))
         return 0
-    res = report.fit_table(
-        table, args.form, args.objective, args.bootstrap, args.seed, args.ci, not args.no_e, args.budgets,
-        args.tol, args.holdout, args.drop_highest,
+    # downstream error is fitted on the best run per log-compute bin, as Cherti et al. 2023 (5 bins); the loss
+    # keeps the frontier unless --bins is given
+    bins = args.bins if args.bins is not None else (5 if table.columns.error and args.form == "power" else None)
+    fits = report.fit_groups(
+        table, args.form, objective=args.objective, bootstrap=args.bootstrap, seed=args.seed, ci=args.ci,
+        with_e=not args.no_e, budgets=args.budgets, tol=args.tol, holdout=args.holdout, drop=args.drop_highest,
+        bins=bins,
     )  # fmt: skip
-    print(report.format_fit(res))
+    print(report.format_fits(fits))
     if args.json:
-        report.write_json(res, args.json)
+        report.write_json(fits, args.json)
         print(f"wrote {args.json}")
     return 0
 
@@ -357,7 +406,7 @@ def _scaling_fit(args: argparse.Namespace) -> int:
 def _scaling_predict(args: argparse.Namespace) -> int:
     from aimpre.scaling import report
 
-    res = report.read_json(args.fit)
+    res = report.read_json(args.fit, args.group)
     pred = report.predict(res, args.flops, args.n_params, args.d_samples)
     print(json.dumps(pred) if args.json else report.format_prediction(pred))
     return 0
@@ -365,13 +414,18 @@ def _scaling_predict(args: argparse.Namespace) -> int:
 
 def _scaling_plot(args: argparse.Namespace) -> int:
     from aimpre.scaling import report
-    from aimpre.scaling.plots import plot_scaling
+    from aimpre.scaling.plots import plot_objectives, plot_scaling
     from aimpre.scaling.table import read_table
 
-    fit = report.read_json(args.fit) if args.fit else None
+    fits = report.read_fits(args.fit) if args.fit else {}
+    fit = next(iter(fits.values()), None)
     k = args.flops_per_param if args.flops_per_param else (fit.flops_per_param if fit else None)
     table = read_table(args.table, _columns(args, fit.columns if fit else None), k)
-    print(f"wrote {plot_scaling(table, fit, args.out, args.budgets, args.tol, args.extrapolate, args.title)}")
+    if table.columns.error or table.groups or len(fits) > 1:  # downstream error or several objectives
+        out = plot_objectives(table, fits, args.out, args.bins or 5, args.title)
+    else:
+        out = plot_scaling(table, fit, args.out, args.budgets, args.tol, args.extrapolate, args.title)
+    print(f"wrote {out}")
     return 0
 
 
@@ -399,6 +453,11 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", help="CSV to write (default RUNS/results.csv)")
     c.add_argument("--params", default="total", help="the 'params' column: total|encoder|total_nonemb|encoder_nonemb")
     c.add_argument("--include-trunks", action="store_true", help="keep the constant-lr trunks of a cooldown sweep")
+    c.add_argument("--probe", metavar="TRAIN[,TEST]", help="probe each run's encoder (attentive and linear) on these "
+                   "labelled shards (demo:SPLIT or shard specs; no TEST: 20%% of TRAIN held out) and add "
+                   "probe_*_top1 columns; results are kept as RUN/probe-<digest>.json and reused")  # fmt: skip
+    c.add_argument("--probe-epochs", type=INT_GT0, help="probe training epochs (default 60)")
+    c.add_argument("--probe-seed", type=int, help="probe init and shuffling seed (default 0)")
     c.set_defaults(fn=_scaling_collect)
 
     def columns(q: argparse.ArgumentParser) -> None:
@@ -411,6 +470,13 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--flops-per-param", type=FLOAT_GT0, help="k in C = k N D (default 6 when a column is derived)")
         q.add_argument("--budgets", type=FLOAT_GT0, nargs="+", help="iso-FLOP budgets (default: grouped by --tol)")
         q.add_argument("--tol", type=FLOAT_GT0, default=0.15, help="iso-FLOP budget tolerance, relative (0.15)")
+        q.add_argument("--y", type=_y_arg, help="what to fit: loss (the --loss column, default), error_attentive / "
+                       "error_linear (1 - collect --probe's top-1) or error:COLUMN (1 - any top-1 column)")  # fmt: skip
+        q.add_argument("--bins", type=INT_GE2, help="power form: the best run of each of K equal-width log10-C bins "
+                       "instead of the frontier (Cherti et al. 2023; default 5 for an error --y, else the "
+                       "frontier)")  # fmt: skip
+        q.add_argument("--group", help="fit each value of this column separately (default: 'objective' when the "
+                       "table holds several; 'none': pool every row)")  # fmt: skip
 
     f = ssub.add_parser("fit", help="fit a scaling law to a results table")
     columns(f)
@@ -434,9 +500,10 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--n-params", type=FLOAT_GT0, help="parameters N (with --d-samples)")
     pr.add_argument("--d-samples", type=FLOAT_GT0, help="samples/tokens D (with --n-params)")
     pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.add_argument("--group", help="the fit of this group (e.g. an objective) in a per-group fit JSON")
     pr.set_defaults(fn=_scaling_predict)
 
-    pt = ssub.add_parser("plot", help="the four-panel scaling figure (PNG)")
+    pt = ssub.add_parser("plot", help="the four-panel scaling figure, or error vs compute per objective (PNG)")
     columns(pt)
     pt.add_argument("--fit", help="a Chinchilla-form or power fit JSON (its columns are the default)")
     pt.add_argument("--out", required=True, help="PNG to write")

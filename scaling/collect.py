@@ -4,13 +4,21 @@ Per run: its ``summary.json`` (steps, samples, FLOPs, final training losses, wal
 ``config.yaml`` (shape, schedule; parameter counts under every convention of ``aimpre.scaling.flops``, checked
 against the counts the run itself recorded) and its ``metrics.csv`` (the validation losses *at the last step*:
 a run whose last validation came earlier gets empty ``val_*`` cells rather than a stale value).
+
+With a ``Probe``, each run's encoder is also probed (``aimpre.probe.run_probe``, attentive and linear) for the
+``probe_*_top1`` columns that downstream scaling fits read (Cherti et al. 2023 fit error = 1 - top-1). The result
+is kept in the run folder as ``probe-<digest>.json``, keyed by the probe data, kinds and settings and the run's
+final step, so collecting again reuses it.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +28,61 @@ from aimpre.scaling.flops import param_counts
 from aimpre.scaling.sweep import load_plan
 
 COLUMNS = (
-    "run", "size", "kind", "params", "params_encoder", "params_decoder", "params_heads", "params_total",
+    "run", "size", "kind", "objective", "params", "params_encoder", "params_decoder", "params_heads", "params_total",
     "params_encoder_nonemb", "params_total_nonemb", "flops_per_sample", "steps", "samples", "flops",
     "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text", "width", "depth", "heads",
     "mlp_hidden", "dec_width", "dec_depth", "lr", "schedule", "cooldown_steps", "batch_size", "wall_time_s",
+    "probe_attentive_top1", "probe_linear_top1",
 )  # fmt: skip
 PARAMS = ("encoder", "total", "encoder_nonemb", "total_nonemb")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What ``collect`` probes each run on: labelled shards (``demo:SPLIT`` or a shard spec; ``test`` None holds
+    out 20% of ``train``) and the probe settings (``aimpre.probe.ProbeSettings`` fields, e.g. {"epochs": 10})."""
+
+    train: str
+    test: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_probe(text: str) -> Probe:
+    """``TRAIN[,TEST]`` -> ``Probe`` (a comma inside braces belongs to a shard spec such as ``a-{0,1}.tar``)."""
+    depth, cut = 0, None
+    for i, ch in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            if cut is not None:
+                raise ValueError(f"--probe takes TRAIN[,TEST], got {text!r}: more than one comma outside braces")
+            cut = i
+    train, test = (text, None) if cut is None else (text[:cut], text[cut + 1 :])
+    if not train.strip() or (test is not None and not test.strip()):
+        raise ValueError(f"--probe takes TRAIN[,TEST] (two shard specs or demo:SPLIT names), got {text!r}")
+    return Probe(train.strip(), None if test is None else test.strip())
+
+
+def probe_row(run: Path, probe: Probe, steps: int) -> tuple[dict[str, float], bool]:
+    """The run's probe top-1 columns, and whether they came from the run's cached ``probe-<digest>.json``."""
+    from aimpre.probe import KINDS, ProbeError, ProbeSettings, run_probe
+
+    settings = ProbeSettings(**probe.settings)
+    key = {"train": probe.train, "test": probe.test, "kinds": list(KINDS), "settings": asdict(settings),
+           "step": steps}  # fmt: skip
+    out = run / f"probe-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    res = None
+    if out.is_file():
+        try:
+            res = json.loads(out.read_text())
+        except ValueError:  # unreadable (written by hand?): probe again and replace it
+            res = None
+    cached = res is not None
+    if res is None:
+        try:
+            res = run_probe(run, probe.train, probe.test, KINDS, settings, out=out)
+        except ProbeError as e:
+            raise ProbeError(f"run {run}: probe: {e}") from None
+    return {f"probe_{k}_top1": res["results"]["encoder"][k]["top1"] for k in KINDS}, cached
 
 
 def finished(run: Path) -> bool:
@@ -67,7 +124,7 @@ def run_row(run: Path, params: str = "total", size: str | None = None, kind: str
         raise ValueError(f"run {run}: summary.json records {recorded.get('total')} parameters, its config gives "
                          f"{counts['total']}: the run and this code disagree on the model")  # fmt: skip
     row: dict[str, Any] = {
-        "run": run.name, "size": size or m.size, "kind": kind,
+        "run": run.name, "size": size or m.size, "kind": kind, "objective": m.objective,
         **{f"params_{k}": v for k, v in counts.items()},
         "params_encoder_nonemb": bare["encoder"], "params_total_nonemb": bare["total"],
         "flops_per_sample": summary["flops_per_sample"], "steps": summary["steps"], "samples": summary["samples"],
@@ -81,7 +138,13 @@ def run_row(run: Path, params: str = "total", size: str | None = None, kind: str
     return row
 
 
-def collect(path: str | Path, params: str = "total", include_trunks: bool = False) -> tuple[list[dict], list[str]]:
+def collect(
+    path: str | Path,
+    params: str = "total",
+    include_trunks: bool = False,
+    probe: Probe | None = None,
+    progress: Callable[[str, int, int, bool], None] | None = None,
+) -> tuple[list[dict], list[str]]:
     """Rows of every finished run under ``path``, and the names of unfinished ones.
 
     Args:
@@ -89,11 +152,13 @@ def collect(path: str | Path, params: str = "total", include_trunks: bool = Fals
             ``include_trunks``, as they are not cooled down) or any folder holding run folders.
         params: as ``run_row``.
         include_trunks: keep the constant-lr trunks of a cooldown sweep.
+        probe: also probe each finished run (``probe_row``) for the ``probe_*_top1`` columns.
+        progress: called after each run is probed with (run name, done, total, whether it was cached).
     """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"runs folder not found: {root}")
-    rows, missing = [], []
+    found, missing = [], []  # (run folder, size, kind) of the finished runs
     if (root / "plan.json").is_file():
         plan = load_plan(root)
         for p in plan["points"]:
@@ -101,17 +166,24 @@ def collect(path: str | Path, params: str = "total", include_trunks: bool = Fals
                 continue
             run = root / plan.get("runs_dir", "runs") / p["name"]
             if finished(run):
-                rows.append(run_row(run, params, p["size"], p["kind"]))
+                found.append((run, p["size"], p["kind"]))
             else:
                 missing.append(p["name"])
     else:
         for s in sorted(root.rglob("summary.json")):
             if finished(s.parent):
-                rows.append(run_row(s.parent, params))
+                found.append((s.parent, None, "run"))
             else:
                 missing.append(s.parent.name)
-    if not rows:
+    if not found:
         raise FileNotFoundError(f"no finished runs (summary.json) under {root}")
+    rows = [run_row(run, params, size, kind) for run, size, kind in found]  # every config checked before probing
+    if probe is not None:
+        for i, ((run, _, _), row) in enumerate(zip(found, rows, strict=True)):
+            top1, cached = probe_row(run, probe, row["steps"])
+            row.update(top1)
+            if progress:
+                progress(run.name, i + 1, len(found), cached)
     return rows, missing
 
 

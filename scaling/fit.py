@@ -5,7 +5,9 @@
   ``objective="likelihood"`` is Epoch AI's Huber-likelihood refit (arXiv:2404.10102). On the Chinchilla data
   both land on Epoch's published values (``tests/test_scaling_chinchilla.py``).
 - ``power``: L(C) = E + A C^-alpha (or A C^-alpha, ``with_e=False``) on the compute frontier: the runs that
-  reach a lower loss than every run of smaller compute.
+  reach a lower loss than every run of smaller compute. With ``bins`` K the points are instead the best run of
+  each of K equal-width bins of log10 C, as Cherti et al. 2023 (open_clip scaling laws) fit downstream error
+  E = beta C^alpha; without E that fit is their ordinary least-squares line in log10-log10 (``bin_best``).
 - ``isoflop``: Hoffmann et al.'s Approach 2: per compute budget a parabola of loss in log N, its minimum
   N*(C) (used only where it lies inside the budget's sampled sizes); then N* = kN C^a and D* = kD C^b by least
   squares in log-log.
@@ -149,6 +151,44 @@ def frontier(table: Table) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
+def bin_best(table: Table, bins: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Cherti et al. 2023's selection: the best (lowest loss or error) run of each of ``bins`` equal-width bins
+    of log10 C; its indices by increasing C, and one entry per bin (empty bins have ``best`` None).
+
+    Checked against ``binned_line_fit`` in LAION-AI/scaling-laws-openclip's ``figures.ipynb`` (the paper's
+    figures): np.histogram bins over [min, max + 0.1] of log10 GMACs, nbins=5, the minimum log10 error per bin,
+    a least-squares line through (bin centre, minimum). Two departures: the bins span [min, max] exactly (the
+    last bin closed, which is what their + 0.1 achieves), and each bin's point sits at its best run's own
+    compute rather than at the bin's centre, which would shift every point by up to half a bin and bias the
+    intercept (the best run of a bin is usually its largest). An empty bin, which stops their code, is skipped.
+    """
+    if bins < 2:
+        raise TableError(f"--bins must be at least 2, got {bins}")
+    x = np.log10(table.c)
+    edges = np.linspace(x.min(), x.max(), bins + 1)
+    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, bins - 1)  # the last bin includes the max
+    keep, entries = [], []
+    for b in range(bins):
+        members = np.flatnonzero(which == b)
+        entry: dict[str, Any] = {"bin": b, "log10_C": [float(edges[b]), float(edges[b + 1])], "runs": len(members),
+                                 "best": None}  # fmt: skip
+        if len(members):
+            i = int(members[np.argmin(table.loss[members])])
+            keep.append(i)
+            entry.update(best=table.labels[i], C=float(table.c[i]), y=float(table.loss[i]))
+        entries.append(entry)
+    return np.array(keep, dtype=np.int64), entries
+
+
+def _log_line(logc: np.ndarray, logy: np.ndarray, w: np.ndarray | None = None) -> dict[str, float]:
+    """The least-squares line log10 y = log10 A - alpha log10 C, as {"A", "alpha"} (non-finite when the
+    weighted points have fewer than 2 distinct C, e.g. a bootstrap resample of one point)."""
+    if w is not None and len(np.unique(logc[w > 0])) < 2:
+        return {"A": math.nan, "alpha": math.nan}
+    slope, intercept = np.polyfit(logc, logy, 1, w=None if w is None else np.sqrt(w))  # sqrt: polyfit squares w
+    return {"A": float(10.0**intercept), "alpha": float(-slope)}
+
+
 def fit_power(
     table: Table,
     with_e: bool = True,
@@ -157,16 +197,34 @@ def fit_power(
     bootstrap: int = 0,
     seed: int = 0,
     ci: float = 95.0,
+    bins: int | None = None,
 ) -> FitResult:
-    """L(C) = E + A C^-alpha (or A C^-alpha) on the compute frontier (arguments as ``fit_chinchilla``)."""
-    idx = frontier(table)
+    """L(C) = E + A C^-alpha (or A C^-alpha) on the compute frontier (arguments as ``fit_chinchilla``).
+
+    Args:
+        bins: None: the frontier. K: the best run of each of K equal-width bins of log10 C (``bin_best``);
+            without E, the line is then fitted by ordinary least squares in log10-log10 (Cherti et al. 2023)
+            and ``objective``/``delta`` do not apply.
+    """
     law = lw.POWER if with_e else lw.POWER_NO_E
     need = len(law.names) + 1
-    if len(idx) < need:
-        raise TableError(
-            f"--form power{'' if with_e else ' --no-e'} needs at least {need} points on the compute frontier "
-            f"(runs beating every run of smaller compute); the table has {len(idx)} of {len(table)} rows"
-        )
+    form = f"--form power{'' if with_e else ' --no-e'}"
+    if bins is None:
+        idx, per_bin = frontier(table), None
+        if len(idx) < need:
+            raise TableError(
+                f"{form} needs at least {need} points on the compute frontier "
+                f"(runs beating every run of smaller compute); the table has {len(idx)} of {len(table)} rows"
+            )
+    else:
+        idx, per_bin = bin_best(table, bins)
+        if len(idx) < need:
+            raise TableError(
+                f"--bins {bins}: only {len(idx)} of the {bins} equal-width bins of log10 C hold runs; {form} needs "
+                f"{need} bins with runs (lower --bins, or add runs across the compute range)"
+            )
+    if per_bin is not None and not with_e:
+        return _fit_binned_line(table, idx, per_bin, bins or 0, bootstrap, seed, ci)
     logx, logy = np.log(table.c[idx])[:, None], np.log(table.loss[idx])
     grid = dict(lw.POWER_GRID) if with_e else {"a": lw.POWER_GRID["a"], "alpha": lw.POWER_GRID["alpha"]}
     best = lw.fit_multistart(law, logx, logy, lw.grid_starts(law, grid), objective, delta)
@@ -177,10 +235,35 @@ def fit_power(
         extra={"with_e": with_e, "frontier": [table.labels[i] for i in idx], "bootstrap": bootstrap, "seed": seed,
                "ci_percent": ci, "notes": table.notes},
     )  # fmt: skip
+    if per_bin is not None:  # the points are the bins' best runs, not the frontier
+        res.method = res.method.replace("of the frontier", f"of the best run of each of {bins} log10-C bins")
+        res.extra.update(frontier=[], rule="bins", bins=bins, per_bin=per_bin, points=[table.labels[i] for i in idx])
     if bootstrap:
         thetas = lw.refit_weighted(law, logx, logy, best.theta, bootstrap_weights(len(idx), bootstrap, seed),
                                    objective, delta)  # fmt: skip
         _summarise(res, [lw.power_params(t, with_e) for t in thetas], ci)
+    return res
+
+
+def _fit_binned_line(
+    table: Table, idx: np.ndarray, per_bin: list[dict], bins: int, bootstrap: int, seed: int, ci: float
+) -> FitResult:
+    """Cherti et al.'s fit: y = A C^-alpha by least squares on (log10 C, log10 y) of the bins' best runs."""
+    logc, logy = np.log10(table.c[idx]), np.log10(table.loss[idx])
+    params = _log_line(logc, logy)
+    resid = logy - (np.log10(params["A"]) - params["alpha"] * logc)
+    res = FitResult(
+        form="power", params=params, ci={}, n_points=len(idx), objective=float(0.5 * (resid**2).sum()),
+        method=f"least-squares line in log10-log10 through the best run of each of {bins} equal-width log10-C bins "
+               "(Cherti et al. 2023)",
+        columns=asdict(table.columns), flops_per_param=table.flops_per_param,
+        extra={"with_e": False, "frontier": [], "rule": "bins", "bins": bins, "per_bin": per_bin,
+               "points": [table.labels[i] for i in idx], "bootstrap": bootstrap, "seed": seed, "ci_percent": ci,
+               "notes": table.notes},
+    )  # fmt: skip
+    if bootstrap:
+        w = bootstrap_weights(len(idx), bootstrap, seed)
+        _summarise(res, [_log_line(logc, logy, row) for row in w], ci)
     return res
 
 

@@ -4,6 +4,9 @@
 (b) iso-FLOP curves: loss vs N per budget, the fitted parabolas and their minima;
 (c) the fitted law extrapolated past the data, with its bootstrap band;
 (d) compute-optimal N*(C): from the fit (with band) and from the iso-FLOP minima.
+
+``objectives_figure`` draws downstream error (or loss) against compute for several objectives on one pair of log
+axes, one colour per objective: every run, the points each fit used (the best run per log-compute bin), the lines.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from aimpre.files import atomic_path
 from aimpre.scaling import law as lw
-from aimpre.scaling.fit import FitResult, budget_rows, fit_isoflop, frontier, parabola
+from aimpre.scaling.fit import FitResult, bin_best, budget_rows, fit_isoflop, frontier, parabola
 from aimpre.scaling.table import Table, TableError
 
 
@@ -222,3 +225,57 @@ def scaling_figure(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _fit_label(fit: FitResult) -> str:
+    p = fit.params
+    if fit.form != "power":
+        return f"{fit.form} fit"
+    law = f"{p['A']:.3g} C^-{p['alpha']:.3f}"
+    return f"fit {p['E']:.3g} + {law}" if "E" in p else f"fit {law}"
+
+
+def objectives_figure(table: Table, fits: dict[str, FitResult], bins: int = 5, title: str | None = None) -> Figure:
+    """Error (or loss) vs compute, one colour per group of the table (e.g. objective), log-log.
+
+    Args:
+        table: the runs (``table.groups`` names each row's objective; no groups: one series).
+        fits: power fits by group name (``report.fit_groups``); a group without one shows its points only.
+        bins: for a group without a fit: highlight the best run of each of this many log10-C bins.
+        title: the figure title.
+    """
+    fig = Figure(figsize=(8, 6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for j, (name, part) in enumerate(table.by_group().items()):
+        colour, who = f"C{j % 10}", name or "runs"
+        ax.plot(part.c, part.loss, "o", ms=4, alpha=0.4, color=colour, ls="", label=f"{who}: runs")
+        fit = fits.get(name)
+        if fit is not None:  # the points the fit used (bins' best or the frontier), by run label
+            used = set(fit.extra.get("points") or fit.extra.get("frontier") or [])
+            chosen = np.array([i for i, label in enumerate(part.labels) if label in used], dtype=np.int64)
+            what = "best per bin" if fit.extra.get("rule") == "bins" else "frontier"
+        else:
+            chosen, what = bin_best(part, bins)[0], "best per bin"
+        ax.plot(part.c[chosen], part.loss[chosen], "o", ms=9, color=colour, mec="k", mew=1.2, ls="",
+                label=f"{who}: {what}")  # fmt: skip
+        if fit is not None and fit.form == "power":
+            c = np.geomspace(part.c.min(), part.c.max(), 100)
+            ax.plot(c, lw.power_loss(fit.params, c), "-", color=colour, lw=1.8, label=f"{who}: {_fit_label(fit)}")
+    _legend(ax)
+    ylabel = table.columns.y_name()
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=ylabel,
+           title=title or f"{ylabel} vs compute" + (f" by {table.columns.group}" if table.groups else ""))  # fmt: skip
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_objectives(
+    table: Table, fits: dict[str, FitResult], out: str | Path, bins: int = 5, title: str | None = None
+) -> Path:
+    """Writes ``objectives_figure`` as a PNG at ``DPI`` (arguments as there)."""
+    fig = objectives_figure(table, fits, bins, title)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    return Path(out)

@@ -26,6 +26,7 @@ def fit_table(
     tol: float = 0.15,
     holdout: int = 0,
     drop: int = 0,
+    bins: int | None = None,
 ) -> FitResult:
     """Fits ``form`` to the table, optionally leaving out runs.
 
@@ -41,9 +42,12 @@ def fit_table(
         tol: isoflop: the budget tolerance.
         holdout: leave out the runs of largest compute, then report the fit's predictions for them.
         drop: drop the runs of highest loss first (``table.drop_highest``).
+        bins: power: fit the best run of each of this many log10-C bins instead of the frontier (``fit.bin_best``).
     """
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
+    if bins is not None and form != "power":
+        raise TableError(f"--bins applies to --form power only, not --form {form}")
     kept = drop_highest(table, drop)
     if not 0 <= holdout < len(kept):
         raise TableError(f"--holdout {holdout} must leave rows to fit (the table has {len(kept)})")
@@ -53,7 +57,7 @@ def fit_table(
     if form == "chinchilla":
         res = fit_chinchilla(train, objective, bootstrap=bootstrap, seed=seed, ci=ci)
     elif form == "power":
-        res = fit_power(train, with_e, objective, bootstrap=bootstrap, seed=seed, ci=ci)
+        res = fit_power(train, with_e, objective, bootstrap=bootstrap, seed=seed, ci=ci, bins=bins)
     else:
         res = fit_isoflop(train, budgets, tol, bootstrap=bootstrap, seed=seed, ci=ci)
     res.extra["dropped_highest"] = drop
@@ -62,16 +66,57 @@ def fit_table(
     return res
 
 
-def write_json(res: FitResult, out: str | Path) -> None:
-    """The fit as JSON, written atomically."""
+def fit_groups(table: Table, form: str, **kwargs: Any) -> dict[str, FitResult]:
+    """One ``fit_table`` per value of the table's group column (e.g. one per objective), in table order; an
+    ungrouped table gives {"": fit}. A group that cannot be fitted is named in the error."""
+    column = table.columns.group
+    out = {}
+    for name, part in table.by_group().items():
+        try:
+            out[name] = fit_table(part, form, **kwargs)
+        except TableError as e:
+            raise TableError(f"{column} {name!r} ({len(part)} rows): {e}" if column else str(e)) from None
+        if column:
+            out[name].extra["group"] = {column: name}
+    return out
+
+
+def write_json(res: FitResult | dict[str, FitResult], out: str | Path) -> None:
+    """The fit as JSON, written atomically; per-group fits (``fit_groups``) as {"group_column", "fits"}."""
+    if isinstance(res, dict):
+        if list(res) == [""]:
+            res = res[""]
+        else:
+            column = next(iter(res.values())).columns.get("group")
+            doc = {"group_column": column, "fits": {k: v.to_json() for k, v in res.items()}}
+            files.write_text(out, json.dumps(doc, indent=2))
+            return
     files.write_text(out, json.dumps(res.to_json(), indent=2))
 
 
-def read_json(path: str | Path) -> FitResult:
+def read_fits(path: str | Path) -> dict[str, FitResult]:
+    """Every fit in a fit JSON: {group: fit} ({"": fit} for a file of one fit)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"fit file not found: {p}")
-    return FitResult.from_json(json.loads(p.read_text()))
+    doc = json.loads(p.read_text())
+    if "fits" in doc:
+        if not isinstance(doc["fits"], dict) or not doc["fits"]:
+            raise ValueError(f"{p}: 'fits' holds no fits")
+        return {k: FitResult.from_json(v) for k, v in doc["fits"].items()}
+    return {"": FitResult.from_json(doc)}
+
+
+def read_json(path: str | Path, group: str | None = None) -> FitResult:
+    """The one fit of a fit JSON, or its fit for ``group`` when it holds one per group."""
+    fits = read_fits(path)
+    if group is None and len(fits) == 1:
+        return next(iter(fits.values()))
+    if group not in fits:
+        column = next(iter(fits.values())).columns.get("group") or "group"
+        given = "" if group is None else f" ({group!r} is not one)"
+        raise ValueError(f"{path} holds one fit per {column} ({', '.join(fits)}); name one with --group{given}")
+    return fits[group]
 
 
 def _ci(lohi: list[float] | None) -> str:
@@ -89,6 +134,9 @@ def format_fit(res: FitResult) -> str:
     lines.append(head)
     for k, v in res.params.items():
         lines.append(f"  {k:8}{v:>14.6g}   {_ci(res.ci.get(k))}")
+    if res.extra.get("rule") == "bins" and "A" in res.params and "E" not in res.params:  # Cherti et al.'s names
+        y, beta, alpha = "error" if res.columns.get("error") else "loss", res.params["A"], -res.params["alpha"]
+        lines.append(f"  i.e. {y} = beta * C^alpha with beta = {beta:.6g}, alpha = {alpha:.6g} (Cherti et al. 2023)")
     for k, v in res.derived.items():
         what = "N* ~ C^a" if k == "a" else "D* ~ C^b"
         lines.append(f"  {k:8}{v:>14.4f}   {_ci(res.derived_ci.get(k))}  ({what})")
@@ -100,6 +148,10 @@ def format_fit(res: FitResult) -> str:
             lines.append(f"  budget C={b['C']:.3g}: {found}")
         for r in res.extra.get("off_budget", []):
             lines.append(f"  not used: {r['label']} (C={r['C']:.3g}): {r['reason']}")
+    for b in res.extra.get("per_bin", []):
+        lo, hi = b["log10_C"]
+        best = f"best {b['best']} (C={b['C']:.3g}, {b['y']:.4g})" if b["best"] is not None else "no runs: skipped"
+        lines.append(f"  bin log10 C in [{lo:.2f}, {hi:.2f}]: {b['runs']} runs, {best}")
     for h in res.extra.get("holdout", []):
         lines.append(
             f"  held out {h['label']}: loss {h['loss']:.4f}, predicted {h['predicted']:.4f} {_ci(h['ci'])} "
@@ -108,9 +160,20 @@ def format_fit(res: FitResult) -> str:
     return "\n".join(lines)
 
 
+def format_fits(fits: dict[str, FitResult]) -> str:
+    """``format_fit`` of each group's fit under a heading naming the group."""
+    if list(fits) == [""]:
+        return format_fit(fits[""])
+    column = next(iter(fits.values())).columns.get("group")
+    return "\n".join(f"{column} {name}:\n" + format_fit(f) for name, f in fits.items())
+
+
 def format_prediction(pred: dict[str, dict[str, Any]]) -> str:
     names = {"N_opt": "N*", "D_opt": "D*", "D_per_N": "D*/N*", "loss_opt": "loss at N*, D*", "loss": "loss"}
     return "\n".join(f"  {names.get(k, k):16}{v['value']:>14.6g}   {_ci(v['ci'])}" for k, v in pred.items())
 
 
-__all__ = ["fit_table", "format_fit", "format_prediction", "predict", "read_json", "write_json"]
+__all__ = [
+    "fit_groups", "fit_table", "format_fit", "format_fits", "format_prediction", "predict", "read_fits", "read_json",
+    "write_json",
+]  # fmt: skip

@@ -31,6 +31,14 @@ class Columns:
     c: str | None = "flops"
     loss: str = "val_loss"
     label: str | None = None  # a column naming each row, carried into reports (None: "run" if present)
+    # a top-1 column (a fraction in 0..1, e.g. collect --probe's probe_attentive_top1): when set, the fitted
+    # quantity is the error 1 - top-1 rather than the loss column (Cherti et al. 2023 fit downstream error)
+    error: str | None = None
+    group: str | None = None  # a column splitting the rows into separate fits (e.g. "objective")
+
+    def y_name(self) -> str:
+        """What the fitted quantity is, for reports and axis labels."""
+        return f"error (1 - {self.error})" if self.error else self.loss
 
 
 @dataclass
@@ -45,16 +53,25 @@ class Table:
     columns: Columns
     flops_per_param: float  # k in C = k N D: the value used to derive a missing column, else the median
     notes: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # each row's value of ``columns.group`` (empty: no grouping)
 
     def __len__(self) -> int:
         return len(self.loss)
 
     def subset(self, keep: np.ndarray) -> Table:
         """The rows where ``keep`` (a boolean mask or index array) holds."""
+        rows = np.arange(len(self))[keep]
         return Table(
-            self.n[keep], self.d[keep], self.c[keep], self.loss[keep],
-            [self.labels[i] for i in np.arange(len(self))[keep]], self.columns, self.flops_per_param, self.notes,
+            self.n[keep], self.d[keep], self.c[keep], self.loss[keep], [self.labels[i] for i in rows],
+            self.columns, self.flops_per_param, self.notes, [self.groups[i] for i in rows] if self.groups else [],
         )  # fmt: skip
+
+    def by_group(self) -> dict[str, Table]:
+        """One table per value of the group column, in order of first appearance (no grouping: {"": self})."""
+        if not self.groups:
+            return {"": self}
+        names = list(dict.fromkeys(self.groups))
+        return {g: self.subset(np.array([x == g for x in self.groups])) for g in names}
 
 
 def _column(rows: list[dict[str, str]], name: str, path: Path, header: list[str]) -> np.ndarray:
@@ -95,7 +112,7 @@ def read_table(path: str | Path, columns: Columns = Columns(), flops_per_param: 
     if len(given) < 2:
         raise TableError(f"{p}: need at least two of the N, D, C columns (--n, --d, --c); got {given or 'none'}")
     vals = {k: _column(rows, name, p, header) for k, name in given.items()}
-    loss = _column(rows, columns.loss, p, header)
+    loss = _error(rows, columns.error, p, header) if columns.error else _column(rows, columns.loss, p, header)
     notes = []
     k = 6.0 if flops_per_param is None else float(flops_per_param)
     if k <= 0:
@@ -117,7 +134,52 @@ def read_table(path: str | Path, columns: Columns = Columns(), flops_per_param: 
         raise TableError(f"{p}: no column {columns.label!r}; the columns are: {', '.join(header)}")
     label = columns.label or ("run" if "run" in header else None)
     labels = [r[label] if label else f"row {i + 2}" for i, r in enumerate(rows)]
-    return Table(vals["n"], vals["d"], vals["c"], loss, labels, columns, k, notes)
+    groups = _groups(rows, columns.group, p, header) if columns.group else []
+    return Table(vals["n"], vals["d"], vals["c"], loss, labels, columns, k, notes, groups)
+
+
+def varies(path: str | Path, column: str) -> bool:
+    """Whether the CSV has ``column`` with two or more distinct values (e.g. runs of several objectives)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if column not in (reader.fieldnames or []):
+            return False
+        return len({(r.get(column) or "").strip() for r in reader}) > 1
+
+
+def _error(rows: list[dict[str, str]], name: str, path: Path, header: list[str]) -> np.ndarray:
+    """1 - top-1 of a top-1 column; refuses a missing column, empty cells and a top-1 outside [0, 1)."""
+    if name not in header:
+        raise TableError(
+            f"{path}: no column {name!r} (probe top-1 columns come from `aimpre scaling collect --probe "
+            f"TRAIN[,TEST]`); the columns are: {', '.join(header)}"
+        )
+    out = np.empty(len(rows))
+    for i, r in enumerate(rows):
+        text = (r.get(name) or "").strip()
+        if not text:
+            raise TableError(f"{path}: column {name!r}, row {i + 2} is empty (was this run probed? collect --probe)")
+        try:
+            v = float(text)
+        except ValueError:
+            raise TableError(f"{path}: column {name!r}, row {i + 2}: {text!r} is not a number") from None
+        if not 0 <= v < 1:  # an error of 0 has no logarithm: a power law in log space cannot pass through it
+            raise TableError(f"{path}: column {name!r}, row {i + 2}: top-1 {text} must lie in [0, 1) (a fraction "
+                             "below 1: an error of 0 cannot be fitted in log space)")  # fmt: skip
+        out[i] = 1.0 - v
+    return out
+
+
+def _groups(rows: list[dict[str, str]], name: str, path: Path, header: list[str]) -> list[str]:
+    if name not in header:
+        raise TableError(f"{path}: no column {name!r} to group by; the columns are: {', '.join(header)}")
+    out = [(r.get(name) or "").strip() for r in rows]
+    if "" in out:
+        raise TableError(f"{path}: column {name!r}, row {out.index('') + 2} is empty: every row needs a group")
+    return out
 
 
 def require(table: Table, form: str, min_points: int, min_n: int = 1, min_d: int = 1) -> None:
