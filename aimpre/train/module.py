@@ -14,6 +14,7 @@ from torch import Tensor
 from aimpre.config import Config, ConfigError, RunError
 from aimpre.data import Augment, ImageTextStream, StreamLoader, Tokenizer, batches_per_epoch, sources
 from aimpre.model import AIMv2
+from aimpre.objectives import needs
 from aimpre.train.optim import build_optimizer, lr_factor
 
 
@@ -152,8 +153,9 @@ class AIMv2Module(pl.LightningModule):
 
 
 class AIMv2DataModule(pl.LightningDataModule):
-    """Builds the train and validation streams. Its state (every reader's position on every rank) travels in
-    checkpoints, so a resumed run reads exactly what the uninterrupted one would have."""
+    """Builds the train and validation streams, with the fields ``model.objective`` reads (``objectives.needs``).
+    Its state (every reader's position on every rank) travels in checkpoints, so a resumed run reads exactly what
+    the uninterrupted one would have."""
 
     def __init__(self, cfg: Config, tokenizer: Tokenizer) -> None:
         super().__init__()
@@ -195,6 +197,8 @@ class AIMv2DataModule(pl.LightningDataModule):
             world=world,
             shuffle=d.shuffle_buffer if train else 0,
             resume=resume,
+            need=needs(m.objective),
+            num_classes=m.num_classes,
         )
         if not resampled:  # fail here, naming the shards, rather than in a data worker with its traceback
             try:
