@@ -1,16 +1,22 @@
-"""The fields an objective reads: labels in batches, image-only streams."""
+"""The fields an objective reads: labels in batches, image-only streams, and refusing shards that lack a field."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from aimpre.config import ConfigError, load_config
 from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
 from aimpre.data.decode import sample_label
-from helpers import jpeg, write_tar
+from aimpre.data.scan import PEEK
+from aimpre.train.module import AIMv2DataModule
+from helpers import good_samples, jpeg, write_tar
 
 LABEL = frozenset({"label"})
 
@@ -77,3 +83,93 @@ def test_unknown_fields_are_refused(tmp_path: Path) -> None:
 def test_probe_and_training_read_labels_alike() -> None:
     assert sample_label({"cls": b" 4\n"}) == (4, None) and sample_label({"json": b'{"cls": "5"}'}) == (5, None)
     assert sample_label({"txt": b"x"}) == (None, "no_label") and sample_label({"cls": b"\xff"}) == (None, "bad_label")
+
+
+# -- refusals before training ---------------------------------------------------------------------------------
+
+
+def _cfg(train: Path | str, *extra: str, val: Path | str | None = None):
+    return load_config(
+        None,
+        [f"data.train_shards={train}", f"data.val_shards={val if val is not None else 'null'}", "data.batch_size=4",
+         "trainer.val_batches=1", *extra],
+    )  # fmt: skip
+
+
+def _check(cfg) -> None:
+    AIMv2DataModule(cfg, ByteTokenizer()).check_shards()
+
+
+def _labelled(path: Path, n: int, label=lambda i: i % 10) -> Path:
+    return write_tar(path, [{**s, "cls": str(label(i))} for i, s in enumerate(good_samples("l", n))])
+
+
+@pytest.mark.parametrize("objective", ["aimv2", "siglip", "clip"])
+def test_a_text_objective_on_shards_without_captions_is_refused(tmp_path: Path, objective: str) -> None:
+    bare = write_tar(tmp_path / "bare.tar", [{"__key__": f"k{i:03d}", "jpg": jpeg(), "cls": "1"} for i in range(80)])
+    with pytest.raises(ConfigError) as e:
+        _check(_cfg(f"{tmp_path}/bare.tar", f"model.objective={objective}"))
+    assert str(e.value) == (
+        f"config key 'data.train_shards': model.objective={objective} needs a caption (KEY.txt, or "
+        f'"caption"/"text" in KEY.json) in every sample, but none of the first {PEEK} samples of {bare} has a usable '
+        "one (sample 'k000': no_caption)"
+    )
+    _check(_cfg(bare, "model.objective=aimv1"))  # image only: the same shards are fine
+    _check(_cfg(bare, "model.objective=classification", "model.num_classes=2"))
+
+
+def test_a_classification_run_on_unlabelled_shards_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    shards = write_tar(tmp_path / "captions.tar", good_samples("cap", 20))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [f"run.out_dir={tmp_path}", "run.name=r", f"data.train_shards={shards}", "data.val_shards=null",
+            "data.batch_size=4", "data.num_workers=0", "model.depth=1", "model.dec_depth=1", "trainer.max_steps=1",
+            "model.objective=classification", "model.num_classes=14"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "aimpre", "train", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "aimpre: error: config key 'data.train_shards': model.objective=classification needs a label (KEY.cls, or "
+        f'"label"/"cls" in KEY.json) in every sample, but none of the first 20 samples of {shards} has a usable one '
+        "(sample 'cap00000': no_label)"
+    )
+    assert not (tmp_path / "r").exists()  # refused before the run directory (or the model) was made
+
+
+def test_labels_beyond_num_classes_are_refused_naming_the_sample(tmp_path: Path) -> None:
+    shards = _labelled(tmp_path / "l.tar", 30, label=lambda i: 13 if i == 17 else i % 5)
+    with pytest.raises(ConfigError) as e:
+        _check(_cfg(shards, "model.objective=classification", "model.num_classes=10"))
+    assert str(e.value) == (
+        f"config key 'model.num_classes': 10, but sample 'l00017' of {shards} has label 13 (the largest in the "
+        "first 30 samples); labels must lie in 0..9"
+    )
+    _check(_cfg(shards, "model.objective=classification", "model.num_classes=14"))
+
+
+def test_validation_shards_are_checked_too(tmp_path: Path) -> None:
+    train = _labelled(tmp_path / "train.tar", 8)
+    val = write_tar(tmp_path / "val.tar", good_samples("v", 8))
+    with pytest.raises(ConfigError, match=f"^config key 'data.val_shards': .* samples of {val} .*'v00000': no_label"):
+        _check(_cfg(train, "model.objective=classification", "model.num_classes=10", val=val))
+    _check(_cfg(train, "model.objective=classification", "model.num_classes=10", "trainer.val_batches=0", val=val))
+
+
+def test_a_few_bad_samples_are_left_to_training_to_skip(tmp_path: Path) -> None:
+    """Only a shard set whose start has no usable field is refused: the odd bad sample is skipped and counted."""
+    samples = [{**s, "cls": str(i % 3)} for i, s in enumerate(good_samples("g", 12))]
+    samples[0] = {k: v for k, v in samples[0].items() if k != "cls"}
+    samples[1] = {**samples[1], "cls": "many"}
+    shards = write_tar(tmp_path / "g.tar", samples)
+    cfg = _cfg(shards, "model.objective=classification", "model.num_classes=3", "data.num_workers=0")
+    _check(cfg)
+    dm = AIMv2DataModule(cfg, ByteTokenizer())
+    batch = first(dm.stream(cfg.data.train_shards, "pretrain", train=False))
+    assert batch["state"]["skipped"] == {"no_label": 1, "bad_label": 1} and batch["label"].tolist() == [2, 0, 1, 2]
+    assert "text" not in batch
+
+
+def test_every_source_of_a_mixture_is_checked(tmp_path: Path) -> None:
+    a = _labelled(tmp_path / "a.tar", 8)
+    b = write_tar(tmp_path / "b.tar", good_samples("b", 8))
+    cfg = _cfg(a, "model.objective=classification", "model.num_classes=10", f"data.train_shards=[{a}, {b}]")
+    with pytest.raises(ConfigError, match=f"samples of {b} has a usable one"):
+        _check(cfg)
