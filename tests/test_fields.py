@@ -15,6 +15,7 @@ from aimpre.config import ConfigError, load_config
 from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
 from aimpre.data.decode import sample_label
 from aimpre.data.scan import PEEK
+from aimpre.probe import read_labelled
 from aimpre.train.module import AIMv2DataModule
 from helpers import good_samples, jpeg, write_tar
 
@@ -80,9 +81,11 @@ def test_unknown_fields_are_refused(tmp_path: Path) -> None:
         stream(mixed(tmp_path), frozenset({"caption"}), 1)
 
 
-def test_probe_and_training_read_labels_alike() -> None:
+def test_probe_and_training_read_labels_alike(tmp_path: Path) -> None:
     assert sample_label({"cls": b" 4\n"}) == (4, None) and sample_label({"json": b'{"cls": "5"}'}) == (5, None)
     assert sample_label({"txt": b"x"}) == (None, "no_label") and sample_label({"cls": b"\xff"}) == (None, "bad_label")
+    _, labels, skipped = read_labelled([str(mixed(tmp_path))], 16)  # the probe counts skips by the same reasons
+    assert labels.tolist() == [13, 3, 1, 2] and skipped == {"no_label": 2, "bad_label": 5, "no_image": 1}
 
 
 # -- refusals before training ---------------------------------------------------------------------------------
