@@ -229,11 +229,11 @@ def sample_label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
     return (value, None) if value >= 0 else (None, "bad_label")
 
 
-def decode_sample(
+def decode_fields(
     sample: dict[str, Any] | None,
     aug: Augment,
     rng: np.random.Generator,
-    need: frozenset[str] = frozenset({"text"}),
+    need: frozenset[str],
     num_classes: int | None = None,
 ) -> tuple[Tensor, str | None, int | None] | str:
     """A raw sample -> (image, caption, label), or a reason from SKIP_REASONS.
@@ -260,3 +260,12 @@ def decode_sample(
             return "bad_label"
     image = decode_image(sample[image_key], aug, rng)
     return image if isinstance(image, str) else (image, caption, label)
+
+
+def decode_sample(sample: dict[str, Any] | None, aug: Augment, rng: np.random.Generator) -> tuple[Tensor, str] | str:
+    """A raw sample -> (image, caption), or a reason from SKIP_REASONS: what an image-text objective reads."""
+    out = decode_fields(sample, aug, rng, frozenset({"text"}))
+    if isinstance(out, str):
+        return out
+    assert out[1] is not None  # a needed caption is always there
+    return out[0], out[1]

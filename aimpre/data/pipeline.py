@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aimpre.data.decode import FIELDS, SKIP_REASONS, Augment, decode_sample
+from aimpre.data.decode import FIELDS, SKIP_REASONS, Augment, decode_fields
 from aimpre.data.reader import ReadErrors, chunk_shuffled, epoch_plan, resampled_draw, source_choices
 from aimpre.data.shardset import Shard
 from aimpre.data.tokenizer import Tokenizer, encode_captions
@@ -155,7 +155,7 @@ class ImageTextStream(IterableDataset):
         for st, sample in samples:
             # augmentation depends on the position only, so a resumed reader crops exactly as before
             rng = np.random.default_rng([self.seed, reader, st.get("epoch", 0), st["pos"]])
-            out = decode_sample(sample, self.aug, rng, self.need, self.num_classes)
+            out = decode_fields(sample, self.aug, rng, self.need, self.num_classes)
             if isinstance(out, str):
                 tally.skipped[out] += 1
                 since_kept += 1

@@ -44,7 +44,7 @@ class _Inspect(IterableDataset):
                     counts[out] += 1
                 else:
                     counts["kept"] += 1
-                    captions += [out[1]] if out[1] is not None else []
+                    captions.append(out[1])
             if captions:  # the same tokenisation as training, for its truncation count
                 text, mask = encode_captions(self.tokenizer, captions, self.text_len)
                 counts["truncated"] += int((mask.all(dim=1) & (text[:, -1] != self.tokenizer.eos_id)).sum())
