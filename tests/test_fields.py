@@ -16,7 +16,8 @@ from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
 from aimpre.data.decode import sample_label
 from aimpre.data.scan import PEEK
 from aimpre.probe import read_labelled
-from aimpre.train.module import AIMv2DataModule
+from aimpre.train.baselines import baselines
+from aimpre.train.module import AIMv2DataModule, AIMv2Module
 from helpers import good_samples, jpeg, write_tar
 
 LABEL = frozenset({"label"})
@@ -176,3 +177,14 @@ def test_every_source_of_a_mixture_is_checked(tmp_path: Path) -> None:
     cfg = _cfg(a, "model.objective=classification", "model.num_classes=10", f"data.train_shards=[{a}, {b}]")
     with pytest.raises(ConfigError, match=f"samples of {b} has a usable one"):
         _check(cfg)
+
+
+@pytest.mark.parametrize("need", [frozenset(), frozenset({"text"})])
+def test_run_baselines_have_a_text_part_only_with_captions(tmp_path: Path, need: frozenset[str]) -> None:
+    """aimv1's batches carry no captions: the run summary's baselines are then the mean patch alone."""
+    module = AIMv2Module(load_config(None, ["model.depth=1", "model.dec_depth=1", "model.vocab_size=258"]))
+    shard = write_tar(tmp_path / "s.tar", good_samples("s", 8))
+    it = iter(ImageTextStream([shard_set(str(shard))], ByteTokenizer(), 96, 4, Augment(112), shuffle=0, need=need))
+    out = baselines(module, [next(it)], [next(it)], lambda i, b: module.prefix_len(b, i))
+    assert set(out) == {"loss_image_mean_patch", *(["loss_text_bigram"] if need else [])}
+    assert all(v > 0 for v in out.values())
