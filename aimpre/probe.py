@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from aimpre.data import Augment, demo_spec, expand_shards
-from aimpre.data.decode import IMAGE_KEYS, decode_image
+from aimpre.data.decode import IMAGE_KEYS, decode_image, sample_label
 from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.export import load
@@ -74,18 +74,12 @@ def shard_urls(spec: str) -> list[str]:
 
 
 def label_of(sample: dict[str, Any]) -> int | None:
-    """The integer label in ``KEY.cls``, else the ``label``/``cls`` field of ``KEY.json``; None if absent or bad."""
-    try:
-        if "cls" in sample:
-            value = int(sample["cls"].decode().strip())
-            return value if value >= 0 else None
-        if "json" in sample:
-            meta = json.loads(sample["json"])
-            value = meta.get("label", meta.get("cls"))
-            return None if value is None or int(value) < 0 else int(value)
-    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
-        return None
-    return None
+    """The integer label in ``KEY.cls``, else the ``label``/``cls`` field of ``KEY.json``; None if absent or bad.
+
+    Training reads labels with the same function (``aimpre.data.decode.sample_label``), so a probe and a
+    classification run agree on every sample's class.
+    """
+    return sample_label(sample)[0]
 
 
 def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Counter[str]]:
@@ -98,9 +92,10 @@ def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Count
     images, labels, skipped = [], [], Counter[str]()
     errors = ReadErrors()
     for s in (s for u in urls for s in shard_samples(u, errors)):
-        label, image_key = label_of(s), next((k for k in IMAGE_KEYS if k in s), None)
-        if label is None or image_key is None:
-            skipped["no_label" if label is None else "no_image"] += 1
+        label, reason = sample_label(s)
+        image_key = next((k for k in IMAGE_KEYS if k in s), None)
+        if reason is not None or image_key is None:
+            skipped[reason or "no_image"] += 1
             continue
         image = decode_image(s[image_key], aug, rng)
         if isinstance(image, str):  # the reason it cannot be used

@@ -27,7 +27,7 @@ from aimpre.data import (
     sources,
 )
 from aimpre.data.decode import decode_image
-from aimpre.data.demo import BACKGROUNDS, COLOURS, digit_split, render_scene
+from aimpre.data.demo import BACKGROUNDS, COLOURS, DIGIT_WORDS, ROWS, SHAPES, digit_split, render_scene
 from aimpre.data.pipeline import SHARED
 from aimpre.data.shardset import count_samples
 from helpers import good_samples, write_tar
@@ -65,7 +65,9 @@ def test_demo_shards_are_plain_webdataset_tars(demo: Path) -> None:
         s = samples[0]
         assert Image.open(io.BytesIO(s["jpg"])).size == (128, 128)
         assert s["txt"].decode().strip()
-        assert ("cls" in s) == split.startswith("digits")
+        classes = range(10, 14) if split == "val" else range(10) if split.startswith("digits") else range(14)
+        assert {int(s["cls"]) for s in samples} == set(classes)  # every sample has a label, in the split's classes
+        assert info["classes"] == (list(DIGIT_WORDS) if split.startswith("digits") else [*DIGIT_WORDS, *SHAPES])
     with tarfile.open(demo / "pretrain-000000.tar") as tar:  # readable with nothing but the standard library
         assert any(name.endswith(".jpg") for name in tar.getnames())
 
@@ -84,7 +86,10 @@ def test_held_out_digits_stay_out_of_pretraining(demo: Path) -> None:
 def test_scene_captions_describe_the_pixels_and_fit_the_text_length() -> None:
     rng = np.random.default_rng(0)
     for _ in range(30):
-        img, caption = render_scene(rng)
+        img, caption, label = render_scene(rng)
+        parts = [p.split() for p in caption.rsplit(", on ", 1)[0].split(" and ")]  # size colour shape where...
+        top = min(parts, key=lambda p: ROWS[p[-1]])  # "at the top" / "in the middle" / "at the bottom"
+        assert label == 10 + SHAPES.index(top[2]), caption  # the class is the top-most shape
         pixels = {tuple(p) for p in np.asarray(img).reshape(-1, 3)}
         named = [c for c in COLOURS if f" {c} " in f" {caption} "]
         assert named and all(COLOURS[c] in pixels for c in named), caption

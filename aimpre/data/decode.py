@@ -1,4 +1,4 @@
-"""One raw sample -> (uint8 image [3, S, S], caption), or the reason it is skipped.
+"""One raw sample -> (uint8 image [3, S, S], caption, label), or the reason it is skipped.
 
 Image: the crop box is chosen from the header alone; JPEGs are then draft-decoded at the smallest DCT scale
 (1/2, 1/4, 1/8) that keeps the crop at least S pixels on each side, and the crop is resized once, bicubic with
@@ -12,6 +12,8 @@ refused before decoding (decompression bombs). Pillow decodes only JPEGs at a re
 formats decode whole, so for them the byte bound is what holds.
 Palette, alpha, CMYK and 16-bit images are converted to 8-bit RGB, transparency composited on white.
 Caption: ``KEY.txt`` (UTF-8), else ``KEY.json``'s "caption" (or "text") string.
+Label: ``KEY.cls`` (an integer), else ``KEY.json``'s "label" (or "cls") field; classes are 0..num_classes-1.
+Only the fields an objective reads are required (``need``): an image-only objective keeps uncaptioned samples.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 # Reasons a sample is skipped (each counted); every reader reports these keys.
 SKIP_REASONS = (
     "missing", "no_image", "empty_image", "too_large", "bad_image", "no_caption", "empty_caption", "bad_caption",
+    "no_label", "bad_label",
 )  # fmt: skip
+FIELDS = frozenset({"text", "label"})  # what a sample may have to carry besides its image (objectives.needs)
 
 
 @dataclass(frozen=True)
@@ -204,15 +208,64 @@ def caption_of(sample: dict[str, Any]) -> tuple[str | None, str | None]:
     return (text, None) if text else (None, "empty_caption")
 
 
-def decode_sample(sample: dict[str, Any] | None, aug: Augment, rng: np.random.Generator) -> tuple[Tensor, str] | str:
-    """A raw sample -> (image, caption), or a reason from SKIP_REASONS."""
+def sample_label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
+    """(label, None), or (None, skip reason): "no_label" when the sample has none, "bad_label" when it is not a
+    non-negative integer (a bool or a fractional number is no class index either)."""
+    try:
+        if "cls" in sample:
+            value: Any = int(sample["cls"].decode().strip())
+        elif "json" in sample:
+            meta = json.loads(sample["json"])
+            value = meta.get("label", meta.get("cls")) if isinstance(meta, dict) else None
+            if value is None:
+                return None, "no_label"
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                return None, "bad_label"
+            value = int(value)
+        else:
+            return None, "no_label"
+    except (ValueError, TypeError, AttributeError, OverflowError):  # UnicodeDecodeError is a ValueError
+        return None, "bad_label"
+    return (value, None) if value >= 0 else (None, "bad_label")
+
+
+def decode_fields(
+    sample: dict[str, Any] | None,
+    aug: Augment,
+    rng: np.random.Generator,
+    need: frozenset[str],
+    num_classes: int | None = None,
+) -> tuple[Tensor, str | None, int | None] | str:
+    """A raw sample -> (image, caption, label), or a reason from SKIP_REASONS.
+
+    Only the fields in ``need`` are read (the other is None), so a sample lacking one nobody reads is kept.
+    A label of ``num_classes`` or more is a "bad_label". The cheap checks come first: no image is decoded for a
+    sample that is skipped anyway.
+    """
     if sample is None:
         return "missing"  # lost to a truncated or unreadable shard
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
         return "no_image"
-    caption, reason = caption_of(sample)
-    if caption is None:
-        return reason or "no_caption"
+    caption = label = None
+    if "text" in need:
+        caption, reason = caption_of(sample)
+        if caption is None:
+            return reason or "no_caption"
+    if "label" in need:
+        label, reason = sample_label(sample)
+        if label is None:
+            return reason or "no_label"
+        if num_classes is not None and label >= num_classes:
+            return "bad_label"
     image = decode_image(sample[image_key], aug, rng)
-    return image if isinstance(image, str) else (image, caption)
+    return image if isinstance(image, str) else (image, caption, label)
+
+
+def decode_sample(sample: dict[str, Any] | None, aug: Augment, rng: np.random.Generator) -> tuple[Tensor, str] | str:
+    """A raw sample -> (image, caption), or a reason from SKIP_REASONS: what an image-text objective reads."""
+    out = decode_fields(sample, aug, rng, frozenset({"text"}))
+    if isinstance(out, str):
+        return out
+    assert out[1] is not None  # a needed caption is always there
+    return out[0], out[1]

@@ -8,7 +8,14 @@ Two sources, no download:
   their label. A fixed, stratified 30% of the digits is held out of pretraining for probing.
 
 Splits written: ``pretrain-*.tar`` (shapes + training digits), ``val-*.tar`` (unseen shapes),
-``digits-train.tar`` and ``digits-test.tar`` (with ``.cls`` labels), and ``index.json``.
+``digits-train.tar`` and ``digits-test.tar``, and ``index.json``.
+
+Every sample has a ``.cls`` label, so classification pretrains on the same data as the other objectives. The 14
+classes (``CLASSES``; ``splits[NAME]["classes"]`` in ``index.json``): a digit is its digit (0..9); a scene is
+10 + the index in SHAPES of its top-most shape (the only one, or the upper of two; shapes sit in distinct rows, so
+one is always the upper). Colour, size and background are drawn independently of the shape, so the class can only
+be told by form, as a digit's can. A training crop of a two-shape scene may cut the upper shape out; the label
+still names what the full picture shows (label noise that RandomResizedCrop brings to any classification data).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from PIL import Image, ImageDraw
 from aimpre.data.shards import encode_jpeg, publish_dir, write_shards
 from aimpre.data.shardset import Shard, shard_set, write_index
 
-VERSION = 2  # bump when the written data changes: the cache is keyed by it
+VERSION = 3  # bump when the written data changes: the cache is keyed by it
 IMAGE_SIZE = 128
 COLOURS = {
     "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (240, 205, 35),
@@ -36,6 +43,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 ROWS = {"top": 0.25, "middle": 0.5, "bottom": 0.75}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a handwritten digit {w}", "the number {d}, written by hand", "a scanned handwritten {w}")
+CLASSES = (*DIGIT_WORDS, *SHAPES)  # label -> class name: digits 0..9, then a scene's top-most shape
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
@@ -49,14 +57,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
 
 
-def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
-    """One picture of shapes and the sentence that describes it."""
+def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Image.Image, str, int]:
+    """One picture of shapes, the sentence that describes it, and its label (its top-most shape, in CLASSES)."""
     bg = str(rng.choice(list(BACKGROUNDS)))
     img = Image.new("RGB", (size, size), BACKGROUNDS[bg])
     draw = ImageDraw.Draw(img)
     rows = rng.permutation(list(ROWS))[: rng.integers(1, 3)]  # one shape per row: positions stay distinct
     palette = [c for c in COLOURS if not (bg == "white" and c == "white")]
-    parts = []
+    parts: list[str] = []
+    shapes: dict[float, str] = {}  # row height -> shape
     for row in rows:
         colour, shape = str(rng.choice(palette)), str(rng.choice(SHAPES))
         large = bool(rng.random() < 0.5)
@@ -66,7 +75,8 @@ def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Imag
         _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
         where = "in the middle" if row == "middle" else f"at the {row}"
         parts.append(f"{'large' if large else 'small'} {colour} {shape} {where}")
-    return img, " and ".join(parts) + f", on {bg}"
+        shapes[ROWS[str(row)]] = shape
+    return img, " and ".join(parts) + f", on {bg}", CLASSES.index(shapes[min(shapes)])
 
 
 def render_digit(pixels: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:
@@ -89,8 +99,8 @@ def digit_split(labels: np.ndarray, test_fraction: float = 0.3, seed: int = 0) -
 def _scene_samples(n: int, seed: int, tag: str) -> Iterator[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     for i in range(n):
-        img, caption = render_scene(rng)
-        yield {"__key__": f"{tag}{i:06d}", "jpg": encode_jpeg(img), "txt": caption}
+        img, caption, label = render_scene(rng)
+        yield {"__key__": f"{tag}{i:06d}", "jpg": encode_jpeg(img), "txt": caption, "cls": str(label)}
 
 
 def _digit_samples(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, seed: int) -> list[dict[str, Any]]:
@@ -117,9 +127,7 @@ def write_demo(out: Path, n_scenes: int = 6000, n_val: int = 512, per_shard: int
     digits = load_digits()
     train_idx, test_idx = digit_split(digits.target)
     digit_train = _digit_samples(digits.data, digits.target, train_idx, seed=1)
-    pretrain = list(_scene_samples(n_scenes, seed=2, tag="scene")) + [
-        {k: v for k, v in s.items() if k != "cls"} for s in digit_train
-    ]
+    pretrain = list(_scene_samples(n_scenes, seed=2, tag="scene")) + digit_train
     order = np.random.default_rng(3).permutation(len(pretrain))  # mix sources across shards
     splits = {
         "pretrain": write_shards((pretrain[i] for i in order), tmp, "pretrain", per_shard),
@@ -135,7 +143,10 @@ def write_demo(out: Path, n_scenes: int = 6000, n_val: int = 512, per_shard: int
         {name: n for written in splits.values() for name, n in written.items()},
         demo_version=VERSION,
         image_size=IMAGE_SIZE,
-        splits={k: {"shards": list(v), "samples": counts[k]} for k, v in splits.items()},
+        splits={
+            k: {"shards": list(v), "samples": counts[k], "classes": list(DIGIT_WORDS if "digits" in k else CLASSES)}
+            for k, v in splits.items()
+        },
         sources={"scenes": "rendered shapes", "digits": "sklearn.datasets.load_digits (UCI, 8x8 scans)"},
     )
     return publish_dir(tmp, out)

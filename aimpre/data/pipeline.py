@@ -1,12 +1,14 @@
-"""The loading pipeline: raw tar samples -> decoded, cropped uint8 images + token ids, in batches.
+"""The loading pipeline: raw tar samples -> decoded, cropped uint8 images + token ids and labels, in batches.
 
 Each DataLoader worker is one reader (rank r, worker k of K is reader r*K + k). Everything a reader does is a
 function of (seed, reader, position): the order (``aimpre.data.reader``) and the crop/flip of each sample (an
 RNG seeded by its position). Every batch carries its reader's state *after* it; restarting a reader from that
 state continues with exactly the samples it would have read next: no replay, nothing repeated or skipped.
 
-Batch: ``image`` uint8 [B, 3, S, S], ``text`` int64 [B, L], ``text_mask`` bool [B, L], ``key`` list[str],
-``worker`` int, ``state`` dict (position, and running counts of skips by reason and of read errors).
+Batch: ``image`` uint8 [B, 3, S, S], ``key`` list[str], ``worker`` int, ``state`` dict (position, and running
+counts of skips by reason and of read errors); with what the objective needs (``need``, as
+``aimpre.objectives.needs`` says): ``text`` int64 [B, L] and ``text_mask`` bool [B, L] for "text", ``label``
+int64 [B] for "label". A sample lacking a needed field is skipped and counted; one lacking an unneeded one is kept.
 
 ``StreamLoader`` is the DataLoader for it: its workers stack images into a few reused shared-memory buffers
 instead of fresh ones for every batch.
@@ -16,13 +18,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aimpre.data.decode import SKIP_REASONS, Augment, decode_sample
+from aimpre.data.decode import FIELDS, SKIP_REASONS, Augment, decode_fields
 from aimpre.data.reader import ReadErrors, chunk_shuffled, epoch_plan, resampled_draw, source_choices
 from aimpre.data.shardset import Shard
 from aimpre.data.tokenizer import Tokenizer, encode_captions
@@ -61,6 +63,10 @@ class ImageTextStream(IterableDataset):
         resume: per-worker states (from batches' ``state``) to continue from; None entries start fresh.
         first_worker: the worker whose batch comes next (batches consumed % workers). The DataLoader always
             asks its slot 0 first, so slot j plays worker (j + first_worker) % workers.
+        need: the fields besides the image every sample must have and every batch carries: a subset of
+            {"text", "label"} (``aimpre.objectives.needs(objective)``).
+        num_classes: with "label" needed, labels must lie in 0..num_classes-1 (others are skipped as
+            "bad_label"); None: any non-negative label.
     """
 
     def __init__(
@@ -79,10 +85,15 @@ class ImageTextStream(IterableDataset):
         shuffle: int = 1000,
         resume: list[dict[str, Any] | None] | None = None,
         first_worker: int = 0,
+        need: frozenset[str] = frozenset({"text"}),
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if not resampled and weights is not None:
             raise ValueError("data.weights mixes sources by sampling: it needs data.resampled=true")
+        if not need <= FIELDS:
+            raise ValueError(f"unknown sample fields {sorted(need - FIELDS)}; known: {sorted(FIELDS)}")
+        self.need, self.num_classes = frozenset(need), num_classes
         self.sources, self.tokenizer, self.text_len, self.batch_size = sources, tokenizer, text_len, batch_size
         self.aug, self.weights, self.resampled = aug, weights or [1.0] * len(sources), resampled
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
@@ -136,16 +147,15 @@ class ImageTextStream(IterableDataset):
 
     def _fill(
         self, samples: Iterator[tuple[dict[str, Any], Any]], reader: int, tally: _Tally, span: int
-    ) -> tuple[list[str], list[torch.Tensor], list[str], dict[str, Any]]:
-        """Decodes samples until a batch is full; returns (keys, images, captions, state after the last)."""
-        keys: list[str] = []
-        images: list[torch.Tensor] = []
-        captions: list[str] = []
+    ) -> tuple[_Kept, dict[str, Any]]:
+        """Decodes samples until a batch is full; returns what was kept and the state after the last."""
+        kept = _Kept([], [], [], [])
+        keys, images, captions, labels = kept
         since_kept = 0
         for st, sample in samples:
             # augmentation depends on the position only, so a resumed reader crops exactly as before
             rng = np.random.default_rng([self.seed, reader, st.get("epoch", 0), st["pos"]])
-            out = decode_sample(sample, self.aug, rng)
+            out = decode_fields(sample, self.aug, rng, self.need, self.num_classes)
             if isinstance(out, str):
                 tally.skipped[out] += 1
                 since_kept += 1
@@ -156,29 +166,22 @@ class ImageTextStream(IterableDataset):
             tally.repeated += int(span > 0 and st["pos"] > span)
             keys.append(str(sample["__key__"]))
             images.append(out[0])
-            captions.append(out[1])
+            captions += [out[1]] if out[1] is not None else []  # present exactly when needed
+            labels += [out[2]] if out[2] is not None else []
             if len(images) == self.batch_size:
-                return keys, images, captions, st
+                return kept, st
         raise RuntimeError("sample stream ended")  # streams are endless
 
-    def _batch(
-        self,
-        keys: list[str],
-        images: list[torch.Tensor],
-        captions: list[str],
-        tally: _Tally,
-        shm: _SharedBuffers | None,
-    ) -> dict:
-        text, mask = encode_captions(self.tokenizer, captions, self.text_len)
-        tally.truncated += int((mask.all(dim=1) & (text[:, -1] != self.tokenizer.eos_id)).sum())
-        out = shm.take((len(images), *images[0].shape)) if shm is not None else None
-        return {
-            "image": torch.stack(images, out=out),  # [B, 3, S, S] uint8
-            "text": text,
-            "text_mask": mask,
-            "key": keys,
-            **({SHARED: True} if out is not None else {}),
-        }
+    def _batch(self, kept: _Kept, tally: _Tally, shm: _SharedBuffers | None) -> dict:
+        out = shm.take((len(kept.images), *kept.images[0].shape)) if shm is not None else None
+        batch: dict[str, Any] = {"image": torch.stack(kept.images, out=out), "key": kept.keys}  # [B, 3, S, S] uint8
+        if "text" in self.need:
+            text, mask = encode_captions(self.tokenizer, kept.captions, self.text_len)
+            tally.truncated += int((mask.all(dim=1) & (text[:, -1] != self.tokenizer.eos_id)).sum())
+            batch |= {"text": text, "text_mask": mask}
+        if "label" in self.need:
+            batch["label"] = torch.tensor(kept.labels, dtype=torch.int64)  # [B]
+        return batch | ({SHARED: True} if out is not None else {})
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -193,8 +196,8 @@ class ImageTextStream(IterableDataset):
         if self.resampled:
             samples = self._resampled_samples(reader, state, tally.errors)
             while True:
-                keys, images, captions, st = self._fill(samples, reader, tally, 0)
-                batch = self._batch(keys, images, captions, tally, shm)
+                kept, st = self._fill(samples, reader, tally, 0)
+                batch = self._batch(kept, tally, shm)
                 yield {**batch, "worker": worker, "state": {**st, **tally.state()}}
         m = batches_per_epoch(self.sources, self.batch_size, readers)
         span = m * self.batch_size
@@ -202,12 +205,21 @@ class ImageTextStream(IterableDataset):
         while True:
             samples = self._epoch_range(reader, span, epoch, pos, tally.errors)
             while done < m:
-                keys, images, captions, st = self._fill(samples, reader, tally, span)
+                kept, st = self._fill(samples, reader, tally, span)
                 done += 1
                 after = {"epoch": epoch, "pos": st["pos"], "batch": done} if done < m else {"epoch": epoch + 1}
-                batch = self._batch(keys, images, captions, tally, shm)
+                batch = self._batch(kept, tally, shm)
                 yield {**batch, "worker": worker, "state": {**after, **tally.state()}}
             epoch, pos, done = epoch + 1, 0, 0
+
+
+class _Kept(NamedTuple):
+    """The samples of one batch; the list of a field the stream does not need stays empty."""
+
+    keys: list[str]
+    images: list[torch.Tensor]
+    captions: list[str]
+    labels: list[int]
 
 
 SHARED = "shared_buffer"  # batch key: the images sit in a reused buffer the consumer must copy, then release

@@ -1,8 +1,10 @@
-"""Whole-set passes over shards: ``aimpre data inspect`` (vet a data set through the training decode) and the
-caption source for ``aimpre data train-tokenizer``."""
+"""Passes over shards: ``aimpre data inspect`` (vet a data set through the training decode), the caption source
+for ``aimpre data train-tokenizer``, and the look at a shard set's first samples that refuses, before training,
+data an objective cannot use (``check_fields``)."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -12,8 +14,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from aimpre.data.decode import SKIP_REASONS, Augment, caption_of, decode_sample
-from aimpre.data.reader import ReadErrors, Segment, segment_samples
+from aimpre.data.decode import SKIP_REASONS, Augment, caption_of, decode_sample, sample_label
+from aimpre.data.reader import ReadErrors, Segment, segment_samples, shard_samples
 from aimpre.data.shardset import Shard
 from aimpre.data.tokenizer import Tokenizer, encode_captions
 
@@ -94,3 +96,42 @@ def iter_captions(shards: list[Shard], limit: int | None = None) -> Iterator[str
                 n += 1
                 if limit is not None and n >= limit:
                     return
+
+
+PEEK = 64  # samples check_fields reads: enough to tell a data set without a field from a few damaged samples
+_FIELD = {"text": 'a caption (KEY.txt, or "caption"/"text" in KEY.json)',
+          "label": 'a label (KEY.cls, or "label"/"cls" in KEY.json)'}  # fmt: skip
+
+
+def check_fields(url: str, need: frozenset[str], num_classes: int | None, key: str, why: str, n: int = PEEK) -> None:
+    """Refuses (ValueError, one line naming ``key``, the file and a sample key) a shard set whose first shard
+    ``url`` cannot feed the objective: none of its first ``n`` samples has a usable field of ``need``, or one has
+    a label of ``num_classes`` or more (a wrong config, not a bad sample: training would skip a whole class).
+
+    A few unusable samples are no reason to refuse: training skips and counts them. Only the samples' bytes are
+    read, nothing is decoded. A shard that yields nothing (unreadable) passes: reading it in training counts it.
+
+    Args:
+        url: the first shard of the set.
+        need: fields every sample must have (``aimpre.objectives.needs``).
+        num_classes: labels must lie in 0..num_classes-1; None: not checked.
+        key: the config key that names the shard set (e.g. ``data.train_shards``).
+        why: who needs the fields, for the message (e.g. ``model.objective=classification``).
+        n: samples to look at.
+    """
+    samples = list(itertools.islice(shard_samples(url, ReadErrors()), n))  # the dropped reader closes the shard
+    for field in sorted(need):
+        reasons = [(caption_of(s) if field == "text" else sample_label(s))[1] for s in samples]
+        if samples and all(r is not None for r in reasons):
+            raise ValueError(
+                f"config key '{key}': {why} needs {_FIELD[field]} in every sample, but none of the first "
+                f"{len(samples)} samples of {url} has a usable one (sample {samples[0]['__key__']!r}: {reasons[0]})"
+            )
+    if "label" in need and num_classes is not None:
+        labelled = [(label, str(s["__key__"])) for s in samples if (label := sample_label(s)[0]) is not None]
+        top, at = max(labelled, default=(-1, ""))
+        if top >= num_classes:
+            raise ValueError(
+                f"config key 'model.num_classes': {num_classes}, but sample {at!r} of {url} has label {top} "
+                f"(the largest in the first {len(samples)} samples); labels must lie in 0..{num_classes - 1}"
+            )

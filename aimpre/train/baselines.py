@@ -35,7 +35,8 @@ def baselines(
         val_prefix: ``val_prefix(batch_idx, batch_size) -> [B]`` prefix lengths, as validation draws them.
 
     Returns:
-        ``loss_image_mean_patch`` and ``loss_text_bigram``.
+        ``loss_image_mean_patch``, and ``loss_text_bigram`` when the batches carry captions (an image-only
+        objective's batches have none, and it has no text loss to compare).
     """
     V = module.model.cfg.vocab_size
     counts = torch.full((V + 1, V), 0.1, dtype=torch.float64)  # add-0.1 smoothing; row V is the start symbol
@@ -44,9 +45,11 @@ def baselines(
         t = _targets(module, batch).double().cpu()
         patch_sum = t.sum(0) if patch_sum is None else patch_sum + t.sum(0)
         n += t.shape[0]
-        text, mask = batch["text"], batch["text_mask"]
-        prev = _bigram_inputs(text, V)
-        counts.index_put_((prev[mask], text[mask]), torch.ones(int(mask.sum()), dtype=torch.float64), accumulate=True)
+        if "text" in batch:
+            text, mask = batch["text"], batch["text_mask"]
+            prev = _bigram_inputs(text, V)
+            ones = torch.ones(int(mask.sum()), dtype=torch.float64)
+            counts.index_put_((prev[mask], text[mask]), ones, accumulate=True)
     assert patch_sum is not None, "no training batches"
     mean_patch = patch_sum / n  # [N, P]
     log_p = (counts / counts.sum(1, keepdim=True)).log()
@@ -58,7 +61,9 @@ def baselines(
         err = (mean_patch[None, 1:] - t).pow(2).mean(-1)
         se += float((err * valid).sum())
         n_img += float(valid.sum())
-        text, mask = batch["text"], batch["text_mask"]
-        ce -= float(log_p[_bigram_inputs(text, V)[mask], text[mask]].sum())
-        n_txt += float(mask.sum())
-    return {"loss_image_mean_patch": se / max(n_img, 1), "loss_text_bigram": ce / max(n_txt, 1)}
+        if "text" in batch:
+            text, mask = batch["text"], batch["text_mask"]
+            ce -= float(log_p[_bigram_inputs(text, V)[mask], text[mask]].sum())
+            n_txt += float(mask.sum())
+    out = {"loss_image_mean_patch": se / max(n_img, 1)}
+    return out | ({"loss_text_bigram": ce / n_txt} if n_txt else {})

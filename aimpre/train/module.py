@@ -12,8 +12,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from aimpre.config import Config, ConfigError, RunError
-from aimpre.data import Augment, ImageTextStream, StreamLoader, Tokenizer, batches_per_epoch, sources
+from aimpre.data import (
+    Augment,
+    ImageTextStream,
+    StreamLoader,
+    Tokenizer,
+    batches_per_epoch,
+    demo_spec,
+    expand_shards,
+    sources,
+)
+from aimpre.data.scan import check_fields
 from aimpre.model import AIMv2
+from aimpre.objectives import needs
 from aimpre.train.optim import build_optimizer, lr_factor
 
 
@@ -152,8 +163,9 @@ class AIMv2Module(pl.LightningModule):
 
 
 class AIMv2DataModule(pl.LightningDataModule):
-    """Builds the train and validation streams. Its state (every reader's position on every rank) travels in
-    checkpoints, so a resumed run reads exactly what the uninterrupted one would have."""
+    """Builds the train and validation streams, with the fields ``model.objective`` reads (``objectives.needs``).
+    Its state (every reader's position on every rank) travels in checkpoints, so a resumed run reads exactly what
+    the uninterrupted one would have."""
 
     def __init__(self, cfg: Config, tokenizer: Tokenizer) -> None:
         super().__init__()
@@ -162,6 +174,23 @@ class AIMv2DataModule(pl.LightningDataModule):
 
     def _where(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def check_shards(self) -> None:
+        """Refuses (ConfigError), before anything is built, shard sets ``model.objective`` cannot train on: the
+        first shard of every source has no usable caption or label it needs, or a label >= model.num_classes
+        (``aimpre.data.scan.check_fields``; a few samples of each, not the whole set)."""
+        d, m = self.cfg.data, self.cfg.model
+        need = needs(m.objective)
+        sets = [("data.train_shards", d.train_shards, "pretrain")]
+        if d.val_shards and self.cfg.trainer.val_batches:
+            sets.append(("data.val_shards", d.val_shards, "val"))
+        for key, spec, split in sets:
+            for s in spec if isinstance(spec, list) else [spec]:
+                urls = demo_spec(s, split) or expand_shards(s)
+                try:
+                    check_fields(urls[0], need, m.num_classes, key, f"model.objective={m.objective}")
+                except ValueError as e:  # its message names the config key
+                    raise ConfigError(str(e)) from e
 
     def _module(self) -> AIMv2Module:
         assert self.trainer is not None, "the data module is used inside a Trainer"
@@ -195,6 +224,8 @@ class AIMv2DataModule(pl.LightningDataModule):
             world=world,
             shuffle=d.shuffle_buffer if train else 0,
             resume=resume,
+            need=needs(m.objective),
+            num_classes=m.num_classes,
         )
         if not resampled:  # fail here, naming the shards, rather than in a data worker with its traceback
             try:

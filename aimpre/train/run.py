@@ -218,6 +218,8 @@ def train(
     """
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
     cfg = resolve(cfg, tokenizer)
+    if datamodule is None:  # shards the objective cannot use are refused before a directory or model exists
+        AIMv2DataModule(cfg, tokenizer).check_shards()
     assert cfg.run.name is not None
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
