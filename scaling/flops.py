@@ -8,8 +8,8 @@ pairs the mask allows (``attention="masked"``, the default: the useful work, whi
 limit themselves to; the encoder's prefix length is averaged over its uniform distribution), or every pair
 (``"dense"``: what dense-mask SDPA computes and what FlopCounterMode reports). Norms, activations, softmax and
 the losses (the contrastive B x B similarities included: they depend on the batch) are not counted (< 1% at L
-size); neither are embedding look-ups. The MAP pooling's one-query attention runs through SDPA, whose backward
-FlopCounterMode counts at 2.5 x its forward; we keep 2 x for it as for everything (a 1-query attention: noise).
+size); neither are embedding look-ups. The MAP pooling's one-query attention (fused SDPA, which FlopCounterMode
+misses on CPU) is counted as 2 x tokens x width multiply-adds, its backward at 2 x as everything else.
 
 Parameters: ``param_counts`` reproduces the built model's ``param_counts()`` from the config alone (no model
 built). The convention is explicit: ``scope`` is the encoder (what every objective keeps and reports) or
