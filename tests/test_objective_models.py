@@ -119,3 +119,38 @@ def test_lightning_trains_objective(objective: str, tmp_path: Path, pretrain_spe
         assert json.loads((run / "summary.json").read_text())["baselines"]["loss_image_mean_patch"] > 0
     else:
         assert all(not r["loss_image"] for r in rows)
+
+
+def test_module_trains_classification_on_a_batch_without_text() -> None:
+    """AIMv2Module builds the objective's model and passes the batch through: a classification batch (image and
+    label only, as part "objdata" yields) trains without a prefix; its zero-initialised head starts at log(3)."""
+    from aimpre.train.module import AIMv2Module
+
+    cfg = load_config(None, ["model.objective=classification", "model.num_classes=3", "model.depth=1"])
+    module = AIMv2Module(cfg)
+    batch = {"image": torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8), "label": torch.tensor([0, 2, 1, 2])}
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached here
+        out = module.training_step(batch, 0)
+    assert set(out) == {"loss"} and out["loss"].item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), abs=1e-5)
+    out["loss"].backward()
+    assert module.model.head.linear.weight.grad.abs().sum() > 0
+
+
+def test_parallelize_reaches_the_text_tower_blocks() -> None:
+    from aimpre.train.parallel import blocks, parallelize
+
+    model = build(model_config("tiny", vocab_size=258, objective="siglip"))
+    parallelize(model, recompute=True)
+    tower = list(model.text_tower.blocks)
+    assert tower and all(b.recompute for b in tower) and {id(b) for b in tower} <= {id(b) for b in blocks(model)}
+
+
+def test_model_info_counts_the_configured_objective(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aimpre.cli import main
+    from aimpre.scaling import flops_per_sample, param_counts
+
+    (tmp_path / "c.yaml").write_text("model:\n  size: tiny\n  objective: siglip\n")
+    assert main(["model-info", str(tmp_path / "c.yaml"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    cfg = model_config("tiny", objective="siglip", vocab_size=ByteTokenizer().vocab_size)
+    assert info == {**param_counts(cfg), "flops_per_sample": flops_per_sample(cfg)} and info["text"] > 0
