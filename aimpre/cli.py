@@ -246,7 +246,8 @@ def _model_info(args: argparse.Namespace) -> int:
 
     from aimpre.config import load_config
     from aimpre.data import build_tokenizer
-    from aimpre.model import SIZES, AIMv2
+    from aimpre.model import SIZES
+    from aimpre.objectives import build
     from aimpre.scaling import training_flops
     from aimpre.train import resolve
 
@@ -258,14 +259,16 @@ def _model_info(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.name!r} is neither a model size ({', '.join(SIZES)}) nor a config file")
     cfg = resolve(cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase))
     with torch.device("meta"):
-        model = AIMv2(cfg.model)
-    info: dict = {**model.param_counts(), "flops_per_sample": training_flops(cfg.model).total}
+        model = build(cfg.model)
+    parts = model.param_counts()  # the parts of model.objective's model: encoder, decoder, heads, text, total
+    info: dict = {**parts, "flops_per_sample": training_flops(cfg.model).total}
     if args.json:
         print(json.dumps(info))
     else:
         m = cfg.model
         print(f"{m.size}: {m.img_size}px patch {m.patch_size}, encoder {m.depth}x{m.width} ({m.heads} heads)")
-        for k in ("encoder", "decoder", "heads", "total"):
+        print(f"  objective  {m.objective}")
+        for k in parts:
             print(f"  {k:10} {info[k] / 1e6:10.1f}M params")
         print(f"  training FLOPs per sample: {info['flops_per_sample'] / 1e9:.1f} GFLOP")
     return 0

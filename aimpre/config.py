@@ -289,6 +289,18 @@ def validate(cfg: Config) -> Config:
     _check(_finite(m.norm_eps) and m.norm_eps > 0, "model.norm_eps", f"{m.norm_eps} must be positive and finite")
     _check(m.objective in OBJECTIVES, "model.objective", f"{short(m.objective)} is not one of {', '.join(OBJECTIVES)}")
     _check(m.pool in POOLS, "model.pool", f"{short(m.pool)} is not one of {', '.join(POOLS)}")
+    for k in ("embed_dim", "text_width", "text_depth", "text_heads", "text_mlp_hidden", "head_width"):
+        _check(getattr(m, k) > 0, f"model.{k}", "must be positive")
+    _check(
+        m.text_width % m.text_heads == 0, "model.text_width", f"{m.text_width} not divisible by {m.text_heads} heads"
+    )
+    _check(m.head_depth >= 0, "model.head_depth", "must be >= 0")
+    if m.objective == "classification":
+        _check(m.num_classes is not None and m.num_classes >= 2, "model.num_classes",
+               f"{m.num_classes}: objective=classification needs the number of classes (at least 2)")  # fmt: skip
+    if m.objective in ("siglip", "clip"):
+        _check(d.batch_size >= 2, "data.batch_size",
+               f"{d.batch_size}: a contrastive loss ({m.objective}) needs at least 2 pairs per rank")  # fmt: skip
     backends = available_backends()
     _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
     _check(d.max_sample_bytes > 0, "data.max_sample_bytes", f"{d.max_sample_bytes} must be positive (bytes)")

@@ -162,6 +162,7 @@ def _read_checkpoint(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
     c = run.cfg
     info = {
         "source": str(run.path), "run": c.run.name, "step": run.step, "config_hash": config_hash(c),
+        "objective": c.model.objective,
         "preprocessing": preprocessing_info(c.data.mean, c.data.std, c.model.img_size),
     }  # fmt: skip
     return c.model, state, info
@@ -352,8 +353,14 @@ def _build(cfg: ModelConfig, state: State, source: str, cls: type[M] = AIMv2Enco
     return encoder.eval()
 
 
+def run_encoder(run: RunCheckpoint) -> AIMv2Encoder:
+    """The encoder of a run checkpoint of any objective (its ``encoder.*`` tensors), checked as ``_build`` checks."""
+    state = {k.removeprefix("encoder."): v for k, v in run.state.items() if k.startswith("encoder.")}
+    return _build(run.cfg.model, state, str(run.path))
+
+
 def run_model(run: RunCheckpoint) -> AIMv2:
-    """The whole pretraining model of a run checkpoint (float32, eval mode), checked as ``_build`` checks."""
+    """The whole AIMv2 model of an aimv2 run checkpoint (float32, eval mode), checked as ``_build`` checks."""
     return _build(run.cfg.model, run.state, str(run.path), AIMv2)
 
 
@@ -409,8 +416,8 @@ def write_export(
         fmt: "timm", "hf" or "safetensors".
         out: the directory to create (an existing one is an error).
         dtype: "fp32" or "bf16".
-        info: ``preprocessing`` (mean, std, img_size) and provenance (``run``, ``step``, ``config_hash``,
-            ``exported_from``) to record.
+        info: ``preprocessing`` (mean, std, img_size) and provenance (``run``, ``objective``, ``step``,
+            ``config_hash``, ``exported_from``) to record.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
@@ -427,7 +434,8 @@ def write_export(
         raise ExportError(f"norm_eps={cfg.norm_eps}, but timm's aimv2 models fix RMSNorm eps at 1e-5")
     record = {
         "format": fmt, "dtype": dtype, "encoder": {k: getattr(cfg, k) for k in ENCODER_FIELDS},
-        "preprocessing": pre, **{k: given.get(k) for k in ("run", "step", "config_hash", "exported_from")},
+        "preprocessing": pre,
+        **{k: given.get(k) for k in ("run", "objective", "step", "config_hash", "exported_from")},
         "aimpre_version": __version__, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in encoder.state_dict().items()}

@@ -7,8 +7,11 @@
   The standardisation is over all of a patch's RGB values together, so a target keeps which channel is higher but
   not how bright, how contrasted or how saturated the patch is: the colour drawn comes from the original.
   Patches inside the prefix are not prediction targets: they are drawn from the original, faded.
-- Losses: ``metrics.csv`` (train and validation) with the baselines of ``summary.json``.
-- Attention: the exported encoder (``aimpre.export.load``, full attention), last block, softmax(q k^T / sqrt(d))
+  Only AIMv2 runs have them (the other objectives have no pixel decoder; AIM v1's head predicts without the
+  decoder AIMv2 draws with): for the others the predictions figure is left out, saying so.
+- Losses: ``metrics.csv`` (train and validation) with the baselines of ``summary.json``; a panel per loss part the
+  run logged.
+- Attention: the exported encoder (any objective's; full attention), last block, softmax(q k^T / sqrt(d))
   averaged over heads: where chosen query patches look, and how much attention each patch receives.
 """
 
@@ -29,7 +32,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources
-from aimpre.export import read_run, run_model
+from aimpre.export import read_run, run_encoder, run_model
 from aimpre.files import atomic_path
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
@@ -134,8 +137,9 @@ def plot_losses(metrics: Path, summary: Path | None = None) -> Figure:
         "loss_image": ("loss_image_mean_patch", "mean-patch baseline"),
         "loss_text": ("loss_text_bigram", "bigram baseline"),
     }
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
-    for ax, key in zip(axes, ("loss", "loss_image", "loss_text"), strict=True):
+    keys = [k for k in ("loss", "loss_image", "loss_text") if any(r.get(k) or r.get("val_" + k) for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(13 * len(keys) / 3, 3.8), layout="constrained", squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
         for prefix, style in (("", "-"), ("val_", "o--")):
             pts = [(int(r["step"]), float(r[prefix + key])) for r in rows if r.get(prefix + key)]
             if pts:
@@ -218,7 +222,9 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
     run = Path(run)
     ckpt = read_run(run)
     cfg = ckpt.cfg
-    model = run_model(ckpt)  # built on the meta device and checked against the checkpoint before any allocation
+    # built on the meta device and checked against the checkpoint before any allocation
+    model = run_model(ckpt) if cfg.model.objective == "aimv2" else None
+    encoder = model.encoder if model is not None else run_encoder(ckpt)
     spec = data or cfg.data.val_shards or cfg.data.train_shards
     tok = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
     shards = sources(spec, "val", need_counts=True, index=cfg.data.index)
@@ -227,9 +233,15 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.data.mean, cfg.data.std))
     out = Path(out) if out else run / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    written = [_save(plot_predictions(model, batch, mean, std, cfg.model.num_patches // 4), out / "predictions.png")]
+    written = []
+    if model is not None:
+        written.append(
+            _save(plot_predictions(model, batch, mean, std, cfg.model.num_patches // 4), out / "predictions.png")
+        )
+    else:
+        print(f"no predictions.png: a {cfg.model.objective} run has no AIMv2 decoder to predict patches with")
     if (run / "metrics.csv").is_file():
         written.append(_save(plot_losses(run / "metrics.csv", run / "summary.json"), out / "losses.png"))
     # the encoder as exported: the same module, run without a prefix (full attention), as downstream tools run it
-    written.append(_save(plot_attention(model.encoder, batch["image"][: min(n, 4)], mean, std), out / "attention.png"))
+    written.append(_save(plot_attention(encoder, batch["image"][: min(n, 4)], mean, std), out / "attention.png"))
     return written

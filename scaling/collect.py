@@ -97,7 +97,7 @@ def _final_val(run: Path, steps: int) -> dict[str, Any]:
     last = rows[-1] if rows else None
     if last is None or int(last["step"]) != steps:
         return {}
-    return {k: float(last[k]) for k in ("val_loss", "val_loss_image", "val_loss_text")}
+    return {k: float(last[k]) for k in ("val_loss", "val_loss_image", "val_loss_text") if last.get(k)}  # per objective
 
 
 def run_row(run: Path, params: str = "total", size: str | None = None, kind: str = "run") -> dict[str, Any]:

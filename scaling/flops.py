@@ -1,4 +1,4 @@
-"""Parameters and FLOPs of one AIMv2 training sample, counted from the config.
+"""Parameters and FLOPs of one training sample of any objective (``model.objective``), counted from the config.
 
 FLOPs: a multiply-add is 2 FLOPs; the backward costs twice the forward (input and weight gradients), except
 the patch-embedding convolution, whose input (the image) needs no gradient: its backward is the weight gradient
@@ -7,14 +7,17 @@ alone. That is the accounting of ``torch.utils.flop_counter.FlopCounterMode``, a
 pairs the mask allows (``attention="masked"``, the default: the useful work, which the Triton and Flex kernels
 limit themselves to; the encoder's prefix length is averaged over its uniform distribution), or every pair
 (``"dense"``: what dense-mask SDPA computes and what FlopCounterMode reports). Norms, activations, softmax and
-the losses are not counted (< 1% at L size); neither are embedding look-ups.
+the losses (the contrastive B x B similarities included: they depend on the batch) are not counted (< 1% at L
+size); neither are embedding look-ups. The MAP pooling's one-query attention (fused SDPA, which FlopCounterMode
+misses on CPU) is counted as 2 x tokens x width multiply-adds, its backward at 2 x as everything else.
 
-Parameters: ``param_counts`` reproduces ``AIMv2.param_counts()`` from the config alone (no model built). The
-convention is explicit: ``scope`` is the encoder (what AIMv2 keeps and reports) or everything trained, and
-``embeddings=False`` drops the parameters that are looked up or added rather than multiplied: the encoder's
-position embedding and the decoder's token embedding, start token and text positions. The patch-embedding
-convolution and the output heads are matrix products and always count (Kaplan et al. 2020 likewise drop
-only the vocabulary and position embeddings from their non-embedding N).
+Parameters: ``param_counts`` reproduces the built model's ``param_counts()`` from the config alone (no model
+built). The convention is explicit: ``scope`` is the encoder (what every objective keeps and reports) or
+everything trained, and ``embeddings=False`` drops the parameters that are looked up or added rather than
+multiplied: the encoder's position embedding, the decoder's token embedding, start token and text positions, and
+the text tower's token and position embeddings. The patch-embedding convolution and the output heads are matrix
+products and always count (Kaplan et al. 2020 likewise drop only the vocabulary and position embeddings from
+their non-embedding N).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aimpre.model.sizes import ModelConfig
+from aimpre.objectives import uses_prefix
+from aimpre.objectives.aimv1 import MLP_RATIO
 
 ATTENTION = ("masked", "dense")
 SCOPES = ("encoder", "total")
@@ -44,15 +49,17 @@ def mean_prefix_pairs(T: int, lo: int, hi: int) -> float:
 
 @dataclass(frozen=True)
 class Flops:
-    """FLOPs of one sample, by part."""
+    """FLOPs of one sample, by part: ``heads`` are the objective's heads (aimv2's pixel and text heads, aimv1's
+    pixel MLP, the contrastive image head, the classifier), ``text`` the contrastive objectives' text tower."""
 
     encoder: float
     decoder: float
     heads: float
+    text: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.encoder + self.decoder + self.heads
+        return self.encoder + self.decoder + self.heads + self.text
 
 
 def _vocab(cfg: ModelConfig, vocab_size: int | None) -> int:
@@ -62,51 +69,84 @@ def _vocab(cfg: ModelConfig, vocab_size: int | None) -> int:
     return V
 
 
+def _reads_text(cfg: ModelConfig) -> bool:
+    return cfg.objective in ("aimv2", "siglip", "clip")
+
+
 def _block_macs(tokens: int, width: int, mlp_hidden: int, pairs: float) -> float:
     dense = tokens * (4 * width * width + 3 * width * mlp_hidden)  # qkv + proj + SwiGLU (3 matrices)
     return dense + 2 * pairs * width  # q k^T and p v, over all heads
 
 
-def _macs(cfg: ModelConfig, V: int, prefix: bool, attention: str) -> tuple[float, float, float, float]:
-    """Forward multiply-adds: (patch embedding, rest of the encoder, decoder, heads)."""
+def _pool_macs(cfg: ModelConfig, tokens: int, width: int, mlp_hidden: int) -> int:
+    """``towers.Pool`` per sample: MAP's key/value projections, its one query's attention over every token (a
+    text mask is data, so all are counted), output projection and MLP on one token; the mean pools for free. The
+    learned query's own projection is done once per batch, not per sample, and is left out."""
+    if cfg.pool == "mean":
+        return 0
+    return tokens * 2 * width * width + 2 * tokens * width + width * width + 3 * width * mlp_hidden
+
+
+def _macs(cfg: ModelConfig, V: int, prefix: bool, attention: str) -> tuple[float, float, float, float, float]:
+    """Forward multiply-adds: (patch embedding, rest of the encoder, decoder, heads, text tower)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     N, L, d, D = cfg.num_patches, cfg.text_len, cfg.width, cfg.dec_width
     T = cfg.dec_seq_len
     lo, hi = cfg.prefix_range
     if attention == "dense":
-        enc_pairs, dec_pairs = float(N * N), float(T * T)
+        enc_pairs, dec_pairs, text_pairs = float(N * N), float(T * T), float(L * L)
     else:
-        enc_pairs, dec_pairs = (mean_prefix_pairs(N, lo, hi) if prefix else N * N), causal_pairs(T)
+        enc_pairs = mean_prefix_pairs(N, lo, hi) if prefix else N * N
+        dec_pairs, text_pairs = causal_pairs(T), causal_pairs(L)
     patch = N * cfg.patch_dim * d
     enc = cfg.depth * _block_macs(N, d, cfg.mlp_hidden, enc_pairs)
-    dec = N * d * D + cfg.dec_depth * _block_macs(T, D, cfg.dec_mlp_hidden, dec_pairs)
-    heads = (N - 1) * D * cfg.patch_dim + L * D * V
-    return patch, enc, dec, heads
+    dec, text = 0.0, 0.0
+    if cfg.objective == "aimv2":
+        dec = N * d * D + cfg.dec_depth * _block_macs(T, D, cfg.dec_mlp_hidden, dec_pairs)
+        heads = (N - 1) * D * cfg.patch_dim + L * D * V
+    elif cfg.objective == "aimv1":  # the per-patch MLP on the N - 1 tokens that predict a patch
+        h = cfg.head_width
+        heads = (N - 1) * (d * h + cfg.head_depth * 2 * h * MLP_RATIO * h + h * cfg.patch_dim)
+    elif cfg.objective == "classification":
+        heads = _pool_macs(cfg, N, d, cfg.mlp_hidden) + d * (cfg.num_classes or 0)
+    else:  # siglip, clip: the image head, the text tower; the B x B similarities depend on the batch: not counted
+        w = cfg.text_width
+        heads = _pool_macs(cfg, N, d, cfg.mlp_hidden) + d * cfg.embed_dim
+        text = cfg.text_depth * _block_macs(L, w, cfg.text_mlp_hidden, text_pairs)
+        text += _pool_macs(cfg, L, w, cfg.text_mlp_hidden) + w * cfg.embed_dim
+    return patch, enc, dec, heads, text
+
+
+def _args(cfg: ModelConfig, vocab_size: int | None, prefix: bool | None) -> tuple[int, bool]:
+    V = _vocab(cfg, vocab_size) if _reads_text(cfg) else 0
+    return V, uses_prefix(cfg.objective) if prefix is None else prefix
 
 
 def forward_flops(
-    cfg: ModelConfig, vocab_size: int | None = None, prefix: bool = True, attention: str = "masked"
+    cfg: ModelConfig, vocab_size: int | None = None, prefix: bool | None = None, attention: str = "masked"
 ) -> Flops:
-    """Forward FLOPs per sample.
+    """Forward FLOPs per sample of ``cfg.objective``'s model.
 
     Args:
         cfg: the model config.
-        vocab_size: overrides ``cfg.vocab_size`` (needed when that is None, i.e. taken from the tokenizer).
-        prefix: count the encoder with the pretraining prefix mask (True) or full attention (False).
+        vocab_size: overrides ``cfg.vocab_size`` (needed when that is None, i.e. taken from the tokenizer, for the
+            objectives reading text).
+        prefix: count the encoder with the pretraining prefix mask (True) or full attention (False); None: as the
+            objective trains (``aimpre.objectives.uses_prefix``).
         attention: "masked" counts the pairs the mask allows, "dense" every (query, key) pair.
     """
-    patch, enc, dec, heads = _macs(cfg, _vocab(cfg, vocab_size), prefix, attention)
-    return Flops(encoder=2.0 * (patch + enc), decoder=2.0 * dec, heads=2.0 * heads)
+    patch, enc, dec, heads, text = _macs(cfg, *_args(cfg, vocab_size, prefix), attention)
+    return Flops(encoder=2.0 * (patch + enc), decoder=2.0 * dec, heads=2.0 * heads, text=2.0 * text)
 
 
 def training_flops(
-    cfg: ModelConfig, vocab_size: int | None = None, prefix: bool = True, attention: str = "masked"
+    cfg: ModelConfig, vocab_size: int | None = None, prefix: bool | None = None, attention: str = "masked"
 ) -> Flops:
     """Forward + backward FLOPs per sample (arguments as ``forward_flops``)."""
-    patch, enc, dec, heads = _macs(cfg, _vocab(cfg, vocab_size), prefix, attention)
+    patch, enc, dec, heads, text = _macs(cfg, *_args(cfg, vocab_size, prefix), attention)
     # backward = 2 x forward (input + weight gradients); the patch conv has no input gradient to compute
-    return Flops(encoder=4.0 * patch + 6.0 * enc, decoder=6.0 * dec, heads=6.0 * heads)
+    return Flops(encoder=4.0 * patch + 6.0 * enc, decoder=6.0 * dec, heads=6.0 * heads, text=6.0 * text)
 
 
 def flops_per_sample(cfg: ModelConfig, vocab_size: int | None = None) -> float:
@@ -114,25 +154,48 @@ def flops_per_sample(cfg: ModelConfig, vocab_size: int | None = None) -> float:
     return training_flops(cfg, vocab_size).total
 
 
+def _pool_params(cfg: ModelConfig, width: int, mlp_hidden: int) -> int:
+    if cfg.pool == "mean":
+        return 0
+    return width + 4 * width * width + width + 3 * width * mlp_hidden  # query, q + kv + proj, norm, MLP
+
+
 def param_counts(cfg: ModelConfig, vocab_size: int | None = None, embeddings: bool = True) -> dict[str, int]:
-    """Parameters by part, as ``AIMv2.param_counts()``: encoder, decoder (with its input projection and text
-    embeddings), heads, total.
+    """Parameters by part, as the built model's ``param_counts()`` (``aimpre.objectives.build``): encoder, then
+    aimv2: decoder (with its input projection and text embeddings), heads; aimv1 and classification: heads;
+    siglip and clip: heads (image head and the loss's temperature and bias), text (the text tower); and total.
 
     Args:
         cfg: the model config.
         vocab_size: overrides ``cfg.vocab_size``.
-        embeddings: count the looked-up or added tables (position embeddings, token embedding, start token).
+        embeddings: count the looked-up or added tables (position embeddings, token embeddings, start token).
     """
-    V = _vocab(cfg, vocab_size)
+    V = _vocab(cfg, vocab_size) if _reads_text(cfg) else 0
     d, D, N, L = cfg.width, cfg.dec_width, cfg.num_patches, cfg.text_len
     block = lambda w, h: 2 * w + 4 * w * w + 3 * w * h  # two norms, qkv + proj, SwiGLU
     encoder = cfg.patch_dim * d + d + d + cfg.depth * block(d, cfg.mlp_hidden) + d  # conv (+bias), norm, blocks, norm
-    decoder = d * D + D + cfg.dec_depth * block(D, cfg.dec_mlp_hidden) + D  # img_proj (+bias), blocks, norm
     if embeddings:
         encoder += N * d  # pos_embed
-        decoder += V * D + D + L * D  # text_embed, start_token, text_pos
-    heads = D * cfg.patch_dim + D * V
-    return {"encoder": encoder, "decoder": decoder, "heads": heads, "total": encoder + decoder + heads}
+    parts = {"encoder": encoder}
+    if cfg.objective == "aimv2":
+        decoder = d * D + D + cfg.dec_depth * block(D, cfg.dec_mlp_hidden) + D  # img_proj (+bias), blocks, norm
+        if embeddings:
+            decoder += V * D + D + L * D  # text_embed, start_token, text_pos
+        parts.update(decoder=decoder, heads=D * cfg.patch_dim + D * V)
+    elif cfg.objective == "aimv1":
+        h, P = cfg.head_width, cfg.patch_dim
+        mlp = 2 * h + 2 * MLP_RATIO * h * h  # LayerNorm (weight, bias), fc1, fc2
+        parts["heads"] = d * h + h + cfg.head_depth * mlp + 2 * h + h * P + P  # proj, blocks, norm, pred
+    elif cfg.objective == "classification":
+        K = cfg.num_classes or 0
+        parts["heads"] = _pool_params(cfg, d, cfg.mlp_hidden) + d * K + K
+    else:
+        w = cfg.text_width
+        loss = 2 if cfg.objective == "siglip" else 1  # SigLIP: temperature and bias; CLIP: temperature
+        parts["heads"] = _pool_params(cfg, d, cfg.mlp_hidden) + d * cfg.embed_dim + loss
+        text = cfg.text_depth * block(w, cfg.text_mlp_hidden) + w + _pool_params(cfg, w, cfg.text_mlp_hidden)
+        parts["text"] = text + w * cfg.embed_dim + ((V + L) * w if embeddings else 0)  # proj, token and positions
+    return {**parts, "total": sum(parts.values())}
 
 
 def param_count(

@@ -5,8 +5,16 @@ Every objective trains the same ``AIMv2Encoder`` on the same data pipeline; only
 lacking them), ``uses_prefix`` whether its encoder trains with prefix attention (the autoregressive ones) or full.
 """
 
-from aimpre.model.sizes import OBJECTIVES
+from collections.abc import Callable
+
+from aimpre.model.sizes import OBJECTIVES, ModelConfig
+from aimpre.objectives.aimv1 import AIMv1
+from aimpre.objectives.aimv2 import AIMv2Objective
+from aimpre.objectives.base import Objective
+from aimpre.objectives.classification import Classifier
+from aimpre.objectives.clip import CLIP
 from aimpre.objectives.contrastive import ClipLoss, SigLipLoss, gather_with_grad
+from aimpre.objectives.siglip import SigLIP
 
 _NEEDS = {
     "aimv2": frozenset({"text"}),
@@ -33,4 +41,30 @@ def uses_prefix(objective: str) -> bool:
     return _known(objective) in ("aimv2", "aimv1")
 
 
-__all__ = ["OBJECTIVES", "ClipLoss", "SigLipLoss", "gather_with_grad", "needs", "uses_prefix"]
+_BUILDERS: dict[str, Callable[[ModelConfig], Objective]] = {
+    "aimv2": AIMv2Objective,
+    "aimv1": AIMv1,
+    "siglip": SigLIP,
+    "clip": CLIP,
+    "classification": Classifier,
+}
+
+
+def build(cfg: ModelConfig) -> Objective:
+    """The whole pretraining model of ``cfg.objective``: ``.encoder`` plus its heads, towers and loss.
+
+    Objectives reading text need ``cfg.vocab_size`` resolved (the training set-up takes the tokenizer's).
+    """
+    return _BUILDERS[_known(cfg.objective)](cfg)
+
+
+__all__ = [
+    "OBJECTIVES",
+    "ClipLoss",
+    "Objective",
+    "SigLipLoss",
+    "build",
+    "gather_with_grad",
+    "needs",
+    "uses_prefix",
+]

@@ -34,7 +34,7 @@ COLUMNS = (
     "lr", "grad_norm", "img_per_s", "img_per_s_device", "tflops", "mfu", "data_time", "step_time", "skipped",
     "skipped_steps",
 )  # fmt: skip
-LOSSES = ("loss", "loss_image", "loss_text")
+LOSSES = ("loss", "loss_image", "loss_text")  # the columns an objective's parts fill; the parts it lacks stay blank
 
 # Lightning's get_available_flops misses or misreads some chips we train on: a plain "NVIDIA H200" or "GH200" name
 # (it knows only the "H200 SXM1"/"NVL1" spellings) gives None, and "L40S" is read as an L4. Dense bf16/fp16 FLOP/s.
@@ -237,7 +237,8 @@ class MetricsCSV(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
         for k in LOSSES:
-            self.sums[k] += float(outputs[k].detach())
+            if k in outputs:  # the objective's parts (aimv2: all three; aimv1: loss, loss_image; others: loss)
+                self.sums[k] += float(outputs[k].detach())
         self.count += 1
         if "state" in batch:  # batches from our stream carry their reader's counters
             self.data_state[batch["worker"]] = batch["state"]
@@ -284,7 +285,8 @@ class MetricsCSV(pl.Callback):
 
     def _train_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         elapsed = time.perf_counter() - (self.t_row or time.perf_counter())
-        losses = self._reduce(trainer, [self.sums[k] / self.count for k in LOSSES])
+        parts = [k for k in LOSSES if k in self.sums]  # the same on every rank: one objective
+        losses = dict(zip(parts, self._reduce(trainer, [self.sums[k] / self.count for k in parts]), strict=True))
         (skipped,) = self._reduce(trainer, [float(sum(self._counts("skipped").values()))], "sum")
         step = trainer.global_step
         img_s = self.steps_in_row * self.samples_per_step / max(elapsed, 1e-9)
@@ -293,7 +295,7 @@ class MetricsCSV(pl.Callback):
             "step": step,
             "samples": step * self.samples_per_step,
             "flops": step * self.samples_per_step * self.flops_per_sample,
-            **dict(zip(LOSSES, losses, strict=True)),
+            **{k: losses.get(k, "") for k in LOSSES},
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "grad_norm": getattr(pl_module, "grad_norm", ""),
             "img_per_s": img_s,
@@ -316,7 +318,8 @@ class MetricsCSV(pl.Callback):
         row: dict[str, Any] = {"step": step, "samples": step * self.samples_per_step}
         row["flops"] = row["samples"] * self.flops_per_sample
         for k in LOSSES:
-            row[f"val_{k}"] = float(trainer.callback_metrics[f"val_{k}"])
+            if f"val_{k}" in trainer.callback_metrics:
+                row[f"val_{k}"] = float(trainer.callback_metrics[f"val_{k}"])
         self._write(trainer, row)
 
     def _write(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
@@ -338,10 +341,10 @@ class MetricsCSV(pl.Callback):
         if "loss" in row:
             per_step = (time.perf_counter() - self.t_start) / max(step - self.start_step, 1)
             eta = datetime.timedelta(seconds=round(per_step * max(trainer.max_steps - step, 0)))
-            losses = " ".join(f"{k} {row[k]:.4f}" for k in LOSSES)
+            losses = " ".join(f"{k} {row[k]:.4f}" for k in LOSSES if k in row)
             line = f"{head} {losses} lr {row['lr']:.2e} img/s {row['img_per_s']:.1f} eta {eta}"
         else:
-            line = f"{head} val " + " ".join(f"{k} {row['val_' + k]:.4f}" for k in LOSSES)
+            line = f"{head} val " + " ".join(f"{k} {row['val_' + k]:.4f}" for k in LOSSES if "val_" + k in row)
         with open(self.text_log, "a") as f:
             f.write(line + "\n")
         if self.echo:

@@ -23,8 +23,7 @@ from aimpre.data import (
     sources,
 )
 from aimpre.data.scan import check_fields
-from aimpre.model import AIMv2
-from aimpre.objectives import needs
+from aimpre.objectives import build, needs, uses_prefix
 from aimpre.train.optim import build_optimizer, lr_factor
 
 
@@ -37,8 +36,9 @@ class NonFiniteError(RunError):
 
 
 class AIMv2Module(pl.LightningModule):
-    """Trains AIMv2. Prefix lengths are drawn from a generator seeded by (seed, batch, rank): a resumed run
-    draws exactly what the uninterrupted one would have.
+    """Trains the model of ``model.objective`` (AIMv2 by default; the name stays for checkpoints and callers).
+    Prefix lengths (only for the objectives with prefix attention) are drawn from a generator seeded by (seed,
+    batch, rank): a resumed run draws exactly what the uninterrupted one would have.
 
     Gradients are clipped here rather than by Lightning, because the global norm also decides whether a step is
     taken: a non-finite norm (from a NaN/inf loss or gradient) drops this step's gradients, so AdamW leaves every
@@ -52,7 +52,7 @@ class AIMv2Module(pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.tokenizer_identity = tokenizer_identity
-        self.model = AIMv2(cfg.model)
+        self.model = build(cfg.model)
         self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255, persistent=False)
         self.batches_seen = 0  # micro-batches trained on by this rank; saved in checkpoints
@@ -127,8 +127,9 @@ class AIMv2Module(pl.LightningModule):
 
     def _losses(self, batch: dict[str, Any], seed: int) -> dict[str, Tensor]:
         images = self.normalize(batch["image"])
-        prefix = self.prefix_len(images.shape[0], seed)
-        return self.model(images, batch["text"], batch["text_mask"], prefix)
+        prefix = self.prefix_len(images.shape[0], seed) if uses_prefix(self.cfg.model.objective) else None
+        out: dict[str, Tensor] = self.model(images, batch, prefix)
+        return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         out = self._losses(batch, _seed(self.cfg.run.seed, self.batches_seen, self.global_rank))
@@ -139,7 +140,7 @@ class AIMv2Module(pl.LightningModule):
         return out
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        # a fixed prefix per validation batch: the pixel loss needs one, and it must not change between evals
+        # a fixed prefix per validation batch (objectives with one): the pixel loss needs it, unchanged between evals
         out = self._losses(batch, _seed(self.cfg.run.seed, 1 << 30, batch_idx, self.global_rank))
         for k, v in out.items():
             self.log(f"val_{k}", v, sync_dist=True, batch_size=batch["image"].shape[0], logger=False)

@@ -6,25 +6,30 @@ exports look the same whatever was applied.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from aimpre.model import AIMv2
 from aimpre.model.layers import Block
 
+M = TypeVar("M", bound=nn.Module)
 
-def blocks(model: AIMv2) -> list[Block]:
-    return [b for b in (*model.encoder.blocks, *model.decoder.blocks) if isinstance(b, Block)]
+
+def blocks(model: nn.Module) -> list[Block]:
+    """Every transformer block of any objective's model: encoder, decoder, text tower."""
+    return [b for b in model.modules() if isinstance(b, Block)]
 
 
 def parallelize(
-    model: AIMv2,
+    model: M,
     *,
     recompute: bool = False,
     compile: bool = False,
     mesh: DeviceMesh | None = None,
     param_dtype: torch.dtype | None = None,
-) -> AIMv2:
+) -> M:
     """Applies, in order: activation checkpointing, compile, then FSDP2 ``fully_shard`` of every block and of
     the whole model (the embeddings, norms and heads) over ``mesh``.
 

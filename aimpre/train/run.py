@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from aimpre.config import Config, ConfigError, config_hash, dump_config, load_yaml, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
 from aimpre.files import write_text
+from aimpre.objectives import uses_prefix
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
 from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar, build_loggers
@@ -199,7 +200,8 @@ def _strategy(cfg: Config, world: int) -> Any:
 
 
 def _mean_rows(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
-    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys} if rows else {}
+    """Means of ``keys`` over ``rows``, leaving out the keys an objective does not log (blank)."""
+    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys if rows and all(r[k] for r in rows)}
 
 
 def train(
@@ -348,7 +350,13 @@ def _write_summary(
         "tokenizer": tokenizer.identity(),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
-    if cfg.data.val_shards and cfg.trainer.val_batches and isinstance(data, AIMv2DataModule):
+    # the mean-patch and bigram baselines compare with the autoregressive objectives' losses only
+    if (
+        cfg.data.val_shards
+        and cfg.trainer.val_batches
+        and isinstance(data, AIMv2DataModule)
+        and uses_prefix(cfg.model.objective)
+    ):
         n = cfg.trainer.val_batches
         train_batches = itertools.islice(iter(data.stream(cfg.data.train_shards, "pretrain", True)), 4 * n)
         val_batches = itertools.islice(iter(data.stream(cfg.data.val_shards, "val", False)), n)
