@@ -89,6 +89,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{'':12}{'step 1':>10}{'final':>10}{'val':>10}{'baseline (val)':>22}")
     for key, bkey, bname in rows:
         vals = [summary.get(part, {}).get(key) for part in ("initial", "final", "val")]
+        if all(v is None for v in vals):  # a part this objective has not got (e.g. loss_text of aimv1)
+            continue
         cells = "".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in vals)
         b = f"{base[bkey]:.4f} ({bname})" if bkey and bkey in base else ""
         print(f"{key:12}{cells}{b:>22}")

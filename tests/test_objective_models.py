@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from aimpre.config import OptimConfig, load_config
 from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
+from aimpre.export import read_run
 from aimpre.model import model_config
 from aimpre.objectives import build, uses_prefix
 from aimpre.train.optim import build_optimizer, lr_factor
@@ -64,10 +66,11 @@ def test_every_objective_learns_a_fixed_batch(objective: str, fixed_batch: dict)
 def _run(out: Path, name: str, objective: str, pretrain_spec: str, val_spec: str, steps: int = 4) -> Path:
     from aimpre.train import train
 
+    extra = ["model.num_classes=14"] if objective == "classification" else []  # the demo's digits + 4 shapes
     return train(load_config(None, [
         f"run.out_dir={out}", f"run.name={name}", f"data.train_shards={pretrain_spec}", f"data.val_shards={val_spec}",
         f"model.objective={objective}", f"trainer.max_steps={steps}", f"trainer.val_every={steps}",
-        f"trainer.ckpt_every={steps}", *RUN_ARGS,
+        f"trainer.ckpt_every={steps}", *RUN_ARGS, *extra,
     ]))  # fmt: skip
 
 
@@ -112,7 +115,7 @@ def test_siglip_run_exports_probes_and_visualises(siglip_run: Path, demo: Path, 
     assert sorted(Path(p).name for p in written) == ["attention.png", "losses.png"]
 
 
-@pytest.mark.parametrize("objective", ["aimv1", "clip"])
+@pytest.mark.parametrize("objective", ["aimv1", "clip", "classification"])
 def test_lightning_trains_objective(objective: str, tmp_path: Path, pretrain_spec: str, val_spec: str) -> None:
     run = _run(tmp_path, objective, objective, pretrain_spec, val_spec, steps=3)
     rows = _rows(run)
@@ -121,6 +124,10 @@ def test_lightning_trains_objective(objective: str, tmp_path: Path, pretrain_spe
     if objective == "aimv1":  # its one part is the pixel loss
         assert all(r["loss_image"] == r["loss"] for r in train_rows)
         assert json.loads((run / "summary.json").read_text())["baselines"]["loss_image_mean_patch"] > 0
+    elif objective == "classification":  # the demo shards' labels reach the loss: it starts at log(14), the head is 0
+        assert float(train_rows[0]["loss"]) == pytest.approx(math.log(14), abs=1e-4)
+        assert all(not r["loss_image"] for r in rows)
+        assert {k.split(".")[0] for k in read_run(run).state} == {"encoder", "head"}
     else:
         assert all(not r["loss_image"] for r in rows)
 
