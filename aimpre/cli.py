@@ -564,7 +564,8 @@ def _compare(args: argparse.Namespace) -> int:
     for p in planned:
         print(f"{p.objective:16}{p.flops_per_sample:>14.3g}{p.steps:>8}{p.samples:>10}{p.flops:>13.3g}")
     epochs = {} if args.probe_epochs is None else {"epochs": args.probe_epochs}
-    res = compare(planned, out, tuple(range(args.seeds)), not args.no_lit, args.probe_train, args.probe_test, epochs)
+    lit = None if args.no_lit else {"shards": args.lit_shards, "steps": args.lit_steps}
+    res = compare(planned, out, tuple(range(args.seeds)), lit, args.probe_train, args.probe_test, epochs)
     print(format_table(res))
     print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
     return 0
@@ -789,6 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=INT_GT0, default=3, help="probe seeds (0 .. N-1)")
     c.add_argument("--probe-epochs", type=INT_GT0, help="probe training epochs (default 60)")
     c.add_argument("--no-lit", action="store_true", help="no LiT zero-shot for the non-contrastive encoders")
+    c.add_argument("--lit-shards", default="demo:digits-train", help="captioned shards LiT trains on")
+    c.add_argument("--lit-steps", type=INT_GT0, default=600, help="LiT training steps")
     c.add_argument("--probe-train", default="demo:digits-train", help="labelled shards the probes train on")
     c.add_argument("--probe-test", default="demo:digits-test", help="labelled shards for probe and zero-shot top-1")
     c.add_argument("--out", default="compare", help="folder of the runs and results (reused when present)")

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,23 +93,26 @@ def plan(
     if any(o.startswith(("model.objective=", "trainer.max_steps=", "run.name=", "run.out_dir=")) for o in overrides):
         raise ConfigError("compare sets model.objective, trainer.max_steps, run.name and run.out_dir itself")
 
+    shared = load_config(config, list(overrides))
+    classes = []
+    if "classification" in objectives and shared.model.num_classes is None:
+        n = _classes_of(shared.data.train_shards)
+        if n is None:
+            raise ConfigError("config key 'model.num_classes': set it for the classification run "
+                              "(the train shards' index.json names no classes)")  # fmt: skip
+        classes = [f"model.num_classes={n}"]
+
     def config_of(objective: str, steps: int) -> Config:
         extra = [f"model.objective={objective}", f"trainer.max_steps={steps}", f"run.name={objective}",
                  f"run.out_dir={out / 'runs'}"]  # fmt: skip
-        cfg = load_config(config, [*overrides, *extra])
-        if objective == "classification" and cfg.model.num_classes is None:
-            n = _classes_of(cfg.data.train_shards)
-            if n is None:
-                raise ConfigError("config key 'model.num_classes': set it for the classification run "
-                                  "(the train shards' index.json names no classes)")  # fmt: skip
-            cfg = load_config(config, [*overrides, *extra, f"model.num_classes={n}"])
+        cfg = load_config(config, [*overrides, *extra, *(classes if objective == "classification" else [])])
         vocab = cfg.model.vocab_size or build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase).vocab_size
         return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
 
     base = config_of("aimv2", 1)
     per_step = base.data.batch_size * base.trainer.accumulate_grad_batches
     if flops is None:
-        ref = reference_steps or load_config(config, list(overrides)).trainer.max_steps
+        ref = reference_steps or shared.trainer.max_steps
         flops = ref * per_step * flops_per_sample(base.model)
     rows = []
     for o in objectives:
@@ -149,21 +153,24 @@ def _probe(run: Path, seeds: tuple[int, ...], train: str, test: str, probe: dict
     return top1
 
 
-def _zero_shot(p: Planned, run: Path, out: Path, lit: bool, test: str) -> dict[str, Any] | None:
-    from aimpre.lit import train_lit, zero_shot
+def _zero_shot(p: Planned, run: Path, out: Path, lit: dict[str, Any] | None, test: str) -> dict[str, Any] | None:
+    """Zero-shot top-1 on ``test``: a contrastive run through its own text tower, another through LiT (``lit``:
+    ``shards`` and ``steps`` of its training; None: no LiT)."""
+    from aimpre.lit import LitSettings, train_lit, zero_shot
 
     path = out / f"zero-shot-{p.objective}.json"
-    if (res := _json(path)) is not None and res.get("shards") == test:
+    if (res := _json(path)) is not None and res.get("shards") == test and res.get("lit") == lit:
         return res
     if p.objective in CONTRASTIVE:
         model, how = run, "own text tower"
-    elif lit:
+    elif lit is not None:
         model, how = out / "lit" / p.objective, "LiT"
-        if not model.is_dir():  # written whole (atomically): a folder there is a finished LiT from an earlier call
-            train_lit(run, model)
+        if model.exists():  # a LiT folder from an earlier call trained with other settings
+            shutil.rmtree(model)
+        train_lit(run, model, lit["shards"], LitSettings(steps=lit["steps"]))
     else:
         return None
-    res = {**zero_shot(model, test), "via": how, "shards": test}
+    res = {**zero_shot(model, test), "via": how, "shards": test, "lit": lit}
     write_text(path, json.dumps(res, indent=2) + "\n")
     return res
 
@@ -177,13 +184,14 @@ def compare(
     planned: list[Planned],
     out: Path,
     seeds: tuple[int, ...] = (0, 1, 2),
-    lit: bool = True,
+    lit: dict[str, Any] | None = None,
     probe_train: str = PROBE_TRAIN,
     probe_test: str = PROBE_TEST,
     probe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Trains, probes and zero-shot-evaluates every planned run (reusing what ``out`` holds); writes the results.
 
+    ``lit``: LiT for the non-contrastive encoders, ``{"shards": SPEC, "steps": N}``; None: none.
     ``probe``: ``ProbeSettings`` fields other than the seed (default: its defaults).
     """
     start = time.time()

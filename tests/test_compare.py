@@ -1,0 +1,87 @@
+"""aimpre compare: equal training FLOPs per objective, probes over seeds, zero-shot (own tower or LiT), reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aimpre.cli import main
+from aimpre.compare import plan
+
+SMALL = (
+    "data.batch_size=4", "data.num_workers=0", "data.val_shards=null", "model.depth=1", "model.dec_depth=1",
+    "model.text_depth=1", "model.head_depth=1", "trainer.log_every=1", "optim.warmup_steps=1",
+)  # fmt: skip
+
+
+def test_plan_gives_every_objective_the_same_training_flops(tmp_path: Path) -> None:
+    rows = plan(("aimv2", "aimv1", "siglip", "clip", "classification"), None, SMALL, None, 50, tmp_path)
+    budget = rows[0].flops
+    assert rows[0].steps == 50 and budget == 50 * 4 * rows[0].flops_per_sample
+    for r in rows:
+        step = r.flops_per_sample * 4  # the budget is met to the nearest step
+        assert abs(r.flops - budget) <= step / 2, r.objective
+        assert r.cfg.model.objective == r.objective and r.cfg.trainer.max_steps == r.steps
+        assert r.cfg.run.out_dir == str(tmp_path / "runs") and r.cfg.run.name == r.objective
+    by = {r.objective: r for r in rows}
+    assert by["aimv1"].steps > by["aimv2"].steps  # no decoder: cheaper samples, more of them
+    assert by["classification"].cfg.model.num_classes == 14  # from the demo index's class names
+    assert plan(("siglip",), None, SMALL, 1e12, None, tmp_path)[0].steps == round(
+        1e12 / (by["siglip"].flops_per_sample * 4)
+    )
+
+
+def test_compare_trains_probes_and_zero_shots_then_reuses(tmp_path: Path, pretrain_spec: str, demo: Path) -> None:
+    train, test = str(demo / "digits-train-000000.tar"), str(demo / "digits-test-000000.tar")
+    out = tmp_path / "cmp"
+    args = ["compare", "--objectives", "aimv1", "siglip", "--steps", "3", "--seeds", "2", "--probe-epochs", "2",
+            "--lit-steps", "5", "--lit-shards", train, "--probe-train", train, "--probe-test", test, "--out", str(out),
+            f"data.train_shards={pretrain_spec}", *SMALL]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "compare.json").read_text())
+    rows = {r["objective"]: r for r in res["rows"]}
+    assert set(rows) == {"aimv1", "siglip"} and res["seeds"] == [0, 1]
+    for r in rows.values():
+        assert len(r["probe_top1"]["attentive"]) == len(r["probe_top1"]["linear"]) == 2
+        assert all(0 <= t <= 1 for k in ("attentive", "linear") for t in r["probe_top1"][k])
+        summary = json.loads((out / "runs" / r["objective"] / "summary.json").read_text())
+        assert summary["steps"] == r["steps"] and summary["flops"] == pytest.approx(r["flops"])
+        assert 0 <= r["zero_shot_top1"] <= 1
+    assert rows["siglip"]["zero_shot_via"] == "own text tower" and rows["aimv1"]["zero_shot_via"] == "LiT"
+    assert (out / "lit" / "aimv1").is_dir() and not (out / "lit" / "siglip").exists()
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "compare.md").read_text()
+    assert table.startswith("| objective |") and "| aimv1 |" in table and "| siglip |" in table
+
+    # a second call finds every run, probe and zero-shot result in place and recomputes nothing
+    made = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "compare.json"}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in made} == made
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(json.loads((out / "compare.json").read_text())["rows"]) == drop(res["rows"])
+
+
+def _exit_code(args: list[str]) -> int | str | None:
+    try:
+        return main(args)
+    except SystemExit as e:  # argparse's refusals
+        return e.code
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["model.objective=clip"], "compare sets model.objective"),
+        (["--flops", "1e12", "--steps", "3"], "not allowed with argument"),
+        (["--objectives", "mae"], "invalid choice"),
+        (["--objectives", "clip", "clip"], "names one twice"),
+        (["data.train_shards=/nowhere/x.tar", "--objectives", "classification"], "model.num_classes"),
+    ],
+)
+def test_compare_refuses_bad_input(extra: list[str], message: str, tmp_path: Path, capsys) -> None:
+    assert _exit_code(["compare", "--out", str(tmp_path / "c"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "c").exists()
