@@ -718,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--out", required=True, help="LiT folder to create")
     li.add_argument("--shards", default="demo", help="captioned shards (a spec; demo: the demo's pretrain split)")
     li.add_argument("--loss", choices=("siglip", "clip"), default="siglip")
-    li.add_argument("--epochs", type=INT_GT0, help="passes over the shards (default 10)")
+    li.add_argument("--epochs", type=INT_GT0, help="passes over the shards (default 5)")
     li.add_argument("--steps", type=INT_GT0, help="training steps (replaces --epochs)")
     li.add_argument("--batch-size", type=INT_GT0, help="default 128")
     li.add_argument("--lr", type=FLOAT_GT0, help="peak AdamW learning rate (default 1e-3)")

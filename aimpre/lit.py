@@ -78,7 +78,7 @@ class LitSettings:
     """
 
     loss: str = "siglip"
-    epochs: int = 10
+    epochs: int = 5
     steps: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
@@ -107,10 +107,8 @@ def tower_config(encoder: ModelConfig, vocab_size: int, overrides: dict[str, Any
 
 def _run_config_file(path: Path) -> Path | None:
     """The config.yaml of the run that ``path`` (a run directory or one of its checkpoints) belongs to."""
-    for cand in (path / "config.yaml", path.parent.parent / "config.yaml"):
-        if cand.is_file() and (path.is_dir() or path.suffix == ".ckpt"):
-            return cand
-    return None
+    cand = path.parent.parent / "config.yaml" if path.suffix == ".ckpt" else path / "config.yaml"
+    return cand if cand.is_file() else None
 
 
 def encoder_tokenizer(encoder_path: str | Path) -> tuple[str, bool]:
@@ -213,8 +211,10 @@ def _train(parts: nn.ModuleDict, tokens: Tensor, text: Tensor, mask: Tensor, s: 
         if i == 0 and step:
             order = torch.randperm(n, generator=g)
         idx = order[i * batch : (i + 1) * batch]
+        L = int(mask[idx].sum(1).max())  # the pad columns past the longest caption change nothing (causal
+        # blocks, pooling over real tokens): cut them, the text tower's cost is linear to quadratic in L
         image = parts["image_head"](tokens[idx].to(dev).float())  # [B, embed_dim]
-        caption = parts["text_tower"](text[idx].to(dev), mask[idx].to(dev))  # [B, embed_dim]
+        caption = parts["text_tower"](text[idx, :L].to(dev), mask[idx, :L].to(dev))  # [B, embed_dim]
         loss = parts["loss"](image, caption)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -371,9 +371,12 @@ def _load_lit(folder: Path) -> ZeroShotModel:
         cfg = tower_config(loaded.encoder.cfg, tok.vocab_size, rec["towers"])
     except LitError as e:
         raise LitError(f"{where}: {e}") from None
-    state = load_file(str(folder / WEIGHTS)) if (folder / WEIGHTS).is_file() else None
-    if state is None:
+    if not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS} beside {LIT_JSON}")
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise LitError(f"{folder / WEIGHTS}: not a readable safetensors file ({e})") from None
     head, text = ImageHead(cfg), TextTower(cfg, tok.vocab_size)
     _load_state(head, state, "image_head.", str(folder / WEIGHTS))
     _load_state(text, state, "text_tower.", str(folder / WEIGHTS))

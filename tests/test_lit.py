@@ -118,10 +118,10 @@ def test_changed_encoder_is_refused(data: dict[str, Path], lit: tuple[Path, dict
     assert len(err) == 1 and err[0].startswith("aimpre: error: ") and "retrain with aimpre lit" in err[0]
 
 
-def _run(root: Path, objective: str, state: dict[str, torch.Tensor]) -> Path:
-    """A siglip/clip run as the trainer writes it: config.yaml and a Lightning checkpoint of ``model.*``."""
+def _run(root: Path, objective: str, state: dict[str, torch.Tensor], *extra: str) -> Path:
+    """A run as the trainer writes it: config.yaml and a Lightning checkpoint of ``model.*``."""
     text = [f"model.{k}={v}" for k, v in TOWERS.items()]
-    cfg = load_config(None, ["model.size=tiny", "model.depth=1", f"model.objective={objective}", *text])
+    cfg = load_config(None, ["model.size=tiny", "model.depth=1", f"model.objective={objective}", *text, *extra])
     (root / "checkpoints").mkdir(parents=True)
     (root / "config.yaml").write_text(dump_config(cfg))
     torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "global_step": 3},
@@ -145,6 +145,20 @@ def test_a_contrastive_run_is_read_as_a_lit_folder_is(data: dict[str, Path], lit
     aimv2 = _run(tmp_path / "aimv2", "aimv2", encoder)
     with pytest.raises(LitError, match="a aimv2 run has no text tower"):
         zero_shot(aimv2, str(data["test"]))
+
+
+def test_lit_on_a_run_uses_its_tokenizer(data: dict[str, Path], tmp_path: Path) -> None:
+    """LiT on a run's encoder tokenizes captions as the run did (here a BPE file), and records it."""
+    from aimpre.data.tokenizer import train_bpe
+    from aimpre.export import load
+
+    bpe = train_bpe([c.format(n) for c in CAPTIONS for n in COLOURS] * 4, 300, tmp_path / "bpe.json")
+    encoder = {f"encoder.{k}": v for k, v in load(data["encoder"]).encoder.state_dict().items()}
+    run = _run(tmp_path / "run", "aimv2", encoder, f"data.tokenizer={bpe}")
+    rec = train_lit(run / "checkpoints" / "last.ckpt", tmp_path / "lit", str(data["train"]), LitSettings(steps=3),
+                    TOWERS)  # fmt: skip
+    assert rec["tokenizer"]["spec"] == str(bpe) and rec["tokenizer"]["identity"]["kind"] == "hf"
+    assert zero_shot(tmp_path / "lit", str(data["test"]))["n"] == 64  # read back with the same tokenizer
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -171,3 +185,15 @@ def test_bad_input_is_one_line(data: dict[str, Path], lit: tuple[Path, dict], tm
     assert "label 3 has no class name (2 given" in last, last
     last = _error(["zero-shot", str(lit[0]), "--shards", test, "--templates", "a photo"], capsys)
     assert "'a photo' must hold exactly one '{}'" in last, last
+
+
+def test_cutting_trailing_pads_changes_no_text_embedding() -> None:
+    """Training cuts each batch's captions after its longest one: the causal tower must give the same embeddings."""
+    from aimpre.lit import _towers, tower_config
+
+    torch.manual_seed(0)
+    tower = _towers(tower_config(model_config("tiny", depth=1), 258, TOWERS), "siglip")["text_tower"].eval()
+    ids = torch.randint(2, 258, (4, 24))
+    mask = torch.arange(24)[None] < torch.tensor([[5], [9], [3], [9]])  # real tokens first, then pads
+    ids[~mask] = 0
+    assert torch.allclose(tower(ids, mask), tower(ids[:, :9], mask[:, :9]), atol=1e-5)
