@@ -84,7 +84,7 @@ def test_lit_learns_to_name_the_classes_zero_shot(data: dict[str, Path], lit: tu
     assert json.loads((out / "lit.json").read_text())["encoder"]["path"] == str(data["encoder"].resolve())
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         parts = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 (not a dict)
-    assert parts == {"image_head", "text_tower", "loss"}  # the encoder is not copied
+    assert parts == {"token_norm", "image_head", "text_tower", "loss"}  # the encoder is not copied
 
     res = zero_shot(out, str(data["test"]))  # class names from index.json, default templates
     assert res["classes"] == list(COLOURS) and res["n"] == 64 and "top5" not in res
@@ -130,16 +130,22 @@ def _run(root: Path, objective: str, state: dict[str, torch.Tensor], *extra: str
 
 
 def test_a_contrastive_run_is_read_as_a_lit_folder_is(data: dict[str, Path], lit: tuple[Path, dict], tmp_path: Path):
-    """A siglip run holding the LiT folder's towers and the same encoder gives the same zero-shot numbers; an
-    aimv2 run has no text tower to use."""
-    from safetensors.torch import load_file
+    """A siglip run holding the LiT folder's towers and the same encoder gives the same zero-shot numbers as the
+    folder does with its token standardisation made the identity (a run's head reads raw tokens); an aimv2 run has
+    no text tower to use."""
+    from safetensors.torch import load_file, save_file
 
     from aimpre.export import load
 
     towers = load_file(str(lit[0] / "model.safetensors"))
     encoder = {f"encoder.{k}": v for k, v in load(data["encoder"]).encoder.state_dict().items()}
-    run = _run(tmp_path / "siglip", "siglip", {**encoder, **towers})
-    via_lit = zero_shot(lit[0], str(data["test"]), templates=["a photo of a {}."])
+    run = _run(tmp_path / "siglip", "siglip", {**encoder, **{k: v for k, v in towers.items() if "token_norm" not in k}})
+    folder = tmp_path / "lit-raw"
+    shutil.copytree(lit[0], folder)
+    mean, std = towers["token_norm.mean"], towers["token_norm.std"]
+    towers.update({"token_norm.mean": torch.zeros_like(mean), "token_norm.std": torch.ones_like(std)})
+    save_file(towers, str(folder / "model.safetensors"))
+    via_lit = zero_shot(folder, str(data["test"]), templates=["a photo of a {}."])
     via_run = zero_shot(run, str(data["test"]), templates=["a photo of a {}."])
     assert via_run["top1"] == via_lit["top1"] and via_run["per_class"] == via_lit["per_class"]
     aimv2 = _run(tmp_path / "aimv2", "aimv2", encoder)
@@ -197,3 +203,15 @@ def test_cutting_trailing_pads_changes_no_text_embedding() -> None:
     mask = torch.arange(24)[None] < torch.tensor([[5], [9], [3], [9]])  # real tokens first, then pads
     ids[~mask] = 0
     assert torch.allclose(tower(ids, mask), tower(ids[:, :9], mask[:, :9]), atol=1e-5)
+
+
+def test_token_norm_standardises_each_position_and_channel() -> None:
+    from aimpre.lit import TokenNorm
+
+    torch.manual_seed(0)
+    tokens = (torch.randn(300, 4, 6) * torch.rand(4, 6) * 5 + torch.randn(4, 6) * 10).half()
+    norm = TokenNorm(4, 6)
+    norm.fit(tokens, chunk=7)  # chunks that do not divide N
+    out = norm(tokens.float())
+    assert torch.allclose(out.mean(0), torch.zeros(4, 6), atol=1e-4)
+    assert torch.allclose(out.std(0, unbiased=False), torch.ones(4, 6), atol=1e-3)
