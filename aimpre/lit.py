@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from aimpre import __version__
 from aimpre.data import Augment, build_tokenizer, demo_spec, encode_captions, expand_shards
 from aimpre.data.decode import decode_sample
-from aimpre.data.demo import DIGIT_WORDS, cache_root
+from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.data.tokenizer import Tokenizer
 from aimpre.export import _read_json, load
@@ -485,8 +485,6 @@ def class_names(urls: list[str]) -> list[str]:
             if not isinstance(info, dict) or not names <= set(info.get("shards") or ()):
                 continue
             classes = info.get("classes")
-            if classes is None and data.get("demo_version") and split.startswith("digits"):
-                classes = list(DIGIT_WORDS)  # demo data written before index.json named its classes
             if classes is not None:
                 if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
                     raise LitError(f"{index}: splits[{split!r}]['classes'] must be a list of class names")
