@@ -2,16 +2,16 @@
 
 LiT (Zhai et al. 2022, "Locked-image text Tuning"): the pretrained image tower is locked and a text tower learns to
 read out its representation from image-text pairs; class names in prompt templates then make a zero-shot
-classifier. The AIMv2 paper reports its zero-shot numbers this way, with SigLIP's sigmoid loss (the default here;
-CLIP's softmax loss is ``loss="clip"``).
+classifier. The AIMv2 paper reports its zero-shot numbers this way; SigLIP's sigmoid loss is the default here as
+issue 12 says AIMv2 used it (the paper's text was not at hand to check); CLIP's softmax loss is ``loss="clip"``.
 
 Choices and departures:
 - The image side keeps a trainable ``ImageHead`` (attention pooling, or mean pooling, + a bias-free projection) on
   the frozen tokens. LiT locks the whole image tower, head included, but its towers came with a pooled embedding;
   ours give a token sequence and no embedding (AIMv2 pretrains no pooling head), so something must pool and
-  project to the shared width. A frozen random head would throw information away; a trainable one is what LiT
-  does for a tower without a head, and costs little (``ImageHead`` is the one the siglip/clip objectives use, so
-  a LiT folder and a contrastive run hold the same tensors and are read the same way).
+  project to the shared width. A frozen random head would throw information away, so the head trains (our
+  choice; it costs little). ``ImageHead`` is the one the siglip/clip objectives use, so a LiT folder and a
+  contrastive run hold the same tensors and are read the same way.
 - The frozen tokens are standardised per position and channel with the training set's statistics (``TokenNorm``,
   stored in the LiT folder) before the head: without it both losses collapsed on the demo digits under a random
   tiny encoder (zero-shot at chance); with it CLIP's loss reached 69% top-1 there.
@@ -78,6 +78,11 @@ class LitSettings:
 
     ``steps`` (when given) replaces ``epochs``. Weight decay applies to matrices only (not norms, the pooling
     query or the loss's temperature and bias).
+
+    Measured on the demo digits with a random tiny encoder: SigLIP with attention pooling stays near its
+    collapsed loss for the first ~200 steps at batch 64 (zero-shot at chance), then learns: 600 steps on
+    ``demo:digits-train`` gave 76% top-1 on ``demo:digits-test``; 5 epochs of the whole pretrain split (280 steps,
+    digits 17% of it) stayed at chance.
     """
 
     loss: str = "siglip"
