@@ -547,6 +547,36 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lit(args: argparse.Namespace) -> int:
+    from aimpre.lit import TOWER_KEYS, LitSettings, train_lit
+
+    given = {k: getattr(args, k) for k in ("epochs", "steps", "batch_size", "lr", "seed")}
+    settings = LitSettings(loss=args.loss, **{k: v for k, v in given.items() if v is not None})
+    towers = {k: getattr(args, k) for k in TOWER_KEYS if getattr(args, k) is not None}
+    rec = train_lit(args.encoder, args.out, args.shards, settings, towers, args.tokenizer, not args.no_cache)
+    print(f"LiT ({rec['loss']}) on {rec['samples']} captioned images, {rec['steps']} steps: loss "
+          f"{rec['loss_initial']:.4f} -> {rec['loss_final']:.4f}; written to {args.out}")  # fmt: skip
+    return 0
+
+
+def _zero_shot(args: argparse.Namespace) -> int:
+    from aimpre.lit import read_classes_file, zero_shot
+
+    classes = None
+    if args.classes is not None:
+        classes = [c.strip() for c in args.classes.split(",")]
+    elif args.classes_file is not None:
+        classes = read_classes_file(args.classes_file)
+    model = Path(args.model)
+    out = Path(args.out) if args.out else (model if model.is_dir() else model.parent) / "zero_shot.json"
+    res = zero_shot(args.model, args.shards, classes, args.templates, out, not args.no_cache)
+    top5 = f", top-5 {res['top5']:.1%}" if "top5" in res else ""
+    print(f"zero-shot on {args.shards}: {res['n']} images, {len(res['classes'])} classes (chance "
+          f"{res['chance']:.1%}): top-1 {res['top1']:.1%}{top5}")  # fmt: skip
+    print(f"results: {out}")
+    return 0
+
+
 def _visualize(args: argparse.Namespace) -> int:
     from aimpre.visualize import visualize
 
@@ -596,6 +626,8 @@ EXAMPLES = {
     "probe": "aimpre probe runs/l14 --train demo:digits-train --test demo:digits-test",
     "visualize": "aimpre visualize runs/l14 -n 4",
     "compare": "aimpre compare --objectives aimv2 aimv1 siglip clip classification --steps 300 --out compare",
+    "lit": "aimpre lit runs/l14 --out lit/l14 --shards 'shards/shard-{000000..000099}.tar' --epochs 5",
+    "zero-shot": "aimpre zero-shot lit/l14 --shards demo:digits-test --classes-file digits.txt",
 }
 
 
@@ -769,6 +801,37 @@ def build_parser() -> argparse.ArgumentParser:
                     "output, each through the final norm (default: the encoder's output)")  # fmt: skip
     pr.add_argument("--merge", choices=("mean", "concat"), default="mean", help="how --layers' blocks combine")
     pr.set_defaults(fn=_probe)
+
+    li = sub.add_parser("lit", help="LiT: train a text tower (and image head) against a frozen encoder")
+    li.add_argument("encoder", help="a run, checkpoint, export, or timm/HF AIMv2 model directory (kept frozen)")
+    li.add_argument("--out", required=True, help="LiT folder to create")
+    li.add_argument("--shards", default="demo", help="captioned shards (a spec; demo: the demo's pretrain split)")
+    li.add_argument("--loss", choices=("siglip", "clip"), default="siglip")
+    li.add_argument("--epochs", type=INT_GT0, help="passes over the shards (default 5)")
+    li.add_argument("--steps", type=INT_GT0, help="training steps (replaces --epochs)")
+    li.add_argument("--batch-size", type=INT_GT0, help="default 128")
+    li.add_argument("--lr", type=FLOAT_GT0, help="peak AdamW learning rate (default 1e-3)")
+    li.add_argument("--seed", type=int, help="tower init and shuffling (default 0)")
+    li.add_argument("--tokenizer", help="'bytes' or a tokenizer.json (default: the encoder's run's, else bytes)")
+    for key, what in (("embed-dim", "shared embedding width"), ("text-width", "text tower width"),
+                      ("text-depth", "text tower blocks"), ("text-heads", "text tower heads"),
+                      ("text-mlp-hidden", "text tower SwiGLU width"), ("text-len", "caption tokens")):  # fmt: skip
+        li.add_argument(f"--{key}", type=INT_GT0, help=f"{what} (default: the encoder size's)")
+    li.add_argument("--pool", choices=("map", "mean"), help="image and text pooling (default: the encoder size's)")
+    li.add_argument("--no-cache", action="store_true", help="do not cache tokens in $AIMPRE_CACHE/lit-features")
+    li.set_defaults(fn=_lit)
+
+    zs = sub.add_parser("zero-shot", help="zero-shot top-1 of a LiT folder or a siglip/clip run on labelled shards")
+    zs.add_argument("model", help="a LiT folder (aimpre lit), or a siglip/clip run or checkpoint")
+    zs.add_argument("--shards", required=True, help="labelled shards (demo:SPLIT or a shard spec)")
+    names = zs.add_mutually_exclusive_group()
+    names.add_argument("--classes", help="class names in label order, comma-separated (default: from beside the "
+                       "shards: index.json splits[NAME].classes or classes.txt)")  # fmt: skip
+    names.add_argument("--classes-file", help="class names, one a line in label order")
+    zs.add_argument("--templates", nargs="+", help="prompt templates, each with one {} (default: a small ensemble)")
+    zs.add_argument("--no-cache", action="store_true", help="do not cache tokens in $AIMPRE_CACHE/features")
+    zs.add_argument("--out", help="results JSON (default: zero_shot.json in the model's directory)")
+    zs.set_defaults(fn=_zero_shot)
 
     v = sub.add_parser("visualize", help="PNGs: next-patch predictions, loss curves, encoder attention maps")
     v.add_argument("run", help="a run directory")
