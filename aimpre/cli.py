@@ -626,7 +626,7 @@ EXAMPLES = {
     "probe": "aimpre probe runs/l14 --train demo:digits-train --test demo:digits-test",
     "visualize": "aimpre visualize runs/l14 -n 4",
     "compare": "aimpre compare --objectives aimv2 aimv1 siglip clip classification --steps 300 --out compare",
-    "lit": "aimpre lit runs/l14 --out lit/l14 --shards 'shards/shard-{000000..000099}.tar' --epochs 5",
+    "lit": "aimpre lit runs/l14 --out lit/l14 --shards 'shards/shard-{000000..000099}.tar' --epochs 20",
     "zero-shot": "aimpre zero-shot lit/l14 --shards demo:digits-test --classes-file digits.txt",
 }
 
@@ -807,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--out", required=True, help="LiT folder to create")
     li.add_argument("--shards", default="demo", help="captioned shards (a spec; demo: the demo's pretrain split)")
     li.add_argument("--loss", choices=("siglip", "clip"), default="siglip")
-    li.add_argument("--epochs", type=INT_GT0, help="passes over the shards (default 5)")
+    li.add_argument("--epochs", type=INT_GT0, help="passes over the shards (default 20)")
     li.add_argument("--steps", type=INT_GT0, help="training steps (replaces --epochs)")
     li.add_argument("--batch-size", type=INT_GT0, help="default 128")
     li.add_argument("--lr", type=FLOAT_GT0, help="peak AdamW learning rate (default 1e-3)")

@@ -167,7 +167,7 @@ def _zero_shot(p: Planned, run: Path, out: Path, lit: dict[str, Any] | None, tes
         model, how = out / "lit" / p.objective, "LiT"
         if model.exists():  # a LiT folder from an earlier call trained with other settings
             shutil.rmtree(model)
-        train_lit(run, model, lit["shards"], LitSettings(steps=lit["steps"]))
+        train_lit(run, model, lit["shards"], LitSettings(steps=lit["steps"], batch_size=64))
     else:
         return None
     res = {**zero_shot(model, test), "via": how, "shards": test, "lit": lit}

@@ -81,12 +81,13 @@ class LitSettings:
 
     Measured on the demo digits with a random tiny encoder: SigLIP with attention pooling stays near its
     collapsed loss for the first ~200 steps at batch 64 (zero-shot at chance), then learns: 600 steps on
-    ``demo:digits-train`` gave 76% top-1 on ``demo:digits-test``; 5 epochs of the whole pretrain split (280 steps,
-    digits 17% of it) stayed at chance.
+    ``demo:digits-train`` gave 76% top-1 on ``demo:digits-test``. On the whole pretrain split (digits are 17% of
+    it, batch 128) 5 epochs (280 steps) stayed at chance (9.8%), 20 epochs (1120 steps, the default) gave 65.9%
+    top-1 and 96.1% top-5.
     """
 
     loss: str = "siglip"
-    epochs: int = 5
+    epochs: int = 20
     steps: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
