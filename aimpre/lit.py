@@ -2,8 +2,9 @@
 
 LiT (Zhai et al. 2022, "Locked-image text Tuning"): the pretrained image tower is locked and a text tower learns to
 read out its representation from image-text pairs; class names in prompt templates then make a zero-shot
-classifier. The AIMv2 paper reports its zero-shot numbers this way; SigLIP's sigmoid loss is the default here as
-issue 12 says AIMv2 used it (the paper's text was not at hand to check); CLIP's softmax loss is ``loss="clip"``.
+classifier. The AIMv2 paper reports its zero-shot numbers this way. SigLIP's sigmoid loss is the default here (Zhai
+et al. 2023 found it ahead of the softmax loss at small batches, our regime); CLIP's is ``loss="clip"``. Which of
+the two the AIMv2 paper's LiT used was not checked against its text.
 
 Choices and departures:
 - The image side keeps a trainable ``ImageHead`` (attention pooling, or mean pooling, + a bias-free projection) on
