@@ -4,10 +4,12 @@ Trains the same encoder once per objective on the same data for the same trainin
 sample from ``aimpre.scaling.flops``, so an objective with a cheaper head trains on more samples), then judges every
 encoder the same way: attentive and linear probes on held-out labelled images, one per probe seed, and zero-shot
 top-1 for the contrastive objectives (their own text tower) and, through LiT (a text tower trained against the
-frozen encoder, ``aimpre.lit``), for the others. LiT's training is evaluation cost, not counted in the budget.
+frozen encoder, ``aimpre.lit``), for the others. LiT's training is evaluation cost, not counted in the budget. A
+last row probes the same encoder architecture at its random initialisation: the floor pretraining has to beat.
 
 Everything lands in one folder and is reused when present, so an interrupted comparison continues where it stopped:
-``runs/OBJECTIVE`` (a normal run; an unfinished one resumes), ``probe-seedS.json`` in each run, ``lit/OBJECTIVE``,
+``runs/OBJECTIVE`` (a normal run; an unfinished one resumes), ``probe-seedS.json`` in each run (and
+``probe-random-seedS.json`` in the first), ``lit/OBJECTIVE``,
 ``zero-shot-OBJECTIVE.json``, then ``compare.json``, ``compare.md`` (the table) and ``compare.png`` (bar chart).
 """
 
@@ -138,18 +140,22 @@ def _train(p: Planned) -> Path:
     return train(p.cfg, resume=(run / "checkpoints" / "last.ckpt").exists())
 
 
-def _probe(run: Path, seeds: tuple[int, ...], train: str, test: str, probe: dict[str, Any]) -> dict[str, list[float]]:
+def _probe(
+    run: Path, seeds: tuple[int, ...], train: str, test: str, probe: dict[str, Any], random_init: bool = False
+) -> dict[str, list[float]]:
+    """Probe top-1 per kind over ``seeds`` (results cached in the run); ``random_init``: of the run's architecture
+    at its random initialisation instead (the floor every pretrained encoder must beat)."""
     from aimpre.probe import KINDS, ProbeSettings, run_probe
 
     top1: dict[str, list[float]] = {k: [] for k in KINDS}
     for s in seeds:
-        path = run / f"probe-seed{s}.json"
         settings = ProbeSettings(**{**probe, "seed": s})
+        path = run / f"probe-{'random-' if random_init else ''}seed{s}.json"
         res = _json(path)
         if res is None or (res["train"], res["test"], res["settings"]) != (train, test, vars(settings)):
-            res = run_probe(run, train, test, KINDS, settings, out=path)
+            res = run_probe(run, train, test, KINDS, settings, compare_random=random_init, out=path)
         for k in KINDS:
-            top1[k].append(res["results"]["encoder"][k]["top1"])
+            top1[k].append(res["results"]["random_init" if random_init else "encoder"][k]["top1"])
     return top1
 
 
@@ -209,6 +215,15 @@ def compare(
             "probe_top1": probes, "zero_shot_top1": None if zs is None else zs["top1"],
             "zero_shot_via": None if zs is None else zs["via"], "seconds": round(time.time() - t0, 1),
         })  # fmt: skip
+    if planned:  # the same encoder architecture untrained: what pretraining has to beat
+        t0 = time.time()
+        first = Path(planned[0].cfg.run.out_dir) / str(planned[0].cfg.run.name)
+        rows.append({
+            "objective": "random init", "steps": 0, "samples": 0, "flops_per_sample": 0.0, "flops": 0.0,
+            "params_encoder": rows[0]["params_encoder"], "final_loss": None, "train_wall_s": 0.0,
+            "probe_top1": _probe(first, seeds, probe_train, probe_test, probe or {}, random_init=True),
+            "zero_shot_top1": None, "zero_shot_via": None, "seconds": round(time.time() - t0, 1),
+        })  # fmt: skip
     res = {
         "rows": rows,
         "seeds": list(seeds),
@@ -239,7 +254,8 @@ def format_table(res: dict[str, Any]) -> str:
         probes = [f"{m:.1f} ± {s:.1f}" for m, s in (_mean_std(r["probe_top1"][k]) for k in ("attentive", "linear"))]
         zs = "-" if r["zero_shot_top1"] is None else f"{100 * r['zero_shot_top1']:.1f} ({r['zero_shot_via']})"
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
-        lines.append(f"| {r['objective']} | {r['steps']} | {r['samples']} | {r['flops']:.3g} | {loss} | "
+        flops = f"{r['flops']:.3g}" if r["flops"] else "-"
+        lines.append(f"| {r['objective']} | {r['steps']} | {r['samples']} | {flops} | {loss} | "
                      f"{probes[0]} | {probes[1]} | {zs} |")  # fmt: skip
     lines.append("")
     lines.append(f"Top-1 (%) on {res['probe']['test']}, probes trained on {res['probe']['train']}; probe columns are "
@@ -269,10 +285,11 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     ax.bar(x + width, zs, width, label="zero-shot (own tower or LiT)")
     ax.set_xticks(x, [r["objective"] for r in rows])
     ax.set_ylabel(f"top-1 (%) on {res['probe']['test']}")
-    ax.set_ylim(0, 100)
-    flops = rows[0]["flops"] if rows else 0
+    ax.set_ylim(0, 112)  # headroom for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
+    flops = max((r["flops"] for r in rows), default=0)
     ax.set_title(f"Objectives at equal training compute ({flops:.2g} FLOPs each)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -42,7 +42,10 @@ def test_compare_trains_probes_and_zero_shots_then_reuses(tmp_path: Path, pretra
     assert main(args) == 0
     res = json.loads((out / "compare.json").read_text())
     rows = {r["objective"]: r for r in res["rows"]}
-    assert set(rows) == {"aimv1", "siglip"} and res["seeds"] == [0, 1]
+    assert list(rows) == ["aimv1", "siglip", "random init"] and res["seeds"] == [0, 1]
+    floor = rows.pop("random init")  # the untrained architecture, probed with the same seeds
+    assert floor["steps"] == 0 and floor["zero_shot_top1"] is None and len(floor["probe_top1"]["linear"]) == 2
+    assert floor["probe_top1"] != rows["aimv1"]["probe_top1"]
     for r in rows.values():
         assert len(r["probe_top1"]["attentive"]) == len(r["probe_top1"]["linear"]) == 2
         assert all(0 <= t <= 1 for k in ("attentive", "linear") for t in r["probe_top1"][k])
@@ -53,7 +56,7 @@ def test_compare_trains_probes_and_zero_shots_then_reuses(tmp_path: Path, pretra
     assert (out / "lit" / "aimv1").is_dir() and not (out / "lit" / "siglip").exists()
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "compare.md").read_text()
-    assert table.startswith("| objective |") and "| aimv1 |" in table and "| siglip |" in table
+    assert table.startswith("| objective |") and "| aimv1 |" in table and "| random init | 0 | 0 | - | - |" in table
 
     # a second call finds every run, probe and zero-shot result in place and recomputes nothing
     made = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "compare.json"}
