@@ -14,7 +14,7 @@ from aimpre.export import preprocessing_info, write_export
 from aimpre.model import AIMv2Encoder, model_config
 from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier
 from aimpre.probe import Layers, ProbeError, ProbeSettings, features, label_of, read_labelled, run_probe
-from helpers import jpeg, write_tar
+from helpers import good_samples, jpeg, write_tar
 
 
 def test_labels_come_from_cls_or_json() -> None:
@@ -63,8 +63,9 @@ def test_probe_trains_on_real_digits_and_caches_features(demo: Path, tmp_path: P
     assert line.split()[1] == f"{res['results']['encoder']['linear']['top1']:.1%}"
     assert json.loads((path / "probe.json").read_text())["results"]["encoder"]["linear"]["top1"] > 0.5  # beside it
     assert main(["probe", str(path), "--train", "demo:digits"]) == 2 and "no split" in capsys.readouterr().err
+    unlabelled = write_tar(tmp_path / "captions-only.tar", good_samples("cap", 8))  # (the demo labels every split)
     with pytest.raises(ProbeError, match="no labelled images"):
-        run_probe(path, str(demo / "val-000000.tar"), None, settings=settings)
+        run_probe(path, str(unlabelled), None, settings=settings)
     with pytest.raises(ProbeError, match="no split 'digits'"):
         run_probe(path, "demo:digits", None, settings=settings)
 
