@@ -56,15 +56,17 @@ class Planned:
 
 
 def _classes_of(spec: str | list[str]) -> int | None:
-    """How many classes a demo split's index.json names (``splits[NAME]["classes"]``); None if it names none."""
-    from aimpre.data.demo import demo_dir
+    """How many classes the train shards name beside them (index.json's split classes or classes.txt; as LiT
+    reads them); None if they name none."""
+    from aimpre.data import demo_spec, expand_shards
+    from aimpre.lit import LitError, class_names
 
-    if not isinstance(spec, str) or not (spec == "demo" or spec.startswith("demo:")):
+    first = spec[0] if isinstance(spec, list) else spec
+    urls = demo_spec(first, "pretrain") or expand_shards(first)
+    try:
+        return len(class_names(urls))
+    except LitError:
         return None
-    split = spec.partition(":")[2] or "pretrain"
-    index = json.loads((demo_dir() / "index.json").read_text())
-    classes = index["splits"].get(split, {}).get("classes")
-    return len(classes) if classes else None
 
 
 def plan(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 from pathlib import Path
 
@@ -19,6 +20,15 @@ def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """A CSV with the first row's keys as its header (tables as ``aimpre scaling collect`` writes them)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
 
 
 def write_tar(path: Path, samples: list[dict]) -> Path:

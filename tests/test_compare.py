@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from aimpre.cli import main
 from aimpre.compare import plan
+from aimpre.data.demo import DIGIT_WORDS
+from helpers import good_samples, write_tar
 
 SMALL = (
     "data.batch_size=4", "data.num_workers=0", "data.val_shards=null", "model.depth=1", "model.dec_depth=1",
@@ -16,8 +19,9 @@ SMALL = (
 )  # fmt: skip
 
 
-def test_plan_gives_every_objective_the_same_training_flops(tmp_path: Path) -> None:
-    rows = plan(("aimv2", "aimv1", "siglip", "clip", "classification"), None, SMALL, None, 50, tmp_path)
+def test_plan_gives_every_objective_the_same_training_flops(tmp_path: Path, pretrain_spec: str) -> None:
+    shards = (f"data.train_shards={pretrain_spec}", *SMALL)
+    rows = plan(("aimv2", "aimv1", "siglip", "clip", "classification"), None, shards, None, 50, tmp_path)
     budget = rows[0].flops
     assert rows[0].steps == 50 and budget == 50 * 4 * rows[0].flops_per_sample
     for r in rows:
@@ -28,13 +32,30 @@ def test_plan_gives_every_objective_the_same_training_flops(tmp_path: Path) -> N
     by = {r.objective: r for r in rows}
     assert by["aimv1"].steps > by["aimv2"].steps  # no decoder: cheaper samples, more of them
     assert by["classification"].cfg.model.num_classes == 14  # from the demo index's class names
-    assert plan(("siglip",), None, SMALL, 1e12, None, tmp_path)[0].steps == round(
+    assert plan(("siglip",), None, shards, 1e12, None, tmp_path)[0].steps == round(
         1e12 / (by["siglip"].flops_per_sample * 4)
     )
 
 
+def _subset(src: Path, dst: Path, n: int) -> str:
+    """The first ``n`` samples of a shard, as a shard of their own, with the digits' class names beside it."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(src) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            if key not in samples and len(samples) == n:
+                break
+            member = tar.extractfile(m)
+            assert member is not None
+            samples.setdefault(key, {"__key__": key})[ext] = member.read()
+    (dst.parent / "classes.txt").write_text("\n".join(DIGIT_WORDS) + "\n")
+    return str(write_tar(dst, list(samples.values())))
+
+
 def test_compare_trains_probes_and_zero_shots_then_reuses(tmp_path: Path, pretrain_spec: str, demo: Path) -> None:
-    train, test = str(demo / "digits-train-000000.tar"), str(demo / "digits-test-000000.tar")
+    (tmp_path / "digits").mkdir()  # a few of the demo digits: every stage runs, on fewer images
+    train = _subset(demo / "digits-train-000000.tar", tmp_path / "digits" / "train.tar", 160)
+    test = _subset(demo / "digits-test-000000.tar", tmp_path / "digits" / "test.tar", 80)
     out = tmp_path / "cmp"
     args = ["compare", "--objectives", "aimv1", "siglip", "--steps", "3", "--seeds", "2", "--probe-epochs", "2",
             "--lit-steps", "5", "--lit-shards", train, "--probe-train", train, "--probe-test", test, "--out", str(out),
@@ -80,7 +101,7 @@ def _exit_code(args: list[str]) -> int | str | None:
         (["--flops", "1e12", "--steps", "3"], "not allowed with argument"),
         (["--objectives", "mae"], "invalid choice"),
         (["--objectives", "clip", "clip"], "names one twice"),
-        (["data.train_shards=/nowhere/x.tar", "--objectives", "classification"], "model.num_classes"),
+        (["data.train_shards=/nowhere/x.tar", "--objectives", "classification"], "shard not found: /nowhere/x.tar"),
     ],
 )
 def test_compare_refuses_bad_input(extra: list[str], message: str, tmp_path: Path, capsys) -> None:
@@ -88,3 +109,10 @@ def test_compare_refuses_bad_input(extra: list[str], message: str, tmp_path: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "c").exists()
+
+
+def test_classification_needs_class_names_beside_unlabelled_shards(tmp_path: Path, capsys) -> None:
+    shard = write_tar(tmp_path / "captions.tar", good_samples("cap", 4))  # no index.json, no classes.txt
+    args = ["compare", f"data.train_shards={shard}", "--out", str(tmp_path / "c"), "--objectives", "classification"]
+    assert _exit_code(args) == 2
+    assert "config key 'model.num_classes'" in capsys.readouterr().err

@@ -14,15 +14,7 @@ import pytest
 from aimpre.cli import main
 from aimpre.scaling.fit import fit_power
 from aimpre.scaling.table import Columns, read_table
-from helpers import jpeg, write_tar
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+from helpers import jpeg, write_csv, write_tar
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -92,7 +84,7 @@ def _runs(objective: str, beta: float, alpha: float, n: int = 24) -> list[dict]:
 def test_binned_fit_recovers_beta_and_alpha(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Noiseless error = beta C^alpha under runs that do worse: the best run per bin lies on the law, and the
     least-squares line through those points returns beta and alpha."""
-    src = _write(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08))
+    src = write_csv(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08))
     out = tmp_path / "fit.json"
     argv = ["scaling", "fit", str(src), "--form", "power", "--no-e", "--y", "error_attentive", "--json", str(out)]
     assert main(argv) == 0
@@ -112,7 +104,7 @@ def test_bins_take_the_best_run_of_each_bin_not_the_frontier(tmp_path: Path) -> 
     rows = [("a", 14.0, 0.50), ("b", 14.3, 0.40), ("c", 14.5, 0.45), ("d", 14.9, 0.30), ("e", 15.2, 0.35),
             ("f", 15.5, 0.33), ("g", 16.0, 0.20)]  # fmt: skip
     csv_rows = [{"run": r, "params": 1e6, "flops": 10**x, "probe_linear_top1": 1 - e} for r, x, e in rows]
-    table = read_table(_write(tmp_path / "t.csv", csv_rows), Columns(d=None, error="probe_linear_top1"))
+    table = read_table(write_csv(tmp_path / "t.csv", csv_rows), Columns(d=None, error="probe_linear_top1"))
     binned = fit_power(table, with_e=False, bins=3)  # log10 C bins [14, 14.67), [14.67, 15.33), [15.33, 16]
     assert binned.extra["points"] == ["b", "d", "g"]
     assert [b["runs"] for b in binned.extra["per_bin"]] == [3, 2, 2]
@@ -126,7 +118,7 @@ def test_bins_take_the_best_run_of_each_bin_not_the_frontier(tmp_path: Path) -> 
 def test_one_fit_per_objective(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A table of two objectives is fitted per objective by default, into one JSON and one report; --group none
     pools them."""
-    src = _write(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08) + _runs("siglip", 5.0, -0.12))
+    src = write_csv(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08) + _runs("siglip", 5.0, -0.12))
     out = tmp_path / "fit.json"
     argv = ["scaling", "fit", str(src), "--form", "power", "--no-e", "--y", "error_linear"]
     assert main([*argv, "--json", str(out)]) == 0
@@ -147,7 +139,7 @@ def test_one_fit_per_objective(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_loss_keeps_the_frontier_and_bins_apply_to_it(tmp_path: Path) -> None:
-    src = _write(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08))
+    src = write_csv(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08))
     out = tmp_path / "fit.json"
     assert main(["scaling", "fit", str(src), "--form", "power", "--json", str(out)]) == 0
     assert "rule" not in json.loads(out.read_text())["extra"]  # the loss: today's frontier fit
@@ -158,7 +150,7 @@ def test_loss_keeps_the_frontier_and_bins_apply_to_it(tmp_path: Path) -> None:
 
 def test_bad_downstream_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = _runs("aimv2", 3.0, -0.08)
-    no_probe = _write(tmp_path / "a.csv", [{k: v for k, v in r.items() if not k.startswith("probe_")} for r in rows])
+    no_probe = write_csv(tmp_path / "a.csv", [{k: v for k, v in r.items() if not k.startswith("probe_")} for r in rows])
     fit = ["scaling", "fit", "--form", "power", "--no-e"]
 
     def refused(argv: list[str], *words: str) -> None:
@@ -172,17 +164,17 @@ def test_bad_downstream_input_is_one_line(tmp_path: Path, capsys: pytest.Capture
 
     refused([*fit, str(no_probe), "--y", "error_attentive"], "no column 'probe_attentive_top1'", "collect --probe")
     refused([*fit, str(no_probe), "--y", "top1"], "--y", "error:COLUMN")
-    good = _write(tmp_path / "b.csv", rows)
+    good = write_csv(tmp_path / "b.csv", rows)
     refused([*fit, str(good), "--y", "error_attentive", "--bins", "1"], "--bins", "integer >= 2")
     chinchilla = ["scaling", "fit", str(good), "--form", "chinchilla", "--y", "error_attentive", "--bins", "3"]
     refused(chinchilla, "--bins applies to --form power")
-    two = _write(tmp_path / "c.csv", [r for r in rows if r["flops"] in (1e14, 1e18)])  # two compute values
+    two = write_csv(tmp_path / "c.csv", [r for r in rows if r["flops"] in (1e14, 1e18)])  # two compute values
     refused([*fit, str(two), "--y", "error_attentive"], "--bins 5: only 2 of the 5", "needs 3 bins with runs")
-    empty = _write(tmp_path / "d.csv", [{**rows[0], "probe_linear_top1": ""}, *rows[1:]])
+    empty = write_csv(tmp_path / "d.csv", [{**rows[0], "probe_linear_top1": ""}, *rows[1:]])
     refused([*fit, str(empty), "--y", "error_linear"], "'probe_linear_top1', row 2 is empty")
-    perfect = _write(tmp_path / "e.csv", [{**rows[0], "probe_linear_top1": 1.0}, *rows[1:]])
+    perfect = write_csv(tmp_path / "e.csv", [{**rows[0], "probe_linear_top1": 1.0}, *rows[1:]])
     refused([*fit, str(perfect), "--y", "error_linear"], "row 2", "[0, 1)")
-    few = _write(tmp_path / "f.csv", _runs("aimv2", 3.0, -0.08) + _runs("clip", 4.0, -0.1, n=2))
+    few = write_csv(tmp_path / "f.csv", _runs("aimv2", 3.0, -0.08) + _runs("clip", 4.0, -0.1, n=2))
     refused([*fit, str(few), "--y", "error_attentive"], "objective 'clip'", "--bins 5: only 2 of the 5")
 
 
@@ -191,7 +183,7 @@ def test_objectives_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     from aimpre.scaling.plots import objectives_figure
     from aimpre.scaling.report import read_fits
 
-    src = _write(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08) + _runs("siglip", 5.0, -0.12))
+    src = write_csv(tmp_path / "t.csv", _runs("aimv2", 3.0, -0.08) + _runs("siglip", 5.0, -0.12))
     fit = tmp_path / "fit.json"
     assert main(["scaling", "fit", str(src), "--form", "power", "--no-e", "--y", "error_attentive", "--json",
                  str(fit)]) == 0  # fmt: skip

@@ -17,16 +17,9 @@ from aimpre.scaling.fit import fit_chinchilla, fit_isoflop, fit_power
 from aimpre.scaling.predict import predict
 from aimpre.scaling.report import fit_table, read_json, write_json
 from aimpre.scaling.table import Columns, Table, TableError, read_table
+from helpers import write_csv
 
 TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al.'s law
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def _table(n: np.ndarray, d: np.ndarray, loss: np.ndarray, k: float = 6.0) -> Table:
@@ -133,7 +126,7 @@ def test_isoflop_and_compute_optimal_allocation() -> None:
 def test_cli_fit_json_predict_and_holdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     t = _grid_data(seed=2, outliers=0)
     rows = [{"run": f"r{i}", "params": t.n[i], "flops": t.c[i], "val_loss": t.loss[i]} for i in range(len(t))]
-    src = _write(tmp_path / "t.csv", rows)
+    src = write_csv(tmp_path / "t.csv", rows)
     out = tmp_path / "fit.json"
     assert main(["scaling", "fit", str(src), "--n", "params", "--c", "flops", "--holdout", "2", "--bootstrap",
                  "20", "--json", str(out)]) == 0  # fmt: skip
@@ -160,7 +153,7 @@ def test_bad_tables_are_rejected_naming_the_problem(tmp_path: Path, capsys: pyte
             for i in range(len(good))]  # fmt: skip
 
     def table(name: str, rs: list[dict], **cols: str | None) -> Table:
-        return read_table(_write(tmp_path / name, rs), Columns(**cols) if cols else Columns())
+        return read_table(write_csv(tmp_path / name, rs), Columns(**cols) if cols else Columns())
 
     with pytest.raises(TableError, match=r"no column 'val_loss'.*params, samples, flops"):
         table("a.csv", [{k: v for k, v in r.items() if k != "val_loss"} for r in rows])
@@ -222,7 +215,7 @@ def _isoflop_rows(concave: bool) -> list[dict]:
 
 def test_concave_budgets_are_listed_and_not_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = _isoflop_rows(concave=True)
-    src = _write(tmp_path / "t.csv", rows)
+    src = write_csv(tmp_path / "t.csv", rows)
     assert main(["scaling", "fit", str(src), "--n", "params", "--c", "flops", "--form", "isoflop"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("isoflop fit on 21 points")  # the concave budget's 5 rows are not counted
@@ -234,7 +227,7 @@ def test_concave_budgets_are_listed_and_not_counted(tmp_path: Path, capsys: pyte
 
 def test_budgets_print_the_rows_they_drop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [*_isoflop_rows(concave=False), {"run": "stray", "params": 1e8, "flops": 5e17, "val_loss": 3.0}]
-    src = _write(tmp_path / "t.csv", rows)
+    src = write_csv(tmp_path / "t.csv", rows)
     argv = ["scaling", "fit", str(src), "--n", "params", "--c", "flops", "--form", "isoflop"]
     assert main([*argv, "--budgets", "1e17", "1e18", "1e19"]) == 0
     out = capsys.readouterr().out
@@ -263,7 +256,7 @@ def test_scaling_figure_is_legible(tmp_path: Path) -> None:
 
     from aimpre.scaling.plots import plot_scaling, scaling_figure
 
-    iso = read_table(_write(tmp_path / "iso.csv", _isoflop_rows(concave=True)), Columns(d=None))
+    iso = read_table(write_csv(tmp_path / "iso.csv", _isoflop_rows(concave=True)), Columns(d=None))
     fit = fit_table(_grid_data(outliers=0), "power", bootstrap=20, holdout=2)
     for table, f in ((iso, None), (_grid_data(outliers=0), fit)):
         fig = scaling_figure(table, f)

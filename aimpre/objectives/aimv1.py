@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from aimpre.model.losses import patchify, pixel_loss
 from aimpre.model.sizes import ModelConfig
 from aimpre.model.vit import AIMv2Encoder
-from aimpre.objectives.base import Objective, count
+from aimpre.objectives.base import EncoderHead
 
 MLP_RATIO = 4  # the head blocks' hidden width over head_width (ml-l3m's mlp_ratio)
 
@@ -69,20 +69,12 @@ class PixelHead(nn.Module):
         return self.pred(self.norm(x))
 
 
-class AIMv1(Objective):
+class AIMv1(EncoderHead):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = AIMv2Encoder(cfg)
         self.head = PixelHead(cfg)
-
-    def init_weights(self) -> None:
-        self.encoder.init_weights()
-        self.head.init_weights()
-
-    def param_counts(self) -> dict[str, int]:
-        parts = {"encoder": count(self.encoder), "heads": count(self.head)}
-        return {**parts, "total": sum(parts.values())}
 
     def forward(self, images: Tensor, batch: dict[str, Any], prefix_len: Tensor | None) -> dict[str, Tensor]:
         """``loss`` = ``loss_image``: the MSE of next-patch predictions on the patches after the prefix."""

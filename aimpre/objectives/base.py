@@ -32,3 +32,18 @@ class Objective(nn.Module):
 
     def forward(self, images: Tensor, batch: dict[str, Any], prefix_len: Tensor | None) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+class EncoderHead(Objective):
+    """An objective that is the encoder and one ``head`` (aimv1, classification): both re-initialise themselves,
+    and the parameters split into ``encoder`` and ``heads``."""
+
+    head: Any  # an nn.Module with init_weights()
+
+    def init_weights(self) -> None:
+        self.encoder.init_weights()
+        self.head.init_weights()
+
+    def param_counts(self) -> dict[str, int]:
+        parts = {"encoder": count(self.encoder), "heads": count(self.head)}
+        return {**parts, "total": sum(parts.values())}

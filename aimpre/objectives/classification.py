@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from aimpre.model.sizes import ModelConfig
 from aimpre.model.vit import AIMv2Encoder
-from aimpre.objectives.base import Objective, count
+from aimpre.objectives.base import EncoderHead
 from aimpre.objectives.towers import Pool
 
 
@@ -36,7 +36,7 @@ class ClassHead(nn.Module):
         return self.linear(self.pool(tokens))
 
 
-class Classifier(Objective):
+class Classifier(EncoderHead):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.num_classes is None or cfg.num_classes < 2:
@@ -46,14 +46,6 @@ class Classifier(Objective):
         self.cfg = cfg
         self.encoder = AIMv2Encoder(cfg)
         self.head = ClassHead(cfg, cfg.num_classes)
-
-    def init_weights(self) -> None:
-        self.encoder.init_weights()
-        self.head.init_weights()
-
-    def param_counts(self) -> dict[str, int]:
-        parts = {"encoder": count(self.encoder), "heads": count(self.head)}
-        return {**parts, "total": sum(parts.values())}
 
     def forward(self, images: Tensor, batch: dict[str, Any], prefix_len: Tensor | None = None) -> dict[str, Tensor]:
         """``loss``: cross-entropy of the logits against ``batch["label"]`` (int64 [B]); ``prefix_len`` unused."""
