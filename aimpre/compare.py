@@ -58,13 +58,12 @@ class Planned:
 def _classes_of(spec: str | list[str]) -> int | None:
     """How many classes the train shards name beside them (index.json's split classes or classes.txt; as LiT
     reads them); None if they name none."""
-    from aimpre.data import demo_spec, expand_shards
+    from aimpre.data import spec_urls
     from aimpre.lit import LitError, class_names
 
     first = spec[0] if isinstance(spec, list) else spec
-    urls = demo_spec(first, "pretrain") or expand_shards(first)
     try:
-        return len(class_names(urls))
+        return len(class_names(spec_urls(first, "pretrain")))
     except LitError:
         return None
 

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from aimpre import __version__
-from aimpre.data import Augment, build_tokenizer, demo_spec, encode_captions, expand_shards
+from aimpre.data import Augment, build_tokenizer, encode_captions, spec_urls
 from aimpre.data.decode import decode_sample
 from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
@@ -272,11 +272,6 @@ def _train(parts: nn.ModuleDict, tokens: Tensor, text: Tensor, mask: Tensor, s: 
     return losses, total
 
 
-def _shards(spec: str, default_split: str) -> list[str]:
-    urls = demo_spec(spec, default_split)
-    return expand_shards(spec) if urls is None else urls
-
-
 def train_lit(
     encoder_path: str | Path,
     out: str | Path,
@@ -315,7 +310,7 @@ def train_lit(
     spec, lowercase = (tokenizer, True) if tokenizer else encoder_tokenizer(encoder_path)
     tok = build_tokenizer(spec, lowercase)
     cfg = tower_config(loaded.encoder.cfg, tok.vocab_size, towers)
-    urls = _shards(shards, "pretrain")
+    urls = spec_urls(shards, "pretrain")
     encoder = loaded.encoder.to(_device()).eval().requires_grad_(False)  # locked: eval mode, no gradients
     weights = _weights_hash(encoder, pre)
     tokens, captions, skipped = captioned_features(

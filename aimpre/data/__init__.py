@@ -1,7 +1,7 @@
 """Data: shard writing, the loading pipeline and tokenizers (knows nothing of the model)."""
 
 from aimpre.data.decode import SKIP_REASONS, Augment
-from aimpre.data.demo import demo_dir, demo_shards, demo_spec, sources, write_demo
+from aimpre.data.demo import demo_dir, demo_shards, demo_spec, sources, spec_urls, write_demo
 from aimpre.data.pipeline import ImageTextStream, StreamLoader, batches_per_epoch
 from aimpre.data.shards import write_shards
 from aimpre.data.shardset import Shard, expand_shards, shard_set
@@ -25,6 +25,7 @@ __all__ = [
     "expand_shards",
     "shard_set",
     "sources",
+    "spec_urls",
     "write_demo",
     "write_shards",
 ]

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from aimpre.data.shards import encode_jpeg, publish_dir, write_shards
-from aimpre.data.shardset import Shard, shard_set, write_index
+from aimpre.data.shardset import Shard, expand_shards, shard_set, write_index
 
 VERSION = 3  # bump when the written data changes: the cache is keyed by it
 IMAGE_SIZE = 128
@@ -186,6 +186,11 @@ def demo_spec(spec: str, default_split: str | None = None) -> list[str] | None:
         return demo_shards(split)
     except ValueError as e:
         raise ValueError(f"shard spec {spec!r}: {e}") from e
+
+
+def spec_urls(spec: str, default_split: str | None = None) -> list[str]:
+    """Shard paths of one spec: ``demo`` (the demo's ``default_split``), ``demo:SPLIT``, or a shard spec."""
+    return demo_spec(spec, default_split) or expand_shards(spec)
 
 
 def sources(spec: str | list[str], demo_split: str, need_counts: bool, index: str | None) -> list[list[Shard]]:

@@ -18,9 +18,8 @@ from aimpre.data import (
     StreamLoader,
     Tokenizer,
     batches_per_epoch,
-    demo_spec,
-    expand_shards,
     sources,
+    spec_urls,
 )
 from aimpre.data.scan import check_fields
 from aimpre.objectives import build, needs, uses_prefix
@@ -187,9 +186,8 @@ class AIMv2DataModule(pl.LightningDataModule):
             sets.append(("data.val_shards", d.val_shards, "val"))
         for key, spec, split in sets:
             for s in spec if isinstance(spec, list) else [spec]:
-                urls = demo_spec(s, split) or expand_shards(s)
                 try:
-                    check_fields(urls[0], need, m.num_classes, key, f"model.objective={m.objective}")
+                    check_fields(spec_urls(s, split)[0], need, m.num_classes, key, f"model.objective={m.objective}")
                 except ValueError as e:  # its message names the config key
                     raise ConfigError(str(e)) from e
 
