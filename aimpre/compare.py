@@ -8,8 +8,8 @@ frozen encoder, ``aimpre.lit``), for the others. LiT's training is evaluation co
 last row probes the same encoder architecture at its random initialisation: the floor pretraining has to beat.
 
 Everything lands in one folder and is reused when present, so an interrupted comparison continues where it stopped:
-``runs/OBJECTIVE`` (a normal run; an unfinished one resumes), ``probe-seedS.json`` in each run (and
-``probe-random-seedS.json`` in the first), ``lit/OBJECTIVE``,
+``runs/OBJECTIVE`` (a normal run; an unfinished one resumes), ``probe-<digest>.json`` per seed in each run (as
+``scaling collect --probe`` keeps them; the random-init ones in the first run), ``lit/OBJECTIVE``,
 ``zero-shot-OBJECTIVE.json``, then ``compare.json``, ``compare.md`` (the table) and ``compare.png`` (bar chart).
 """
 
@@ -53,6 +53,11 @@ class Planned:
     @property
     def flops(self) -> float:
         return self.samples * self.flops_per_sample
+
+    @property
+    def run(self) -> Path:
+        """The run's folder."""
+        return Path(self.cfg.run.out_dir) / str(self.cfg.run.name)
 
 
 def _classes_of(spec: str | list[str]) -> int | None:
@@ -134,29 +139,25 @@ def _train(p: Planned) -> Path:
     from aimpre.scaling.collect import finished
     from aimpre.train.run import train
 
-    assert p.cfg.run.name is not None
-    run = Path(p.cfg.run.out_dir) / p.cfg.run.name
-    if finished(run):
-        return run
-    return train(p.cfg, resume=(run / "checkpoints" / "last.ckpt").exists())
+    if finished(p.run):
+        return p.run
+    return train(p.cfg, resume=(p.run / "checkpoints" / "last.ckpt").exists())
 
 
 def _probe(
-    run: Path, seeds: tuple[int, ...], train: str, test: str, probe: dict[str, Any], random_init: bool = False
+    p: Planned, seeds: tuple[int, ...], train: str, test: str, probe: dict[str, Any], random_init: bool = False
 ) -> dict[str, list[float]]:
-    """Probe top-1 per kind over ``seeds`` (results cached in the run); ``random_init``: of the run's architecture
-    at its random initialisation instead (the floor every pretrained encoder must beat)."""
-    from aimpre.probe import KINDS, ProbeSettings, run_probe
+    """Probe top-1 per kind over ``seeds``, cached in the run as ``scaling collect --probe`` caches it;
+    ``random_init``: of the run's architecture at its random initialisation instead (the floor every pretrained
+    encoder must beat)."""
+    from aimpre.probe import KINDS
+    from aimpre.scaling.collect import Probe, probe_row
 
     top1: dict[str, list[float]] = {k: [] for k in KINDS}
     for s in seeds:
-        settings = ProbeSettings(**{**probe, "seed": s})
-        path = run / f"probe-{'random-' if random_init else ''}seed{s}.json"
-        res = _json(path)
-        if res is None or (res["train"], res["test"], res["settings"]) != (train, test, vars(settings)):
-            res = run_probe(run, train, test, KINDS, settings, compare_random=random_init, out=path)
+        columns, _ = probe_row(p.run, Probe(train, test, {**probe, "seed": s}), p.steps, random_init)
         for k in KINDS:
-            top1[k].append(res["results"]["random_init" if random_init else "encoder"][k]["top1"])
+            top1[k].append(columns[f"probe_{k}_top1"])
     return top1
 
 
@@ -206,7 +207,7 @@ def compare(
     for p in planned:
         t0 = time.time()
         run = _train(p)
-        probes = _probe(run, seeds, probe_train, probe_test, probe or {})
+        probes = _probe(p, seeds, probe_train, probe_test, probe or {})
         zs = _zero_shot(p, run, out, lit, probe_test)
         summary = _json(run / "summary.json") or {}
         rows.append({
@@ -218,11 +219,10 @@ def compare(
         })  # fmt: skip
     if planned:  # the same encoder architecture untrained: what pretraining has to beat
         t0 = time.time()
-        first = Path(planned[0].cfg.run.out_dir) / str(planned[0].cfg.run.name)
         rows.append({
             "objective": "random init", "steps": 0, "samples": 0, "flops_per_sample": 0.0, "flops": 0.0,
             "params_encoder": rows[0]["params_encoder"], "final_loss": None, "train_wall_s": 0.0,
-            "probe_top1": _probe(first, seeds, probe_train, probe_test, probe or {}, random_init=True),
+            "probe_top1": _probe(planned[0], seeds, probe_train, probe_test, probe or {}, random_init=True),
             "zero_shot_top1": None, "zero_shot_via": None, "seconds": round(time.time() - t0, 1),
         })  # fmt: skip
     res = {

@@ -62,13 +62,17 @@ def parse_probe(text: str) -> Probe:
     return Probe(train.strip(), None if test is None else test.strip())
 
 
-def probe_row(run: Path, probe: Probe, steps: int) -> tuple[dict[str, float], bool]:
-    """The run's probe top-1 columns, and whether they came from the run's cached ``probe-<digest>.json``."""
+def probe_row(run: Path, probe: Probe, steps: int, random_init: bool = False) -> tuple[dict[str, float], bool]:
+    """The run's probe top-1 columns, and whether they came from the run's cached ``probe-<digest>.json``.
+
+    ``random_init``: the columns of the run's architecture at its random initialisation instead (``run_probe``'s
+    ``compare_random``), the floor its pretraining has to beat.
+    """
     from aimpre.probe import KINDS, ProbeError, ProbeSettings, run_probe
 
     settings = ProbeSettings(**probe.settings)
     key = {"train": probe.train, "test": probe.test, "kinds": list(KINDS), "settings": asdict(settings),
-           "step": steps}  # fmt: skip
+           "step": steps, **({"random_init": True} if random_init else {})}  # fmt: skip
     out = run / f"probe-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
     res = None
     if out.is_file():
@@ -79,10 +83,11 @@ def probe_row(run: Path, probe: Probe, steps: int) -> tuple[dict[str, float], bo
     cached = res is not None
     if res is None:
         try:
-            res = run_probe(run, probe.train, probe.test, KINDS, settings, out=out)
+            res = run_probe(run, probe.train, probe.test, KINDS, settings, compare_random=random_init, out=out)
         except ProbeError as e:
             raise ProbeError(f"run {run}: probe: {e}") from None
-    return {f"probe_{k}_top1": res["results"]["encoder"][k]["top1"] for k in KINDS}, cached
+    which = "random_init" if random_init else "encoder"
+    return {f"probe_{k}_top1": res["results"][which][k]["top1"] for k in KINDS}, cached
 
 
 def finished(run: Path) -> bool:
