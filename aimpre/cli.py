@@ -759,10 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--backend", default="triton", help="our attention backend (default triton)")
     bs.add_argument("--quick", action="store_true", help="a CPU smoke run of a tiny model")
     bs.set_defaults(fn=_bench_step)
-    ba = bsub.add_parser("attention", help="Triton attention vs FlexAttention, SDPA, xformers on the AIMv2 shapes")
+    ba = bsub.add_parser("attention", help="Triton attention vs FlexAttention, SDPA, xformers on the AIMv2 shapes: "
+                         "GPU time, wall back to back and wall of one call, forward + backward")  # fmt: skip
     ba.add_argument("--quick", action="store_true", help="tiny shapes, 2 runs: a smoke test (always so without a GPU)")
     ba.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    ba.add_argument("--reps", type=INT_GT0, default=20, help="timed runs per measurement (median reported)")
+    ba.add_argument("--reps", type=INT_GT0, default=20, help="calls per wall-time measurement (back to back: their "
+                    "mean; single call: their median)")  # fmt: skip
     ba.add_argument("--out", help="also write the report to this markdown file")
     ba.set_defaults(fn=_bench_attention)
 
