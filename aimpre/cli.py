@@ -298,7 +298,7 @@ def _bench_gpu(args: argparse.Namespace) -> int:
     from aimpre.gpucheck import STEPS, run_check
 
     steps = [s for s in STEPS if s.name in args.steps] if args.steps else STEPS
-    report, passed = run_check(args.out, args.budget_s, args.allow_cpu, steps)
+    report, passed = run_check(args.out, args.budget_s, args.allow_cpu, args.quick, steps)
     print(report)
     print(f"report written to {args.out}", file=sys.stderr)
     return 0 if passed else 1
@@ -789,6 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "shrink to what is left")  # fmt: skip
     bg.add_argument("--steps", nargs="+", choices=STEP_NAMES, help="run only these steps (default: all, in order)")
     bg.add_argument("--allow-cpu", action="store_true", help="run without CUDA as a dry run (benches in --quick mode)")
+    bg.add_argument("--quick", action="store_true", help="benches in their --quick mode: a smoke test of the check")
     bg.set_defaults(fn=_bench_gpu)
 
     mi = sub.add_parser("model-info", help="parameter counts and training FLOPs of a size or config")

@@ -85,6 +85,10 @@ class Result:
     output: str = ""  # stdout and stderr together
     report: str = ""  # the bench's --out file
     cut: str = ""  # how the budget shortened its timeout
+    detail: str = ""  # what else the status needs said
+
+    def status_text(self) -> str:
+        return self.status + "".join(f" ({x})" for x in (self.detail, self.cut) if x)
 
     @property
     def failed(self) -> bool:
@@ -93,7 +97,8 @@ class Result:
 
 @dataclass
 class _Env:
-    cpu: bool  # a dry run without CUDA: benches in their quick mode
+    cpu: bool  # a dry run without CUDA
+    quick: bool  # benches in their quick mode (always so in a CPU dry run)
     options: dict[str, set[str]] = field(default_factory=dict)  # bench name -> its option strings
 
 
@@ -121,7 +126,7 @@ def _tail(text: str, lines: int) -> str:
 
 
 def _shown(step: Step) -> list[str]:
-    return ["python", *step.argv]
+    return ["python", *_python()[1:], *step.argv]
 
 
 def _is_tests(step: Step) -> bool:
@@ -142,7 +147,7 @@ def _run_step(step: Step, timeout_s: float, env: _Env, tmp: Path) -> Result:
     argv, shown = [*_python(), *step.argv], _shown(step)
     report = tmp / f"{step.name}.md"
     if step.bench is not None:
-        extra = (["--quick"] if env.cpu and "--quick" in env.options[step.bench] else []) + (
+        extra = (["--quick"] if env.quick and "--quick" in env.options[step.bench] else []) + (
             ["--out", str(report)] if "--out" in env.options[step.bench] else []
         )
         argv += extra
@@ -161,11 +166,14 @@ def _run_step(step: Step, timeout_s: float, env: _Env, tmp: Path) -> Result:
             code = None
     seconds = time.monotonic() - t0
     status = "timed out" if code is None else "ok" if code == 0 else "failed"
-    return Result(step, status, seconds, code, " ".join(shown), log.read_text(errors="replace"),
-                  report.read_text() if report.exists() else "")  # fmt: skip
+    r = Result(step, status, seconds, code, " ".join(shown), log.read_text(errors="replace"),
+               report.read_text() if report.exists() else "")  # fmt: skip
+    if _is_tests(step) and code == 5:  # pytest's "no tests collected": a check that checked nothing
+        r.detail = "no test selected"
+    return r
 
 
-def run_check(out: str | Path, budget_s: float = 480.0, allow_cpu: bool = False,
+def run_check(out: str | Path, budget_s: float = 480.0, allow_cpu: bool = False, quick: bool = False,
               steps: Sequence[Step] = STEPS) -> tuple[str, bool]:  # fmt: skip
     """Runs ``steps`` in order within ``budget_s`` and writes the report to ``out`` (atomically).
 
@@ -173,6 +181,7 @@ def run_check(out: str | Path, budget_s: float = 480.0, allow_cpu: bool = False,
         out: the markdown report to write.
         budget_s: seconds for all steps together; a step gets at most what is left, none below ``MIN_STEP_S``.
         allow_cpu: run without CUDA (a dry run: benches in their quick mode), else refuse.
+        quick: run the benches in their quick mode (a smoke test of the check itself).
         steps: what to run (default: ``STEPS``).
 
     Returns:
@@ -185,7 +194,7 @@ def run_check(out: str | Path, budget_s: float = 480.0, allow_cpu: bool = False,
     if cpu and not allow_cpu:
         raise ValueError("bench gpu: no CUDA device here (torch.cuda.is_available() is False); --allow-cpu runs "
                          "each step on CPU as a dry run (benches in their quick mode)")  # fmt: skip
-    env = _Env(cpu, _bench_options())
+    env = _Env(cpu, quick or cpu, _bench_options())
     start, results = time.monotonic(), []
     with tempfile.TemporaryDirectory(prefix="aimpre-gpu-check-") as tmp:
         for i, step in enumerate(steps, 1):
@@ -222,8 +231,7 @@ def _verdicts(r: Result) -> list[str]:
 
 def _section(r: Result) -> list[str]:
     exit_code = "" if r.exit_code is None else f", exit {r.exit_code}"
-    lines = [f"## {r.step.name}: `{r.command}`", "", f"{r.status}{exit_code}, {r.seconds:.0f} s" +
-             (f" ({r.cut})" if r.cut else ""), ""]  # fmt: skip
+    lines = [f"## {r.step.name}: `{r.command}`", "", f"{r.status_text()}{exit_code}, {r.seconds:.0f} s", ""]
     if r.report:
         lines += [r.report.strip(), ""]
     if not r.report or r.status != "ok":  # the output when there is no report, or to say what went wrong
@@ -273,12 +281,13 @@ def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
     return [
         f"# GPU check, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
-        f"- commit: {git}; aimpre {__version__}",
+        f"- commit: {git}; aimpre {__version__} imported from {Path(__file__).parent}",
         f"- device: {device}; {driver}",
         f"- torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
         f"python {platform.python_version()}",
         f"- optional packages: {', '.join(optional)}",
-        f"- {seconds:.0f} s in all, budget {budget_s:.0f} s",
+        f"- benches: {'quick mode (smoke versions: their numbers mean nothing)' if env.quick else 'full runs'}; "
+        f"{seconds:.0f} s in all, budget {budget_s:.0f} s",
     ]
 
 
@@ -286,9 +295,8 @@ def _report(results: list[Result], env: _Env, budget_s: float, seconds: float) -
     lines = [*_header(env, budget_s, seconds), "", "| step | command | status | exit | seconds |",
              "|---|---|---|---:|---:|"]  # fmt: skip
     for r in results:
-        status = r.status + (f" ({r.cut})" if r.cut else "")
         exit_code = "-" if r.exit_code is None else str(r.exit_code)
-        lines.append(f"| {r.step.name} | `{r.command}` | {status} | {exit_code} | {r.seconds:.0f} |")
+        lines.append(f"| {r.step.name} | `{r.command}` | {r.status_text()} | {exit_code} | {r.seconds:.0f} |")
     cut = [f"{r.step.name} ({r.cut or r.output})" for r in results if r.cut or r.status == "not run"]
     lines += ["", f"Cut by the budget: {', '.join(cut)}." if cut else "No step was cut by the budget."]
     verdicts = [v for r in results for v in _verdicts(r)]

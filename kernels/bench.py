@@ -361,8 +361,8 @@ def _header(device: torch.device, dtype: torch.dtype, warmup: int, reps: int, se
     else:
         where = (f"NO GPU: CPU ({platform.processor() or platform.machine()}); the Triton kernel runs in the "
                  "interpreter and FlexAttention eagerly, so these times say nothing about GPU speed")  # fmt: skip
-        timing = (f"no GPU time on CPU (-); wall times by the host clock: back to back over {reps} calls, single "
-                  f"call median of {reps}, after {warmup} warm-up call(s); fwd ms without grad")  # fmt: skip
+        timing = (f"no GPU time on CPU (-); wall times by the host clock: back to back over {reps} call(s), "
+                  f"single call median of {reps}, after {warmup} warm-up call(s); fwd ms without grad")  # fmt: skip
     return [
         f"attention benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {seconds:.0f} s",
         f"device: {where}",

@@ -42,7 +42,7 @@ def test_refuses_without_cuda_unless_allowed(tmp_path: Path, capsys: pytest.Capt
 def test_bench_attention_step_report_is_embedded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "check.md"
     out.write_text("an older report")
-    assert main(["bench", "gpu", "--allow-cpu", "--steps", "attention", "--out", str(out)]) == 0
+    assert main(["bench", "gpu", "--allow-cpu", "--quick", "--steps", "attention", "--out", str(out)]) == 0
     report = out.read_text()
     assert capsys.readouterr().out.strip() == report.strip()
     assert list(tmp_path.iterdir()) == [out]  # written atomically: no temporary file left beside it
@@ -52,13 +52,16 @@ def test_bench_attention_step_report_is_embedded(tmp_path: Path, capsys: pytest.
     assert "## attention: `python -m aimpre bench attention" in report
     assert "| encoder (tiny) (2, 1, 40, 64) | prefix | triton (ours) |" in report  # the bench's own table
     # its verdicts, collected at the top (the wall-time ones are judged on CPU too, meaningless as they are)
-    top = report.split("## Verdicts")[1].split("## attention")[0]
+    top = report.split("## Verdicts")[1].split("\n## ")[0]
     assert "- [attention] encoder (tiny) fwd+bwd back-to-back wall, no slower than unmasked SDPA flash: ours" in top
 
 
 def test_failures_timeouts_absent_steps_and_the_budget(tmp_path: Path) -> None:
     pid_file = tmp_path / "grandchild.pid"
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "test_cpu_only.py").write_text("def test_unmarked():\n    pass\n")
     steps = [
+        Step("tests", ("-m", "pytest", "-q", "-m", "gpu", str(tmp_path / "t")), 30),  # none marked gpu: exit 5
         Step("verdicts", ("-c", "print('- speed: 1.4x: met'); print('* memory: NOT met'); print('metrics: none')"), 30),
         Step("boom", ("-c", "import sys; print('something broke'); sys.exit(3)"), 30),
         Step("hang", ("-c", HANG, str(pid_file)), 3),
@@ -69,9 +72,10 @@ def test_failures_timeouts_absent_steps_and_the_budget(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 20 and not passed
     assert report == (tmp_path / "r.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert "| failed (no test selected) | 5 |" in rows["tests"]
     assert "| ok | 0 |" in rows["verdicts"] and "| failed | 3 |" in rows["boom"]
     assert "| timed out | - |" in rows["hang"] and "| absent | - |" in rows["nope"]
-    top = report.split("## Verdicts")[1].split("## verdicts")[0].strip().splitlines()
+    top = report.split("## Verdicts")[1].split("\n## ")[0].strip().splitlines()
     assert top == ["- [verdicts] speed: 1.4x: met", "- [verdicts] * memory: NOT met"]  # not "metrics: none"
     assert "something broke" in report and "no `aimpre bench no-such-bench` in this checkout" in report
     assert not _alive(int(pid_file.read_text()))  # the hung step's own child went down with it
