@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install train test lint typecheck clean
+.PHONY: install train test lint typecheck gpu-check gpu-check-system clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,26 @@ typecheck: install
 	@ln -s "$(CURDIR)/kernels" build/typecheck/aimpre/kernels
 	@ln -s "$(CURDIR)/scaling" build/typecheck/aimpre/scaling
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --cache-dir ../../.mypy_cache -p aimpre
+
+# The device check (issue 11; docs/benchmarks.md): the GPU tests, then bench attention, ops, step and fp8, into one
+# report, gpu-check.md (meant to take under 8 minutes on one H100/H200). E.g. ARGS="--steps tests attention".
+gpu-check: install
+	$(BIN)/aimpre bench gpu --out gpu-check.md $(ARGS)
+
+# The same on a machine whose system python already has a CUDA torch + triton and no internet (a device machine):
+# wheels of what it lacks (webdataset + braceexpand; liger-kernel, torchao; pytest if absent) go in .whl/ (ignored)
+# and are installed without an index or their dependencies into build/site; a link view of the package (as for
+# typecheck) and build/site go on PYTHONPATH, and -P keeps the checkout's own aimpre/ (which has no kernels/ or
+# scaling/ inside) off sys.path; the steps inherit both. PYTHON picks the interpreter.
+gpu-check-system:
+	@rm -rf build/gpucheck build/site && mkdir -p build/gpucheck/aimpre build/site
+	@for f in aimpre/*; do ln -s "$(CURDIR)/$$f" build/gpucheck/aimpre/; done
+	@ln -s "$(CURDIR)/kernels" build/gpucheck/aimpre/kernels
+	@ln -s "$(CURDIR)/scaling" build/gpucheck/aimpre/scaling
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(PYTHON) -m pip install -q --no-index --no-deps --target build/site .whl/*.whl; fi
+	PYTHONPATH="$(CURDIR)/build/gpucheck:$(CURDIR)/build/site$${PYTHONPATH:+:$$PYTHONPATH}" \
+		$(PYTHON) -P -m aimpre bench gpu --out gpu-check.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache *.egg-info

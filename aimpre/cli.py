@@ -294,6 +294,16 @@ def _bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from aimpre.gpucheck import STEPS, run_check
+
+    steps = [s for s in STEPS if s.name in args.steps] if args.steps else STEPS
+    report, passed = run_check(args.out, args.budget_s, args.allow_cpu, args.quick, steps)
+    print(report)
+    print(f"report written to {args.out}", file=sys.stderr)
+    return 0 if passed else 1
+
+
 def _columns(args: argparse.Namespace, default: dict | None = None) -> Any:
     """The table's column names: the ones given, else the fit's (plot), else collect's. The group column: --group
     (``none``: no grouping), else the fit's, else ``objective`` when the table holds several objectives."""
@@ -614,6 +624,7 @@ EXAMPLES = {
     "bench loader": "aimpre bench loader --workers 4",
     "bench step": "aimpre bench step --size large --batch 128",
     "bench attention": "aimpre bench attention --dtype bf16 --out attention.md",
+    "bench gpu": "aimpre bench gpu --out gpu-check.md",
     "model-info": "aimpre model-info huge",
     "config show": "aimpre config show --config configs/aimv2_large.yaml optim.lr=3e-4",
     "scaling plan": "aimpre scaling plan configs/sweeps/tiny_cpu.yaml --out sweeps/tiny",
@@ -759,12 +770,27 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--backend", default="triton", help="our attention backend (default triton)")
     bs.add_argument("--quick", action="store_true", help="a CPU smoke run of a tiny model")
     bs.set_defaults(fn=_bench_step)
-    ba = bsub.add_parser("attention", help="Triton attention vs FlexAttention, SDPA, xformers on the AIMv2 shapes")
-    ba.add_argument("--quick", action="store_true", help="tiny shapes, 2 runs: a smoke test (always so without a GPU)")
+    ba = bsub.add_parser("attention", help="Triton attention vs FlexAttention, SDPA, xformers on the AIMv2 shapes: "
+                         "GPU time, wall back to back and wall of one call, forward + backward")  # fmt: skip
+    ba.add_argument(
+        "--quick", action="store_true", help="tiny shapes, 1 call per timing: a smoke test (always so without a GPU)"
+    )
     ba.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    ba.add_argument("--reps", type=INT_GT0, default=20, help="timed runs per measurement (median reported)")
+    ba.add_argument("--reps", type=INT_GT0, default=20, help="calls per wall-time measurement (back to back: their "
+                    "mean; single call: their median)")  # fmt: skip
     ba.add_argument("--out", help="also write the report to this markdown file")
     ba.set_defaults(fn=_bench_attention)
+    from aimpre.gpucheck import STEP_NAMES
+
+    bg = bsub.add_parser("gpu", help="the device check: GPU tests, then bench attention, ops, step and fp8, each in a "
+                         "subprocess with a timeout, into one markdown report")  # fmt: skip
+    bg.add_argument("--out", default="gpu-check.md", help="the report to write")
+    bg.add_argument("--budget-s", type=FLOAT_GT0, default=480, help="seconds for all steps; later steps' timeouts "
+                    "shrink to what is left")  # fmt: skip
+    bg.add_argument("--steps", nargs="+", choices=STEP_NAMES, help="run only these steps (default: all, in order)")
+    bg.add_argument("--allow-cpu", action="store_true", help="run without CUDA as a dry run (benches in --quick mode)")
+    bg.add_argument("--quick", action="store_true", help="benches in their --quick mode: a smoke test of the check")
+    bg.set_defaults(fn=_bench_gpu)
 
     mi = sub.add_parser("model-info", help="parameter counts and training FLOPs of a size or config")
     mi.add_argument("name", help="a size (tiny, large, huge, 1b, 3b) or a YAML config file")
