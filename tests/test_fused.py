@@ -1,5 +1,5 @@
 """model.fused: the torch and liger-kernel paths of RMSNorm, residual-add + RMSNorm, SwiGLU and the text head +
-cross-entropy give the same losses and gradients; the switch and its errors.
+cross-entropy give the same losses and gradients; the switch, its errors, and ``aimpre bench ops``.
 
 Without a GPU only liger's fused linear cross-entropy runs (in Triton's interpreter, which tests/conftest.py turns
 on); liger's RMSNorm and SwiGLU fail in the interpreter, so their tests run only on CUDA (``make gpu-check``).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,26 @@ def test_missing_liger_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
     w = torch.randn(5, 8)
     loss = fused.linear_cross_entropy(x, w, torch.arange(4), torch.ones(4, dtype=torch.bool), "auto")
     torch.testing.assert_close(loss, F.cross_entropy(x @ w.T, torch.arange(4)))
+
+
+def test_bench_ops_quick_prints_its_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aimpre.cli import main
+
+    out = tmp_path / "ops.md"
+    assert main(["bench", "ops", "--quick", "--ops", "add_rmsnorm", "linear_ce", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.read_text() == text.removesuffix("\n")
+    header = "| op | where | shape | implementation | fwd+bwd ms | vs eager | peak MiB | max abs diff | note |"
+    assert header in text
+    if not torch.cuda.is_available():
+        assert "these times say nothing about GPU speed" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| add_rmsnorm", "| linear_ce"))]
+    assert len(rows) == 8  # 2 ops x (eager, compiled, liger, liger compiled)
+    eager_ce = next(r for r in rows if r.startswith("| linear_ce") and "| eager torch |" in r)
+    liger_ce = next(r for r in rows if r.startswith("| linear_ce") and "| liger |" in r)
+    assert float(eager_ce.split("|")[5]) > 0 and float(liger_ce.split("|")[5]) > 0  # both timed
+    assert float(liger_ce.split("|")[8]) < 1e-4  # liger's loss equals eager torch's
+    assert "- linear_ce (text head" in text and "faster than eager torch" in text
 
 
 @pytest.mark.gpu
