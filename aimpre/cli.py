@@ -304,6 +304,32 @@ def _bench_gpu(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _bench_ops(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from aimpre.kernels.bench_ops import run_ops
+    from aimpre.model import SIZES, model_config
+
+    if args.size not in SIZES:
+        raise ValueError(f"bench ops --size: unknown size {args.size!r}; known sizes: {', '.join(SIZES)}")
+    quick = args.quick or not torch.cuda.is_available()
+    if quick:  # tiny shapes: a smoke test of the command (on CPU liger's cross-entropy runs in Triton's interpreter)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        shapes = dict(batch=2, width=64, hidden=128, tokens=16, dec_width=64, dec_hidden=128, dec_tokens=24, text=8,
+                      vocab=300)  # fmt: skip
+        label = "tiny smoke-test shapes (--quick)"
+    else:
+        m = model_config(args.size, vocab_size=32000)
+        shapes = dict(batch=args.batch, width=m.width, hidden=m.mlp_hidden, tokens=m.num_patches,
+                      dec_width=m.dec_width, dec_hidden=m.dec_mlp_hidden, dec_tokens=m.dec_seq_len,
+                      text=m.text_len, vocab=32000)  # fmt: skip
+        label = f"AIMv2-{args.size} shapes, batch {args.batch}"
+    run_ops(shapes, label, quick=quick, reps=args.reps, out=args.out, ops=tuple(args.ops))
+    return 0
+
+
 def _columns(args: argparse.Namespace, default: dict | None = None) -> Any:
     """The table's column names: the ones given, else the fit's (plot), else collect's. The group column: --group
     (``none``: no grouping), else the fit's, else ``objective`` when the table holds several objectives."""
@@ -625,6 +651,7 @@ EXAMPLES = {
     "bench step": "aimpre bench step --size large --batch 128",
     "bench attention": "aimpre bench attention --dtype bf16 --out attention.md",
     "bench gpu": "aimpre bench gpu --out gpu-check.md",
+    "bench ops": "aimpre bench ops --size large --batch 128 --out ops.md",
     "model-info": "aimpre model-info huge",
     "config show": "aimpre config show --config configs/aimv2_large.yaml optim.lr=3e-4",
     "scaling plan": "aimpre scaling plan configs/sweeps/tiny_cpu.yaml --out sweeps/tiny",
@@ -791,6 +818,15 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--allow-cpu", action="store_true", help="run without CUDA as a dry run (benches in --quick mode)")
     bg.add_argument("--quick", action="store_true", help="benches in their --quick mode: a smoke test of the check")
     bg.set_defaults(fn=_bench_gpu)
+    bo = bsub.add_parser("ops", help="fused RMSNorm, SwiGLU, text head + cross-entropy: liger vs torch and Inductor")
+    bo.add_argument("--size", default="large", help="the model size whose shapes to use (default large)")
+    bo.add_argument("--batch", type=INT_GT0, default=128, help="images per step (default 128)")
+    bo.add_argument("--reps", type=INT_GT0, default=20, help="timed runs per measurement (median reported)")
+    ops = ("rmsnorm", "add_rmsnorm", "swiglu", "linear_ce")  # aimpre.kernels.bench_ops.OPS (not imported here)
+    bo.add_argument("--ops", nargs="+", choices=ops, default=list(ops), help="which ops (default all)")
+    bo.add_argument("--quick", action="store_true", help="tiny shapes, 2 runs: a smoke test (always so without a GPU)")
+    bo.add_argument("--out", help="also write the report to this markdown file")
+    bo.set_defaults(fn=_bench_ops)
 
     mi = sub.add_parser("model-info", help="parameter counts and training FLOPs of a size or config")
     mi.add_argument("name", help="a size (tiny, large, huge, 1b, 3b) or a YAML config file")

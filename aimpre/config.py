@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from aimpre.kernels import available_backends
+from aimpre.kernels import available_backends, fused
 from aimpre.model.sizes import OBJECTIVES, SIZES, ModelConfig, model_config
 from aimpre.objectives.towers import POOLS
 
@@ -303,6 +303,8 @@ def validate(cfg: Config) -> Config:
                f"{d.batch_size}: a contrastive loss ({m.objective}) needs at least 2 pairs per rank")  # fmt: skip
     backends = available_backends()
     _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
+    _check(m.fused in fused.MODES, "model.fused", f"{short(m.fused)} is not one of {', '.join(fused.MODES)}")
+    _check(m.fused != "liger" or fused.liger_installed(), "model.fused", f"needs liger-kernel: {fused.INSTALL_HINT}")
     _check(d.max_sample_bytes > 0, "data.max_sample_bytes", f"{d.max_sample_bytes} must be positive (bytes)")
     _check(d.batch_size > 0, "data.batch_size", "must be positive")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")

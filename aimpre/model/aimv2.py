@@ -13,7 +13,7 @@ import math
 from torch import Tensor, nn
 
 from aimpre.model.decoder import MultimodalDecoder
-from aimpre.model.losses import patchify, pixel_loss, text_loss
+from aimpre.model.losses import head_text_loss, patchify, pixel_loss
 from aimpre.model.sizes import ModelConfig
 from aimpre.model.vit import AIMv2Encoder
 
@@ -70,8 +70,11 @@ class AIMv2(nn.Module):
         Returns:
             ``loss`` (the weighted sum), ``loss_image`` and ``loss_text``.
         """
-        pixels, logits = self.predict(images, text, prefix_len)
-        loss_image = pixel_loss(pixels, patchify(images, self.cfg.patch_size), prefix_len)
-        loss_text = text_loss(logits, text, text_mask)
+        tokens = self.encoder(images, prefix_len)  # [B, N, width]
+        h = self.decoder(tokens, text)  # [B, N + L, dec_width]
+        N = tokens.shape[1]
+        loss_image = pixel_loss(self.pixel_head(h[:, : N - 1]), patchify(images, self.cfg.patch_size), prefix_len)
+        # the text head inside the loss: with model.fused=liger (or auto on CUDA) the logits are never built whole
+        loss_text = head_text_loss(h[:, N:], self.text_head.weight, text, text_mask, self.cfg.fused)
         loss = self.cfg.w_text * loss_text + self.cfg.w_image * loss_image
         return {"loss": loss, "loss_image": loss_image, "loss_text": loss_text}

@@ -28,9 +28,10 @@ class MultimodalDecoder(nn.Module):
         self.start_token = nn.Parameter(torch.zeros(1, 1, D))
         self.text_pos = nn.Parameter(torch.zeros(1, cfg.text_len, D))
         self.blocks = nn.ModuleList(
-            Block(D, cfg.dec_heads, cfg.dec_mlp_hidden, cfg.norm_eps, cfg.attn_backend) for _ in range(cfg.dec_depth)
+            Block(D, cfg.dec_heads, cfg.dec_mlp_hidden, cfg.norm_eps, cfg.attn_backend, cfg.fused)
+            for _ in range(cfg.dec_depth)
         )
-        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.norm = RMSNorm(D, cfg.norm_eps, cfg.fused)
         self.init_weights()
 
     def init_weights(self) -> None:

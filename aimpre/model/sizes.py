@@ -39,6 +39,9 @@ class ModelConfig:
     prefix_min: int = 1  # prefix length M ~ U{prefix_min..prefix_max} patches (bidirectional attention inside)
     prefix_max: int | None = None  # null: num_patches - 1
     attn_backend: str = "auto"  # attention kernel: auto | triton | flex | sdpa | xformers | reference
+    # fused memory-bound ops: torch | liger (liger-kernel's RMSNorm, residual-add + RMSNorm, SwiGLU and chunked text
+    # head + cross-entropy, on GPUs) | auto (liger's cross-entropy on CUDA when installed, torch otherwise)
+    fused: str = "auto"
     # the pretraining objective (aimpre.objectives): aimv2 | aimv1 | siglip | clip | classification
     objective: str = "aimv2"
     pool: str = "map"  # image and text embeddings (contrastive, classification): map (attention pooling) | mean

@@ -43,9 +43,10 @@ class AIMv2Encoder(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, cfg.norm_eps)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.width))
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.norm_eps, cfg.attn_backend) for _ in range(cfg.depth)
+            Block(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.norm_eps, cfg.attn_backend, cfg.fused)
+            for _ in range(cfg.depth)
         )
-        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps, cfg.fused)
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -86,9 +86,10 @@ class TextTower(nn.Module):
         self.embed = nn.Embedding(vocab_size, w)
         self.pos = nn.Parameter(torch.zeros(1, cfg.text_len, w))
         self.blocks = nn.ModuleList(
-            Block(w, cfg.text_heads, cfg.text_mlp_hidden, cfg.norm_eps, cfg.attn_backend) for _ in range(cfg.text_depth)
+            Block(w, cfg.text_heads, cfg.text_mlp_hidden, cfg.norm_eps, cfg.attn_backend, cfg.fused)
+            for _ in range(cfg.text_depth)
         )
-        self.norm = RMSNorm(w, cfg.norm_eps)
+        self.norm = RMSNorm(w, cfg.norm_eps, cfg.fused)
         self.pool = Pool(w, cfg.text_heads, cfg.text_mlp_hidden, cfg.pool, cfg.norm_eps)
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
         self.init_weights()
