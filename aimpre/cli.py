@@ -41,6 +41,21 @@ FLOAT_GT0 = _checked(float, lambda v: v > 0, "a positive number")
 PERCENT = _checked(float, lambda v: 0 < v < 100, "a percentage in (0, 100)")
 FACTOR = _checked(float, lambda v: v >= 1, "a factor >= 1")
 INT_GE2 = _checked(int, lambda v: v >= 2, "an integer >= 2")
+# bench step's builds (aimpre.train.bench.BUILDS) and the float8 recipes (aimpre.config.FP8_RECIPES), here so that
+# parsing the command line imports no torch
+BENCH_BUILDS = ("plain", "bf16", "fp8")
+FP8_RECIPES = ("tensorwise", "rowwise")
+
+
+def _builds(text: str) -> list[str]:
+    """``--builds plain,fp8``: a non-empty subset of BENCH_BUILDS."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in BENCH_BUILDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"must name some of {','.join(BENCH_BUILDS)}, got {text[:40]!r}")
+    return names
+
+
 # what ``scaling fit/plot --y`` may name: the loss column, or the error 1 - top-1 of a probe (or any) top-1 column
 Y_ERRORS = {"error_attentive": "probe_attentive_top1", "error_linear": "probe_linear_top1"}
 
@@ -220,26 +235,28 @@ def _bench_step(args: argparse.Namespace) -> int:
     import torch
 
     from aimpre.model import SIZES
-    from aimpre.train.bench import bench_step
+    from aimpre.train.bench import run_step
 
     if args.size not in SIZES:
         raise ValueError(f"bench step --size: unknown size {args.size!r}; known sizes: {', '.join(SIZES)}")
-    quick = args.quick or not torch.cuda.is_available()
-    if quick and not args.quick:
-        print("no GPU: running the CPU smoke version (--quick); the targets are H100 numbers")
-    size, batch = ("tiny", 4) if quick else (args.size, args.batch)
-    backend = args.backend
-    if quick and backend == "triton" and not torch.cuda.is_available():
-        print("no GPU: our build uses the sdpa backend (the Triton kernel needs CUDA outside the test interpreter)")
-        backend = "sdpa"
-    rows = bench_step(size, batch, args.steps, args.warmup, backend, quick)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not quick else "CPU"
-    print(f"training step, AIMv2-{size}, batch {batch}, {device}, torch {torch.__version__}")
-    print(f"{'build':40}{'ms/step':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
-    for r in rows:
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['build']:40}{r['step_ms']:>10.1f}{r['img_per_s']:>10.1f}{r['tflops']:>10.1f}{mfu:>8}")
-    print(f"speed-up: {rows[1]['img_per_s'] / rows[0]['img_per_s']:.2f}x")
+    if not args.quick and not torch.cuda.is_available():
+        print("no GPU: running the CPU smoke version (--quick); the targets are judged on a GPU", file=sys.stderr)
+    run_step(args.size, args.batch, args.steps, args.warmup, args.backend, args.quick, tuple(args.builds),
+             args.recipe, args.out)  # fmt: skip
+    return 0
+
+
+def _bench_fp8(args: argparse.Namespace) -> int:
+    import torch
+
+    from aimpre.model import SIZES
+    from aimpre.train.bench import run_fp8
+
+    if args.size not in SIZES:
+        raise ValueError(f"bench fp8 --size: unknown size {args.size!r}; known sizes: {', '.join(SIZES)}")
+    if not args.quick and not torch.cuda.is_available():
+        print("no GPU: running the CPU smoke version (--quick); the target is judged on a GPU", file=sys.stderr)
+    run_fp8(args.size, args.steps, args.batch, args.log_every, args.recipe, args.quick, args.out, args.plot)
     return 0
 
 
@@ -648,7 +665,8 @@ EXAMPLES = {
     "launch slurm": "aimpre launch slurm --config configs/aimv2_large.yaml --name l14 --nodes 2 > l14.sbatch",
     "launch torchrun": "aimpre launch torchrun --config configs/aimv2_large.yaml --name l14 --gpus-per-node 8",
     "bench loader": "aimpre bench loader --workers 4",
-    "bench step": "aimpre bench step --size large --batch 128",
+    "bench step": "aimpre bench step --size large --batch 128 --out step.md",
+    "bench fp8": "aimpre bench fp8 --size large --steps 300 --batch 64 --out fp8.md --plot fp8.png",
     "bench attention": "aimpre bench attention --dtype bf16 --out attention.md",
     "bench gpu": "aimpre bench gpu --out gpu-check.md",
     "bench ops": "aimpre bench ops --size large --batch 128 --out ops.md",
@@ -789,14 +807,28 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--batches", type=INT_GT0, default=30, help="timed batches after 3 warm-up batches")
     bl.add_argument("--rounds", type=INT_GT0, default=3, help="alternating rounds per pipeline; the median is shown")
     bl.set_defaults(fn=_bench_loader)
-    bs = bsub.add_parser("step", help="one AIMv2 training step: plain compiled PyTorch vs ours (GPU)")
+    bs = bsub.add_parser("step", help="one AIMv2 training step: plain compiled PyTorch vs ours, bf16 and fp8 (GPU)")
     bs.add_argument("--size", default="large")
     bs.add_argument("--batch", type=INT_GT0, default=128, help="per GPU (default 128)")
-    bs.add_argument("--steps", type=INT_GT0, default=10)
-    bs.add_argument("--warmup", type=COUNT, default=5)
+    bs.add_argument("--steps", type=INT_GT0, default=10, help="timed steps")
+    bs.add_argument("--warmup", type=COUNT, default=3, help="untimed steps first (compilation happens in them)")
     bs.add_argument("--backend", default="triton", help="our attention backend (default triton)")
+    bs.add_argument("--builds", type=_builds, default=list(BENCH_BUILDS), help="comma-separated subset of "
+                    f"{','.join(BENCH_BUILDS)} (default: all)")  # fmt: skip
+    bs.add_argument("--recipe", choices=FP8_RECIPES, default="tensorwise", help="the fp8 build's float8 recipe")
     bs.add_argument("--quick", action="store_true", help="a CPU smoke run of a tiny model")
+    bs.add_argument("--out", help="also write the report to this markdown file")
     bs.set_defaults(fn=_bench_step)
+    bf = bsub.add_parser("fp8", help="training loss with fp8 vs bf16: same weights, same batches (GPU)")
+    bf.add_argument("--size", default="large")
+    bf.add_argument("--steps", type=INT_GT0, default=300, help="optimiser steps per build")
+    bf.add_argument("--batch", type=INT_GT0, default=64)
+    bf.add_argument("--log-every", type=INT_GT0, default=10, help="steps per logged window (mean loss)")
+    bf.add_argument("--recipe", choices=FP8_RECIPES, default="tensorwise", help="torchao's float8 recipe")
+    bf.add_argument("--quick", action="store_true", help="a CPU smoke run: tiny model, 6 steps, batch 4")
+    bf.add_argument("--out", help="also write the report to this markdown file")
+    bf.add_argument("--plot", help="draw both loss curves to this PNG")
+    bf.set_defaults(fn=_bench_fp8)
     ba = bsub.add_parser("attention", help="Triton attention vs FlexAttention, SDPA, xformers on the AIMv2 shapes: "
                          "GPU time, wall back to back and wall of one call, forward + backward")  # fmt: skip
     ba.add_argument(

@@ -139,7 +139,11 @@ class TrainerConfig:
     accelerator: str = "auto"  # Lightning accelerator: auto | cpu | gpu | cuda | mps
     devices: int | str = "auto"  # devices per node: a count, or auto (a launcher's processes per node, else all)
     num_nodes: int = 1  # machines in the job
-    precision: str = "auto"  # auto: bf16-mixed where the accelerator supports it, else 32-true
+    # auto: bf16-mixed where the accelerator supports it, else 32-true; fp8: bf16-mixed plus float8 GEMMs in the
+    # transformer blocks' linears (torchao: pip install 'aimpre[fp8]'; GPUs of compute capability >= 8.9, or CPU)
+    precision: str = "auto"
+    # trainer.precision=fp8's torchao recipe: tensorwise (one dynamic scale per tensor, the fastest) | rowwise
+    fp8_recipe: str = "tensorwise"
     # auto (Lightning's choice) | ddp | fsdp (FSDP2 fully_shard per block: bf16 params, fp32 reduce, DCP checkpoints)
     strategy: str = "auto"
     accumulate_grad_batches: int = 1  # micro-batches per optimiser step
@@ -250,6 +254,10 @@ def _finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+# Lightning's precisions, and fp8 (bf16-mixed with float8 linears in the blocks, aimpre.train.parallel.convert_fp8)
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "fp8")
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao's Float8LinearRecipeName values we offer
+
 # Lightning's accelerator names that aimpre runs on (TPUs would need torch_xla, which aimpre does not support)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -341,8 +349,10 @@ def validate(cfg: Config) -> Config:
     bad = [x for x in t.loggers if x not in ("csv", "tensorboard", "wandb")]
     _check(not bad, "trainer.loggers", f"{', '.join(map(repr, bad))} not one of csv, tensorboard, wandb")
     _check(t.keep_last == -1 or t.keep_last >= 1, "trainer.keep_last", "must be >= 1, or -1 to keep all")
-    _check(t.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"), "trainer.precision",
-           f"{short(t.precision)} is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true")  # fmt: skip
+    _check(t.precision in PRECISIONS, "trainer.precision",
+           f"{short(t.precision)} is not one of {', '.join(PRECISIONS)}")  # fmt: skip
+    _check(t.fp8_recipe in FP8_RECIPES, "trainer.fp8_recipe",
+           f"{short(t.fp8_recipe)} is not one of {', '.join(FP8_RECIPES)}")  # fmt: skip
     return cfg
 
 

@@ -1,17 +1,72 @@
-"""`aimpre bench step --quick` runs both builds end to end (a tiny model on CPU) and prints its table."""
+"""`aimpre bench step`: the CPU smoke run of its three builds end to end, its verdicts on constructed rows, and an
+fp8 row that says why it has no numbers instead of failing the bench."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from aimpre.cli import main
+from aimpre.cli import BENCH_BUILDS, FP8_RECIPES, build_parser
+from aimpre.config import FP8_RECIPES as CONFIG_RECIPES
+from aimpre.train.bench import BUILDS, StepRow, run_step, step_targets
+
+SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 8}  # the tiny model, shrunk for the smoke run
 
 
-def test_bench_step_quick_times_both_builds(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "step", "--quick", "--steps", "2", "--warmup", "1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    rows = {line.split("  ")[0]: line.split() for line in lines if line.startswith(("plain", "aimpre"))}
-    assert set(rows) == {"plain (torch.compile, Flex + SDPA)", "aimpre (sdpa, compiled blocks)"}
+def _rows(report: str) -> dict[str, list[str]]:
+    """Table rows by build label: the cells of each."""
+    lines = [line for line in report.splitlines() if line.startswith(("| plain", "| ours"))]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+@pytest.mark.gpu
+def test_bench_step_quick_measures_plain_bf16_and_fp8(tmp_path: Path) -> None:
+    out = tmp_path / "step.md"
+    report = run_step(steps=1, warmup=1, quick=True, out=str(out), model=SMALL)
+    assert out.read_text() == report
+    assert "NO GPU" in report and "say nothing about GPU speed" in report
+    rows = _rows(report)
+    fp8 = "ours fp8 (sdpa, eager, float8 linears)"
+    assert list(rows) == ["plain (eager, Flex + SDPA)", "ours bf16 (sdpa, eager)", fp8]
     for cells in rows.values():
-        assert float(cells[-4]) > 0 and float(cells[-3]) > 0  # ms/step, img/s
-    assert any(line.startswith("speed-up:") for line in lines)
+        assert float(cells[0]) > 0 and float(cells[1]) > 0  # ms/step, img/s
+    assert rows[fp8][-1] == "10 block linears in float8 (tensorwise), 0 left in bf16"
+    assert "judged on a GPU only" in report
+
+
+def test_bench_step_fp8_row_says_torchao_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    rows = _rows(run_step(steps=1, warmup=0, quick=True, builds=("bf16", "fp8"), model=SMALL))
+    assert float(rows["ours bf16 (sdpa, eager)"][1]) > 0
+    fp8 = rows["ours fp8 (sdpa, eager, float8 linears)"]
+    assert fp8[:5] == ["-"] * 5 and fp8[-1] == "fp8 needs torchao, which is not installed: pip install 'aimpre[fp8]'"
+
+
+def test_step_targets_judge_speed_ups_and_memory() -> None:
+    rows = [
+        StepRow("plain", "plain", img_per_s=500.0, peak_gib=56.7),
+        StepRow("bf16", "ours bf16", img_per_s=574.0, peak_gib=50.0),  # 1.148x: just short of 1.15x
+        StepRow("fp8", "ours fp8", img_per_s=650.0, peak_gib=57.0),  # 1.30x, but more memory
+    ]
+    assert step_targets(rows) == [
+        "- ours bf16 >= 1.15x plain: 1.15x (574.0 vs 500.0 img/s): NOT met",
+        "- ours fp8 >= 1.30x plain: 1.30x (650.0 vs 500.0 img/s): met",
+        "- peak memory of ours bf16 <= plain's: 50.0 GiB vs 56.7 GiB: met",
+        "- peak memory of ours fp8 <= plain's: 57.0 GiB vs 56.7 GiB: NOT met",
+    ]
+    rows[2] = StepRow("fp8", "ours fp8", note="torchao not installed")
+    assert step_targets(rows)[1] == "- ours fp8 >= 1.30x plain: not measured (fp8 has no time)"
+    assert step_targets(rows[1:2]) == ["- ours bf16 >= 1.15x plain: not measured (plain has no time)",
+                                       "- peak memory of ours bf16 <= plain's: not measured"]  # fmt: skip
+
+
+def test_cli_builds_and_recipes() -> None:
+    assert BENCH_BUILDS == BUILDS and FP8_RECIPES == CONFIG_RECIPES  # the CLI's copies, kept free of torch imports
+    args = build_parser().parse_args(["bench", "step", "--builds", "plain,fp8", "--recipe", "rowwise"])
+    assert args.builds == ["plain", "fp8"] and args.recipe == "rowwise"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "step", "--builds", "plain,fp16"])

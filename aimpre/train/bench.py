@@ -1,32 +1,103 @@
-"""``aimpre bench step``: one AIMv2 training step (forward, backward, fused AdamW), two ways, in one run.
+"""``aimpre bench step`` (the speed of one AIMv2 training step, three builds in one run) and ``aimpre bench fp8``
+(the loss of float8 training against bf16 over the same steps).
+
+Step builds, each a fresh model from the same seed, fed the same batch, with fused AdamW and bf16 autocast:
 
 - plain: the model compiled whole with ``torch.compile``, FlexAttention for the encoder's prefix mask and SDPA
   for the decoder's causal mask (``attn_backend=flex`` would also route causal through Flex, so the plain build
-  uses ``auto``, which picks exactly these under compile), fused AdamW, bf16 autocast;
-- ours: ``attn_backend`` (default ``triton``) with per-block compile, as ``aimpre train`` runs it.
+  uses ``auto``, which picks exactly these under compile);
+- ours bf16: ``attn_backend`` (default ``triton``) with per-block compile, through ``parallelize`` as
+  ``aimpre train`` runs it, with the model's other defaults;
+- ours fp8: the same plus ``trainer.precision=fp8``'s conversion of the blocks' linears to float8, through the same
+  ``parallelize(fp8=...)`` call the trainer makes.
 
-Reports images/s, achieved TFLOP/s and MFU from ``aimpre.scaling.flops_per_sample``. Time is measured with CUDA
-events over ``steps`` steps after ``warmup`` (compilation happens in the warm-up).
+For each: ms/step and images/s (CUDA events over ``steps`` steps after ``warmup``, which holds the compilation),
+achieved TFLOP/s from ``aimpre.scaling.flops_per_sample``, MFU against the dense bf16 peak (for the fp8 build too:
+the same yardstick, so MFU compares builds), peak memory (``torch.cuda.max_memory_allocated``, reset per build),
+and the speed-up over plain; then the targets of issue 11: bf16 >= 1.15x plain, fp8 >= 1.3x plain, neither using
+more memory than plain.
 """
 
 from __future__ import annotations
 
+import datetime
+import gc
+import math
+import platform
+import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
+from aimpre.config import Config, OptimConfig, RunConfig, TrainerConfig
+from aimpre.data.tokenizer import ByteTokenizer
+from aimpre.files import atomic_path, write_text
 from aimpre.model import AIMv2, model_config
 from aimpre.scaling import flops_per_sample
 from aimpre.train.callbacks import peak_flops
-from aimpre.train.parallel import parallelize
+from aimpre.train.module import AIMv2Module, _seed
+from aimpre.train.parallel import fp8_linears, fp8_problem, parallelize
+
+BUILDS = ("plain", "bf16", "fp8")
+STEP_TARGETS = {"bf16": 1.15, "fp8": 1.3}  # images/s over plain's
+LOSS_TOLERANCE = 0.01  # bench fp8: |fp8 - bf16| / bf16 at every logged step
 
 
-def _step_fn(model: AIMv2, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
+def _versions() -> str:
+    parts = [f"torch {torch.__version__}"]
+    for name in ("triton", "torchao"):
+        try:
+            parts.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts)
+
+
+def _device_line(device: torch.device, what: str) -> str:
+    if device.type == "cuda":
+        return f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    return f"device: NO GPU: CPU ({cpu}), {what}: these times say nothing about GPU speed"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------------------------------- bench step
+
+
+@dataclass
+class StepRow:
+    """One build's measurement; ``note`` says why numbers are missing, or what was converted."""
+
+    build: str  # plain | bf16 | fp8
+    label: str
+    step_ms: float | None = None
+    img_per_s: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    peak_gib: float | None = None  # None off CUDA
+    note: str = ""
+
+
+def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, data: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
     def step() -> None:
-        with torch.autocast(batch["images"].device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(batch["images"], batch["text"], batch["mask"], batch["prefix"])
+        with torch.autocast(data["images"].device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(data["images"], data["text"], data["mask"], data["prefix"])
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -34,7 +105,7 @@ def _step_fn(model: AIMv2, opt: torch.optim.Optimizer, batch: dict[str, torch.Te
     return step
 
 
-def _time(step: Any, device: torch.device, warmup: int, steps: int) -> float:
+def _time(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -52,50 +123,406 @@ def _time(step: Any, device: torch.device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _label(build: str, backend: str, compile: bool) -> str:
+    how = "compiled blocks" if compile else "eager"
+    return {
+        "plain": f"plain ({'torch.compile' if compile else 'eager'}, Flex + SDPA)",
+        "bf16": f"ours bf16 ({backend}, {how})",
+        "fp8": f"ours fp8 ({backend}, {how}, float8 linears)",
+    }[build]
+
+
 def bench_step(
     size: str = "large",
     batch: int = 128,
     steps: int = 10,
-    warmup: int = 5,
+    warmup: int = 3,
     backend: str = "triton",
     quick: bool = False,
-) -> list[dict[str, Any]]:
-    """Times both builds; returns rows of {build, img_per_s, tflops, mfu, step_ms}.
+    builds: tuple[str, ...] = BUILDS,
+    recipe: str = "tensorwise",
+    model: dict[str, Any] | None = None,
+) -> list[StepRow]:
+    """Times each build on one device; a build that cannot run (fp8 without torchao or float8 tensor cores) or
+    fails gets a row with a note instead of numbers.
 
     Args:
         size: a model size.
         batch: images per step (one device).
-        steps, warmup: timed and untimed steps.
+        steps, warmup: timed and untimed steps (the warm-up holds compilation and autotuning).
         backend: our attention backend.
-        quick: a CPU smoke run (no compile, float32), for checking the command works.
+        quick: a CPU smoke run (no compile; float32, the fp8 build in bf16 autocast as the trainer runs it).
+        builds: which of ``BUILDS`` to run, in that order.
+        recipe: the fp8 build's float8 recipe (``trainer.fp8_recipe``).
+        model: ModelConfig overrides of the size (tests shrink the tiny model further).
     """
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compile = not quick
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as aimpre train
     rows = []
-    for name, attn, whole, blocks in (("plain (torch.compile, Flex + SDPA)", "auto", True, False),
-                                       (f"aimpre ({backend}, compiled blocks)", backend, False, True)):  # fmt: skip
-        cfg = replace(model_config(size, vocab_size=258 if quick else 32000), attn_backend=attn)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AIMv2(cfg)
-        if not quick:
-            parallelize(model, compile=blocks)
-        run_model = torch.compile(model) if whole and not quick else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        g = torch.Generator(device="cpu").manual_seed(0)
-        data = {
-            "images": torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device),
-            "text": torch.randint(2, cfg.vocab_size or 258, (batch, cfg.text_len), generator=g).to(device),
-            "prefix": torch.randint(1, cfg.num_patches, (batch,), generator=g).to(device),
-        }
-        data["mask"] = torch.ones_like(data["text"], dtype=torch.bool)
-        seconds = _time(_step_fn(run_model, opt, data, dtype), device, warmup, steps)  # type: ignore[arg-type]
-        img_s = batch / seconds
-        peak = peak_flops(device)
-        achieved = img_s * flops_per_sample(cfg)
-        rows.append({"build": name, "step_ms": seconds * 1e3, "img_per_s": img_s, "tflops": achieved / 1e12,
-                     "mfu": achieved / peak if peak else None})  # fmt: skip
-        del model, opt, run_model
+    for build in (b for b in BUILDS if b in builds):
+        row = StepRow(build, _label(build, backend, compile))
+        rows.append(row)
+        problem = fp8_problem(device) if build == "fp8" else None
+        if problem:
+            row.note = problem.removeprefix("config key 'trainer.precision': ")
+            continue
+        _free(device)
+        try:
+            cfg = model_config(
+                size, **{"vocab_size": 258 if quick else 32000, **(model or {}), "attn_backend": backend}
+            )
+            if build == "plain":
+                cfg = replace(cfg, attn_backend="auto")
+            torch.manual_seed(0)
+            with torch.device(device):
+                net = AIMv2(cfg)
+            run_model: nn.Module = net
+            if build == "plain":
+                run_model = torch.compile(net) if compile else net  # type: ignore[assignment]
+            else:  # the trainer's own call (AIMv2Module.configure_model)
+                parallelize(net, fp8=recipe if build == "fp8" else None, compile=compile)
+            if build == "fp8":
+                converted, left = fp8_linears(net)
+                row.note = f"{len(converted)} block linears in float8 ({recipe}), {len(left)} left in bf16"
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+            g = torch.Generator(device="cpu").manual_seed(0)
+            data = {
+                "images": torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device),
+                "text": torch.randint(2, cfg.vocab_size or 258, (batch, cfg.text_len), generator=g).to(device),
+                "prefix": torch.randint(1, cfg.num_patches, (batch,), generator=g).to(device),
+            }
+            data["mask"] = torch.ones_like(data["text"], dtype=torch.bool)
+            dtype = torch.bfloat16 if device.type == "cuda" or build == "fp8" else torch.float32
+            seconds = _time(_step_fn(run_model, opt, data, dtype), device, warmup, steps)
+        except Exception as e:  # a bench reports a broken build and measures the others
+            row.note = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            print(f"bench step: {row.label} failed: {e!r}", file=sys.stderr)
+            continue
+        finally:
+            net = run_model = opt = None  # type: ignore[assignment]
+        row.step_ms = seconds * 1e3
+        row.img_per_s = batch / seconds
+        achieved = row.img_per_s * flops_per_sample(cfg)
+        row.tflops = achieved / 1e12
+        peak = peak_flops(device)  # bf16 for every build
+        row.mfu = achieved / peak if peak else None
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    _free(device)
     return rows
+
+
+def _measured(row: StepRow | None) -> bool:
+    return row is not None and row.img_per_s is not None
+
+
+def step_targets(rows: list[StepRow]) -> list[str]:
+    """The verdict lines: speed-ups over plain against ``STEP_TARGETS`` and peak memory against plain's."""
+    by = {r.build: r for r in rows}
+    plain = by.get("plain")
+    out = []
+    for build, need in STEP_TARGETS.items():
+        if build not in by:
+            continue
+        r, what = by[build], f"ours {build} >= {need:.2f}x plain"
+        if not (_measured(r) and _measured(plain)):
+            out.append(f"- {what}: not measured ({'plain' if not _measured(plain) else build} has no time)")
+            continue
+        assert r.img_per_s is not None and plain is not None and plain.img_per_s is not None
+        x = r.img_per_s / plain.img_per_s
+        verdict = "met" if x >= need else "NOT met"
+        out.append(f"- {what}: {x:.2f}x ({r.img_per_s:.1f} vs {plain.img_per_s:.1f} img/s): {verdict}")
+    for build in STEP_TARGETS:
+        if build not in by:
+            continue
+        r, what = by[build], f"peak memory of ours {build} <= plain's"
+        if r.peak_gib is None or plain is None or plain.peak_gib is None:
+            out.append(f"- {what}: not measured")
+            continue
+        verdict = "met" if r.peak_gib <= plain.peak_gib else "NOT met"
+        out.append(f"- {what}: {r.peak_gib:.1f} GiB vs {plain.peak_gib:.1f} GiB: {verdict}")
+    return out
+
+
+def step_table(rows: list[StepRow]) -> str:
+    by = {r.build: r for r in rows}
+    plain = by.get("plain")
+    lines = [
+        "| build | ms/step | img/s | TFLOP/s | MFU (bf16 peak) | peak memory GiB | vs plain | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        vs = "-"
+        if _measured(r) and _measured(plain):
+            assert r.img_per_s is not None and plain is not None and plain.img_per_s is not None
+            vs = f"{r.img_per_s / plain.img_per_s:.2f}x"
+
+        def f(v: float | None, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
+
+        lines.append(f"| {r.label} | {f(r.step_ms, '.1f')} | {f(r.img_per_s, '.1f')} | {f(r.tflops, '.1f')} | "
+                     f"{f(r.mfu, '.1%')} | {f(r.peak_gib, '.1f')} | {vs} | {r.note.replace('|', '/')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_step(
+    size: str = "large",
+    batch: int = 128,
+    steps: int = 10,
+    warmup: int = 3,
+    backend: str = "triton",
+    quick: bool = False,
+    builds: tuple[str, ...] = BUILDS,
+    recipe: str = "tensorwise",
+    out: str | None = None,
+    model: dict[str, Any] | None = None,
+) -> str:
+    """Measures, prints and returns the markdown report; ``out`` also writes it (atomically). Without a GPU (or
+    with ``quick``) it is a smoke run of the tiny model, batch 4, on CPU, with the sdpa backend where ``triton``
+    was asked (the Triton kernel needs CUDA outside the test interpreter).
+
+    Args: as ``bench_step``, and ``out``: a markdown file for the report.
+    """
+    cuda = torch.cuda.is_available() and not quick
+    if not cuda:
+        size, batch = "tiny", 4
+        if backend == "triton":
+            backend = "sdpa"
+    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model)
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = model_config(size, **(model or {}))
+    peak = peak_flops(device)
+    precision = "bf16 autocast" if cuda else "float32 (the fp8 build: bf16 autocast), no compile"
+    head = [
+        f"# training step benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        "",
+        _device_line(device, "a smoke run of the tiny model"),
+        f"{_versions()}; AIMv2-{size}, {cfg.img_size} px, batch {batch}, {precision}, AdamW"
+        f"{' (fused)' if cuda else ''}; {steps} timed steps after {warmup} warm-up (compilation happens in the "
+        f"warm-up); MFU against the dense bf16 peak"
+        f"{f' ({peak / 1e12:.0f} TFLOP/s)' if peak else ''} for every build, fp8 included.",
+    ]
+    targets = step_targets(rows) if cuda else ["- judged on a GPU only: this is a CPU smoke run"]
+    report = "\n".join([*head, "", step_table(rows), "", "targets (issue 11, same run):", *targets, ""])
+    print(report)
+    if out:
+        write_text(out, report)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- bench fp8
+
+
+@dataclass
+class LossCurves:
+    """Per-step losses of both builds and their means over each logging window."""
+
+    per_step: dict[str, list[float]]  # build -> loss at every step
+    every: int
+    ms_per_step: dict[str, float] = field(default_factory=dict)  # after the first steps (compilation)
+    fp8_linears: tuple[int, int] = (0, 0)  # block linears in float8, left in bf16
+    scenes: int = 0  # distinct training images
+
+    def windows(self, build: str) -> tuple[list[int], list[float]]:
+        return window_means(self.per_step[build], self.every)
+
+
+def window_means(losses: list[float], every: int) -> tuple[list[int], list[float]]:
+    """The logged steps (every ``every``-th, 1-based, and the last) and the mean loss over each window."""
+    ends = list(range(every, len(losses) + 1, every))
+    if losses and (not ends or ends[-1] != len(losses)):
+        ends.append(len(losses))
+    starts = [0, *ends[:-1]]
+    return ends, [float(np.mean(losses[a:b])) for a, b in zip(starts, ends, strict=True)]
+
+
+def loss_verdict(steps: list[int], bf16: list[float], fp8: list[float], tolerance: float = LOSS_TOLERANCE) -> str:
+    """``fp8 loss within 1% of bf16 at every logged step: met (worst 0.42% at step 120)``; a non-finite loss
+    fails."""
+    pairs = zip(bf16, fp8, strict=True)
+    rel = [abs(f - b) / abs(b) if math.isfinite(f) and math.isfinite(b) and b else math.inf for b, f in pairs]
+    worst = max(range(len(rel)), key=lambda i: rel[i])
+    ok = all(r <= tolerance for r in rel)
+    return (f"fp8 loss within {tolerance:.0%} of bf16 at every logged step: {'met' if ok else 'NOT met'} "
+            f"(worst {rel[worst]:.2%} at step {steps[worst]})")  # fmt: skip
+
+
+def _scenes(n: int, img_size: int, text_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """``n`` of the demo's rendered scenes (shapes with named colours, sizes, positions) with their captions, as a
+    batch: image uint8 [n, 3, S, S], text int64 [n, L] (byte tokens), text_mask bool [n, L]."""
+    from aimpre.data.demo import render_scene
+    from aimpre.data.tokenizer import encode_captions
+
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for _ in range(n):
+        img, caption, _ = render_scene(rng, img_size)
+        images.append(np.asarray(img).transpose(2, 0, 1))  # [S, S, 3] -> [3, S, S]
+        captions.append(caption)
+    text, mask = encode_captions(ByteTokenizer(), captions, text_len)
+    return {"image": torch.from_numpy(np.stack(images)), "text": text, "text_mask": mask}
+
+
+def fp8_curves(
+    size: str = "large",
+    steps: int = 300,
+    batch: int = 64,
+    log_every: int = 10,
+    recipe: str = "tensorwise",
+    quick: bool = False,
+    seed: int = 0,
+    model: dict[str, Any] | None = None,
+) -> LossCurves:
+    """Trains ``size`` twice for ``steps`` steps, in bf16 and with ``trainer.precision=fp8``, from the same initial
+    weights on the same batches, through the trainer's own code: AIMv2Module's model, configure_model
+    (``parallelize``: per-block compile, the float8 conversion), configure_optimizers (AdamW, the recipe's warm-up
+    and cosine schedule), the gradient clipping of on_before_optimizer_step, and its loss with the same prefix
+    draws; bf16 autocast as Lightning's bf16-mixed.
+
+    Args:
+        size: a model size.
+        steps, batch, log_every: optimiser steps, images per step, steps per logged window.
+        recipe: ``trainer.fp8_recipe``.
+        quick: no compile (a CPU smoke run).
+        seed: weights, data and prefixes.
+        model: ModelConfig overrides of the size (tests shrink the tiny model further).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as aimpre train
+    model_cfg = model_config(size, **{"vocab_size": ByteTokenizer.vocab_size, **(model or {})})
+    base = Config(
+        run=RunConfig(name="bench-fp8", seed=seed),
+        model=model_cfg,
+        optim=OptimConfig(warmup_steps=max(1, steps // 10)),
+        trainer=TrainerConfig(max_steps=steps, compile=not quick),
+    )
+    n = min(steps * batch, 16384)
+    data = {k: v.to(device) for k, v in _scenes(n, model_cfg.img_size, model_cfg.text_len, seed).items()}
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-steps * batch // n))])
+    order = order[: steps * batch].view(steps, batch).to(device)  # the same batches for both builds
+    curves = LossCurves({}, log_every, scenes=n)
+    init: dict[str, torch.Tensor] | None = None
+    for build in ("bf16", "fp8"):
+        cfg = replace(base, trainer=replace(base.trainer, precision="fp8" if build == "fp8" else "bf16-mixed"))
+        _free(device)
+        torch.manual_seed(seed)
+        module = AIMv2Module(cfg)
+        if init is None:
+            init = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+        module.model.load_state_dict(init)
+        module.to(device)
+        module.configure_model()
+        if build == "fp8":
+            converted, left = fp8_linears(module.model)
+            curves.fp8_linears = (len(converted), len(left))
+        opt_cfg = module.configure_optimizers()
+        opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+        losses = []
+        warm = min(10, steps // 2)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            if step == warm:
+                _sync(device)
+                t0 = time.perf_counter()
+            idx = order[step]
+            batch_data = {k: v[idx] for k, v in data.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = module._losses(batch_data, _seed(seed, step, 0))  # training_step's prefix draw
+            out["loss"].backward()
+            module.on_before_optimizer_step(opt)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(out["loss"].detach().float())
+        _sync(device)
+        curves.ms_per_step[build] = (time.perf_counter() - t0) / max(1, steps - warm) * 1e3
+        curves.per_step[build] = torch.stack(losses).tolist()
+        print(f"bench fp8: {build} done, {curves.ms_per_step[build]:.1f} ms/step", file=sys.stderr, flush=True)
+        del module, opt, sched, out
+    _free(device)
+    return curves
+
+
+def plot_curves(curves: LossCurves, path: str, title: str) -> None:
+    """Both builds' per-step losses (faint) and window means, and their relative difference, to a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 6))
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for build, colour in (("bf16", "tab:blue"), ("fp8", "tab:orange")):
+        per_step = curves.per_step[build]
+        top.plot(range(1, len(per_step) + 1), per_step, color=colour, alpha=0.25, linewidth=0.8)
+        steps, means = curves.windows(build)
+        top.plot(steps, means, color=colour, marker="o", markersize=3, label=f"{build} (mean over {curves.every})")
+    steps, b = curves.windows("bf16")
+    _, f = curves.windows("fp8")
+    bottom.plot(steps, [100 * (y - x) / x for x, y in zip(b, f, strict=True)], color="tab:orange", marker="o")
+    bottom.axhspan(-100 * LOSS_TOLERANCE, 100 * LOSS_TOLERANCE, color="tab:green", alpha=0.15)
+    bottom.axhline(0, color="gray", linewidth=0.8)
+    top.set(ylabel="training loss", title=title)
+    top.legend()
+    bottom.set(xlabel="step", ylabel="fp8 vs bf16 (%)")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def run_fp8(
+    size: str = "large",
+    steps: int = 300,
+    batch: int = 64,
+    log_every: int = 10,
+    recipe: str = "tensorwise",
+    quick: bool = False,
+    out: str | None = None,
+    plot: str | None = None,
+    model: dict[str, Any] | None = None,
+) -> str:
+    """Runs ``fp8_curves``, prints and returns the markdown report (``out`` also writes it; ``plot`` draws the
+    curves); arguments as ``fp8_curves``. Without a GPU (or with ``quick``) it is a smoke run of the tiny model,
+    batch 4, at most 6 steps, logged every 2, without compile (float8 GEMMs run on CPU, slowly)."""
+    cuda = torch.cuda.is_available() and not quick
+    if not cuda:
+        size, steps, batch, log_every = "tiny", min(steps, 6), 4, 2
+    device = torch.device("cuda" if cuda else "cpu")
+    problem = fp8_problem(device)
+    if problem:
+        raise ValueError(f"bench fp8: {problem.removeprefix('config key ')}")
+    curves = fp8_curves(size, steps, batch, log_every, recipe, quick=not cuda, model=model)
+    cfg = model_config(size, **(model or {}))
+    opt = OptimConfig(warmup_steps=max(1, steps // 10))  # as fp8_curves
+    steps_b, bf16 = curves.windows("bf16")
+    _, fp8 = curves.windows("fp8")
+    ms = curves.ms_per_step
+    head = [
+        f"# fp8 vs bf16 training loss, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        "",
+        _device_line(device, "a smoke run of the tiny model (float8 GEMMs on CPU)"),
+        f"{_versions()}; AIMv2-{size}, {cfg.img_size} px, batch {batch}, {steps} steps, AdamW lr {opt.lr:g} "
+        f"(warm-up {opt.warmup_steps} steps, cosine to {opt.min_lr:g}), grad clip {opt.grad_clip:g}, bf16 autocast"
+        f"{', compiled blocks' if cuda else ''}.",
+        f"Both builds start from the same weights and train on the same batches: {curves.scenes} distinct scenes "
+        "from the demo's renderer (aimpre.data.demo.render_scene: coloured shapes, their descriptions as "
+        "captions, byte tokens) in a fixed order. fp8: trainer.precision=fp8, recipe "
+        f"{recipe}, {curves.fp8_linears[0]} block linears in float8, {curves.fp8_linears[1]} left in bf16.",
+        f"ms/step after the first steps: bf16 {ms['bf16']:.1f}, fp8 {ms['fp8']:.1f} "
+        f"({ms['bf16'] / ms['fp8']:.2f}x; `aimpre bench step` is the speed benchmark).",
+    ]
+    table = ["| step | bf16 loss | fp8 loss | fp8 vs bf16 |", "|---:|---:|---:|---:|"]
+    for s, b, f in zip(steps_b, bf16, fp8, strict=True):
+        table.append(f"| {s} | {b:.4f} | {f:.4f} | {100 * (f - b) / b:+.2f}% |")
+    verdict = loss_verdict(steps_b, bf16, fp8)
+    if not cuda:
+        verdict += " (a CPU smoke run: the target is judged on a GPU at AIMv2-L)"
+    report = "\n".join([*head, "", *table, "", verdict, ""])
+    print(report)
+    if out:
+        write_text(out, report)
+    if plot:
+        plot_curves(curves, plot, f"AIMv2-{size}, batch {batch}: fp8 ({recipe}) vs bf16")
+    return report

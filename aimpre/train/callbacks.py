@@ -194,6 +194,10 @@ class MetricsCSV(pl.Callback):
     Throughput and MFU are measured here, not by Lightning's ThroughputMonitor: it counts rank 0's batches times the
     world size, needs the FLOPs per batch as a module attribute (ours come from aimpre.scaling.flops_per_sample),
     logs under its own names at Lightning's cadence rather than in these rows, and synchronises CUDA every batch.
+
+    ``mfu`` is the achieved FLOP/s over the chip's dense peak in the dtype of the matmuls' precision (bf16 for
+    bf16-mixed), and over the bf16 peak for ``trainer.precision=fp8`` too (Lightning runs it as bf16-mixed): the
+    float8 GEMMs count against the bf16 peak, not float8's twice-higher one, so MFU compares precisions directly.
     """
 
     def __init__(
@@ -223,7 +227,8 @@ class MetricsCSV(pl.Callback):
         self.last_step = self.start_step = trainer.global_step
         self.t_start = time.perf_counter()
         self.data_state = dict(getattr(pl_module, "loader_state", {}))  # resumed counts
-        # MFU against the peak of the dtype the matmuls run in (Lightning's mapping, as its ThroughputMonitor)
+        # MFU against the peak of the dtype the matmuls run in (Lightning's mapping, as its ThroughputMonitor);
+        # bf16's for trainer.precision=fp8, whose precision plugin is bf16-mixed
         self.peak = peak_flops(pl_module.device, _plugin_to_compute_dtype(trainer.precision_plugin))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:

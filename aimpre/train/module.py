@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from aimpre.config import Config, ConfigError, RunError
@@ -61,8 +61,9 @@ class AIMv2Module(pl.LightningModule):
         self.grad_norm = float("nan")
 
     def configure_model(self) -> None:
-        """Activation checkpointing, compile and (FSDP) sharding per block; Lightning calls it once set up."""
-        from aimpre.train.parallel import parallelize
+        """Activation checkpointing, float8 linears (``trainer.precision=fp8``), compile and (FSDP) sharding per
+        block; Lightning calls it once set up (``aimpre bench step`` and ``bench fp8`` call it without a Trainer)."""
+        from aimpre.train.parallel import check_fp8, fp8_linears, parallelize
 
         if getattr(self, "_parallelized", False):  # Lightning may call it again (e.g. validate after fit)
             return
@@ -72,14 +73,23 @@ class AIMv2Module(pl.LightningModule):
         if t.strategy == "fsdp":
             assert self.device_mesh is not None, "trainer.strategy=fsdp runs under ModelParallelStrategy"
             mesh = self.device_mesh["data_parallel"]
-        bf16 = "bf16" in str(self.trainer.precision) if self._trainer is not None else False
+        fp8 = t.precision == "fp8"
+        bf16 = fp8 or ("bf16" in str(self.trainer.precision) if self._trainer is not None else False)
+        if fp8:  # the device the Trainer will run on (the model may still be on the CPU here)
+            check_fp8(self.trainer.strategy.root_device if self._trainer is not None else self.device)
         parallelize(
             self.model,
             recompute=t.activation_checkpointing,
+            fp8=t.fp8_recipe if fp8 else None,
             compile=t.compile,
             mesh=mesh,
             param_dtype=torch.bfloat16 if mesh is not None and bf16 else None,
         )
+        if fp8:
+            converted, skipped = fp8_linears(self.model)
+            where = f"; left in bf16 (a dimension not a multiple of 16): {', '.join(skipped)}" if skipped else ""
+            rank_zero_info(f"trainer.precision=fp8 ({t.fp8_recipe}): {len(converted)} block linears train in "
+                           f"float8, {len(skipped)} in bf16{where}")  # fmt: skip
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]

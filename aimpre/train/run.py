@@ -38,6 +38,7 @@ from aimpre.train.baselines import baselines
 from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar, build_loggers
 from aimpre.train.checkpoint import PREEMPTED, Checkpointer
 from aimpre.train.module import AIMv2DataModule, AIMv2Module, _seed
+from aimpre.train.parallel import check_fp8
 
 
 class _DropAdverts(logging.Filter):
@@ -136,10 +137,25 @@ def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
 
 
 def _precision(cfg: Config) -> Any:
+    """Lightning's precision for ``trainer.precision``. fp8 is bf16-mixed (autocast) for Lightning; the float8
+    linears are swapped in by AIMv2Module.configure_model. It is refused here, before anything is built, where it
+    cannot run (no torchao, a GPU without float8 tensor cores)."""
     p = cfg.trainer.precision
+    if p == "fp8":
+        check_fp8(torch.device(_device_type(cfg.trainer.accelerator)))
+        return "bf16-mixed"
     if p != "auto":
         return p
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def _device_type(accelerator: str) -> str:
+    """The device type Lightning picks for ``trainer.accelerator``."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return "mps"
+    return "cpu"
 
 
 def _num_nodes(cfg: Config) -> int:
@@ -220,6 +236,7 @@ def train(
     """
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
     cfg = resolve(cfg, tokenizer)
+    _precision(cfg)  # trainer.precision=fp8 is refused where it cannot run before a directory exists too
     if datamodule is None:  # shards the objective cannot use are refused before a directory or model exists
         AIMv2DataModule(cfg, tokenizer).check_shards()
     assert cfg.run.name is not None
