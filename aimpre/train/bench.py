@@ -4,8 +4,8 @@
 Step builds, each a fresh model from the same seed, fed the same batch, with fused AdamW and bf16 autocast:
 
 - plain: the model compiled whole with ``torch.compile``, FlexAttention for the encoder's prefix mask and SDPA
-  for the decoder's causal mask (``attn_backend=flex`` would also route causal through Flex, so the plain build
-  uses ``auto``, which picks exactly these under compile);
+  (flash, ``is_causal``) for the decoder's causal mask, set per block (``attn_backend=auto`` would pick our Triton
+  kernel on a GPU), and torch's own norms, SwiGLU and cross-entropy (``model.fused=torch``);
 - ours bf16: ``attn_backend`` (default ``triton``) with per-block compile, through ``parallelize`` as
   ``aimpre train`` runs it, with the model's other defaults;
 - ours fp8: the same plus ``trainer.precision=fp8``'s conversion of the blocks' linears to float8, through the same
@@ -126,7 +126,7 @@ def _time(step: Callable[[], None], device: torch.device, warmup: int, steps: in
 def _label(build: str, backend: str, compile: bool) -> str:
     how = "compiled blocks" if compile else "eager"
     return {
-        "plain": f"plain ({'torch.compile' if compile else 'eager'}, Flex + SDPA)",
+        "plain": "plain (torch.compile, Flex + SDPA)" if compile else "plain (eager, SDPA)",
         "bf16": f"ours bf16 ({backend}, {how})",
         "fp8": f"ours fp8 ({backend}, {how}, float8 linears)",
     }[build]
@@ -173,11 +173,16 @@ def bench_step(
             cfg = model_config(
                 size, **{"vocab_size": 258 if quick else 32000, **(model or {}), "attn_backend": backend}
             )
-            if build == "plain":
-                cfg = replace(cfg, attn_backend="auto")
+            if build == "plain":  # plain ops (model.fused=auto would take liger's loss on CUDA)
+                cfg = replace(cfg, fused="torch")
             torch.manual_seed(0)
             with torch.device(device):
                 net = AIMv2(cfg)
+            if build == "plain":  # PyTorch's own attention: Flex for the prefix mask, SDPA's flash for causal
+                # (on CPU, the quick smoke run, SDPA for both: eager Flex has no CPU backward)
+                for part, backend_name in ((net.encoder, "flex" if compile else "sdpa"), (net.decoder, "sdpa")):
+                    for block in part.blocks:
+                        block.attn.backend = backend_name
             run_model: nn.Module = net
             if build == "plain":
                 run_model = torch.compile(net) if compile else net  # type: ignore[assignment]
