@@ -38,6 +38,7 @@ from aimpre.config import Config, OptimConfig, RunConfig, TrainerConfig
 from aimpre.data.tokenizer import ByteTokenizer
 from aimpre.files import atomic_path, write_text
 from aimpre.model import AIMv2, model_config
+from aimpre.model.layers import Attention
 from aimpre.scaling import flops_per_sample
 from aimpre.train.callbacks import peak_flops
 from aimpre.train.module import AIMv2Module, _seed
@@ -181,8 +182,8 @@ def bench_step(
             if build == "plain":  # PyTorch's own attention: Flex for the prefix mask, SDPA's flash for causal
                 # (on CPU, the quick smoke run, SDPA for both: eager Flex has no CPU backward)
                 for part, backend_name in ((net.encoder, "flex" if compile else "sdpa"), (net.decoder, "sdpa")):
-                    for block in part.blocks:
-                        block.attn.backend = backend_name
+                    for attn in (m for m in part.modules() if isinstance(m, Attention)):
+                        attn.backend = backend_name
             run_model: nn.Module = net
             if build == "plain":
                 run_model = torch.compile(net) if compile else net  # type: ignore[assignment]
