@@ -644,8 +644,8 @@ def backward_qkv(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, mask: 
     qkv, grad_out = _rows(qkv), _rows(grad_out)
     _, T, _, H, D = qkv.shape
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # contiguous [B, T, 3, H, D]
-    d, o = grad_out.stride(), (T * H * D, D, H * D)  # out: contiguous [B, T, H, D], from forward_qkv
-    _bwd(grad_out, (d[0], d[2], d[1]), qkv, qkv, qkv, _packed(qkv.stride()), out, o, lse, dqkv,
+    d, o = grad_out.stride(), out.stride()
+    _bwd(grad_out, (d[0], d[2], d[1]), qkv, qkv, qkv, _packed(qkv.stride()), out, (o[0], o[2], o[1]), lse, dqkv,
          (H * D, 3 * T * H * D, D, 3 * H * D), mask, prefix_len, traced)  # fmt: skip
     return dqkv
 

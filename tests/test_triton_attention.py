@@ -224,10 +224,11 @@ def test_attention_layer_copies_nothing(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_torch_compile_launches_our_kernels_from_its_graph() -> None:
     """Under torch.compile (aot_eager, fullgraph) the triton_op decomposes into our kernels as graph nodes, not one
-    opaque call, and computes what eager does. Inductor proper cannot compile user Triton kernels for CPU tensors,
-    and without a GPU Triton cannot generate the IR that tells torch which arguments a kernel writes (it then
-    assumes all, and AOTAutograd cannot split a backward that writes its saved inputs): on CPU this runs the
-    forward alone; test_compiled_graphs_for_h100 traces forward and backward with the sm_90 IR."""
+    opaque call, and computes what eager does. Inductor proper cannot compile them for CPU tensors ("triton not
+    built with the 'cpu' backend", torch 2.14 + triton 3.8), and without a GPU Triton cannot generate the IR that
+    tells torch which arguments a kernel writes (it then assumes all, and AOTAutograd cannot split a backward that
+    writes its saved inputs): on CPU this runs the forward alone; test_compiled_graphs_for_h100 traces forward and
+    backward with the sm_90 IR."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
