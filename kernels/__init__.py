@@ -1,6 +1,7 @@
 """Attention kernels behind one function, ``attention(q, k, v, *, mask, prefix_len, backend)``.
 
-Model code calls only this function and never branches on the backend. Backends:
+Model code calls only this function, or its packed twin ``attention_qkv(qkv, ...)`` that takes the fused q/k/v
+projection as it comes out of the linear layer, and never branches on the backend. Backends:
 ``reference`` (eager math, the test oracle), ``sdpa`` (torch SDPA, explicit mask for prefix), ``flex``
 (torch FlexAttention), ``triton`` (our flash attention, ``triton_attention.py``; CUDA, or CPU under
 ``TRITON_INTERPRET=1``) and ``xformers`` (when installed; CUDA). ``auto`` picks one for the device.
@@ -84,4 +85,42 @@ def attention(
     return BACKENDS[name](q, k, v, mask, prefix_len)
 
 
-__all__ = ["BACKENDS", "MASKS", "attention", "available_backends", "dense_mask"]
+# Backends that read the packed projection themselves; the others get q, k, v views of it.
+PACKED: dict[str, Callable[[Tensor, str, Tensor | None], Tensor]] = {"triton": backends.triton_qkv}
+
+
+def attention_qkv(
+    qkv: Tensor,
+    *,
+    mask: str = "full",
+    prefix_len: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``attention`` on the fused q/k/v projection, in the layout a transformer block has it.
+
+    The Triton backend reads q, k and v by strides from ``qkv``, writes its output as [B, T, H, D] and its
+    backward writes one [B, T, 3, H, D] gradient: no permute, clone or stack on either side. Other backends get
+    [B, H, T, D] views and their output transposed back (the copies they need stay theirs).
+
+    Args:
+        qkv: [B, T, 3, H, D], e.g. ``linear(x).view(B, T, 3, H, D)`` (timm's layout: q, k, v, then heads).
+        mask, prefix_len, backend: as for ``attention``.
+
+    Returns:
+        [B, T, H, D] in the dtype of ``qkv`` (contiguous from the Triton backend, so ``.reshape(B, T, H * D)`` is
+        a view).
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be [B, T, 3, H, D], got {tuple(qkv.shape)}")
+    check_mask(mask, prefix_len, qkv.shape[0])
+    name = _auto(qkv, mask) if backend == "auto" else backend
+    packed = PACKED.get(name)
+    if packed is not None:
+        return packed(qkv, mask, prefix_len)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, T, 3, H, D] -> 3 x [B, H, T, D] views
+    return BACKENDS[name](q, k, v, mask, prefix_len).transpose(1, 2)  # [B, H, T, D] -> [B, T, H, D]
+
+
+__all__ = ["BACKENDS", "MASKS", "attention", "attention_qkv", "available_backends", "dense_mask"]

@@ -84,16 +84,25 @@ def flex(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) 
     return fn(q, k, v, block_mask=block_mask)
 
 
-def triton(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
-    """Our Triton flash attention (``triton_attention.py``), a custom op that torch.compile keeps whole."""
+def _triton_op() -> Any:
     try:
-        from aimpre.kernels.triton_op import flash_attention
+        from aimpre.kernels import triton_op
     except ImportError as e:
         raise RuntimeError(
             f"backend='triton' needs the triton package (it ships with PyTorch's CUDA wheels) and it did not import "
             f"({e}); use backend='sdpa' or 'flex'"
         ) from e
-    return flash_attention(q, k, v, mask, prefix_len)
+    return triton_op
+
+
+def triton(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
+    """Our Triton flash attention (``triton_attention.py``): direct launches eager, visible kernels compiled."""
+    return _triton_op().flash_attention(q, k, v, mask, prefix_len)
+
+
+def triton_qkv(qkv: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
+    """Our Triton flash attention on the packed [B, T, 3, H, D] projection; returns [B, T, H, D]."""
+    return _triton_op().flash_attention_qkv(qkv, mask, prefix_len)
 
 
 def xformers(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:

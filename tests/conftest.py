@@ -16,6 +16,13 @@ if not torch.cuda.is_available():
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers and timm must never reach the network in tests
 
 
+@pytest.fixture(autouse=True)
+def _triton_tiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed Triton tiles, no benchmarking, except in tests marked ``autotune``: autotuning every GPU test made
+    tests/test_triton_attention.py take minutes on an H200. Read by the kernels at call time."""
+    monkeypatch.setenv("AIMPRE_TRITON_AUTOTUNE", "1" if request.node.get_closest_marker("autotune") else "0")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["AIMPRE_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from aimpre.kernels import attention
+from aimpre.kernels import attention_qkv
 from aimpre.kernels import fused as fused_ops
 
 
@@ -66,10 +66,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, mask: str = "full", prefix_len: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
-        # [B, T, 3C] -> [B, T, 3, H, D] -> 3 x [B, H, T, D]  (timm's qkv layout: q, k, v then heads)
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        y = attention(q, k, v, mask=mask, prefix_len=prefix_len, backend=self.backend)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # [B, H, T, D] -> [B, T, C]
+        # [B, T, 3C] -> [B, T, 3, H, D] (timm's qkv layout: q, k, v then heads), read as it is by the kernel
+        qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)
+        y = attention_qkv(qkv, mask=mask, prefix_len=prefix_len, backend=self.backend)
+        return self.proj(y.reshape(B, T, C))  # [B, T, H, D] -> [B, T, C], a view for the Triton backend
 
 
 class Block(nn.Module):
