@@ -24,6 +24,9 @@ install: $(VENV)/.installed
 train: install
 	$(BIN)/aimpre train $(ARGS)
 
+# The tests run in parallel processes (pytest-xdist), one per core up to 4: the suite is mostly single-threaded
+# CPU work, and CI has 2 cores. PYTEST_ARGS="-n 0" runs them in one process.
+PYTEST_ARGS ?= -n auto --maxprocesses 4
 test: install lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 

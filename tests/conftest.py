@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (make test) each worker process gets one thread: the workers already fill the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 # Without a GPU the Triton kernels run in Triton's interpreter. The switch is read when a kernel is defined, i.e. on
 # the first import of aimpre.kernels.triton_attention, which happens lazily, after this.
 if not torch.cuda.is_available():
