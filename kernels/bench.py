@@ -134,6 +134,20 @@ def _impls(case: Case, P: Tensor, device: torch.device) -> list[tuple[str, str, 
     ]  # fmt: skip
 
 
+def versions(*dists: str) -> str:
+    """The version line of every bench's header: torch's version and each named distribution's ("NAME not
+    installed" where absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"torch {torch.__version__}"]
+    for name in dists:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

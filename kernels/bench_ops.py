@@ -28,6 +28,7 @@ from torch import Tensor
 
 from aimpre.files import write_text
 from aimpre.kernels import fused
+from aimpre.kernels.bench import versions
 
 OPS = ("rmsnorm", "add_rmsnorm", "swiglu", "linear_ce")
 IMPLS = ("eager torch", "torch.compile", "liger", "liger in torch.compile")
@@ -274,18 +275,6 @@ def verdicts(rows: list[Row], gpu: bool) -> list[str]:
     return out
 
 
-def _versions() -> str:
-    parts = [f"torch {torch.__version__}"]
-    for name in ("triton", "liger_kernel"):
-        try:
-            from importlib.metadata import version
-
-            parts.append(f"{name.replace('_', '-')} {version(name.replace('_', '-'))}")
-        except Exception:
-            parts.append(f"{name.replace('_', '-')} not installed")
-    return ", ".join(parts)
-
-
 def run_ops(shapes: dict[str, int], label: str, quick: bool = False, reps: int = 20, out: str | None = None,
             ops: tuple[str, ...] = OPS) -> str:  # fmt: skip
     """Measures, prints and returns the report (header, table, verdicts); ``out`` also writes it.
@@ -317,7 +306,8 @@ def run_ops(shapes: dict[str, int], label: str, quick: bool = False, reps: int =
     header = [
         f"fused ops benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {label}",
         f"device: {where}",
-        f"{_versions()}; forward+backward under bf16 autocast, median of {reps} runs after {warmup} warm-up "
+        f"{versions('triton', 'liger-kernel')}; forward+backward under bf16 autocast, median of {reps} runs "
+        f"after {warmup} warm-up "
         f"(compilation included there); torch.compile backend {backend}",
         "peak MiB: allocated above the inputs during one forward+backward; max abs diff: the first output against "
         "eager torch's. Residual stream and norm weights fp32, branch outputs bf16, norm outputs cast to bf16 (as "

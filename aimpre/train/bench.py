@@ -37,6 +37,7 @@ from torch import nn
 from aimpre.config import Config, OptimConfig, RunConfig, TrainerConfig
 from aimpre.data.tokenizer import ByteTokenizer
 from aimpre.files import atomic_path, write_text
+from aimpre.kernels.bench import versions
 from aimpre.model import AIMv2, model_config
 from aimpre.model.layers import Attention
 from aimpre.scaling import flops_per_sample
@@ -47,16 +48,6 @@ from aimpre.train.parallel import fp8_linears, fp8_problem, parallelize
 BUILDS = ("plain", "bf16", "fp8")
 STEP_TARGETS = {"bf16": 1.15, "fp8": 1.3}  # images/s over plain's
 LOSS_TOLERANCE = 0.01  # bench fp8: |fp8 - bf16| / bf16 at every logged step
-
-
-def _versions() -> str:
-    parts = [f"torch {torch.__version__}"]
-    for name in ("triton", "torchao"):
-        try:
-            parts.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
-            parts.append(f"{name} not installed")
-    return ", ".join(parts)
 
 
 def _device_line(device: torch.device, what: str) -> str:
@@ -305,7 +296,7 @@ def run_step(
         f"# training step benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
         _device_line(device, "a smoke run of the tiny model"),
-        f"{_versions()}; AIMv2-{size}, {cfg.img_size} px, batch {batch}, {precision}, AdamW"
+        f"{versions('triton', 'torchao')}; AIMv2-{size}, {cfg.img_size} px, batch {batch}, {precision}, AdamW"
         f"{' (fused)' if cuda else ''}; {steps} timed steps after {warmup} warm-up (compilation happens in the "
         f"warm-up); MFU against the dense bf16 peak"
         f"{f' ({peak / 1e12:.0f} TFLOP/s)' if peak else ''} for every build, fp8 included.",
@@ -509,7 +500,8 @@ def run_fp8(
         f"# fp8 vs bf16 training loss, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
         _device_line(device, "a smoke run of the tiny model (float8 GEMMs on CPU)"),
-        f"{_versions()}; AIMv2-{size}, {cfg.img_size} px, batch {batch}, {steps} steps, AdamW lr {opt.lr:g} "
+        f"{versions('triton', 'torchao')}; AIMv2-{size}, {cfg.img_size} px, batch {batch}, {steps} steps, "
+        f"AdamW lr {opt.lr:g} "
         f"(warm-up {opt.warmup_steps} steps, cosine to {opt.min_lr:g}), grad clip {opt.grad_clip:g}, bf16 autocast"
         f"{', compiled blocks' if cuda else ''}.",
         f"Both builds start from the same weights and train on the same batches: {curves.scenes} distinct scenes "
