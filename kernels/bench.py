@@ -328,6 +328,20 @@ def targets(rows: list[Row]) -> list[str]:
     return out
 
 
+def tiles_table() -> str:
+    """The tiles our kernels ran with in this process (autotuned or fixed), one row per kernel and shape key."""
+    try:
+        from aimpre.kernels.triton_attention import chosen_tiles
+    except ImportError:  # no triton: nothing ran
+        return "(no Triton)"
+    rows = chosen_tiles()
+    lines = ["| kernel | how | mask | dtype | T | H | D | layout | BLOCK_M | BLOCK_N | warps | stages |",
+             "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    keys = ("kernel", "how", "mask", "dtype", "T", "H", "D", "layout", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def run_attention(quick: bool = False, dtype: str = "bf16", reps: int = 20, out: str | None = None) -> str:
     """Measures, prints and returns the report (device, versions, table, targets); ``out`` also writes it.
 
@@ -356,7 +370,8 @@ def run_attention(quick: bool = False, dtype: str = "bf16", reps: int = 20, out:
         rows += measure(case, torch_dtype, device, warmup, reps)
     seconds = time.perf_counter() - t0
     head = _header(device, torch_dtype, warmup, reps, seconds)
-    report = "\n".join([*head, "", table(rows), "", "Targets (issue 11):", "", *targets(rows), ""])
+    tiles = ["Tiles our kernels ran with (the autotuner's pick per shape key, or the fixed tiles):", "", tiles_table()]
+    report = "\n".join([*head, "", table(rows), "", "Targets (issue 11):", "", *targets(rows), "", *tiles, ""])
     print(report)
     if out:
         write_text(out, report)

@@ -392,6 +392,21 @@ _DKDV = _Kernel(_attn_bwd_dkdv, _DKDV_CONFIGS, "BLOCK_N")
 KERNELS = {"fwd": _FWD, "dq": _DQ, "dkdv": _DKDV}
 
 
+def chosen_tiles() -> list[dict[str, Any]]:
+    """The tiles chosen so far, one entry per kernel and shape key: kernel, how ("autotuned" or "fixed"), mask,
+    dtype, T, H, D, layout (of q, k, v: "packed qkv" or separate), BLOCK_M, BLOCK_N, num_warps, num_stages. For the
+    attention bench's report, from which the fixed-tile table can be set."""
+    out = []
+    for name, kern in KERNELS.items():
+        for key, (_, kw) in kern.chosen.items():
+            autotuned, mask, dtype, T, H, D, qs = key[:7]
+            out.append(dict(kernel=name, how="autotuned" if autotuned else "fixed", mask=mask,
+                            dtype=str(dtype).removeprefix("torch."), T=T, H=H, D=D,
+                            layout="packed qkv" if len(qs) == 4 and qs[0] else "q, k, v",
+                            **{k: kw.get(k) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}))  # fmt: skip
+    return out
+
+
 def clear_tile_cache() -> None:
     """Forgets the tiles chosen per shape key (and the Autotuner's own choices): the next call chooses again."""
     for kern in KERNELS.values():
