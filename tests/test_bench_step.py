@@ -10,7 +10,7 @@ import pytest
 
 from aimpre.cli import BENCH_BUILDS, FP8_RECIPES, build_parser
 from aimpre.config import FP8_RECIPES as CONFIG_RECIPES
-from aimpre.train.bench import BUILDS, StepRow, run_step, step_targets
+from aimpre.train.bench import BUILDS, StepRow, families_table, kernel_family, run_step, step_targets
 
 SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 8}  # the tiny model, shrunk for the smoke run
 
@@ -70,3 +70,34 @@ def test_cli_builds_and_recipes() -> None:
     assert args.builds == ["plain", "fp8"] and args.recipe == "rowwise"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "step", "--builds", "plain,fp16"])
+
+
+def test_kernels_are_sorted_into_families() -> None:
+    # names as the CUDA profiler reports them (H200, torch 2.11: issue 11's step profile), and Triton's/liger's
+    named = {
+        "_attn_bwd_dkdv": "attention (ours)",
+        "_attn_fwd": "attention (ours)",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>": "attention (flash, Flex)",
+        "triton_tem_fused_flex_attention_0": "attention (flash, Flex)",
+        "_fused_add_rms_norm_forward_kernel": "liger-kernel",
+        "_swiglu_backward_kernel": "liger-kernel",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "Inductor-fused",
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN": "GEMM",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "GEMM",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": (
+            "optimizer (fused AdamW)"
+        ),
+        "Memcpy DtoD (Device -> Device)": "copies, fills",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
+    }
+    assert {name: kernel_family(name) for name in named} == named
+    rows = [
+        StepRow("plain", "p", families={"GEMM": 150.0, "other": 5.0}),
+        StepRow("bf16", "b", families={"GEMM": 140.0}),
+    ]
+    table = families_table(rows)
+    assert (
+        "| GEMM | 150.0 | 140.0 |" in table
+        and "| other | 5.0 | 0.0 |" in table
+        and "| total | 155.0 | 140.0 |" in table
+    )

@@ -24,6 +24,7 @@ import datetime
 import gc
 import math
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -84,6 +85,58 @@ class StepRow:
     mfu: float | None = None
     peak_gib: float | None = None  # None off CUDA
     note: str = ""
+    families: dict[str, float] = field(default_factory=dict)  # GPU ms per step by kernel family (CUDA only)
+
+
+# Kernel families of a step's GPU time, by kernel name, first match wins (our attention before other attention;
+# Inductor's generated kernels are named triton_poi_/triton_red_/triton_per_...).
+FAMILIES = (
+    ("attention (ours)", re.compile(r"_attn_(fwd|bwd)")),
+    ("attention (flash, Flex)", re.compile(r"flash|fmha|flex_attention|attention", re.I)),
+    ("liger-kernel", re.compile(r"liger|_rms_norm_|_swiglu_|element_mul_kernel")),
+    ("Inductor-fused", re.compile(r"^triton_")),
+    ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|scaled_mm|wgmma", re.I)),
+    ("optimizer (fused AdamW)", re.compile(r"adam|multi_tensor", re.I)),
+    ("copies, fills", re.compile(r"copy|memcpy|memset|fill|CatArray", re.I)),
+)
+
+
+def kernel_family(name: str) -> str:
+    """The family of a CUDA kernel by its name (``FAMILIES``), else "other"."""
+    return next((family for family, pattern in FAMILIES if pattern.search(name)), "other")
+
+
+def gpu_families(step: Callable[[], None], steps: int = 3) -> dict[str, float]:
+    """GPU ms per step by kernel family over ``steps`` profiled steps (torch.profiler, CUDA activity)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            family = kernel_family(e.name)
+            out[family] = out.get(family, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
+    return out
+
+
+def families_table(rows: list[StepRow]) -> str:
+    """GPU ms per step by kernel family, one column per build that has a profile, families by the first build's
+    time."""
+    rows = [r for r in rows if r.families]
+    if not rows:
+        return "GPU time by kernel family: CUDA only"
+    names = sorted({f for r in rows for f in r.families}, key=lambda f: -rows[0].families.get(f, 0.0))
+    lines = ["| kernel family | " + " | ".join(f"{r.build} ms/step" for r in rows) + " |",
+             "|---|" + "---:|" * len(rows)]  # fmt: skip
+    for f in [*names, "total"]:
+        cells = [sum(r.families.values()) if f == "total" else r.families.get(f, 0.0) for r in rows]
+        lines.append(f"| {f} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, data: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
@@ -192,13 +245,16 @@ def bench_step(
             }
             data["mask"] = torch.ones_like(data["text"], dtype=torch.bool)
             dtype = torch.bfloat16 if device.type == "cuda" or build == "fp8" else torch.float32
-            seconds = _time(_step_fn(run_model, opt, data, dtype), device, warmup, steps)
+            step = _step_fn(run_model, opt, data, dtype)
+            seconds = _time(step, device, warmup, steps)
+            if device.type == "cuda":  # where the time goes: 3 more steps under the profiler
+                row.families = gpu_families(step)
         except Exception as e:  # a bench reports a broken build and measures the others
             row.note = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             print(f"bench step: {row.label} failed: {e!r}", file=sys.stderr)
             continue
         finally:
-            net = run_model = opt = None  # type: ignore[assignment]
+            net = run_model = opt = step = None  # type: ignore[assignment]  # (step holds model and optimizer)
         row.step_ms = seconds * 1e3
         row.img_per_s = batch / seconds
         achieved = row.img_per_s * flops_per_sample(cfg)
@@ -302,7 +358,9 @@ def run_step(
         f"{f' ({peak / 1e12:.0f} TFLOP/s)' if peak else ''} for every build, fp8 included.",
     ]
     targets = step_targets(rows) if cuda else ["- judged on a GPU only: this is a CPU smoke run"]
-    report = "\n".join([*head, "", step_table(rows), "", "targets (issue 11, same run):", *targets, ""])
+    report = "\n".join([*head, "", step_table(rows), "", "targets (issue 11, same run):", *targets, "",
+                        "GPU time per step by kernel family (torch.profiler over 3 more steps; kernels named by "
+                        "aimpre.train.bench.FAMILIES):", "", families_table(rows), ""])  # fmt: skip
     print(report)
     if out:
         write_text(out, report)
