@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from aimpre.train.bench import loss_verdict, run_fp8, window_means
+from aimpre.train.bench import fp8_curves, loss_verdict, run_fp8, window_means
 
 SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 16}
 
@@ -42,3 +42,11 @@ def test_window_means_and_loss_verdict() -> None:
         "fp8 loss within 1% of bf16 at every logged step: NOT met (worst 1.20% at step 20)"
     )
     assert loss_verdict(steps, bf16, [6.0, float("nan"), 4.0]).endswith("NOT met (worst inf% at step 20)")
+
+
+@pytest.mark.gpu
+def test_bench_fp8_trains_with_the_recipe_it_is_given() -> None:
+    # the bf16 build is the same whatever the recipe; the fp8 one takes it (rowwise scales round differently)
+    runs = {r: fp8_curves("tiny", 2, 4, 1, r, quick=True, model=SMALL).per_step for r in ("tensorwise", "rowwise")}
+    assert runs["tensorwise"]["bf16"] == runs["rowwise"]["bf16"]
+    assert runs["tensorwise"]["fp8"] != runs["rowwise"]["fp8"]

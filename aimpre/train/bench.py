@@ -452,7 +452,7 @@ def fp8_curves(
         run=RunConfig(name="bench-fp8", seed=seed),
         model=model_cfg,
         optim=OptimConfig(warmup_steps=max(1, steps // 10)),
-        trainer=TrainerConfig(max_steps=steps, compile=not quick),
+        trainer=TrainerConfig(max_steps=steps, compile=not quick, fp8_recipe=recipe),
     )
     n = min(steps * batch, 16384)
     data = {k: v.to(device) for k, v in _scenes(n, model_cfg.img_size, model_cfg.text_len, seed).items()}
