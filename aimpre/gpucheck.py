@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import os
 import platform
 import re
@@ -252,12 +251,8 @@ def _run(argv: list[str]) -> str | None:
 def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
     import torch
 
-    try:
-        import triton
+    from aimpre.kernels.bench import dist_version
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     commit = _run(["git", "rev-parse", "--short=12", "HEAD"])
     if commit is None:
         git = "unknown (not a git checkout, or no git)"
@@ -273,20 +268,14 @@ def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
     device = (
         "none: CPU dry run (--allow-cpu); times say nothing about GPUs" if env.cpu else torch.cuda.get_device_name()
     )
-    optional = []
-    for name in OPTIONAL:
-        try:
-            optional.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            optional.append(f"{name} not installed")
     return [
         f"# GPU check, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
         f"- commit: {git}; aimpre {__version__} imported from {Path(__file__).parent}",
         f"- device: {device}; {driver}",
-        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
+        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), {dist_version('triton')}, "
         f"python {platform.python_version()}",
-        f"- optional packages: {', '.join(optional)}",
+        f"- optional packages: {', '.join(map(dist_version, OPTIONAL))}",
         f"- benches: {'quick mode (smoke versions: their numbers mean nothing)' if env.quick else 'full runs'}; "
         f"{seconds:.0f} s in all, budget {budget_s:.0f} s",
     ]

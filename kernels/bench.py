@@ -134,28 +134,51 @@ def _impls(case: Case, P: Tensor, device: torch.device) -> list[tuple[str, str, 
     ]  # fmt: skip
 
 
-def versions(*dists: str) -> str:
-    """The version line of every bench's header: torch's version and each named distribution's ("NAME not
-    installed" where absent)."""
+# ----------------------------------------------------------------------------------------------------------------
+# Report and timing helpers shared by the benches (attention, ops, step, fp8; the GPU check's header).
+
+
+def dist_version(name: str) -> str:
+    """``NAME VERSION`` of an installed distribution, or ``NAME not installed``."""
     from importlib.metadata import PackageNotFoundError, version
 
-    parts = [f"torch {torch.__version__}"]
-    for name in dists:
-        try:
-            parts.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            parts.append(f"{name} not installed")
-    return ", ".join(parts)
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return f"{name} not installed"
 
 
-def _sync(device: torch.device) -> None:
+def versions(*dists: str) -> str:
+    """The version line of a bench's header: torch's version and each named distribution's."""
+    return ", ".join([f"torch {torch.__version__}", *map(dist_version, dists)])
+
+
+def device_line(device: torch.device, cpu_note: str) -> str:
+    """``device: NAME (CUDA x)``, or on CPU ``device: NO GPU: CPU (processor); cpu_note`` (what the times mean)."""
+    if device.type == "cuda":
+        return f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"device: NO GPU: CPU ({platform.processor() or platform.machine()}); {cpu_note}"
+
+
+def short_error(e: BaseException) -> str:
+    """An exception as a table note: its type and the first line of its message, cut to 100 characters."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:100]}".rstrip(": ")
+
+
+def cell(x: float | None, fmt: str) -> str:
+    """A table cell: ``x`` formatted, or "-" when not measured."""
+    return "-" if x is None else format(x, fmt)
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def back_to_back_ms(fn: Callable[[], object], n: int, device: torch.device) -> float:
     """Wall ms per call of ``n`` calls queued with no synchronisation between them (CUDA events around all)."""
-    _sync(device)
+    sync(device)
     if device.type != "cuda":
         t0 = time.perf_counter()
         for _ in range(n):
@@ -174,10 +197,10 @@ def single_call_ms(fn: Callable[[], object], n: int, device: torch.device) -> fl
     """Median wall ms of one call on an idle device: synchronise, host clock around the call and a synchronise."""
     times = []
     for _ in range(n):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -207,11 +230,6 @@ def _pairs(mask: str, P: Tensor, case: Case, device: torch.device) -> int:
     allowed = dense_mask(mask, P if mask == "prefix" else None, case.T, device)  # [B or 1, 1, T, T] or None
     per_sample = case.T * case.T if allowed is None else int(allowed.sum()) / allowed.shape[0]
     return int(per_sample * case.B * case.H)
-
-
-def _short(e: BaseException) -> str:
-    first = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {first[:100]}".rstrip(": ")
 
 
 def _graphs() -> int:
@@ -264,13 +282,11 @@ def measure(case: Case, dtype: torch.dtype, device: torch.device, warmup: int, r
             row.note = "out of memory"
             torch.cuda.empty_cache()
         except Exception as e:  # a peer that cannot run here (xformers missing, Flex not compiling, ...) says why
-            row.note = ("compile failed (would have run eagerly): " if label == "flex (compiled)" else "") + _short(e)
+            row.note = (
+                "compile failed (would have run eagerly): " if label == "flex (compiled)" else ""
+            ) + short_error(e)
         rows.append(row)
     return rows
-
-
-def _cell(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 def table(rows: list[Row]) -> str:
@@ -283,9 +299,9 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         c = r.case
         lines.append(
-            f"| {c.name} ({c.B}, {c.H}, {c.T}, {c.D}) | {c.mask} | {r.impl} | {_cell(r.fwd_ms, '.3f')} "
-            f"| {_cell(r.gpu_ms, '.3f')} | {_cell(r.b2b_ms, '.3f')} | {_cell(r.single_ms, '.3f')} "
-            f"| {_cell(r.tflops(), '.3g')} | {_cell(r.err, '.1e')} | {r.note} |"
+            f"| {c.name} ({c.B}, {c.H}, {c.T}, {c.D}) | {c.mask} | {r.impl} | {cell(r.fwd_ms, '.3f')} "
+            f"| {cell(r.gpu_ms, '.3f')} | {cell(r.b2b_ms, '.3f')} | {cell(r.single_ms, '.3f')} "
+            f"| {cell(r.tflops(), '.3g')} | {cell(r.err, '.1e')} | {r.note} |"
         )
     return "\n".join(lines)
 
@@ -379,14 +395,7 @@ def run_attention(quick: bool = False, dtype: str = "bf16", reps: int = 20, out:
 
 
 def _header(device: torch.device, dtype: torch.dtype, warmup: int, reps: int, seconds: float) -> list[str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     if device.type == "cuda":
-        where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
         timing = (
             f"GPU ms: torch.profiler (CUDA activity), the summed duration of every kernel one fwd+bwd launches, "
             f"mean of {PROFILE_CALLS} calls; back to back: {reps} calls queued with no synchronisation, CUDA events "
@@ -395,14 +404,16 @@ def _header(device: torch.device, dtype: torch.dtype, warmup: int, reps: int, se
             f"compiles FlexAttention and autotunes ours (and {warmup} warm-up fwd+bwd calls for the fwd+bwd times)."
         )
     else:
-        where = (f"NO GPU: CPU ({platform.processor() or platform.machine()}); the Triton kernel runs in the "
-                 "interpreter and FlexAttention eagerly, so these times say nothing about GPU speed")  # fmt: skip
         timing = (f"no GPU time on CPU (-); wall times by the host clock: back to back over {reps} call(s), "
                   f"single call median of {reps}, after {warmup} warm-up call(s); fwd ms without grad")  # fmt: skip
     return [
         f"attention benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {seconds:.0f} s",
-        f"device: {where}",
-        f"torch {torch.__version__}, triton {triton_version}, inputs {str(dtype).removeprefix('torch.')}",
+        device_line(
+            device,
+            "the Triton kernel runs in the interpreter and FlexAttention eagerly, so these times "
+            "say nothing about GPU speed",
+        ),
+        f"{versions('triton')}, inputs {str(dtype).removeprefix('torch.')}",
         timing,
         "FlexAttention: torch.compile(flex_attention, dynamic=False, fullgraph=True) afresh for every shape after "
         "torch.compiler.reset() on CUDA (a row's note says if it failed to compile or ran eagerly); eager on CPU.",

@@ -14,7 +14,6 @@ memory the fp32 logits take. 5% either way counts as a tie.
 from __future__ import annotations
 
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from torch import Tensor
 
 from aimpre.files import write_text
 from aimpre.kernels import fused
-from aimpre.kernels.bench import versions
+from aimpre.kernels.bench import cell, device_line, short_error, versions
 
 OPS = ("rmsnorm", "add_rmsnorm", "swiglu", "linear_ce")
 IMPLS = ("eager torch", "torch.compile", "liger", "liger in torch.compile")
@@ -143,11 +142,6 @@ def _cannot(impl: str, op: str, device: torch.device) -> str | None:
     return None
 
 
-def _short(e: BaseException) -> str:
-    first = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {first[:100]}".rstrip(": ")
-
-
 def _fwd_bwd(
     fn: Callable[..., tuple[Tensor, ...]], args: list[Tensor], grads: list[Tensor], device_type: str
 ) -> object:
@@ -222,15 +216,11 @@ def measure(case: Case, device: torch.device, warmup: int, reps: int, backend: s
         except torch.cuda.OutOfMemoryError:
             row.note = "out of memory"
         except Exception as e:  # an implementation that cannot run here is a row saying why
-            row.note = _short(e)
+            row.note = short_error(e)
         del fn, args, grads, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-def _cell(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 def table(rows: list[Row]) -> str:
@@ -244,8 +234,8 @@ def table(rows: list[Row]) -> str:
         e = eager.get(r.case)
         speed = e / r.ms if e and r.ms else None
         lines.append(
-            f"| {r.case.op} | {r.case.where} | {r.case.shape} | {r.impl} | {_cell(r.ms, '.3f')} "
-            f"| {_cell(speed, '.2f')} | {_cell(r.peak_mib, '.0f')} | {_cell(r.err, '.1e')} | {r.note} |"
+            f"| {r.case.op} | {r.case.where} | {r.case.shape} | {r.impl} | {cell(r.ms, '.3f')} "
+            f"| {cell(speed, '.2f')} | {cell(r.peak_mib, '.0f')} | {cell(r.err, '.1e')} | {r.note} |"
         )
     return "\n".join(lines)
 
@@ -297,15 +287,13 @@ def run_ops(shapes: dict[str, int], label: str, quick: bool = False, reps: int =
     for i, case in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {case.op} {case.where} {case.shape}", file=sys.stderr, flush=True)
         rows += measure(case, device, warmup, reps, backend)
-    if device.type == "cuda":
-        where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    else:
-        cpu = platform.processor() or platform.machine()
-        where = (f"NO GPU: CPU ({cpu}); liger's RMSNorm and SwiGLU cannot run, its cross-entropy runs in Triton's "
-                 "interpreter: these times say nothing about GPU speed")  # fmt: skip
     header = [
         f"fused ops benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {label}",
-        f"device: {where}",
+        device_line(
+            device,
+            "liger's RMSNorm and SwiGLU cannot run, its cross-entropy runs in Triton's "
+            "interpreter: these times say nothing about GPU speed",
+        ),
         f"{versions('triton', 'liger-kernel')}; forward+backward under bf16 autocast, median of {reps} runs "
         f"after {warmup} warm-up "
         f"(compilation included there); torch.compile backend {backend}",

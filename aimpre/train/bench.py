@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import gc
 import math
-import platform
 import re
 import sys
 import time
@@ -38,7 +37,7 @@ from torch import nn
 from aimpre.config import Config, OptimConfig, RunConfig, TrainerConfig
 from aimpre.data.tokenizer import ByteTokenizer
 from aimpre.files import atomic_path, write_text
-from aimpre.kernels.bench import versions
+from aimpre.kernels.bench import back_to_back_ms, cell, device_line, sync, versions
 from aimpre.model import AIMv2, model_config
 from aimpre.model.layers import Attention
 from aimpre.scaling import flops_per_sample
@@ -49,18 +48,6 @@ from aimpre.train.parallel import fp8_linears, fp8_problem, parallelize
 BUILDS = ("plain", "bf16", "fp8")
 STEP_TARGETS = {"bf16": 1.15, "fp8": 1.3}  # images/s over plain's
 LOSS_TOLERANCE = 0.01  # bench fp8: |fp8 - bf16| / bf16 at every logged step
-
-
-def _device_line(device: torch.device, what: str) -> str:
-    if device.type == "cuda":
-        return f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    return f"device: NO GPU: CPU ({cpu}), {what}: these times say nothing about GPU speed"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _free(device: torch.device) -> None:
@@ -151,21 +138,10 @@ def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, data: dict[str, torch
 
 
 def _time(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per step: ``warmup`` untimed steps, then ``steps`` back to back."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / steps
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
+    return back_to_back_ms(step, steps, device) / 1e3
 
 
 def _label(build: str, backend: str, compile: bool) -> str:
@@ -311,12 +287,9 @@ def step_table(rows: list[StepRow]) -> str:
         if _measured(r) and _measured(plain):
             assert r.img_per_s is not None and plain is not None and plain.img_per_s is not None
             vs = f"{r.img_per_s / plain.img_per_s:.2f}x"
-
-        def f(v: float | None, fmt: str) -> str:
-            return "-" if v is None else format(v, fmt)
-
-        lines.append(f"| {r.label} | {f(r.step_ms, '.1f')} | {f(r.img_per_s, '.1f')} | {f(r.tflops, '.1f')} | "
-                     f"{f(r.mfu, '.1%')} | {f(r.peak_gib, '.1f')} | {vs} | {r.note.replace('|', '/')} |")  # fmt: skip
+        lines.append(f"| {r.label} | {cell(r.step_ms, '.1f')} | {cell(r.img_per_s, '.1f')} | "
+                     f"{cell(r.tflops, '.1f')} | {cell(r.mfu, '.1%')} | {cell(r.peak_gib, '.1f')} | {vs} | "
+                     f"{r.note.replace('|', '/')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -351,7 +324,7 @@ def run_step(
     head = [
         f"# training step benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
-        _device_line(device, "a smoke run of the tiny model"),
+        device_line(device, "a smoke run of the tiny model: these times say nothing about GPU speed"),
         f"{versions('triton', 'torchao')}; AIMv2-{size}, {cfg.img_size} px, batch {batch}, {precision}, AdamW"
         f"{' (fused)' if cuda else ''}; {steps} timed steps after {warmup} warm-up (compilation happens in the "
         f"warm-up); MFU against the dense bf16 peak"
@@ -481,7 +454,7 @@ def fp8_curves(
         t0 = time.perf_counter()
         for step in range(steps):
             if step == warm:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
             idx = order[step]
             batch_data = {k: v[idx] for k, v in data.items()}
@@ -493,7 +466,7 @@ def fp8_curves(
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(out["loss"].detach().float())
-        _sync(device)
+        sync(device)
         curves.ms_per_step[build] = (time.perf_counter() - t0) / max(1, steps - warm) * 1e3
         curves.per_step[build] = torch.stack(losses).tolist()
         print(f"bench fp8: {build} done, {curves.ms_per_step[build]:.1f} ms/step", file=sys.stderr, flush=True)
@@ -557,7 +530,9 @@ def run_fp8(
     head = [
         f"# fp8 vs bf16 training loss, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
-        _device_line(device, "a smoke run of the tiny model (float8 GEMMs on CPU)"),
+        device_line(
+            device, "a smoke run of the tiny model (float8 GEMMs on CPU): these times say nothing about GPU speed"
+        ),
         f"{versions('triton', 'torchao')}; AIMv2-{size}, {cfg.img_size} px, batch {batch}, {steps} steps, "
         f"AdamW lr {opt.lr:g} "
         f"(warm-up {opt.warmup_steps} steps, cosine to {opt.min_lr:g}), grad clip {opt.grad_clip:g}, bf16 autocast"
