@@ -627,6 +627,11 @@ def _packed(s: tuple) -> tuple:
     return s[2], s[0], s[3], s[1]
 
 
+def _bth(s: tuple) -> tuple:
+    """(batch, head, position) strides of a [B, T, H, D] tensor."""
+    return s[0], s[2], s[1]
+
+
 def forward_qkv(qkv: Tensor, mask: str, prefix_len: Tensor | None, *, traced: bool = False) -> tuple[Tensor, Tensor]:
     """Attention forward reading q, k and v by strides from the fused projection (checked by ``check_qkv``).
 
@@ -641,7 +646,7 @@ def forward_qkv(qkv: Tensor, mask: str, prefix_len: Tensor | None, *, traced: bo
     B, T, _, H, D = qkv.shape
     out = torch.empty((B, T, H, D), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=qkv.device)
-    _fwd(qkv, qkv, qkv, _packed(qkv.stride()), out, (T * H * D, D, H * D), lse, mask, prefix_len, traced)
+    _fwd(qkv, qkv, qkv, _packed(qkv.stride()), out, _bth(out.stride()), lse, mask, prefix_len, traced)
     return out, lse
 
 
@@ -657,11 +662,9 @@ def backward_qkv(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, mask: 
         [B, T, 3, H, D] contiguous, qkv's dtype: the gradient of ``qkv``, with no stack or copy.
     """
     qkv, grad_out = _rows(qkv), _rows(grad_out)
-    _, T, _, H, D = qkv.shape
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # contiguous [B, T, 3, H, D]
-    d, o = grad_out.stride(), out.stride()
-    _bwd(grad_out, (d[0], d[2], d[1]), qkv, qkv, qkv, _packed(qkv.stride()), out, (o[0], o[2], o[1]), lse, dqkv,
-         (H * D, 3 * T * H * D, D, 3 * H * D), mask, prefix_len, traced)  # fmt: skip
+    _bwd(grad_out, _bth(grad_out.stride()), qkv, qkv, qkv, _packed(qkv.stride()), out, _bth(out.stride()), lse, dqkv,
+         _packed(dqkv.stride()), mask, prefix_len, traced)  # fmt: skip
     return dqkv
 
 
