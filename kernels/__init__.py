@@ -114,13 +114,11 @@ def attention_qkv(
         raise ValueError(f"qkv must be [B, T, 3, H, D], got {tuple(qkv.shape)}")
     check_mask(mask, prefix_len, qkv.shape[0])
     name = _auto(qkv, mask) if backend == "auto" else backend
-    packed = PACKED.get(name)
-    if packed is not None:
-        return packed(qkv, mask, prefix_len)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+    if name in PACKED:
+        return PACKED[name](qkv, mask, prefix_len)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, T, 3, H, D] -> 3 x [B, H, T, D] views
-    return BACKENDS[name](q, k, v, mask, prefix_len).transpose(1, 2)  # [B, H, T, D] -> [B, T, H, D]
+    y = attention(q, k, v, mask=mask, prefix_len=prefix_len, backend=name)  # [B, H, T, D]
+    return y.transpose(1, 2)  # [B, T, H, D]
 
 
 __all__ = ["BACKENDS", "MASKS", "attention", "attention_qkv", "available_backends", "dense_mask"]
