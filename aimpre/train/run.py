@@ -138,11 +138,9 @@ def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
 
 def _precision(cfg: Config) -> Any:
     """Lightning's precision for ``trainer.precision``. fp8 is bf16-mixed (autocast) for Lightning; the float8
-    linears are swapped in by AIMv2Module.configure_model. It is refused here, before anything is built, where it
-    cannot run (no torchao, a GPU without float8 tensor cores)."""
+    linears are swapped in by AIMv2Module.configure_model (``train`` refuses it first where it cannot run)."""
     p = cfg.trainer.precision
     if p == "fp8":
-        check_fp8(torch.device(_device_type(cfg.trainer.accelerator)))
         return "bf16-mixed"
     if p != "auto":
         return p
@@ -236,7 +234,8 @@ def train(
     """
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
     cfg = resolve(cfg, tokenizer)
-    _precision(cfg)  # trainer.precision=fp8 is refused where it cannot run before a directory exists too
+    if cfg.trainer.precision == "fp8":  # refused where it cannot run (no torchao, no float8 tensor cores), early
+        check_fp8(torch.device(_device_type(cfg.trainer.accelerator)))
     if datamodule is None:  # shards the objective cannot use are refused before a directory or model exists
         AIMv2DataModule(cfg, tokenizer).check_shards()
     assert cfg.run.name is not None
