@@ -231,14 +231,20 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_size(size: str, command: str) -> None:
+    """Refuses a --size that is not a model size, naming the bench command."""
+    from aimpre.model import SIZES
+
+    if size not in SIZES:
+        raise ValueError(f"bench {command} --size: unknown size {size!r}; known sizes: {', '.join(SIZES)}")
+
+
 def _bench_step(args: argparse.Namespace) -> int:
     import torch
 
-    from aimpre.model import SIZES
     from aimpre.train.bench import run_step
 
-    if args.size not in SIZES:
-        raise ValueError(f"bench step --size: unknown size {args.size!r}; known sizes: {', '.join(SIZES)}")
+    _bench_size(args.size, "step")
     if not args.quick and not torch.cuda.is_available():
         print("no GPU: running the CPU smoke version (--quick); the targets are judged on a GPU", file=sys.stderr)
     run_step(args.size, args.batch, args.steps, args.warmup, args.backend, args.quick, tuple(args.builds),
@@ -249,11 +255,9 @@ def _bench_step(args: argparse.Namespace) -> int:
 def _bench_fp8(args: argparse.Namespace) -> int:
     import torch
 
-    from aimpre.model import SIZES
     from aimpre.train.bench import run_fp8
 
-    if args.size not in SIZES:
-        raise ValueError(f"bench fp8 --size: unknown size {args.size!r}; known sizes: {', '.join(SIZES)}")
+    _bench_size(args.size, "fp8")
     if not args.quick and not torch.cuda.is_available():
         print("no GPU: running the CPU smoke version (--quick); the target is judged on a GPU", file=sys.stderr)
     run_fp8(args.size, args.steps, args.batch, args.log_every, args.recipe, args.quick, args.out, args.plot)
@@ -327,10 +331,9 @@ def _bench_ops(args: argparse.Namespace) -> int:
     import torch
 
     from aimpre.kernels.bench_ops import run_ops
-    from aimpre.model import SIZES, model_config
+    from aimpre.model import model_config
 
-    if args.size not in SIZES:
-        raise ValueError(f"bench ops --size: unknown size {args.size!r}; known sizes: {', '.join(SIZES)}")
+    _bench_size(args.size, "ops")
     quick = args.quick or not torch.cuda.is_available()
     if quick:  # tiny shapes: a smoke test of the command (on CPU liger's cross-entropy runs in Triton's interpreter)
         os.environ.setdefault("TRITON_INTERPRET", "1")
