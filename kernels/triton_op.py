@@ -12,9 +12,10 @@ Two paths, one set of launchers (``triton_attention.py``):
 The triton_op path is also the fake/meta implementation, so shapes trace without running Triton. Eager, the same
 ops would work but cost more. Host time of one fwd+bwd with every Triton launch stubbed out (the launches
 themselves, three, come on top), on the 2-core CPU of the session that built this: a no-op autograd.Function in
-the same loop (the floor) 28 us; the custom_op before this design, on q/k/v views, 253 us (+ 3 x 12 us of
-Autotuner.__call__ on a GPU); the triton_op called eagerly 133 us; this autograd.Function on [B, H, T, D] views
-128 us, on the packed projection 64 us. Not yet measured on a GPU host.
+the same loop (the floor) 28 us; the custom_op before this design, on q/k/v views, 253 us (275 us in a second
+run, 2026-12-01; + 3 x 12 us of Autotuner.__call__ on a GPU); the triton_op called eagerly 133 us; this
+autograd.Function on [B, H, T, D] views 128 us, on the packed projection 64 us (66 us in the second run). Not yet
+measured on a GPU host.
 """
 
 from __future__ import annotations
