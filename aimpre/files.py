@@ -5,9 +5,11 @@ checkpoint."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import shutil
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,3 +88,72 @@ def symlink(target: str, link: str | Path) -> None:
     """Points ``link`` at ``target`` (a path relative to the link's folder), replacing it atomically."""
     with atomic_path(link) as tmp:
         os.symlink(target, tmp)
+
+
+class UntrustedInputError(ValueError):
+    """A file we read is malformed or implausible (too large, nested too deeply, not a regular file): the message
+    names the file and what is wrong; nothing was allocated or run on its account."""
+
+
+# bounds for the small metadata files aimpre reads back (configs, summaries, export metadata, plans, indexes): far
+# above anything we write, far below what would hang or exhaust a process
+MAX_METADATA_BYTES = 64 * 2**20
+MAX_DEPTH = 64
+
+
+def regular_file(path: str | Path, what: str = "file") -> Path:
+    """``path`` if it is a regular file (symlinks followed); FIFOs, devices, sockets and directories are refused,
+    since reading one can hang or never end."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {p}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+        raise UntrustedInputError(f"{what} {p} is {kind}")
+    return p
+
+
+def read_bytes(path: str | Path, what: str = "file", max_bytes: int = MAX_METADATA_BYTES) -> bytes:
+    """A regular file's bytes, refused in one line if it is larger than ``max_bytes`` (checked before reading)."""
+    p = regular_file(path, what)
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise UntrustedInputError(f"{what} {p} is {size} bytes, over the {max_bytes} this file may have")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while we read it
+        raise UntrustedInputError(f"{what} {p} is over the {max_bytes} bytes this file may have")
+    return data
+
+
+def check_depth(obj: object, what: str, max_depth: int = MAX_DEPTH) -> None:
+    """Refuses containers nested deeper than ``max_depth`` (iteratively: no recursion to exhaust)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict | list | tuple):
+            if d > max_depth:
+                raise UntrustedInputError(f"{what} nests lists or mappings deeper than {max_depth} levels")
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+
+
+def parse_json(data: str | bytes, what: str, max_bytes: int = MAX_METADATA_BYTES, max_depth: int = MAX_DEPTH) -> object:
+    """JSON text (a file's content, a sample's ``.json``, a metadata string) with its size and depth bounded; any
+    failure is one UntrustedInputError naming ``what``."""
+    if len(data) > max_bytes:
+        raise UntrustedInputError(f"{what} is {len(data)} bytes, over the {max_bytes} it may have")
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise UntrustedInputError(f"{what} nests lists or mappings deeper than {max_depth} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UntrustedInputError(f"{what} is not valid JSON ({str(e).splitlines()[0][:200]})") from None
+    check_depth(obj, what, max_depth)
+    return obj
+
+
+def read_json(path: str | Path, what: str = "JSON file", max_bytes: int = MAX_METADATA_BYTES) -> object:
+    """A JSON file, bounded as ``parse_json`` (and refused if it is not a regular file)."""
+    return parse_json(read_bytes(path, what, max_bytes), f"{what} {path}", max_bytes)
