@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from aimpre import __version__
+from aimpre.files import read_json_object
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,7 +94,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"\naimpre: run {run_dir.name} stopped at {at} before trainer.max_steps, with a checkpoint; "
               f"not finished: resume with `aimpre train --resume` and the same config ({run_dir})")  # fmt: skip
         return 0
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_json_object(run_dir / "summary.json", "run summary")
     print(f"\nrun directory: {run_dir}")
     base = summary.get("baselines", {})
     rows = [
@@ -116,7 +117,7 @@ def _data_demo(args: argparse.Namespace) -> int:
     from aimpre.data import write_demo
 
     out = write_demo(Path(args.out))
-    index = json.loads((out / "index.json").read_text())
+    index = read_json_object(out / "index.json", "shard index")
     for split, info in index["splits"].items():
         print(f"{split:14} {info['samples']:6d} samples in {len(info['shards'])} shard(s)")
     print(f"written to {out}")
@@ -577,7 +578,7 @@ def _export(args: argparse.Namespace) -> int:
     from aimpre.export import export_encoder
 
     out = export_encoder(args.src, args.format, args.out, args.dtype)
-    info = json.loads((out / "aimpre.json").read_text())
+    info = read_json_object(out / "aimpre.json", "export record")
     print(f"{args.format} export of {args.src} (run {info['run']}, step {info['step']}, {args.dtype}) written to {out}")
     return 0
 

@@ -30,7 +30,7 @@ import torch
 
 from aimpre.config import Config, ConfigError, load_config
 from aimpre.data import build_tokenizer
-from aimpre.files import atomic_path, write_text
+from aimpre.files import atomic_path, read_json_object, write_text
 from aimpre.model.sizes import OBJECTIVES
 
 CONTRASTIVE = ("siglip", "clip")
@@ -132,7 +132,7 @@ def plan(
 
 
 def _json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path, "compare record") if path.is_file() else None
 
 
 def _train(p: Planned) -> Path:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from aimpre.files import UntrustedInputError, check_depth, read_bytes
 from aimpre.kernels import available_backends, fused
 from aimpre.model.sizes import OBJECTIVES, SIZES, ModelConfig, model_config
 from aimpre.objectives.towers import POOLS
@@ -74,6 +75,10 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return " ".join(str(e).split())
 
 
+# PyYAML parses about a megabyte a second: a config, sweep or run file is a few kilobytes
+MAX_YAML_BYTES = 4 << 20
+
+
 def load_yaml(path: str | Path, what: str = "config file") -> Any:
     """A YAML file's content, or a ConfigError naming the file (missing, not text, not YAML, aliases)."""
     p = Path(path)
@@ -82,7 +87,11 @@ def load_yaml(path: str | Path, what: str = "config file") -> Any:
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
     try:
-        return yaml.load(p.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # _NoAliasLoader is a SafeLoader
+        data = yaml.load(read_bytes(p, what, MAX_YAML_BYTES).decode("utf-8"), Loader=_NoAliasLoader)  # a SafeLoader
+        check_depth(data, f"{what} {p}")
+        return data
+    except UntrustedInputError as e:
+        raise ConfigError(str(e)) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {p} is not UTF-8 text (byte {e.start})") from e
     except yaml.YAMLError as e:
@@ -276,9 +285,80 @@ def _check(ok: bool, key: str, why: str) -> None:
         raise ConfigError(f"config key {key!r}: {why}")
 
 
+# Plausibility limits on sizes, checked before anything is built: a config, run, export or LiT folder someone hands
+# us may name any number, and these numbers become tensor allocations (model.width=10**7 asks for terabytes).
+# Each limit is far above any model we know of (AIMv2-3B: width 3072, SwiGLU 8192, 24 blocks, 256 patches, 77
+# tokens; SigLIP's vocabulary 32k-256k) and far below what would exhaust a machine by itself; MAX_PARAMS then
+# bounds the whole model, about 10x AIMv2-3B's complete pretraining model (2.95B: encoder, decoder, heads).
+SIZE_LIMITS: dict[str, int] = {
+    **dict.fromkeys(("width", "dec_width", "text_width", "embed_dim", "head_width"), 1 << 16),
+    **dict.fromkeys(("mlp_hidden", "dec_mlp_hidden", "text_mlp_hidden"), 1 << 18),
+    **dict.fromkeys(("depth", "dec_depth", "text_depth", "head_depth"), 1024),
+    **dict.fromkeys(("heads", "dec_heads", "text_heads"), 1024),
+    "img_size": 1 << 14,
+    "patch_size": 1 << 10,
+    "text_len": 1 << 14,
+    "vocab_size": 1 << 22,
+    "num_classes": 1 << 22,
+}
+MAX_PATCHES = 1 << 16  # tokens per image (AIMv2: 256; 448 px at patch 14: 1024)
+MAX_PARAMS = 30_000_000_000
+# samples held at once: a per-device batch (AIMv2: 8192 over 512 devices = 16), the global batch (AIMv2: 8192),
+# the shuffle buffer (decoded samples, about 150 kB each at 224 px)
+MAX_BATCH = 1 << 16
+MAX_GLOBAL_BATCH = 1 << 24
+MAX_SHUFFLE = 1 << 20
+
+
+def model_size_problem(m: ModelConfig) -> tuple[str, str] | None:
+    """The first size field of ``m`` over its plausibility limit, as (field, why), or None.
+
+    Checked arithmetically (no tensor is built), in the order fields are listed, then the patch count and the
+    whole model's parameter count (``aimpre.scaling.flops.param_counts``).
+
+    Args:
+        m: the model config, from a YAML file, an export's ``aimpre.json``/``config.json`` or a LiT ``lit.json``.
+    """
+    for k, limit in SIZE_LIMITS.items():
+        v = getattr(m, k)
+        if isinstance(v, int) and v > limit:
+            return k, f"{v} is over the {limit} any model here may have"
+    if m.patch_size <= 0:  # no patch count to speak of: validate names the key
+        return None
+    if m.num_patches > MAX_PATCHES:
+        return "img_size", f"{m.img_size} px at patch {m.patch_size} is {m.num_patches} patches, over {MAX_PATCHES}"
+    from aimpre.scaling.flops import param_counts  # here: aimpre.scaling imports the model package
+
+    counts = param_counts(m, vocab_size=m.vocab_size or 1)
+    if counts["total"] <= MAX_PARAMS:
+        return None
+    part = max((k for k in counts if k != "total"), key=counts.__getitem__)
+    keys = _PART_KEYS[part] if part != "heads" else _HEAD_KEYS.get(m.objective, ("embed_dim",))
+    return keys[0], (
+        f"the model would have {counts['total'] / 1e9:.1f}B parameters, over the {MAX_PARAMS / 1e9:.0f}B limit "
+        f"(its {part}: {counts[part] / 1e9:.1f}B, sized by {', '.join('model.' + k for k in keys)})"
+    )
+
+
+# the keys that size each part of param_counts, the largest first
+_PART_KEYS = {
+    "encoder": ("width", "depth", "mlp_hidden", "img_size"),
+    "decoder": ("dec_width", "dec_depth", "dec_mlp_hidden", "vocab_size"),
+    "text": ("text_width", "text_depth", "text_mlp_hidden", "vocab_size"),
+}
+_HEAD_KEYS = {
+    "aimv2": ("vocab_size", "dec_width"),
+    "aimv1": ("head_width", "head_depth"),
+    "classification": ("num_classes", "width"),
+}
+
+
 def validate(cfg: Config) -> Config:
     """Rejects impossible values, naming the key."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    problem = model_size_problem(m)
+    if problem is not None:
+        raise ConfigError(f"config key 'model.{problem[0]}': {problem[1]}")
     _check(m.img_size > 0 and m.patch_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
            f"{m.img_size} must be a positive multiple of model.patch_size ({m.patch_size})")  # fmt: skip
     _check(m.num_patches >= 2, "model.img_size", "needs at least 2 patches")
@@ -314,9 +394,11 @@ def validate(cfg: Config) -> Config:
     _check(m.fused in fused.MODES, "model.fused", f"{short(m.fused)} is not one of {', '.join(fused.MODES)}")
     _check(m.fused != "liger" or fused.liger_installed(), "model.fused", f"needs liger-kernel: {fused.INSTALL_HINT}")
     _check(d.max_sample_bytes > 0, "data.max_sample_bytes", f"{d.max_sample_bytes} must be positive (bytes)")
-    _check(d.batch_size > 0, "data.batch_size", "must be positive")
+    _check(0 < d.batch_size <= MAX_BATCH, "data.batch_size", f"{d.batch_size} must lie in 1..{MAX_BATCH} (per device)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _check(
+        0 <= d.shuffle_buffer <= MAX_SHUFFLE, "data.shuffle_buffer", f"{d.shuffle_buffer} must lie in 0..{MAX_SHUFFLE}"
+    )
     _check(d.max_pixels > 0, "data.max_pixels", "must be positive")
     if d.weights is not None:
         n_sources = len(d.train_shards) if isinstance(d.train_shards, list) else 1
@@ -342,7 +424,8 @@ def validate(cfg: Config) -> Config:
     _check(_devices_ok(t.devices), "trainer.devices",
            f"{short(t.devices)} is not auto, a positive count, -1 (all) or device indices like '0,1'")  # fmt: skip
     _check(t.strategy in ("auto", "ddp", "fsdp"), "trainer.strategy", f"{short(t.strategy)} is not auto, ddp or fsdp")
-    _check(t.global_batch_size is None or t.global_batch_size > 0, "trainer.global_batch_size", "must be positive")
+    _check(t.global_batch_size is None or 0 < t.global_batch_size <= MAX_GLOBAL_BATCH, "trainer.global_batch_size",
+           f"{t.global_batch_size} must lie in 1..{MAX_GLOBAL_BATCH}")  # fmt: skip
     for k in ("log_every", "val_every", "ckpt_every", "accumulate_grad_batches", "num_nodes", "max_bad_steps"):
         _check(getattr(t, k) > 0, f"trainer.{k}", "must be positive")
     _check(t.val_batches >= 0, "trainer.val_batches", "must be >= 0")

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from aimpre import __version__
 from aimpre.config import Config, config_hash, load_config, short
 from aimpre.data.decode import Augment, crop_box
+from aimpre.files import UntrustedInputError, atomic_path, parse_json, read_json_object
 from aimpre.formats import (
     ENCODER_FIELDS,
     ExportError,
@@ -183,7 +183,7 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / WEIGHTS]
     index = folder / f"{WEIGHTS}.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
+        weight_map = _read_json(index, "safetensors index").get("weight_map", {})
         if not isinstance(weight_map, dict):
             raise ExportError(f"{index}: weight_map must be an object, got {short(weight_map, 60)}")
         names: set[str] = set()
@@ -220,14 +220,12 @@ def _check_depth(depth: int, state: State, claim: str, weights: str, prefix: str
         raise ExportError(f"{claim} says {key} {depth}, but {weights} holds {len(blocks)} blocks")
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def _read_json(file: Path, what: str = "metadata file") -> dict[str, Any]:
+    """A JSON object from ``file``, its size and nesting bounded (``aimpre.files.read_json``)."""
     try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ExportError(f"{file}: expected a JSON object")
-    return data
+        return read_json_object(file, what)
+    except UntrustedInputError as e:
+        raise ExportError(str(e)) from None
 
 
 def _rename(fmt: str, state: State, file: Path) -> State:
@@ -264,7 +262,7 @@ def _check_preprocessing(mean: Any, std: Any, where: str) -> None:
 
 def _read_export(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
     """A directory written by ``export_encoder`` (its ``aimpre.json`` says the format and the encoder)."""
-    info = _check_info(_read_json(folder / INFO), str(folder / INFO))
+    info = _check_info(_read_json(folder / INFO, "export record"), str(folder / INFO))
     cfg = encoder_config(info["encoder"], str(folder / INFO))
     return cfg, _rename(info["format"], _read_weights(folder, cfg, info["format"], str(folder / INFO)), folder), info
 
@@ -279,7 +277,7 @@ def _read_dir(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
         raise ExportError(
             f"{folder}: not a run (no config.yaml), an aimpre export (no {INFO}) or a timm/HF model (no config.json)"
         )
-    conf = _read_json(conf_file)
+    conf = _read_json(conf_file, "model config")
     if "architecture" in conf:  # timm hub layout
         cfg = config_from_timm(conf, str(conf_file))
         pc, where = conf.get("pretrained_cfg") or {}, f"{conf_file}: pretrained_cfg"
@@ -290,7 +288,7 @@ def _read_dir(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
     elif "model_type" in conf:  # transformers layout
         cfg = config_from_hf(conf, str(conf_file))
         proc = folder / "preprocessor_config.json"
-        pc, where = _read_json(proc) if proc.is_file() else {}, str(proc)
+        pc, where = _read_json(proc, "preprocessor config") if proc.is_file() else {}, str(proc)
         mean, std = pc.get("image_mean"), pc.get("image_std")
         fmt = "hf"
     else:
@@ -319,9 +317,9 @@ def _read(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
         return _read_dir(path.parent)
     where = f"{path}: header metadata 'aimpre'"  # our exports describe themselves: the file alone is enough
     try:
-        info = _check_info(json.loads(meta["aimpre"]), where)
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{where} is not valid JSON ({e})") from e
+        info = _check_info(parse_json(meta["aimpre"], where), where)
+    except UntrustedInputError as e:
+        raise ExportError(str(e)) from None
     cfg = encoder_config(info["encoder"], where)
     _check_depth(cfg.depth, _rename(info["format"], dict.fromkeys(names, torch.empty(0)), path), where, "the file")
     return cfg, _rename(info["format"], _load_safetensors(path)[0], path), info
@@ -406,6 +404,20 @@ def export_encoder(src: str | Path, fmt: str, out: str | Path, dtype: str = "fp3
     return write_export(loaded.encoder, fmt, out, dtype, {**loaded.info, "exported_from": str(src)})
 
 
+def _save_safetensors(tensors: State, file: Path, metadata: dict[str, str]) -> None:
+    """``save_file``, its failure to write turned back into the OSError it was: safetensors wraps the error (e.g.
+    ENOSPC, EFBIG) in its own SafetensorError, whose message carries the errno only as text ("File too large (os
+    error 27)"; older versions: "code: 27")."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"\b(?:os error|code:) (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m[1])
+        raise OSError(code, os.strerror(code), str(file)) from e
+
+
 def write_export(
     encoder: AIMv2Encoder, fmt: str, out: str | Path, dtype: str = "fp32", info: dict | None = None
 ) -> Path:
@@ -447,15 +459,10 @@ def write_export(
     elif fmt == "hf":
         files["config.json"] = hf_config(cfg, dtype)
         files["preprocessor_config.json"] = hf_preprocessor(pre)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aimpre": json.dumps(record)})
+    with atomic_path(out) as tmp:  # the directory appears complete or not at all
+        tmp.mkdir()
+        with atomic_path(tmp / WEIGHTS) as w:  # a full disk: WriteError naming the file and the free space
+            _save_safetensors(tensors, w, {"format": "pt", "aimpre": json.dumps(record)})
         for name, data in files.items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-        os.rename(tmp, out)  # the directory appears complete or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -157,3 +157,11 @@ def parse_json(data: str | bytes, what: str, max_bytes: int = MAX_METADATA_BYTES
 def read_json(path: str | Path, what: str = "JSON file", max_bytes: int = MAX_METADATA_BYTES) -> object:
     """A JSON file, bounded as ``parse_json`` (and refused if it is not a regular file)."""
     return parse_json(read_bytes(path, what, max_bytes), f"{what} {path}", max_bytes)
+
+
+def read_json_object(path: str | Path, what: str = "JSON file", max_bytes: int = MAX_METADATA_BYTES) -> dict:
+    """A JSON file that must hold an object (our summaries, records and plans), bounded as ``read_json``."""
+    obj = read_json(path, what, max_bytes)
+    if not isinstance(obj, dict):
+        raise UntrustedInputError(f"{what} {path} holds a JSON {type(obj).__name__}, not an object")
+    return obj

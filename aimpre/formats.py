@@ -24,7 +24,7 @@ from typing import Any, get_type_hints
 import torch
 from torch import Tensor
 
-from aimpre.config import short
+from aimpre.config import model_size_problem, short
 from aimpre.model import SIZES, ModelConfig
 
 State = dict[str, Tensor]
@@ -182,6 +182,9 @@ def encoder_config(values: dict[str, Any], where: str) -> ModelConfig:
         raise ExportError(f"{where}: width {cfg.width} is not divisible by heads {cfg.heads}")
     if cfg.img_size % cfg.patch_size:
         raise ExportError(f"{where}: img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+    problem = model_size_problem(cfg)  # checked before any model of this size is built, even on meta
+    if problem is not None:
+        raise ExportError(f"{where}: encoder field {problem[0]!r}: {problem[1]}")
     return cfg if "size" in values else replace(cfg, size=_size_name(cfg))
 
 

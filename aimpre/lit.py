@@ -41,17 +41,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from aimpre import __version__
+from aimpre.config import model_size_problem
 from aimpre.data import Augment, build_tokenizer, encode_captions, spec_urls
 from aimpre.data.decode import decode_sample
 from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.data.tokenizer import Tokenizer
-from aimpre.export import _read_json, load
+from aimpre.export import _read_json, _save_safetensors, load
 from aimpre.files import atomic_path, write_text
 from aimpre.model import AIMv2Encoder, ModelConfig
 from aimpre.model.sizes import SIZES
@@ -112,6 +113,9 @@ def tower_config(encoder: ModelConfig, vocab_size: int, overrides: dict[str, Any
             raise LitError(f"tower setting {k!r} must be a positive integer, got {getattr(cfg, k)!r}")
     if cfg.text_width % cfg.text_heads:
         raise LitError(f"text_width {cfg.text_width} is not divisible by text_heads {cfg.text_heads}")
+    problem = model_size_problem(replace(cfg, objective="siglip"))  # counts the text tower, whatever the encoder was
+    if problem is not None:
+        raise LitError(f"tower setting {problem[0]!r}: {problem[1]}")
     return cfg
 
 
@@ -352,7 +356,8 @@ def train_lit(
     tensors = {k: v.detach().cpu().contiguous() for k, v in parts.state_dict().items()}
     with atomic_path(out) as tmp:  # the folder appears complete or not at all
         tmp.mkdir()
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        with atomic_path(tmp / WEIGHTS) as w:  # a full disk: WriteError naming the file and the free space
+            _save_safetensors(tensors, w, {"format": "pt"})
         (tmp / LIT_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -386,12 +391,12 @@ def _load_state(module: nn.Module, state: dict[str, Tensor], prefix: str, where:
         if v.shape != want[k].shape:
             raise LitError(f"{where}: tensor {prefix}{k} has shape {tuple(v.shape)}, the config implies "
                            f"{tuple(want[k].shape)}")  # fmt: skip
-    module.load_state_dict(part)
+    module.load_state_dict(part, assign=True)  # the module was built on the meta device: take the file's tensors
 
 
 def _load_lit(folder: Path) -> ZeroShotModel:
     where = folder / LIT_JSON
-    rec = _read_json(where)
+    rec = _read_json(where, "LiT record")
     for key in ("encoder", "towers", "tokenizer", "preprocessing"):
         if not isinstance(rec.get(key), dict):
             raise LitError(f"{where}: missing or malformed {key!r}")
@@ -420,7 +425,8 @@ def _load_lit(folder: Path) -> ZeroShotModel:
         state = load_file(str(folder / WEIGHTS))
     except Exception as e:  # safetensors raises its own error type for truncated or foreign files
         raise LitError(f"{folder / WEIGHTS}: not a readable safetensors file ({e})") from None
-    head, text, norm = ImageHead(cfg), TextTower(cfg, tok.vocab_size), TokenNorm(cfg.num_patches, cfg.width)
+    with torch.device("meta"):  # lit.json's sizes allocate nothing before _load_state checks them against the file
+        head, text, norm = ImageHead(cfg), TextTower(cfg, tok.vocab_size), TokenNorm(cfg.num_patches, cfg.width)
     _load_state(head, state, "image_head.", str(folder / WEIGHTS))
     _load_state(text, state, "text_tower.", str(folder / WEIGHTS))
     _load_state(norm, state, "token_norm.", str(folder / WEIGHTS))
@@ -441,7 +447,8 @@ def _load_run(path: Path) -> ZeroShotModel:
     if vocab is None:
         raise LitError(f"{where}: no 'model.text_tower.*' tensors in its state_dict")
     cfg = replace(cfg, vocab_size=vocab.shape[0])
-    head, text = ImageHead(cfg), TextTower(cfg, vocab.shape[0])
+    with torch.device("meta"):  # sizes from config.yaml allocate nothing before _load_state checks the tensors
+        head, text = ImageHead(cfg), TextTower(cfg, vocab.shape[0])
     _load_state(head, run.state, "image_head.", where)
     _load_state(text, run.state, "text_tower.", where)
     loaded = load(path)
@@ -482,7 +489,7 @@ def class_names(urls: list[str]) -> list[str]:
     folder = Path(urls[0]).parent
     index = folder / "index.json"
     if index.is_file():
-        data, names = _read_json(index), {Path(u).name for u in urls}
+        data, names = _read_json(index, "shard index"), {Path(u).name for u in urls}
         for split, info in (data.get("splits") or {}).items():
             if not isinstance(info, dict) or not names <= set(info.get("shards") or ()):
                 continue

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources
 from aimpre.export import read_run, run_encoder, run_model
-from aimpre.files import atomic_path
+from aimpre.files import atomic_path, read_json_object
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
 from aimpre.scaling.plots import DPI  # one resolution for every figure aimpre draws
@@ -132,7 +131,7 @@ def plot_losses(metrics: Path, summary: Path | None = None) -> Figure:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{metrics} has no rows")
-    base = json.loads(summary.read_text()).get("baselines", {}) if summary and summary.is_file() else {}
+    base = read_json_object(summary, "run summary").get("baselines", {}) if summary and summary.is_file() else {}
     baselines = {
         "loss_image": ("loss_image_mean_patch", "mean-patch baseline"),
         "loss_text": ("loss_text_bigram", "bigram baseline"),

@@ -77,7 +77,7 @@ def probe_row(run: Path, probe: Probe, steps: int, random_init: bool = False) ->
     res = None
     if out.is_file():
         try:
-            res = json.loads(out.read_text())
+            res = files.read_json_object(out, "probe result")
         except ValueError:  # unreadable (written by hand?): probe again and replace it
             res = None
     cached = res is not None
@@ -116,7 +116,7 @@ def run_row(run: Path, params: str = "total", size: str | None = None, kind: str
     """
     if params not in PARAMS:
         raise ValueError(f"params must be one of {PARAMS}, got {params!r}")
-    summary = json.loads((run / "summary.json").read_text())
+    summary = files.read_json_object(run / "summary.json", "run summary")
     try:
         cfg = load_config(run / "config.yaml")
     except ConfigError as e:

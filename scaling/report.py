@@ -99,7 +99,7 @@ def read_fits(path: str | Path) -> dict[str, FitResult]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"fit file not found: {p}")
-    doc = json.loads(p.read_text())
+    doc = files.read_json_object(p, "fit file")
     if "fits" in doc:
         if not isinstance(doc["fits"], dict) or not doc["fits"]:
             raise ValueError(f"{p}: 'fits' holds no fits")

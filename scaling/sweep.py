@@ -334,4 +334,4 @@ def load_plan(plan_dir: str | Path) -> dict[str, Any]:
     p = Path(plan_dir) / "plan.json"
     if not p.is_file():
         raise FileNotFoundError(f"no plan.json in {plan_dir}: run `aimpre scaling plan SWEEP.yaml --out DIR` first")
-    return json.loads(p.read_text())
+    return files.read_json_object(p, "sweep plan")

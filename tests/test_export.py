@@ -181,7 +181,7 @@ def test_bad_inputs_name_the_file_and_key(encoder: AIMv2Encoder, tmp_path: Path)
     with pytest.raises(ExportError, match=r"tensor '\w+' has shape \(1, 64, 192\), the config implies \(1, 64, 96\)"):
         load(out)
     (out / "config.json").write_text("{not json")
-    with pytest.raises(ExportError, match=r"config\.json: not valid JSON"):
+    with pytest.raises(ExportError, match=r"config\.json is not valid JSON"):
         load(out)
     broken = write_export(encoder, "safetensors", tmp_path / "broken", info={"preprocessing": PRE})
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{trunc")

@@ -29,9 +29,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from aimpre.config import Config, ConfigError, config_hash, dump_config, load_yaml, to_dict
+from aimpre.config import Config, ConfigError, config_hash, dump_config, load_yaml, model_size_problem, short, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
-from aimpre.files import write_text
+from aimpre.files import read_json, write_text
 from aimpre.objectives import uses_prefix
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
@@ -60,6 +60,9 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
             f"config key 'model.vocab_size': {vocab} is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})"
         )
+    problem = model_size_problem(replace(cfg.model, vocab_size=vocab))  # the tokenizer's vocabulary sizes two tables
+    if problem is not None:
+        raise ConfigError(f"config key 'model.{problem[0]}' (with a vocabulary of {vocab}): {problem[1]}")
     # Lightning's DDP launcher re-runs the command in child processes: they inherit the parent's generated name.
     # (Only they: a second unnamed run in one process gets a name of its own.)
     name = cfg.run.name or (None if _first_process() else os.environ.get("AIMPRE_RUN_NAME"))
@@ -129,10 +132,10 @@ def _check_resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
     if diff:
         raise ConfigError(f"cannot resume {run_dir}: model config differs in {', '.join('model.' + k for k in diff)}")
     tok_file = run_dir / "tokenizer.identity.json"
-    if tok_file.exists() and json.loads(tok_file.read_text()) != tokenizer.identity():
+    if tok_file.exists() and (saved_tok := read_json(tok_file, "tokenizer record")) != tokenizer.identity():
         raise ConfigError(
             f"cannot resume {run_dir}: data.tokenizer is {tokenizer.identity()}, "
-            f"the run was trained with {tok_file.read_text()}"
+            f"the run was trained with {short(saved_tok, 200)}"
         )
 
 

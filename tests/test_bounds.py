@@ -1,0 +1,252 @@
+"""Every metadata file aimpre reads back is bounded, and every size read from one is checked before it allocates.
+
+Hostile inputs, each through the real entry point (``aimpre.cli.main``): JSON nested 100,000 deep in each metadata
+file (``json.loads`` raised RecursionError: a traceback), a YAML config over the byte bound, sizes far beyond any
+model in a config, an export or a LiT folder, and an export onto a "full disk" (a real RLIMIT_FSIZE in a real
+process). Each must end in one line naming the file or key, exit code 2, and nothing allocated or left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from aimpre.cli import main
+from aimpre.config import dump_config, load_config
+from aimpre.data import build_tokenizer
+from aimpre.export import load, write_export
+from aimpre.model import AIMv2Encoder, model_config
+from aimpre.probe import _weights_hash
+from aimpre.train import resolve
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads recursed once per level: RecursionError
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def _one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """``aimpre ARGV``: exit code 2 and exactly one line on stderr, which is returned."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("aimpre: error: "), (code, err)
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real safetensors export of a 2-block tiny encoder (random weights)."""
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(model_config("tiny", depth=2)).eval()
+    out = tmp_path_factory.mktemp("exp") / "enc"
+    return write_export(enc, "safetensors", out, info={"preprocessing": {"mean": MEAN, "std": STD, "img_size": 112}})
+
+
+# ---- deep JSON in every metadata file -----------------------------------------------------------------------------
+
+
+def _plant(case: str, root: Path, export_dir: Path, shards: str) -> tuple[list[str], str]:
+    """Writes the hostile input of ``case`` under ``root``: (the aimpre arguments that read it, the file named)."""
+    d = root / "m"
+    d.mkdir()
+    out = ["--format", "safetensors", "--out", str(root / "out")]
+    if case == "aimpre.json":
+        (d / "aimpre.json").write_text(DEEP)
+        (d / "model.safetensors").write_bytes((export_dir / "model.safetensors").read_bytes())
+        return ["export", str(d), *out], str(d / "aimpre.json")
+    if case == "config.json":
+        (d / "config.json").write_text(DEEP)
+        return ["export", str(d), *out], str(d / "config.json")
+    if case == "preprocessor_config.json":
+        (d / "config.json").write_text(json.dumps({"model_type": "aimv2_vision_model"}))
+        (d / "preprocessor_config.json").write_text(DEEP)
+        return ["export", str(d), *out], str(d / "preprocessor_config.json")
+    if case == "model.safetensors.index.json":
+        (d / "config.json").write_text(json.dumps({"architecture": "aimv2_large_patch14_224"}))
+        (d / "model.safetensors.index.json").write_text(DEEP)
+        return ["export", str(d), *out], str(d / "model.safetensors.index.json")
+    if case == "safetensors metadata":
+        f = d / "enc.safetensors"
+        save_file({"x": torch.zeros(1)}, str(f), metadata={"aimpre": DEEP})
+        return ["export", str(f), *out], f"{f}: header metadata 'aimpre'"
+    if case == "lit.json":
+        (d / "lit.json").write_text(DEEP)
+        return ["zero-shot", str(d), "--shards", shards, "--classes", "a,b"], str(d / "lit.json")
+    if case == "plan.json":
+        (d / "plan.json").write_text(DEEP)
+        return ["scaling", "run", str(d), "--commands", str(root / "cmds.sh")], str(d / "plan.json")
+    if case == "summary.json":
+        (d / "r").mkdir()
+        (d / "r" / "summary.json").write_text(DEEP)
+        return ["scaling", "collect", str(d)], str(d / "r" / "summary.json")
+    if case == "fit JSON":
+        (d / "fit.json").write_text(DEEP)
+        return ["scaling", "predict", str(d / "fit.json"), "--flops", "1e20"], str(d / "fit.json")
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["aimpre.json", "config.json", "preprocessor_config.json", "model.safetensors.index.json", "safetensors metadata",
+     "lit.json", "plan.json", "summary.json", "fit JSON"],
+)  # fmt: skip
+def test_deep_json_is_one_line(
+    case: str, tmp_path: Path, export_dir: Path, pretrain_spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, named = _plant(case, tmp_path, export_dir, pretrain_spec)
+    line = _one_line(capsys, argv)
+    assert named in line and "nests lists or mappings deeper than 64 levels" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_reads_a_deep_tokenizer_record_in_one_line(
+    tmp_path: Path, pretrain_spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``aimpre train --resume`` compares the run's tokenizer.identity.json with its tokenizer before training."""
+    args = [f"run.out_dir={tmp_path}", "run.name=r", f"data.train_shards={pretrain_spec}", "data.val_shards=null",
+            "model.depth=2", "model.dec_depth=1", "trainer.accelerator=cpu"]  # fmt: skip
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    tokenizer = build_tokenizer("bytes", True)
+    (run / "config.yaml").write_text(dump_config(resolve(load_config(None, args), tokenizer)))
+    (run / "tokenizer.identity.json").write_text(DEEP)
+    line = _one_line(capsys, ["train", "--resume", *args])
+    assert f"{run / 'tokenizer.identity.json'}" in line and "nests lists or mappings deeper" in line, line
+
+
+# ---- YAML byte bound ----------------------------------------------------------------------------------------------
+
+
+def test_yaml_over_the_byte_bound_is_refused_unparsed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 5 MB config (a comment: PyYAML would read it and return the defaults) is refused before parsing."""
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (5 << 20) + "\n")
+    line = _one_line(capsys, ["config", "show", "--config", str(big)])
+    assert str(big) in line and "over the 4194304" in line, line
+
+
+# ---- sizes --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.width=10000002", "model.width")(  # divisible by the 3 heads,
+            "model.text_len=1000000000", "model.text_len"
+        ),
+        ("model.depth=100000", "model.depth"),
+        ("model.vocab_size=4000000000", "model.vocab_size"),
+        ("model.img_size=1000006", "model.img_size"),
+        ("data.batch_size=1000000000", "data.batch_size"),
+        ("trainer.global_batch_size=1000000000000", "trainer.global_batch_size"),
+    ],
+)
+def test_implausible_sizes_name_the_key(override: str, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked when the config is loaded, before any model is built (``config show`` would print them)."""
+    line = _one_line(capsys, ["config", "show", override])
+    assert f"config key {key!r}" in line, line
+
+
+def test_a_model_over_the_parameter_bound_names_its_largest_part(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every key inside its own limit, the whole model 400B parameters."""
+    line = _one_line(capsys, ["config", "show", "model.size=3b", "model.width=32768", "model.mlp_hidden=131072"])
+    assert "config key 'model.width'" in line and "over the 30B limit" in line and "its encoder" in line, line
+
+
+def test_run_config_yaml_sizes_are_checked_when_read(
+    tmp_path: Path, export_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run handed to ``aimpre export`` whose config.yaml claims a 10M-wide encoder."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "config.yaml").write_text("model:\n  width: 10000000\n  heads: 8\n")
+    line = _one_line(capsys, ["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "o")])
+    assert "config key 'model.width'" in line, line
+
+
+def test_export_record_sizes_are_checked_before_building(
+    tmp_path: Path, export_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "e"
+    d.mkdir()
+    record = json.loads((export_dir / "aimpre.json").read_text())
+    record["encoder"]["width"], record["encoder"]["heads"] = 10**7, 10
+    (d / "aimpre.json").write_text(json.dumps(record))
+    (d / "model.safetensors").write_bytes((export_dir / "model.safetensors").read_bytes())
+    line = _one_line(capsys, ["export", str(d), "--format", "safetensors", "--out", str(tmp_path / "o")])
+    assert f"{d / 'aimpre.json'}: encoder field 'width': 10000000 is over the 65536" in line, line
+
+
+def _lit_folder(root: Path, export_dir: Path, towers: dict) -> Path:
+    """A LiT folder whose lit.json is right about its encoder and claims ``towers``; its weights are one tensor."""
+    loaded = load(export_dir)
+    pre = loaded.info["preprocessing"]
+    d = root / "lit"
+    d.mkdir()
+    record = {
+        "encoder": {"path": str(export_dir), "sha256": _weights_hash(loaded.encoder, pre).hexdigest()},
+        "towers": towers, "tokenizer": {"spec": "bytes", "lowercase": True}, "preprocessing": pre,
+    }  # fmt: skip
+    (d / "lit.json").write_text(json.dumps(record))
+    save_file({"text_tower.embed.weight": torch.zeros(4, 4)}, str(d / "model.safetensors"))
+    return d
+
+
+def test_lit_tower_sizes_allocate_nothing_before_the_check(tmp_path: Path, export_dir: Path) -> None:
+    """lit.json claims a 4096-wide, 8-block text tower (0.5B parameters, 2 GB); the weights file holds none of it.
+    The towers were built for real before their shapes were checked: the process's peak memory shows it."""
+    d = _lit_folder(tmp_path, export_dir, {"text_width": 4096, "text_depth": 8, "text_heads": 32})
+    code = f"""
+import resource
+from aimpre.lit import LitError, load_zero_shot_model
+try:
+    load_zero_shot_model({str(d)!r})
+except LitError as e:
+    print(str(e).splitlines()[0])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    message, peak_mib = done.stdout.strip().splitlines()[-2], int(done.stdout.strip().splitlines()[-1])
+    assert "do not match the configured tower" in message, message
+    assert peak_mib < 1500, f"peak RSS {peak_mib} MiB: the claimed towers were allocated"
+
+
+def test_lit_tower_sizes_over_the_bound_name_the_setting(
+    tmp_path: Path, export_dir: Path, pretrain_spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = _lit_folder(tmp_path, export_dir, {"text_width": 65536, "text_depth": 64, "text_heads": 64})
+    line = _one_line(capsys, ["zero-shot", str(d), "--shards", pretrain_spec, "--classes", "a,b"])
+    assert f"{d / 'lit.json'}: tower setting 'text_width'" in line and "over the 30B limit" in line, line
+
+
+# ---- a full disk --------------------------------------------------------------------------------------------------
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, export_dir: Path) -> None:
+    """The exporting process may not write files over 1 MB (RLIMIT_FSIZE, as ``ulimit -f``: the kernel answers
+    EFBIG as it answers ENOSPC on a full disk); the weights are 4 MB. safetensors raised its own SafetensorError
+    (a traceback)."""
+    code = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+from aimpre.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    out = tmp_path / "timm"
+    argv = ["export", str(export_dir), "--format", "timm", "--out", str(out)]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, env=ENV)
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("aimpre: error: could not write "), last
+    assert "model.safetensors: File too large" in last and f"files over {1 << 20} bytes (ulimit -f)" in last, last
+    assert not out.exists() and os.listdir(tmp_path) == []  # no half-written export or temp folder left
