@@ -138,9 +138,8 @@ def test_yaml_over_the_byte_bound_is_refused_unparsed(tmp_path: Path, capsys: py
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("model.width=10000002", "model.width")(  # divisible by the 3 heads,
-            "model.text_len=1000000000", "model.text_len"
-        ),
+        ("model.width=10000002", "model.width"),  # divisible by the tiny size's 3 heads
+        ("model.text_len=1000000000", "model.text_len"),
         ("model.depth=100000", "model.depth"),
         ("model.vocab_size=4000000000", "model.vocab_size"),
         ("model.img_size=1000006", "model.img_size"),
