@@ -30,11 +30,21 @@ from aimpre.data.shardset import expand_shards, write_index
 Item = tuple[str, bytes | None, str | None, str]  # (source name, image bytes, caption, image extension) or skip
 
 
+KEEP_NAMES = 100  # skipped files named per reason (in index.json; the CLI prints the first few)
+
+
 @dataclass
 class Summary:
     written: int = 0
     shards: list[str] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    skipped_files: dict[str, list[str]] = field(default_factory=dict)  # the first KEEP_NAMES by reason
+
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped[reason] += 1
+        names = self.skipped_files.setdefault(reason, [])
+        if len(names) < KEEP_NAMES:
+            names.append(name)
 
 
 def _sidecar_caption(image: Path) -> str | None:
@@ -120,14 +130,14 @@ def make_shards(
     def samples() -> Iterator[dict]:
         for name, data, caption, ext in tqdm(items, desc="make-shards", unit="img"):
             if data is None:
-                summary.skipped["no_image"] += 1
+                summary.skip("no_image", name)
                 continue
             if caption is None:
-                summary.skipped["no_caption"] += 1
+                summary.skip("no_caption", name)
                 continue
             vetted = _vet(data, ext, max_side)
             if isinstance(vetted, str):
-                summary.skipped[vetted] += 1
+                summary.skip(vetted, name)
                 continue
             key = f"{summary.written:09d}"
             summary.written += 1
@@ -136,6 +146,13 @@ def make_shards(
 
     counts = write_shards(samples(), tmp, prefix, per_shard)
     summary.shards = list(counts)
-    write_index(tmp, counts, max_side=max_side, written=summary.written, skipped=dict(summary.skipped))
+    write_index(
+        tmp,
+        counts,
+        max_side=max_side,
+        written=summary.written,
+        skipped=dict(summary.skipped),
+        skipped_files=summary.skipped_files,
+    )
     publish_dir(tmp, out)
     return summary

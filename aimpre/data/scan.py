@@ -36,15 +36,21 @@ class _Inspect(IterableDataset):
             counts: Counter[str] = Counter()
             rng = np.random.default_rng(i)
             captions = []
-            # a count of 0 (an unreadable shard) still reads it, so its damage is reported
-            for sample in segment_samples(Segment(shard.url, 0, shard.samples or None), errors):
-                counts["read"] += 1
-                out = decode_sample(sample, self.aug, rng)
+            # the whole shard is read whatever its index says: more samples than it says are a stale index,
+            # reported with the real count; fewer were lost to damage and count as "missing"
+            n = 0
+            for sample in segment_samples(Segment(shard.url, 0, None), errors):
+                n += 1
+                out = decode_sample(sample, self.aug, rng, self.text_len)
                 if isinstance(out, str):
                     counts[out] += 1
                 else:
                     counts["kept"] += 1
                     captions.append(out[1])
+            if shard.samples is not None and n > shard.samples:
+                errors.stale_index(shard.url, shard.samples, n)
+            counts["missing"] += max(0, (shard.samples or 0) - n)
+            counts["read"] += max(n, shard.samples or 0)
             if captions:  # the same tokenisation as training, for its truncation count
                 text, mask = encode_captions(self.tokenizer, captions, self.text_len)
                 counts["truncated"] += int((mask.all(dim=1) & (text[:, -1] != self.tokenizer.eos_id)).sum())
