@@ -247,3 +247,18 @@ def test_one_line_errors(tmp_path: Path, capsys, argv: list[str], says: str) -> 
     assert main(argv) == 2  # were an IndexError and a Rust panic
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
+
+
+def test_make_shards_inputs_are_bounded(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a.jpg").write_bytes(jpeg())
+    (tmp_path / "a.txt").write_bytes(b"x" * (2 << 20))  # over MAX_SAMPLE_JSON: no caption, and named
+    (tmp_path / "b.jpg").write_bytes(jpeg())
+    (tmp_path / "b.txt").write_text("fine")
+    assert main(["data", "make-shards", "--from-folder", str(tmp_path), "--out", str(tmp_path / "o1")]) == 0
+    assert "no_caption: a.jpg" in capsys.readouterr().out
+    rows = tmp_path / "rows.csv"
+    rows.write_text("path,caption\nb.jpg," + "y" * 200_000 + "\n")  # a field over csv's limit
+    assert main(["data", "make-shards", "--from-csv", str(rows), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "rows.csv, line 2: field larger than field limit" in err and err.count("aimpre: error") == 1
+    assert "Traceback" not in err  # was a csv.Error traceback

@@ -22,10 +22,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from aimpre.data.decode import IMAGE_KEYS, caption_of
+from aimpre.data.decode import IMAGE_KEYS, MAX_SAMPLE_JSON, caption_of
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.data.shards import publish_dir, write_shards
 from aimpre.data.shardset import expand_shards, write_index
+from aimpre.files import UntrustedInputError, read_bytes
 
 Item = tuple[str, bytes | None, str | None, str]  # (source name, image bytes, caption, image extension) or skip
 
@@ -51,7 +52,11 @@ def _sidecar_caption(image: Path) -> str | None:
     for ext in ("txt", "json"):
         side = image.with_suffix(f".{ext}")
         if side.exists():
-            caption, _ = caption_of({ext: side.read_bytes()})
+            try:  # bounded: a caption file of gigabytes is no caption (the image is skipped and named)
+                data = read_bytes(side, "caption file", MAX_SAMPLE_JSON)
+            except (UntrustedInputError, OSError):
+                return None
+            caption, _ = caption_of({"__key__": str(image), ext: data})
             return caption
     return None
 
@@ -68,14 +73,19 @@ def from_csv(path: Path, path_col: str = "path", caption_col: str = "caption") -
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     with open(path, newline="", encoding="utf-8") as f:
         rows = csv.DictReader(f, delimiter=delimiter)
-        missing = [c for c in (path_col, caption_col) if c not in (rows.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r} (columns: {rows.fieldnames})")
-        for row in rows:
-            p = Path(row[path_col])
-            p = p if p.is_absolute() else path.parent / p
-            data = p.read_bytes() if p.is_file() else None
-            yield row[path_col], data, (row[caption_col] or "").strip() or None, p.suffix.lower().lstrip(".")
+        try:  # csv bounds each field (csv.field_size_limit, 128 KiB) but raises its own csv.Error
+            missing = [c for c in (path_col, caption_col) if c not in (rows.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: no column {missing[0]!r} (columns: {rows.fieldnames})")
+            for row in rows:
+                if row[path_col] is None:  # fewer fields than the header
+                    raise ValueError(f"{path}, line {rows.line_num}: no {path_col!r} field")
+                p = Path(row[path_col])
+                p = p if p.is_absolute() else path.parent / p
+                data = p.read_bytes() if p.is_file() else None
+                yield row[path_col], data, (row[caption_col] or "").strip() or None, p.suffix.lower().lstrip(".")
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {rows.line_num + 1}: {e}") from None  # the line it could not read
 
 
 def from_shards(spec: str) -> Iterator[Item]:

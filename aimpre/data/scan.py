@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from aimpre.data.decode import SKIP_REASONS, Augment, caption_of, decode_sample, sample_label
+from aimpre.data.decode import MAX_SAMPLE_JSON, SKIP_REASONS, Augment, caption_of, decode_sample, sample_label
 from aimpre.data.reader import ReadErrors, Segment, segment_samples, shard_samples
 from aimpre.data.shardset import Shard
 from aimpre.data.tokenizer import Tokenizer, encode_captions
@@ -96,7 +96,8 @@ def iter_captions(shards: list[Shard], limit: int | None = None) -> Iterator[str
     n = 0
     for shard in shards:
         for sample in segment_samples(Segment(shard.url, 0, None), errors):
-            caption, _ = caption_of(sample) if sample is not None else (None, None)
+            # a caption's first MiB is more than a tokenizer learns from: the rest is never decoded
+            caption, _ = caption_of(sample, MAX_SAMPLE_JSON) if sample is not None else (None, None)
             if caption is not None:
                 yield caption
                 n += 1

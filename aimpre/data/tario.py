@@ -5,8 +5,13 @@ headers directly (checksum verified) for about a fifth of that. Members are only
 disk, followed (links) or unpickled. Damage (a bad header, a member over ``MAX_MEMBER`` bytes, which would
 otherwise be read into memory, a short read, a stream with no members) is a ``TarError`` with a reason and the
 byte offset where reading stopped. By default it is raised; with ``resync=True`` it is yielded instead and reading
-goes on at the next plausible header (found by its ``ustar`` magic at any byte offset, then its checksum and
-fields checked), so one damaged stretch costs only the samples it touches.
+goes on at the next plausible header (found by its ``ustar`` magic at any byte offset, or for pre-POSIX v7 headers,
+which have no magic but the same checksum, at a 512-byte boundary; then its checksum and fields checked), so one
+damaged stretch costs only the samples it touches.
+
+The end of the archive is a zero block followed by nothing but zeros to the end of the stream. Zero blocks with more
+data after them (a header wiped out, or archives joined end to end) are damage (``zero_block``), not an end: tar
+would stop there, and every sample after them would be lost without a word.
 
 Samples follow webdataset's rule: a sample is the run of consecutive members sharing a key, the member name up to
 the first dot of its base name (``abc/000123.jpg`` + ``abc/000123.txt`` -> key ``abc/000123``, fields ``jpg``
