@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,15 +60,20 @@ def _v7(raw: bytes) -> bytes:
     return bytes(out)
 
 
-def _read(raw: bytes) -> tuple[list[str], list[TarError], Counter[str]]:
+def _read_all(raw: bytes) -> tuple[list[dict], list[TarError], Counter[str]]:
+    """Every sample read with resync (whole or not), the damage, and the counts group_samples made."""
     damage: list[TarError] = []
     counts: Counter[str] = Counter()
-    keys = [
-        str(s["__key__"])
-        for s in group_samples(tar_members(io.BytesIO(raw), resync=True), lambda k: counts.update([k]), damage.append)
-        if "jpg" in s and "txt" in s
-    ]
-    return keys, damage, counts
+    samples = list(
+        group_samples(tar_members(io.BytesIO(raw), resync=True), lambda k: counts.update([k]), damage.append)
+    )
+    return samples, damage, counts
+
+
+def _read(raw: bytes) -> tuple[list[str], list[TarError], Counter[str]]:
+    """The keys of the whole samples (jpg and txt), the damage and the counts."""
+    samples, damage, counts = _read_all(raw)
+    return [str(s["__key__"]) for s in samples if "jpg" in s and "txt" in s], damage, counts
 
 
 def test_zero_block_over_a_header_mid_shard_is_damage_and_reading_resumes() -> None:
@@ -107,6 +114,33 @@ def test_v7_headers_are_read_and_a_broken_one_is_damage_with_recovery() -> None:
     assert [(d.reason, d.offset, d.resumed) for d in damage] == [("bad_header", hit, at["s20.txt"])]
     assert keys == [f"s{i:02d}" for i in range(N) if i != 20]  # was 19 of 40, nothing resumed
     assert counts["samples_lost"] == 1
+
+
+@pytest.mark.parametrize("v7", [False, True])
+def test_random_header_damage_is_always_reported_and_costs_at_most_two_samples(v7: bool) -> None:
+    """A wiped (zeroed) or broken header at a random member: always one damage at its offset, reading resumed at
+    the next header, at most the two samples beside it lost, and the header-only count agrees with reading."""
+    raw, at = _shard()
+    raw = _v7(raw) if v7 else raw
+    rng = np.random.default_rng(int(v7))
+    names = sorted(at)[1:]  # the first header is the archive's start: damage there is not_a_tar
+    last = max(at.values())  # nothing to resume at after it
+    for _ in range(int(os.environ.get("AIMPRE_FAULT_LOOPS", "6"))):
+        name = names[rng.integers(len(names))]
+        hit, wipe = at[name], bool(rng.integers(2))
+        out = bytearray(raw)
+        if wipe:
+            out[hit : hit + 512] = bytes(512)
+        else:
+            out[hit + 148] ^= 1  # the checksum
+        samples, damage, counts = _read_all(bytes(out))
+        assert [(d.reason, d.offset) for d in damage] == [("zero_block" if wipe else "bad_header", hit)], name
+        assert (damage[0].resumed is None) == (hit == last)
+        whole = [s for s in samples if "jpg" in s and "txt" in s]
+        # at most two lost (counted), or one kept without its last member (decoding skips and counts it)
+        assert len(whole) >= N - 2 and counts["samples_lost"] == N - len(samples) and len(samples) - len(whole) <= 1
+        headers = group_samples(tar_members(io.BytesIO(bytes(out)), read=False, resync=True), damaged=lambda e: None)
+        assert sum(1 for _ in headers) == len(samples), name
 
 
 # --- indexes: counts checked against the shards ---------------------------------------------------------------
