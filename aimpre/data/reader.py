@@ -84,8 +84,8 @@ class ReadErrors:
     def stale_index(self, url: str, declared: int, found: int | None) -> None:
         """Counts a shard holding more samples than its index says (``found``: how many, None if unknown)."""
         more = f"{found}" if found is not None else "more"
-        self.note(url, "stale_index", f"its index says {declared} samples, it holds {more}; the rest were not read "
-                  "(rewrite the index with `aimpre data index`)")  # fmt: skip
+        self.note(url, "stale_index", f"its index says {declared} samples, it holds {more}; training reads only "
+                  "the indexed ones (rewrite the index with `aimpre data index`)")  # fmt: skip
 
     def __call__(self, exn: Exception) -> bool:
         self.count(type(exn).__name__)
