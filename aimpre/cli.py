@@ -136,6 +136,10 @@ def _make_shards(args: argparse.Namespace) -> int:
     s = ms.make_shards(items, Path(args.out), args.per_shard, args.max_side, args.prefix)
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped.items())) or "none"
     print(f"wrote {s.written} samples in {len(s.shards)} shard(s) to {args.out}; skipped {skipped}")
+    for reason, names in sorted(s.skipped_files.items()):
+        n = s.skipped[reason]
+        more = f" and {n - 5} more (the first {len(names)} in index.json)" if n > 5 else ""
+        print(f"  {reason}: {', '.join(names[:5])}{more}")
     return 0
 
 
@@ -169,6 +173,9 @@ def _data_inspect(args: argparse.Namespace) -> int:
         for kind, n in sorted(report["errors"].items()):
             print(f"  read error {kind:17} {n}")
         for d in report["damage"]:
+            if d["offset"] is None:  # not at a place in the stream (a stale index)
+                print(f"  damaged: {d['shard']}: {d['reason']}: {d['error']}")
+                continue
             after = f"resumed at byte {d['resumed']}" if d["resumed"] is not None else "nothing readable after it"
             print(f"  damaged: {d['shard']}: {d['reason']} at byte {d['offset']}, {after}")
         print(f"  captions cut at {m.text_len} tokens: {report['truncated_captions']}")

@@ -280,6 +280,10 @@ def _devices_ok(devices: int | str) -> bool:
     return devices == "auto" or re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?", devices) is not None
 
 
+def _listed(spec: str | list[str]) -> list[str]:
+    return spec if isinstance(spec, list) else [spec]
+
+
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"config key {key!r}: {why}")
@@ -394,6 +398,11 @@ def validate(cfg: Config) -> Config:
     _check(m.fused in fused.MODES, "model.fused", f"{short(m.fused)} is not one of {', '.join(fused.MODES)}")
     _check(m.fused != "liger" or fused.liger_installed(), "model.fused", f"needs liger-kernel: {fused.INSTALL_HINT}")
     _check(d.max_sample_bytes > 0, "data.max_sample_bytes", f"{d.max_sample_bytes} must be positive (bytes)")
+    for k in ("train_shards", "val_shards"):  # an empty spec or list names no shards (val: null for none)
+        spec = getattr(d, k)
+        off = ": null turns validation off" if k == "val_shards" else ""
+        _check(spec is None or (bool(spec) and all(isinstance(x, str) and x.strip() for x in _listed(spec))),
+               f"data.{k}", f"{short(spec)} names no shards{off}")  # fmt: skip
     _check(0 < d.batch_size <= MAX_BATCH, "data.batch_size", f"{d.batch_size} must lie in 1..{MAX_BATCH} (per device)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(

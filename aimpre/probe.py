@@ -47,6 +47,9 @@ class ProbeError(ValueError):
     """The probe's data or encoder is unusable; the message names the shard, split or file."""
 
 
+MAX_HEAD_BYTES = 4 << 30  # a probe head of ImageNet-21k's 21841 classes on a 3072-wide encoder takes 1.1 GB
+
+
 @dataclass
 class ProbeSettings:
     """Probe training: AdamW with linear warmup and cosine decay, full passes over the cached features.
@@ -238,6 +241,13 @@ def train_probe(kind: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Ten
     if kind == "linear":  # the head mean-pools; pooling once here makes its mean over one token a no-op
         x, test = x.float().mean(1, keepdim=True), (test[0].float().mean(1, keepdim=True), test[1])  # [N, 1, C]
     classes = int(max(y.max(), test[1].max())) + 1
+    # the head is sized by the largest label: check what it would take before allocating it
+    head_bytes = classes * dim * 16  # float32 weights, their gradients and AdamW's two moments
+    if head_bytes > MAX_HEAD_BYTES:
+        raise ProbeError(
+            f"the largest label is {classes - 1}: a head of {classes} classes x {dim} features would take "
+            f"{head_bytes / 2**30:.1f} GiB (limit {MAX_HEAD_BYTES / 2**30:.0f}); labels must be class indices 0..C-1"
+        )
     torch.manual_seed(s.seed)
     if kind == "attentive":
         head: nn.Module = AttentionPoolingClassifier(dim, classes, s.heads or max(1, dim // 64))

@@ -19,7 +19,6 @@ Only the fields an objective reads are required (``need``): an image-only object
 from __future__ import annotations
 
 import io
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from aimpre.files import parse_json
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 # Reasons a sample is skipped (each counted); every reader reports these keys.
 SKIP_REASONS = (
@@ -38,6 +39,9 @@ SKIP_REASONS = (
     "no_label", "bad_label",
 )  # fmt: skip
 FIELDS = frozenset({"text", "label"})  # what a sample may have to carry besides its image (objectives.needs)
+MAX_SAMPLE_JSON = 1 << 20  # bytes of a sample's .json: captions and metadata are a few KB
+MAX_TOKEN_BYTES = 64  # bytes of caption one token may stand for, generously (byte-level: 1; a BPE: a word or two)
+MAX_CLASSES = 1_000_000  # labels must lie below: a probe or classifier head is sized by them (ImageNet-21k: 21841)
 
 
 @dataclass(frozen=True)
@@ -188,21 +192,50 @@ def decode_image(data: bytes, aug: Augment, rng: np.random.Generator) -> Tensor 
     return out
 
 
-def caption_of(sample: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(caption, None), or (None, skip reason)."""
+def caption_bytes(text_len: int) -> int:
+    """The most caption bytes ``text_len`` tokens can use: a token of any tokenizer we know is far below
+    ``MAX_TOKEN_BYTES`` bytes, so a caption cut there still fills the budget (and still counts as truncated)."""
+    return text_len * MAX_TOKEN_BYTES
+
+
+def _cut_utf8(data: bytes, n: int) -> bytes:
+    """The first ``n`` bytes or fewer, not splitting a UTF-8 character."""
+    if len(data) <= n:
+        return data
+    end = n
+    while end > max(0, n - 3) and data[end] & 0xC0 == 0x80:  # a continuation byte: the cut is inside a character
+        end -= 1
+    return data[:end]
+
+
+def _meta(sample: dict[str, Any]) -> Any:
+    """A sample's ``.json``, bounded in size and depth (UntrustedInputError, a ValueError, if over)."""
+    return parse_json(sample["json"], f"sample {sample.get('__key__')!r} .json", MAX_SAMPLE_JSON)
+
+
+def caption_of(sample: dict[str, Any], max_bytes: int | None = None) -> tuple[str | None, str | None]:
+    """(caption, None), or (None, skip reason).
+
+    Args:
+        sample: raw sample fields.
+        max_bytes: cut the caption to this many bytes (``KEY.txt``) or characters (a ``.json`` caption) before
+            decoding it (``caption_bytes``): a 100 MB caption costs no more than the tokens it can use.
+    """
     try:
         if "txt" in sample:
-            text: Any = sample["txt"].decode("utf-8")
+            raw = sample["txt"] if max_bytes is None else _cut_utf8(sample["txt"], max_bytes)
+            text: Any = raw.decode("utf-8")
         elif "json" in sample:
-            meta = json.loads(sample["json"])
+            meta = _meta(sample)
             text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
             if text is None:
                 return None, "no_caption"
             if not isinstance(text, str):
                 return None, "bad_caption"
+            text = text if max_bytes is None else text[:max_bytes]
         else:
             return None, "no_caption"
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError):  # UntrustedInputError (too large, too deep) is a ValueError
         return None, "bad_caption"
     text = text.strip()
     return (text, None) if text else (None, "empty_caption")
@@ -210,12 +243,14 @@ def caption_of(sample: dict[str, Any]) -> tuple[str | None, str | None]:
 
 def sample_label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
     """(label, None), or (None, skip reason): "no_label" when the sample has none, "bad_label" when it is not a
-    non-negative integer (a bool or a fractional number is no class index either)."""
+    non-negative integer below ``MAX_CLASSES`` (a bool or a fractional number is no class index either)."""
     try:
         if "cls" in sample:
+            if len(sample["cls"]) > 64:  # int() of a long digit string is quadratic
+                return None, "bad_label"
             value: Any = int(sample["cls"].decode().strip())
         elif "json" in sample:
-            meta = json.loads(sample["json"])
+            meta = _meta(sample)
             value = meta.get("label", meta.get("cls")) if isinstance(meta, dict) else None
             if value is None:
                 return None, "no_label"
@@ -226,7 +261,7 @@ def sample_label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
             return None, "no_label"
     except (ValueError, TypeError, AttributeError, OverflowError):  # UnicodeDecodeError is a ValueError
         return None, "bad_label"
-    return (value, None) if value >= 0 else (None, "bad_label")
+    return (value, None) if 0 <= value < MAX_CLASSES else (None, "bad_label")
 
 
 def decode_fields(
@@ -235,12 +270,13 @@ def decode_fields(
     rng: np.random.Generator,
     need: frozenset[str],
     num_classes: int | None = None,
+    text_len: int | None = None,
 ) -> tuple[Tensor, str | None, int | None] | str:
     """A raw sample -> (image, caption, label), or a reason from SKIP_REASONS.
 
     Only the fields in ``need`` are read (the other is None), so a sample lacking one nobody reads is kept.
     A label of ``num_classes`` or more is a "bad_label". The cheap checks come first: no image is decoded for a
-    sample that is skipped anyway.
+    sample that is skipped anyway. ``text_len`` (tokens) bounds the caption bytes read (``caption_bytes``).
     """
     if sample is None:
         return "missing"  # lost to a truncated or unreadable shard
@@ -249,7 +285,7 @@ def decode_fields(
         return "no_image"
     caption = label = None
     if "text" in need:
-        caption, reason = caption_of(sample)
+        caption, reason = caption_of(sample, None if text_len is None else caption_bytes(text_len))
         if caption is None:
             return reason or "no_caption"
     if "label" in need:
@@ -262,9 +298,11 @@ def decode_fields(
     return image if isinstance(image, str) else (image, caption, label)
 
 
-def decode_sample(sample: dict[str, Any] | None, aug: Augment, rng: np.random.Generator) -> tuple[Tensor, str] | str:
+def decode_sample(
+    sample: dict[str, Any] | None, aug: Augment, rng: np.random.Generator, text_len: int | None = None
+) -> tuple[Tensor, str] | str:
     """A raw sample -> (image, caption), or a reason from SKIP_REASONS: what an image-text objective reads."""
-    out = decode_fields(sample, aug, rng, frozenset({"text"}))
+    out = decode_fields(sample, aug, rng, frozenset({"text"}), text_len=text_len)
     if isinstance(out, str):
         return out
     assert out[1] is not None  # a needed caption is always there

@@ -22,12 +22,16 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from aimpre.data.decode import IMAGE_KEYS, caption_of
+from aimpre.data.decode import IMAGE_KEYS, MAX_SAMPLE_JSON, caption_of
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.data.shards import publish_dir, write_shards
 from aimpre.data.shardset import expand_shards, write_index
+from aimpre.files import UntrustedInputError, read_bytes
 
 Item = tuple[str, bytes | None, str | None, str]  # (source name, image bytes, caption, image extension) or skip
+
+
+KEEP_NAMES = 100  # skipped files named per reason (in index.json; the CLI prints the first few)
 
 
 @dataclass
@@ -35,13 +39,24 @@ class Summary:
     written: int = 0
     shards: list[str] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    skipped_files: dict[str, list[str]] = field(default_factory=dict)  # the first KEEP_NAMES by reason
+
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped[reason] += 1
+        names = self.skipped_files.setdefault(reason, [])
+        if len(names) < KEEP_NAMES:
+            names.append(name)
 
 
 def _sidecar_caption(image: Path) -> str | None:
     for ext in ("txt", "json"):
         side = image.with_suffix(f".{ext}")
         if side.exists():
-            caption, _ = caption_of({ext: side.read_bytes()})
+            try:  # bounded: a caption file of gigabytes is no caption (the image is skipped and named)
+                data = read_bytes(side, "caption file", MAX_SAMPLE_JSON)
+            except (UntrustedInputError, OSError):
+                return None
+            caption, _ = caption_of({"__key__": str(image), ext: data})
             return caption
     return None
 
@@ -58,14 +73,19 @@ def from_csv(path: Path, path_col: str = "path", caption_col: str = "caption") -
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     with open(path, newline="", encoding="utf-8") as f:
         rows = csv.DictReader(f, delimiter=delimiter)
-        missing = [c for c in (path_col, caption_col) if c not in (rows.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r} (columns: {rows.fieldnames})")
-        for row in rows:
-            p = Path(row[path_col])
-            p = p if p.is_absolute() else path.parent / p
-            data = p.read_bytes() if p.is_file() else None
-            yield row[path_col], data, (row[caption_col] or "").strip() or None, p.suffix.lower().lstrip(".")
+        try:  # csv bounds each field (csv.field_size_limit, 128 KiB) but raises its own csv.Error
+            missing = [c for c in (path_col, caption_col) if c not in (rows.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: no column {missing[0]!r} (columns: {rows.fieldnames})")
+            for row in rows:
+                if row[path_col] is None:  # fewer fields than the header
+                    raise ValueError(f"{path}, line {rows.line_num}: no {path_col!r} field")
+                p = Path(row[path_col])
+                p = p if p.is_absolute() else path.parent / p
+                data = p.read_bytes() if p.is_file() else None
+                yield row[path_col], data, (row[caption_col] or "").strip() or None, p.suffix.lower().lstrip(".")
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {rows.line_num + 1}: {e}") from None  # the line it could not read
 
 
 def from_shards(spec: str) -> Iterator[Item]:
@@ -120,14 +140,14 @@ def make_shards(
     def samples() -> Iterator[dict]:
         for name, data, caption, ext in tqdm(items, desc="make-shards", unit="img"):
             if data is None:
-                summary.skipped["no_image"] += 1
+                summary.skip("no_image", name)
                 continue
             if caption is None:
-                summary.skipped["no_caption"] += 1
+                summary.skip("no_caption", name)
                 continue
             vetted = _vet(data, ext, max_side)
             if isinstance(vetted, str):
-                summary.skipped[vetted] += 1
+                summary.skip(vetted, name)
                 continue
             key = f"{summary.written:09d}"
             summary.written += 1
@@ -136,6 +156,13 @@ def make_shards(
 
     counts = write_shards(samples(), tmp, prefix, per_shard)
     summary.shards = list(counts)
-    write_index(tmp, counts, max_side=max_side, written=summary.written, skipped=dict(summary.skipped))
+    write_index(
+        tmp,
+        counts,
+        max_side=max_side,
+        written=summary.written,
+        skipped=dict(summary.skipped),
+        skipped_files=summary.skipped_files,
+    )
     publish_dir(tmp, out)
     return summary

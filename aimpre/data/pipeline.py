@@ -155,7 +155,7 @@ class ImageTextStream(IterableDataset):
         for st, sample in samples:
             # augmentation depends on the position only, so a resumed reader crops exactly as before
             rng = np.random.default_rng([self.seed, reader, st.get("epoch", 0), st["pos"]])
-            out = decode_fields(sample, self.aug, rng, self.need, self.num_classes)
+            out = decode_fields(sample, self.aug, rng, self.need, self.num_classes, self.text_len)
             if isinstance(out, str):
                 tally.skipped[out] += 1
                 since_kept += 1
@@ -296,7 +296,7 @@ class _Tally:
 
     def __init__(self, state: dict[str, Any]) -> None:
         self.skipped: Counter[str] = Counter(state.get("skipped", {}))
-        self.errors = ReadErrors()
+        self.errors = ReadErrors(log=True)  # no report lists training's damage: each is logged where it is found
         self.errors.counts.update(state.get("errors", {}))
         self.truncated: int = state.get("truncated", 0)
         self.repeated: int = state.get("repeated", 0)

@@ -16,6 +16,7 @@ are padded with ``None`` so positions never shift.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,12 +32,14 @@ from aimpre.data.shardset import (
     expand_shards,
     is_local,
     read_index,
+    read_index_file,
     shard_name,
     write_index,
 )
 from aimpre.data.tario import TarError, group_samples, tar_members
 
 Sample = dict[str, Any]
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Segment:
     url: str
     start: int  # first sample of the shard to read
     count: int | None  # samples to read; None: to the end of the shard
+    ends_shard: bool = False  # start + count is the shard's count by its index: a sample after it means a stale one
 
 
 class ReadErrors:
@@ -55,19 +59,33 @@ class ReadErrors:
 
     KEEP = 100
 
-    def __init__(self) -> None:
+    def __init__(self, log: bool = False) -> None:
+        """Args:
+        log: also log each kept damage as a warning (training, where no report lists them).
+        """
         self.counts: Counter[str] = Counter()
         self.damage: list[dict[str, Any]] = []
+        self.log = log
 
     def count(self, kind: str) -> None:
         self.counts[kind] += 1
 
     def damaged(self, url: str, exn: TarError) -> None:
-        self.count(exn.reason)
+        self.note(url, exn.reason, str(exn), exn.offset, exn.resumed)
+
+    def note(self, url: str, reason: str, error: str, offset: int | None = None, resumed: int | None = None) -> None:
+        """Counts one damage of ``reason`` in shard ``url`` and keeps where it was."""
+        self.count(reason)
         if len(self.damage) < self.KEEP:
-            self.damage.append(
-                {"shard": url, "reason": exn.reason, "offset": exn.offset, "resumed": exn.resumed, "error": str(exn)}
-            )
+            self.damage.append({"shard": url, "reason": reason, "offset": offset, "resumed": resumed, "error": error})
+            if self.log:
+                _log.warning("damaged shard %s: %s", url, error)
+
+    def stale_index(self, url: str, declared: int, found: int | None) -> None:
+        """Counts a shard holding more samples than its index says (``found``: how many, None if unknown)."""
+        more = f"{found}" if found is not None else "more"
+        self.note(url, "stale_index", f"its index says {declared} samples, it holds {more}; training reads only "
+                  "the indexed ones (rewrite the index with `aimpre data index`)")  # fmt: skip
 
     def __call__(self, exn: Exception) -> bool:
         self.count(type(exn).__name__)
@@ -96,7 +114,10 @@ def shard_samples(url: str, errors: ReadErrors) -> Iterator[Sample]:
 
 
 def segment_samples(seg: Segment, errors: ReadErrors) -> Iterator[Sample | None]:
-    """The samples of a segment; a known-count segment always yields exactly ``count`` items (None = lost)."""
+    """The samples of a segment; a known-count segment always yields exactly ``count`` items (None = lost).
+
+    A segment that ends its shard looks one sample further: one there means the index undercounts the shard,
+    which is counted and reported (``stale_index``) rather than passed over in silence."""
     it = itertools.islice(shard_samples(seg.url, errors), seg.start, None)
     if seg.count is None:
         yield from it
@@ -105,6 +126,8 @@ def segment_samples(seg: Segment, errors: ReadErrors) -> Iterator[Sample | None]
     for sample in itertools.islice(it, seg.count):
         n += 1
         yield sample
+    if n == seg.count and seg.ends_shard and next(it, None) is not None:
+        errors.stale_index(seg.url, seg.start + seg.count, count_samples(seg.url) if is_local(seg.url) else None)
     for _ in range(seg.count - n):
         yield None
 
@@ -116,7 +139,7 @@ def samples_from(segments: list[Segment], pos: int, errors: ReadErrors) -> Itera
             pos -= seg.count
             continue
         count = None if seg.count is None else seg.count - pos
-        yield from segment_samples(Segment(seg.url, seg.start + pos, count), errors)
+        yield from segment_samples(Segment(seg.url, seg.start + pos, count, seg.ends_shard), errors)
         pos = 0
 
 
@@ -150,7 +173,7 @@ def epoch_plan(shards: list[Shard], seed: int, epoch: int, reader: int, per_read
         assert n is not None, "epoch plans need sample counts"
         a, b = max(lo, offset), min(hi, offset + n)
         if a < b:
-            segments.append(Segment(shards[i].url, a - offset, b - a))
+            segments.append(Segment(shards[i].url, a - offset, b - a, b == offset + n))
         offset += n
         if offset >= hi:
             break
@@ -160,7 +183,7 @@ def epoch_plan(shards: list[Shard], seed: int, epoch: int, reader: int, per_read
 def resampled_draw(shards: list[Shard], seed: list[int], draw: int) -> Segment:
     """The ``draw``-th shard drawn (with replacement) by a reader: a whole shard."""
     i = int(np.random.default_rng([*seed, draw]).integers(len(shards)))
-    return Segment(shards[i].url, 0, shards[i].samples)
+    return Segment(shards[i].url, 0, shards[i].samples, shards[i].samples is not None)
 
 
 def source_choices(weights: list[float], seed: list[int], start: int, n: int, block: int = 4096) -> np.ndarray:
@@ -189,4 +212,9 @@ def index_shards(spec: str | list[str], out: Path | None = None) -> list[Path]:
         counts[shard_name(url)] = (
             count_samples(url) if is_local(url) else sum(1 for _ in shard_samples(url, ReadErrors()))
         )
-    return [write_index(path, counts) for path, counts in groups.items()]
+    # the other fields (what make-shards wrote: max_side, skips, ...) are provenance: kept as they were
+    return [write_index(path, counts, **_provenance(path)) for path, counts in groups.items()]
+
+
+def _provenance(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in read_index_file(path).items() if k not in ("version", "shards", "path", "counts")}

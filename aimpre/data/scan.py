@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from aimpre.data.decode import SKIP_REASONS, Augment, caption_of, decode_sample, sample_label
+from aimpre.data.decode import MAX_SAMPLE_JSON, SKIP_REASONS, Augment, caption_of, decode_sample, sample_label
 from aimpre.data.reader import ReadErrors, Segment, segment_samples, shard_samples
 from aimpre.data.shardset import Shard
 from aimpre.data.tokenizer import Tokenizer, encode_captions
@@ -36,15 +36,21 @@ class _Inspect(IterableDataset):
             counts: Counter[str] = Counter()
             rng = np.random.default_rng(i)
             captions = []
-            # a count of 0 (an unreadable shard) still reads it, so its damage is reported
-            for sample in segment_samples(Segment(shard.url, 0, shard.samples or None), errors):
-                counts["read"] += 1
-                out = decode_sample(sample, self.aug, rng)
+            # the whole shard is read whatever its index says: more samples than it says are a stale index,
+            # reported with the real count; fewer were lost to damage and count as "missing"
+            n = 0
+            for sample in segment_samples(Segment(shard.url, 0, None), errors):
+                n += 1
+                out = decode_sample(sample, self.aug, rng, self.text_len)
                 if isinstance(out, str):
                     counts[out] += 1
                 else:
                     counts["kept"] += 1
                     captions.append(out[1])
+            if shard.samples is not None and n > shard.samples:
+                errors.stale_index(shard.url, shard.samples, n)
+            counts["missing"] += max(0, (shard.samples or 0) - n)
+            counts["read"] += max(n, shard.samples or 0)
             if captions:  # the same tokenisation as training, for its truncation count
                 text, mask = encode_captions(self.tokenizer, captions, self.text_len)
                 counts["truncated"] += int((mask.all(dim=1) & (text[:, -1] != self.tokenizer.eos_id)).sum())
@@ -90,7 +96,8 @@ def iter_captions(shards: list[Shard], limit: int | None = None) -> Iterator[str
     n = 0
     for shard in shards:
         for sample in segment_samples(Segment(shard.url, 0, None), errors):
-            caption, _ = caption_of(sample) if sample is not None else (None, None)
+            # a caption's first MiB is more than a tokenizer learns from: the rest is never decoded
+            caption, _ = caption_of(sample, MAX_SAMPLE_JSON) if sample is not None else (None, None)
             if caption is not None:
                 yield caption
                 n += 1

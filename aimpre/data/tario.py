@@ -5,8 +5,13 @@ headers directly (checksum verified) for about a fifth of that. Members are only
 disk, followed (links) or unpickled. Damage (a bad header, a member over ``MAX_MEMBER`` bytes, which would
 otherwise be read into memory, a short read, a stream with no members) is a ``TarError`` with a reason and the
 byte offset where reading stopped. By default it is raised; with ``resync=True`` it is yielded instead and reading
-goes on at the next plausible header (found by its ``ustar`` magic at any byte offset, then its checksum and
-fields checked), so one damaged stretch costs only the samples it touches.
+goes on at the next plausible header (found by its ``ustar`` magic at any byte offset, or for pre-POSIX v7 headers,
+which have no magic but the same checksum, at a 512-byte boundary; then its checksum and fields checked), so one
+damaged stretch costs only the samples it touches.
+
+The end of the archive is a zero block followed by nothing but zeros to the end of the stream. Zero blocks with more
+data after them (a header wiped out, or archives joined end to end) are damage (``zero_block``), not an end: tar
+would stop there, and every sample after them would be lost without a word.
 
 Samples follow webdataset's rule: a sample is the run of consecutive members sharing a key, the member name up to
 the first dot of its base name (``abc/000123.jpg`` + ``abc/000123.txt`` -> key ``abc/000123``, fields ``jpg``
@@ -27,7 +32,7 @@ _META = re.compile(r"__[^/]*__($|/)")
 
 
 # why reading stopped (counted by these names)
-DAMAGE_REASONS = ("not_a_tar", "empty_shard", "bad_header", "oversized_member", "truncated")
+DAMAGE_REASONS = ("not_a_tar", "empty_shard", "bad_header", "zero_block", "oversized_member", "truncated")
 _TYPES = frozenset(b"01234567xgLK\0"[i : i + 1] for i in range(13))  # the type flags a plausible header has
 
 
@@ -45,7 +50,9 @@ class TarError(Exception):
         self.member, self.reason, self.offset = member, reason, offset
         self.guess: str | None = None
         self.resumed: int | None = None
-        self.metadata_only = False  # a damaged pax/long-name header, and reading resumed right after its data
+        # no sample lost a member: a damaged pax/long-name header, and reading resumed right after its data; or
+        # an end-of-archive marker with another archive after it
+        self.metadata_only = False
 
 
 class _Source:
@@ -79,24 +86,55 @@ class _Source:
         """Moves to the next plausible header at or after the current offset; False if the stream ends first.
 
         Headers are found by their ``ustar`` magic (offset 257) at any byte offset, not only at 512-byte
-        boundaries, so junk of any length inserted into a shard is passed over too. Memory stays bounded.
+        boundaries, so junk of any length inserted into a shard is passed over too; pre-POSIX (v7) headers, which
+        have no magic, by their checksum at 512-byte boundaries. Memory stays bounded.
         """
-        buf, self.pending, base, at = self.pending, b"", self.offset, 257
+        buf, self.pending, base = self.pending, b"", self.offset
         while True:
-            i = buf.find(b"ustar", at)
-            while i != -1 and i - 257 + _BLOCK <= len(buf):
-                if _plausible(buf[i - 257 : i - 257 + _BLOCK]):
-                    self.pending, self.offset = buf[i - 257 :], base + i - 257
-                    return True
-                i = buf.find(b"ustar", i + 1)
-            at = i if i != -1 else max(257, len(buf) - 4)  # a magic may straddle the next read
-            drop = at - 257
-            buf, base, at = buf[drop:], base + drop, 257
+            at = _first_header(buf, base)
+            if at is not None:
+                self.pending, self.offset = buf[at:], base + at
+                return True
+            drop = max(0, len(buf) - _BLOCK + 1)  # every header start before this was tried; one may straddle
+            buf, base = buf[drop:], base + drop
             more = self.stream.read(1 << 16)
             if not more:
                 self.offset = base + len(buf)
                 return False
             buf += more
+
+    def only_zeros_left(self) -> bool:
+        """Reads on over zero bytes: True if nothing else is left (end-of-archive padding). Otherwise the bytes
+        from the 512-byte block holding the first non-zero byte on are put back, and the offset is that block's."""
+        while True:
+            chunk = self.read(1 << 16)
+            if not chunk:
+                return True
+            rest = chunk.lstrip(b"\0")
+            if rest:
+                first = len(chunk) - len(rest)
+                self.unread(chunk[first - first % _BLOCK :])
+                return False
+
+
+def _first_header(buf: bytes, base: int) -> int | None:
+    """Where in ``buf`` (which starts at stream offset ``base``) the first plausible header that fits whole
+    starts: a ustar header at any offset, or a v7 one (no magic) at a 512-byte boundary of the stream."""
+    last = len(buf) - _BLOCK
+    best = None
+    i = buf.find(b"ustar", 257)
+    while i != -1 and i - 257 <= last:
+        if _plausible(buf[i - 257 : i - 257 + _BLOCK]):
+            best = i - 257
+            break
+        i = buf.find(b"ustar", i + 1)
+    h = -base % _BLOCK
+    while h <= last and (best is None or h < best):
+        # cheap tests first: most blocks are member data
+        if buf[h] != 0 and buf[h + 156 : h + 157] in _TYPES and _plausible(buf[h : h + _BLOCK]):
+            return h
+        h += _BLOCK
+    return best
 
 
 def _number(field: bytes) -> int:
@@ -157,6 +195,7 @@ def tar_members(
     src = _Source(stream)
     long_name: str | None = None
     seen = False  # any header read (intact or not): a stream without one is empty
+    zeros_end = -1  # where the last run of zero blocks ended
     while True:
         start = src.offset
         header = src.read(_BLOCK)
@@ -167,6 +206,9 @@ def tar_members(
                     exn = TarError("stream ends inside a header", reason="truncated", offset=start)
                     exn.guess = _name(header)
                     raise exn
+                if header and not src.only_zeros_left():  # zeros over a header, not the end of the archive
+                    seen, zeros_end = True, src.offset
+                    raise TarError("zero block inside the archive", reason="zero_block", offset=start)
                 if not seen:
                     raise TarError("no tar members", reason="empty_shard", offset=start)
                 return  # end-of-archive blocks (or a stream that simply ends between members)
@@ -210,7 +252,9 @@ def tar_members(
                     return
                 raise exn
             # go on from the byte after the damaged header (what was read past it is put back)
-            src.unread(header[1:] + (data or b"") + (pad or b"") if src.offset > start else b"")
+            # (after zero blocks, the offset is already at the first non-zero block)
+            if exn.reason != "zero_block" and src.offset > start:
+                src.unread(header[1:] + (data or b"") + (pad or b""))
             found = exn.reason != "truncated" and src.resync()
             exn.resumed = src.offset if found else None
             if found and header[156:157] in (b"x", b"g", b"L", b"K"):
@@ -219,6 +263,10 @@ def tar_members(
                 except TarError:
                     extent = -1
                 exn.metadata_only = exn.resumed == start + extent  # so the next header is its member's
+            if found and exn.reason == "zero_block":
+                # an end-of-archive marker (two zero blocks or more) right before a header: archives joined end to
+                # end (`cat a.tar b.tar`), which lost nothing; one zero block is a header wiped out
+                exn.metadata_only = exn.resumed == zeros_end and zeros_end - start >= 2 * _BLOCK
             long_name = None
             yield exn
             if not found:
@@ -347,9 +395,9 @@ def group_samples(
             yield sample
         raise
     if doubt is not None and sample is not None:  # damage with nothing readable after it
-        # a header cut short by the end of the stream is the next sample's unless its name says otherwise;
-        # anything else may have been this sample's last member
-        if doubt.reason != "truncated" or _hinted(doubt.guess, str(sample["__key__"])):
+        # a header cut short by the end of the stream, or zeros and junk after the last member, are the next
+        # sample's unless its name says otherwise; anything else may have been this sample's last member
+        if doubt.reason not in ("truncated", "zero_block") or _hinted(doubt.guess, str(sample["__key__"])):
             tally("samples_lost")
         else:
             if before:

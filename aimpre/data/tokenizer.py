@@ -21,6 +21,7 @@ from aimpre.files import atomic_path
 
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "[EOS]", "<|eos|>", "[SEP]")
+MAX_VOCAB = 1 << 20  # ids a trained BPE may have: 30 times SigLIP's
 
 
 class Tokenizer(Protocol):
@@ -117,6 +118,8 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out: Path, lowercase: bo
 
     if vocab_size < 258:
         raise ValueError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least 258 ids")
+    if vocab_size > MAX_VOCAB:  # the trainer would panic (Rust) or exhaust memory
+        raise ValueError(f"--vocab-size {vocab_size} is too large: at most {MAX_VOCAB} ids (SigLIP's has 32000)")
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
