@@ -133,6 +133,7 @@ def _wandb_history(path: Path) -> dict[tuple[str, int], float]:
             if rec.WhichOneof("record_type") == "history":
                 items = {i.key or "/".join(i.nested_key): float(i.value_json) for i in rec.history.item}
                 step = int(items.pop("trainer/global_step"))
+                assert int(items["_step"]) == step  # W&B's step is ours: monotone across a resume
                 out.update({(k, step): v for k, v in items.items() if not k.startswith("_")})
     return out
 

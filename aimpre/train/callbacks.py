@@ -12,10 +12,10 @@ Resumes. A resume restores step N from a checkpoint, and whatever the killed pro
 run's history any more: ``metrics.csv`` keeps its rows up to N; TensorBoard's new event file starts with the session
 start of ``purge_step=N+1``, so TensorBoard drops the old events at steps > N when it reads the directory (one point
 per step, in order); ``out.log``, a human log, is not rewritten but gets a line ``resumed at step N (from checkpoint
-...)`` after which the steps > N are logged again; W&B cannot drop logged points: the resumed process continues the
-same W&B run id (``resume="allow"``), W&B's own ``_step`` stays monotone because Lightning logs our step as the
-``trainer/global_step`` value rather than as W&B's step, and the points the killed process logged after N stay
-(plotted against ``trainer/global_step`` they show as a second trace over those steps)."""
+...)`` after which the steps > N are logged again. W&B cannot drop logged points: the resumed process continues the
+same W&B run id (``resume="allow"``; offline, each process writes its own directory under that id: sync them in
+order) and logs our step as W&B's step, so the run's steps never go back; W&B keeps the points the killed process
+logged after N and drops (with a warning) the resumed process's points at those steps."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -142,6 +143,16 @@ class _TensorBoardRun(TensorBoardLogger):
 class _WandbRun(WandbLogger):
     """Lightning's WandbLogger, closing its W&B run at the end of fit: Lightning leaves it open, and the next
     WandbLogger in this process (a second ``train()``) would join the old run instead of starting its own."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        # W&B's own step is the training step, not a count of log calls that starts at 0 in every process: a
+        # resumed process (or its offline directory, synced after the first) goes on from the run's last step instead
+        # of going back, which W&B refuses; steps W&B already has are dropped by it with a warning
+        if step is None:
+            super().log_metrics(metrics)
+        else:
+            self.experiment.log({**metrics, "trainer/global_step": step}, step=step)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
