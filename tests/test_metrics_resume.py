@@ -20,7 +20,7 @@ import pytest
 
 from aimpre.config import load_config
 from aimpre.train import train
-from aimpre.train.callbacks import NAMES
+from aimpre.train.callbacks import NAMES, wants_bar
 from aimpre.train.checkpoint import point_last
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -115,3 +115,12 @@ def test_a_zero_width_terminal_gets_the_text_lines(tmp_path: Path, pretrain_spec
     assert proc.wait(timeout=60) == 0, out[-2000:]
     text = out.decode(errors="replace")
     assert re.search(r"step 1/1 loss [\d.]+ ", text), text[-2000:]  # the text line a file would get
+
+
+@pytest.mark.parametrize(("columns", "bar"), [(0, False), (1, False), (19, False), (20, True), (120, True)])
+def test_the_bar_needs_a_terminal_wide_enough_for_it(columns: int, bar: bool) -> None:
+    main, sub = pty.openpty()
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with open(sub, "w") as terminal:
+        assert wants_bar(terminal) is bar
+    os.close(main)
