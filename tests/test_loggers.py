@@ -14,7 +14,7 @@ import torch
 from aimpre.cli import main
 from aimpre.config import ConfigError, load_config
 from aimpre.train import train
-from aimpre.train.callbacks import COLUMNS, peak_flops
+from aimpre.train.callbacks import COLUMNS, NAMES, peak_flops
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step (\d+)/4 loss [\d.]+ loss_image [\d.]+ loss_text [\d.]+ "
@@ -45,25 +45,28 @@ def _csv_values(rows: list[dict[str, str]]) -> dict[tuple[str, int], float]:
     return {(k, int(r["step"])): float(v) for r in rows for k, v in r.items() if k != "step" and v != ""}
 
 
-def _tfevents(path: Path) -> dict[tuple[str, int], float]:
-    """The scalars of a TensorBoard event file, read record by record (TFRecord: length, crc, event, crc)."""
-    from tensorboardX.proto.event_pb2 import Event
+def _tensorboard(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of a TensorBoard log directory as TensorBoard reads them (its event accumulator: every event
+    file in order, purging what a ``purge_step`` session drops), per tag the (step, value) points in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    data, pos, out = path.read_bytes(), 0, {}
-    while pos < len(data):
-        (n,) = struct.unpack("<Q", data[pos : pos + 8])
-        event = Event.FromString(data[pos + 12 : pos + 12 + n])
-        pos += 12 + n + 4
-        for v in event.summary.value:
-            if v.HasField("simple_value"):
-                out[v.tag, event.step] = v.simple_value
-    return out
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _tb_values(log_dir: Path) -> dict[tuple[str, int], float]:
+    """The points of ``_tensorboard`` by (metrics.csv column, step); each point must be there once."""
+    names = {v: k for k, v in NAMES.items()}
+    points = [((names[tag], step), v) for tag, series in _tensorboard(log_dir).items() for step, v in series]
+    assert len(points) == len(dict(points)), "a step logged twice"
+    return dict(points)
 
 
 def test_csv_and_tensorboard_get_the_same_rows_and_a_file_log_gets_text_lines(
     tmp_path: Path, pretrain_spec: str, val_spec: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("tensorboardX")
+    pytest.importorskip("tensorboard")
     run = train(_cfg(tmp_path, pretrain_spec, val_spec, "tb", "[csv,tensorboard]"))
     rows = _csv_rows(run)
     assert [(r["step"], bool(r["loss"]), bool(r["val_loss"])) for r in rows] == [
@@ -71,8 +74,11 @@ def test_csv_and_tensorboard_get_the_same_rows_and_a_file_log_gets_text_lines(
     ]  # fmt: skip
     expected = _csv_values(rows)
     assert {k for k, _ in expected} >= {*COLUMNS[1:]} - {"mfu"}  # no MFU on a CPU
-    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
-    scalars = _tfevents(events)
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    tags = set(_tensorboard(run / "tensorboard"))
+    assert {"train/loss", "val/loss", "optim/lr", "perf/img_per_s", "data/skipped", "progress/samples"} <= tags
+    assert all(tag.split("/")[0] in ("train", "val", "optim", "perf", "data", "progress") for tag in tags)
+    scalars = _tb_values(run / "tensorboard")
     assert set(scalars) == set(expected)  # every metric at the same steps, nothing else
     for key, value in expected.items():
         assert scalars[key] == pytest.approx(value, rel=1e-6), key
@@ -127,6 +133,7 @@ def _wandb_history(path: Path) -> dict[tuple[str, int], float]:
             if rec.WhichOneof("record_type") == "history":
                 items = {i.key or "/".join(i.nested_key): float(i.value_json) for i in rec.history.item}
                 step = int(items.pop("trainer/global_step"))
+                assert int(items["_step"]) == step  # W&B's step is ours: monotone across a resume
                 out.update({(k, step): v for k, v in items.items() if not k.startswith("_")})
     return out
 
@@ -141,9 +148,9 @@ def test_offline_wandb_run_in_the_run_directory(
     expected = _csv_values(_csv_rows(run))  # metrics.csv is written whatever the list holds
     (offline,) = (run / "wandb").glob("offline-run-*-wb")  # offline, the run name as its id
     logged = _wandb_history(offline / "run-wb.wandb")
-    assert set(logged) == set(expected)
-    for key, value in expected.items():
-        assert logged[key] == pytest.approx(value, rel=1e-6), key
+    assert set(logged) == {(NAMES[k], step) for k, step in expected}  # grouped names: train/loss, perf/mfu ...
+    for (k, step), value in expected.items():
+        assert logged[NAMES[k], step] == pytest.approx(value, rel=1e-6), (k, step)
 
 
 @pytest.mark.parametrize(

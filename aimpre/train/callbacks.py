@@ -1,5 +1,21 @@
 """Callbacks and plugins: atomic checkpoints, the metrics rows (throughput, MFU, skips) sent to the chosen loggers
-(``metrics.csv`` always), the progress bar and the plain text log."""
+(``metrics.csv`` always), the progress bar and the plain text log.
+
+Names. ``metrics.csv`` keeps the flat COLUMNS (``aimpre.scaling`` and the summary read them). TensorBoard and W&B get
+the same values under grouped names (NAMES), one panel section per group as Lightning users know it:
+``train/`` the train losses (``train/loss``, ``train/loss_image``, ``train/loss_text``), ``val/`` the validation
+losses, ``optim/`` ``lr``, ``grad_norm`` and the NaN guard's ``skipped_steps``, ``perf/`` ``img_per_s``,
+``img_per_s_device``, ``tflops``, ``mfu``, ``step_time`` and ``data_time``, ``data/skipped`` the bad samples skipped,
+and ``progress/`` the global ``samples`` and ``flops`` (x-axes for comparing runs).
+
+Resumes. A resume restores step N from a checkpoint, and whatever the killed process logged after step N is not the
+run's history any more: ``metrics.csv`` keeps its rows up to N; TensorBoard's new event file starts with the session
+start of ``purge_step=N+1``, so TensorBoard drops the old events at steps > N when it reads the directory (one point
+per step, in order); ``out.log``, a human log, is not rewritten but gets a line ``resumed at step N (from checkpoint
+...)`` after which the steps > N are logged again. W&B cannot drop logged points: the resumed process continues the
+same W&B run id (``resume="allow"``; offline, each process writes its own directory under that id: sync them in
+order) and logs our step as W&B's step, so the run's steps never go back; W&B keeps the points the killed process
+logged after N and drops (with a warning) the resumed process's points at those steps."""
 
 from __future__ import annotations
 
@@ -8,10 +24,12 @@ import datetime
 import importlib.util
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import lightning.pytorch as pl
 import torch
@@ -35,6 +53,14 @@ COLUMNS = (
     "skipped_steps",
 )  # fmt: skip
 LOSSES = ("loss", "loss_image", "loss_text")  # the columns an objective's parts fill; the parts it lacks stay blank
+# the TensorBoard and W&B name of each column (see the module docstring)
+NAMES = {
+    "samples": "progress/samples", "flops": "progress/flops",
+    **{k: f"train/{k}" for k in LOSSES}, **{f"val_{k}": f"val/{k}" for k in LOSSES},
+    "lr": "optim/lr", "grad_norm": "optim/grad_norm", "skipped_steps": "optim/skipped_steps",
+    **{k: f"perf/{k}" for k in ("img_per_s", "img_per_s_device", "tflops", "mfu", "data_time", "step_time")},
+    "skipped": "data/skipped",
+}  # fmt: skip
 
 # Lightning's get_available_flops misses or misreads some chips we train on: a plain "NVIDIA H200" or "GH200" name
 # (it knows only the "H200 SXM1"/"NVL1" spellings) gives None, and "L40S" is read as an L4. Dense bf16/fp16 FLOP/s.
@@ -61,7 +87,13 @@ LOGGERS = {
 
 
 def build_loggers(names: list[str], run_dir: Path, run_name: str) -> list[Logger]:
-    """The Lightning loggers of ``trainer.loggers`` (metrics.csv always), all writing inside the run directory."""
+    """The Lightning loggers of ``trainer.loggers`` (metrics.csv always), all writing inside the run directory.
+
+    Args:
+        names: the ``trainer.loggers`` list (csv, tensorboard, wandb).
+        run_dir: the run directory.
+        run_name: the run's name, also its W&B id.
+    """
     loggers: list[Logger] = []
     for name in dict.fromkeys(["csv", *names]):  # CSV first, each once
         modules, pip = LOGGERS[name]
@@ -70,19 +102,57 @@ def build_loggers(names: list[str], run_dir: Path, run_name: str) -> list[Logger
         if name == "csv":
             loggers.append(RunCSVLogger(run_dir))
         elif name == "tensorboard":
-            loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
+            loggers.append(_TensorBoardRun(run_dir, name="tensorboard", version="", default_hp_metric=False))
         else:
             # offline unless WANDB_MODE says otherwise: no network at run time; `wandb sync RUN/wandb/offline-*`
             # uploads later. The run name is the W&B id, so a resumed run continues the same W&B run.
             mode, project = os.environ.get("WANDB_MODE", "offline"), os.environ.get("WANDB_PROJECT", "aimpre")
             run_id = re.sub(r"[^\w.-]", "-", run_name)  # W&B refuses ids with / # ? % : and the like
-            loggers.append(_WandbRun(name=run_name, save_dir=run_dir, id=run_id, project=project, mode=mode))
+            loggers.append(
+                _WandbRun(name=run_name, save_dir=run_dir, id=run_id, project=project, mode=mode, resume="allow")
+            )
     return loggers
+
+
+def viewer_hint(logger: Logger) -> str | None:
+    """The command that shows what ``logger`` wrote (TensorBoard, W&B offline), or None for metrics.csv."""
+    if isinstance(logger, TensorBoardLogger):
+        return f"view the curves: tensorboard --logdir {logger.log_dir}"
+    if isinstance(logger, WandbLogger) and os.environ.get("WANDB_MODE", "offline") == "offline":
+        return f"upload the W&B run: wandb sync {logger.save_dir}/wandb/offline-run-*"
+    return None
+
+
+class _TensorBoardRun(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, whose event file drops what a killed process logged after the resumed step."""
+
+    def resume_at(self, step: int) -> None:
+        """Writes the session start that ``SummaryWriter(purge_step=step + 1)`` writes: reading the directory,
+        TensorBoard drops the events before it at steps after ``step`` (those of a process that was killed).
+
+        Lightning opens the writer in its setup, before a resume has restored the step, so the purge cannot be a
+        writer argument; this event is the same record, written once the step is known."""
+        try:  # the writer Lightning picked: TensorBoard's own when installed, else tensorboardX (same protobuf)
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        except ImportError:
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+        start = Event(step=step + 1, session_log=SessionLog(status=SessionLog.START))
+        self.experiment._get_file_writer().add_event(start)
 
 
 class _WandbRun(WandbLogger):
     """Lightning's WandbLogger, closing its W&B run at the end of fit: Lightning leaves it open, and the next
     WandbLogger in this process (a second ``train()``) would join the old run instead of starting its own."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        # W&B's own step is the training step, not a count of log calls that starts at 0 in every process: a
+        # resumed process (or its offline directory, synced after the first) goes on from the run's last step instead
+        # of going back, which W&B refuses; steps W&B already has are dropped by it with a warning
+        if step is None:
+            super().log_metrics(metrics)
+        else:
+            self.experiment.log({**metrics, "trainer/global_step": step}, step=step)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -114,15 +184,42 @@ class _RunCSVWriter(ExperimentWriter):
         self.metrics = []
 
     def keep_until(self, step: int) -> None:
-        """Starts metrics.csv afresh, or after a resume keeps the rows up to the restored ``step``."""
+        """Starts metrics.csv afresh, or after a resume keeps the rows up to the restored ``step``.
+
+        The file is read back whatever a kill or a hand left in it: csv's 131,072-character field limit is lifted
+        to the file's size (a longer field cannot be in it), and a field that is not a number (none of ours is
+        longer than ``_MAX_NUMBER`` characters) is blanked, a row without a step dropped, so the rewritten file
+        holds our short numeric fields only and reads back under the default limit everywhere else."""
         keep = []
         if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                keep = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+            limit = csv.field_size_limit()
+            csv.field_size_limit(max(limit, os.path.getsize(self.metrics_file_path)))
+            try:
+                with open(self.metrics_file_path, newline="") as f:
+                    for r in csv.DictReader(f):
+                        row = {k: _number(r.get(k)) for k in COLUMNS}
+                        if re.fullmatch(r"[0-9]+", row["step"]) and int(row["step"]) <= step:
+                            keep.append(row)
+            finally:
+                csv.field_size_limit(limit)
         with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, COLUMNS)
             w.writeheader()
             w.writerows(keep)
+
+
+_MAX_NUMBER = 64  # characters: the longest number we write is a float's repr, about 25
+
+
+def _number(value: str | None) -> str:
+    """``value`` if it is a finite-length number as we write them (may be nan or inf), else an empty field."""
+    if not value or len(value) > _MAX_NUMBER:
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return value
 
 
 class RunCSVLogger(CSVLogger):
@@ -156,6 +253,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not isinstance(checkpoint, dict):
             raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
         return checkpoint
+
+
+MIN_BAR_COLUMNS = 20  # narrower, tqdm draws nothing (0 or 1 column: its width is the terminal's minus one) or mush
+
+
+def wants_bar(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal wide enough for the progress bar; else training prints plain text lines.
+
+    Args:
+        stream: where the bar would draw (sys.stdout).
+    """
+    if not stream.isatty():
+        return False
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):  # a terminal-like stream without a descriptor: the COLUMNS variable or 80
+        columns = shutil.get_terminal_size().columns
+    return columns >= MIN_BAR_COLUMNS
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -220,11 +335,22 @@ class MetricsCSV(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after a resume's restore, so global_step is the restored step
+        step = trainer.global_step
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, RunCSVLogger):
-                    logger.experiment.keep_until(trainer.global_step)
-        self.last_step = self.start_step = trainer.global_step
+                    logger.experiment.keep_until(step)
+                elif isinstance(logger, _TensorBoardRun):
+                    logger.resume_at(step)
+                hint = viewer_hint(logger)
+                if hint:
+                    print(f"aimpre: {hint}", flush=True)
+            if trainer.ckpt_path:  # out.log is for people: marked, not rewritten (metrics.csv holds the history)
+                self._log_line(
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {step} (from checkpoint "
+                    f"{trainer.ckpt_path}); lines above for steps after {step} are from the process that stopped"
+                )
+        self.last_step = self.start_step = step
         self.t_start = time.perf_counter()
         self.data_state = dict(getattr(pl_module, "loader_state", {}))  # resumed counts
         # MFU against the peak of the dtype the matmuls run in (Lightning's mapping, as its ThroughputMonitor);
@@ -333,8 +459,12 @@ class MetricsCSV(pl.Callback):
             return
         step = row.pop("step")
         values = {k: v for k, v in row.items() if v != ""}
+        # a validation row repeats its step's samples and flops for metrics.csv; a second point at that step would
+        # be a duplicate in TensorBoard and W&B
+        progress = "loss" in row
+        grouped = {NAMES[k]: v for k, v in values.items() if progress or not NAMES[k].startswith("progress/")}
         for logger in trainer.loggers:
-            logger.log_metrics(values, step=step)
+            logger.log_metrics(values if isinstance(logger, RunCSVLogger) else grouped, step=step)
         if "loss" in row:
             self.last_row = values
         self._text_line(trainer, step, values)
@@ -350,6 +480,9 @@ class MetricsCSV(pl.Callback):
             line = f"{head} {losses} lr {row['lr']:.2e} img/s {row['img_per_s']:.1f} eta {eta}"
         else:
             line = f"{head} val " + " ".join(f"{k} {row['val_' + k]:.4f}" for k in LOSSES if "val_" + k in row)
+        self._log_line(line)
+
+    def _log_line(self, line: str) -> None:
         with open(self.text_log, "a") as f:
             f.write(line + "\n")
         if self.echo:

@@ -35,7 +35,7 @@ from aimpre.files import read_json, write_text
 from aimpre.objectives import uses_prefix
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
-from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar, build_loggers
+from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar, build_loggers, wants_bar
 from aimpre.train.checkpoint import PREEMPTED, Checkpointer
 from aimpre.train.module import AIMv2DataModule, AIMv2Module, _seed
 from aimpre.train.parallel import check_fp8
@@ -284,8 +284,8 @@ def _train_locked(
     world = _world_size(cfg, nodes)
     accumulate = _accumulate(cfg, world)
     fps = flops_per_sample(cfg.model)
-    # a progress bar on a terminal; in a file (a SLURM log) a text line every log_every steps instead
-    tty = sys.stdout.isatty()
+    # a progress bar on a terminal wide enough for one; in a file (a SLURM log) a text line every log_every steps
+    tty = wants_bar(sys.stdout)
     metrics = MetricsCSV(t.log_every, 0, fps, run_dir / "out.log", echo=not tty)  # samples/step is set below
     bar = [StepProgressBar(metrics)] if tty else []
     trainer = pl.Trainer(
