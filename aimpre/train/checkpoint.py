@@ -94,11 +94,17 @@ class StopSignals:
             yield self
             return
         before = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
+        outer = getattr(before[signal.SIGTERM], "__self__", None)  # `aimpre train` notes them from its start
+        outer = outer if isinstance(outer, StopSignals) else None
+        if outer is not None:
+            self.received = self.received or outer.received
         try:
             yield self
         finally:
             for s, handler in before.items():
                 signal.signal(s, handler)
+            if outer is not None:
+                outer.received = outer.received or self.received
 
 
 class Checkpointer(pl.Callback):
