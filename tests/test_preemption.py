@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_launch import _script, _slurm_env
 
 from aimpre.train.checkpoint import EXIT_PREEMPTED, load_checkpoint
+from test_launch import _script, _slurm_env
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 LOOPS = int(os.environ.get("AIMPRE_FAULT_LOOPS", "1"))
@@ -147,7 +147,7 @@ def test_sigterm_to_a_two_rank_ddp_run_ends_with_checkpoint_marker_and_status_75
             proc.send_signal(signal.SIGTERM)
         else:
             os.killpg(proc.pid, signal.SIGTERM)
-        what, step = _outcome(proc, run, log)
+        what, _ = _outcome(proc, run, log)
         outcomes[what] += 1
         if what == "ok":
             ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
