@@ -78,22 +78,31 @@ def _y_arg(text: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from aimpre.train.checkpoint import StopSignals
+
+    # a stop signal after train() has returned must not kill the process either: the marker (or the summary) says
+    # how the run ended, and the exit status must say the same
+    with StopSignals().installed():
+        return _train_run(args)
+
+
+def _train_run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from aimpre.config import load_config
     from aimpre.train import train
-    from aimpre.train.checkpoint import PREEMPTED
+    from aimpre.train.checkpoint import EXIT_PREEMPTED, PREEMPTED
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume)
-    if getattr(rank_zero_only, "rank", 0) != 0:  # the global rank Lightning set under any launcher (torchrun, srun)
-        return 0
     stopped = run_dir / PREEMPTED
-    if stopped.exists():  # a signal stopped it early: not finished, no summary (exit 0: the launcher requeues)
-        at = stopped.read_text().strip()
+    if getattr(rank_zero_only, "rank", 0) != 0:  # the global rank Lightning set under any launcher (torchrun, srun)
+        return EXIT_PREEMPTED if stopped.exists() else 0  # every rank: srun's status is its tasks' highest
+    if stopped.exists():  # a signal stopped it early: not finished, no summary; the sbatch script requeues on 75
+        at = stopped.read_text().splitlines()[0]
         print(f"\naimpre: run {run_dir.name} stopped at {at} before trainer.max_steps, with a checkpoint; "
               f"not finished: resume with `aimpre train --resume` and the same config ({run_dir})")  # fmt: skip
-        return 0
+        return EXIT_PREEMPTED
     summary = read_json_object(run_dir / "summary.json", "run summary")
     print(f"\nrun directory: {run_dir}")
     base = summary.get("baselines", {})

@@ -16,6 +16,10 @@ instead of fresh ones for every batch.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -257,6 +261,7 @@ class StreamLoader(DataLoader):
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            worker_init_fn=_WorkerInit(os.getpid()) if num_workers > 0 else None,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
@@ -267,6 +272,36 @@ class StreamLoader(DataLoader):
                     batch["image"] = torch.from_numpy(batch["image"].numpy().copy())
                 released[batch["worker"]] += 1  # after the copy: the worker may now overwrite the buffer
             yield batch
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class _WorkerInit:
+    """Start-up of a StreamLoader worker: stop signals are the trainer's business, and the worker dies with it.
+
+    SLURM signals the whole process group; a worker that died of SIGTERM made the trainer fail with "DataLoader
+    worker killed by signal" instead of saving its checkpoint, so workers ignore SIGTERM, SIGUSR1 and SIGINT. A
+    worker outliving a SIGKILLed trainer (PyTorch's watchdog notices only after seconds) would keep the run lock,
+    whose file description it inherited, so on Linux it asks the kernel to SIGKILL it when its parent dies.
+
+    Args:
+        parent: the pid of the process that starts the workers.
+    """
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+
+    def __call__(self, worker_id: int) -> None:
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        if sys.platform.startswith("linux"):
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            except (OSError, AttributeError):  # no prctl in this libc: the watchdog still ends the worker
+                return
+            if os.getppid() != self.parent:  # the parent died before prctl: nobody will send the signal
+                os._exit(0)
 
 
 class _SharedBuffers:

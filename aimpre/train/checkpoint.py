@@ -3,14 +3,21 @@
 Each checkpoint (a file under DDP, a sharded torch.distributed.checkpoint directory under FSDP) is written to a
 hidden temp name and renamed into place once every rank has finished; only then does ``last.ckpt`` (a symlink)
 move to it, by an atomic rename. A crash at any point leaves the previous checkpoint and ``last.ckpt`` intact;
-leftover temp names are removed at the next start. SIGTERM (Lightning syncs it across ranks) and SIGUSR1 (SLURM's
-warning before the time limit) save a checkpoint at the next step boundary, leave a ``PREEMPTED`` marker in the
-run directory for the launcher to requeue on (and so that the run is not taken for finished: no summary), and
-stop the run.
+leftover temp names are removed at the next start. A step's metrics row and, on a validation step, its validation
+are written before the checkpoint that covers the step, so a kill right after the rename loses neither.
+
+Stop signals: SIGTERM (preemption) and SIGUSR1 (SLURM's warning before the time limit), to one rank or to the whole
+process group, only set a flag (``StopSignals``); Lightning's own SIGTERM handling (which raises out of whichever
+loop it is in, and broadcasts from inside the handler) is switched off. The Checkpointer acts on the flag at the
+next safe point (after a step, after a validation, after a save, at the end of training), where the ranks agree on
+it through a reduce: it saves the last finished step, leaves a ``PREEMPTED`` marker in the run directory for the
+launcher to requeue on (and so that the run is not taken for finished: no summary), and stops the run; ``aimpre
+train`` then exits with ``EXIT_PREEMPTED``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -19,6 +26,7 @@ import re
 import shutil
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,8 @@ from aimpre.files import symlink, write_text
 
 _STEP = re.compile(r"^step-(\d+)\.ckpt$")
 PREEMPTED = "PREEMPTED"
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a resumable checkpoint; the sbatch script requeues on it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _remove(path: Path) -> None:
@@ -49,52 +59,147 @@ def point_last(directory: Path, target: Path) -> None:
     symlink(target.name, directory / "last.ckpt")
 
 
+def marker_text(step: int) -> str:
+    """The ``PREEMPTED`` marker: the step its checkpoint holds, and the SLURM job (and restart) that wrote it, which
+    the sbatch script checks so that it never requeues on a marker an earlier job left."""
+    text = f"step {step}\n"
+    if job := os.environ.get("SLURM_JOB_ID"):
+        text += f"slurm job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}\n"
+    return text
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 noted, not acted on: ``received`` is the first such signal (0: none yet).
+
+    A handler that only sets a flag is safe wherever the signal lands (inside a collective, a checkpoint write, a
+    DataLoader call); the Checkpointer acts on it at the next safe point. ``forward`` (set by the Checkpointer
+    under Lightning's DDP launcher) passes the first signal on to the ranks this process started, which get it
+    from the process group too when the signal was sent to the group: a second one changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.forward: Callable[[int], None] | None = None
+
+    def _note(self, signum: int, frame: Any) -> None:
+        first = not self.received
+        self.received = self.received or signum
+        if first and self.forward is not None:
+            self.forward(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Notes the stop signals while the block runs (from the main thread; elsewhere signals cannot be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        before = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
+        outer = getattr(before[signal.SIGTERM], "__self__", None)  # `aimpre train` notes them from its start
+        outer = outer if isinstance(outer, StopSignals) else None
+        if outer is not None:
+            self.received = self.received or outer.received
+        try:
+            yield self
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+            if outer is not None:
+                outer.received = outer.received or self.received
+
+
 class Checkpointer(pl.Callback):
     """Saves ``step-N.ckpt`` every ``every`` steps, at the end and on preemption; keeps the newest ``keep_last``.
+
+    Put it after the callback that writes the metrics rows: a step's row is then on disk before its checkpoint.
 
     Args:
         directory: the run's checkpoints directory.
         every: steps between checkpoints.
         keep_last: step checkpoints kept (-1: all); ``last.ckpt``'s target is never removed.
+        val_every: steps between validations (0: none). On those steps the checkpoint (and a preemption stop) waits
+            for the validation, so that its row is logged before the checkpoint covers the step.
+        stop: the stop-signal flag, installed by the caller for the whole run (``train`` does).
     """
 
-    def __init__(self, directory: Path, every: int, keep_last: int) -> None:
-        self.directory, self.every, self.keep_last = Path(directory), every, keep_last
+    def __init__(
+        self, directory: Path, every: int, keep_last: int, val_every: int = 0, stop: StopSignals | None = None
+    ) -> None:
+        self.directory, self.every, self.keep_last, self.val_every = Path(directory), every, keep_last, val_every
+        self.stop = stop or StopSignals()
         self.saved_step = -1
-        self._usr1 = False
+        self.seen_step = -1  # the last step boundary handled (gradient accumulation calls the hook per micro-batch)
+        self.pending = False  # a save that waits for this step's validation
+        self.preempted = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
             self.directory.mkdir(parents=True, exist_ok=True)
             for leftover in self.directory.glob(".*.tmp*"):  # from a run killed while saving
                 _remove(leftover)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, self._on_usr1)
-
-    def _on_usr1(self, signum: int, frame: Any) -> None:
-        self._usr1 = True  # acted on at the next step boundary, where all ranks can agree
+        # Lightning's SIGTERM handler would run next to ours, broadcast from inside the handler (a collective that
+        # can meet another in flight) and raise SIGTERMException out of validation or a save: the stop is ours alone
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            connector.register_signal_handlers = lambda: None
+        launcher = trainer.strategy.launcher  # Lightning's DDP launcher: the ranks it started (as Lightning's did)
+        if launcher is not None:
+            self.stop.forward = launcher.kill
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.saved_step = trainer.global_step  # a resumed run's checkpoint exists already
+        self.saved_step = self.seen_step = trainer.global_step  # a resumed run's checkpoint exists already
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        usr1 = trainer.strategy.reduce_boolean_decision(self._usr1, all=False) if trainer.world_size > 1 else self._usr1
-        preempted = usr1 or trainer.received_sigterm
+        if step == self.seen_step:  # gradient accumulation: not a step boundary yet
+            return
+        self.seen_step = step
         in_bad_streak = getattr(pl_module, "bad_steps", 0) > 0  # keep the last checkpoint a good step's
-        if step != self.saved_step and ((step % self.every == 0 and not in_bad_streak) or preempted):
+        self.pending = step % self.every == 0 and not in_bad_streak
+        if self.val_every and step % self.val_every == 0:
+            return  # validation runs next: on_validation_end saves and acts on a stop signal
+        if self.pending:
             self.save(trainer)
-        if preempted:
-            if trainer.is_global_zero:  # after the checkpoint: the marker promises a resumable step
-                write_text(self.directory.parent / PREEMPTED, f"step {step}\n")
+        if self._stop_requested(trainer):  # checked after the save: a signal during it counts too
             trainer.should_stop = True
+            if not self.val_every:
+                self._preempt(trainer)
+            # else Lightning validates once more before it stops: on_validation_end leaves the marker after that
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self.pending:
+            self.save(trainer)
+        if self.preempted or self._stop_requested(trainer):
+            trainer.should_stop = True
+            self._preempt(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step != self.saved_step:
             self.save(trainer)
+        if self.preempted or self._stop_requested(trainer):  # a signal during the last step's save, or after it
+            self._preempt(trainer)
+
+    def _stop_requested(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank received a stop signal (a collective: every rank calls it at the same points)."""
+        got = bool(self.stop.received)
+        if trainer.world_size > 1:
+            got = trainer.strategy.reduce_boolean_decision(got, all=False)
+        self.preempted = self.preempted or got
+        return got
+
+    def _preempt(self, trainer: pl.Trainer) -> None:
+        """Saves the last finished step if it is not saved yet, then leaves the marker (once)."""
+        if trainer.global_step != self.saved_step:
+            self.save(trainer)
+        if trainer.is_global_zero and not (self.directory.parent / PREEMPTED).exists():
+            # after the checkpoint: the marker promises a resumable step
+            write_text(self.directory.parent / PREEMPTED, marker_text(trainer.global_step))
+        trainer.strategy.barrier("aimpre-preempted")  # every rank sees the marker when it returns
 
     def save(self, trainer: pl.Trainer) -> Path:
         step = trainer.global_step
+        self.pending = False
         final = self.directory / f"step-{step}.ckpt"
         tmp = self.directory / f".step-{step}.ckpt.tmp"
         if trainer.is_global_zero:

@@ -36,11 +36,16 @@ SBATCH = """#!/bin/bash
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
 {extra}# SIGUSR1 (180 s before the time limit, sent to the ranks) and SIGTERM (preemption, sent to the ranks and to this
-# shell) make every rank save a checkpoint at the next step and exit, leaving a PREEMPTED marker in the run
-# directory; this script then requeues the job, which resumes. The log is appended to, so requeues add to it.
+# shell) make every rank save a checkpoint at the next step and exit with status 75, leaving a PREEMPTED marker in
+# the run directory that names this job; this script then requeues the job, which resumes. It requeues on nothing
+# else: a run that crashes (even a resumed one that crashes before training) ends the job. The log is appended
+# to, so requeues add to it.
 set -uo pipefail
 export OMP_NUM_THREADS={omp}  # the task's CPUs minus one per data worker (workers run single-threaded)
 run_dir={run_dir}
+marker="$run_dir/PREEMPTED"
+# a marker left by an earlier job (or an earlier start of this one) must not make this one requeue
+rm -f "$marker"
 # Without a trap, SIGTERM would kill this shell at once and nothing would requeue; with one, `wait` returns early
 # and the loop below waits again until srun (which passes the signal on to the ranks) has finished.
 trap 'echo "aimpre: SIGTERM: waiting for the ranks to save a checkpoint" >&2' TERM
@@ -53,8 +58,13 @@ while kill -0 "$srun_pid" 2>/dev/null; do
     wait "$srun_pid"
     status=$?
 done
-if [ -f "$run_dir/PREEMPTED" ]; then
-    scontrol requeue "$SLURM_JOB_ID"
+# Preempted: the ranks exit 75 once the checkpoint and the marker are written. srun reports its tasks' highest
+# status, and 128 + a signal for a task it killed (--kill-on-bad-exit stops the others once one exits 75, and
+# SLURM kills what is left at the end of the grace time), so those count too, but only beside this job's marker.
+if [ "$status" -eq 75 ] || [ "$status" -gt 128 ]; then
+    if grep -qxF "slurm job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}" "$marker" 2>/dev/null; then
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
 fi
 exit "$status"
 """

@@ -27,7 +27,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from aimpre.config import Config, ConfigError, config_hash, dump_config, load_yaml, model_size_problem, short, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
@@ -36,7 +35,7 @@ from aimpre.objectives import uses_prefix
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
 from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar, build_loggers, wants_bar
-from aimpre.train.checkpoint import PREEMPTED, Checkpointer
+from aimpre.train.checkpoint import PREEMPTED, Checkpointer, StopSignals, marker_text
 from aimpre.train.module import AIMv2DataModule, AIMv2Module, _seed
 from aimpre.train.parallel import check_fp8
 
@@ -246,9 +245,10 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     ours = not _distributed()  # Lightning starts the process group in fit(); one the caller started is left alone
     try:
-        # only the first process takes the lock: the other ranks of the same launch share the directory
-        with run_lock(run_dir) if _first_process() else contextlib.nullcontext():
-            return _train_locked(cfg, run_dir, tokenizer, resume, callbacks, datamodule)
+        # only the first process takes the lock: the other ranks of the same launch share the directory. SIGTERM
+        # and SIGUSR1 from here on only set a flag: a preemption during start-up still ends with the marker
+        with StopSignals().installed() as stop, run_lock(run_dir) if _first_process() else contextlib.nullcontext():
+            return _train_locked(cfg, run_dir, tokenizer, resume, callbacks, datamodule, stop)
     finally:
         if ours and _distributed():
             # Lightning leaves it up; a gloo group still up at interpreter exit can abort the process (SIGABRT,
@@ -267,6 +267,7 @@ def _train_locked(
     resume: bool,
     callbacks: tuple[pl.Callback, ...],
     datamodule: pl.LightningDataModule | None,
+    stop: StopSignals,
 ) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -284,6 +285,7 @@ def _train_locked(
     world = _world_size(cfg, nodes)
     accumulate = _accumulate(cfg, world)
     fps = flops_per_sample(cfg.model)
+    val_every = t.val_every if cfg.data.val_shards and t.val_batches else 0
     # a progress bar on a terminal wide enough for one; in a file (a SLURM log) a text line every log_every steps
     tty = wants_bar(sys.stdout)
     metrics = MetricsCSV(t.log_every, 0, fps, run_dir / "out.log", echo=not tty)  # samples/step is set below
@@ -298,7 +300,7 @@ def _train_locked(
         accumulate_grad_batches=accumulate,
         val_check_interval=t.val_every * accumulate,
         check_val_every_n_epoch=None,
-        limit_val_batches=t.val_batches if cfg.data.val_shards else 0,
+        limit_val_batches=t.val_batches if val_every else 0,
         num_sanity_val_steps=0,
         logger=build_loggers(t.loggers, run_dir, run_dir.name),
         deterministic=t.deterministic,
@@ -307,7 +309,8 @@ def _train_locked(
         enable_progress_bar=tty,
         enable_checkpointing=False,  # the Checkpointer below does it atomically
         plugins=[AtomicCheckpointIO()],
-        callbacks=[Checkpointer(ckpt_dir, t.ckpt_every, t.keep_last), metrics, *bar, *callbacks],
+        # the metrics rows first: a step's row is on disk before the checkpoint that covers the step
+        callbacks=[metrics, Checkpointer(ckpt_dir, t.ckpt_every, t.keep_last, val_every, stop), *bar, *callbacks],
     )
     metrics.samples_per_step = cfg.data.batch_size * trainer.world_size * accumulate
     if trainer.is_global_zero:
@@ -324,15 +327,21 @@ def _train_locked(
         # the run is unfinished from here until it ends: a summary of an earlier segment must not outlive this start
         (run_dir / PREEMPTED).unlink(missing_ok=True)
         (run_dir / "summary.json").unlink(missing_ok=True)
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.exists() else None)
-    except SIGTERMException:  # Lightning's exit on SIGTERM under DDP: a normal stop once the checkpoint is saved
-        if not (run_dir / PREEMPTED).exists():
-            raise
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.exists() else None)
     # the Checkpointer leaves PREEMPTED (global rank 0) when a signal stopped the run: a stopped run is not finished
-    if trainer.is_global_zero and not (run_dir / PREEMPTED).exists():
+    if trainer.is_global_zero and not _preempted(run_dir, stop, trainer.global_step):
         _write_summary(run_dir, cfg, module, data, metrics, trainer, fps, time.time() - start, tokenizer)
+        if _preempted(run_dir, stop, trainer.global_step):  # the signal came while the summary was written
+            (run_dir / "summary.json").unlink(missing_ok=True)
     return run_dir
+
+
+def _preempted(run_dir: Path, stop: StopSignals, step: int) -> bool:
+    """Whether a stop signal stopped the run; one that came after the Checkpointer's last look (its checkpoint of
+    ``step`` is saved by then) leaves the marker here, so that every stop ends the same way."""
+    if stop.received and not (run_dir / PREEMPTED).exists():
+        write_text(run_dir / PREEMPTED, marker_text(step))
+    return (run_dir / PREEMPTED).exists()
 
 
 def _write_summary(
