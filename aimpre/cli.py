@@ -78,7 +78,7 @@ def _y_arg(text: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from aimpre.train.checkpoint import StopSignals
+    from aimpre.signals import StopSignals  # no torch: installed before the heavy imports in _train_run
 
     # a stop signal after train() has returned must not kill the process either: the marker (or the summary) says
     # how the run ended, and the exit status must say the same

@@ -33,9 +33,10 @@ from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
 from aimpre.files import read_json, write_text
 from aimpre.objectives import uses_prefix
 from aimpre.scaling import flops_per_sample
+from aimpre.signals import StopSignals
 from aimpre.train.baselines import baselines
 from aimpre.train.callbacks import LOSSES, AtomicCheckpointIO, MetricsCSV, StepProgressBar, build_loggers, wants_bar
-from aimpre.train.checkpoint import PREEMPTED, Checkpointer, StopSignals, marker_text
+from aimpre.train.checkpoint import PREEMPTED, Checkpointer, marker_text
 from aimpre.train.module import AIMv2DataModule, AIMv2Module, _seed
 from aimpre.train.parallel import check_fp8
 
