@@ -9,6 +9,33 @@ projection as it comes out of the linear layer, and never branches on the backen
 
 from __future__ import annotations
 
+if __name__ == "kernels":
+    # Python found this directory as the top-level `kernels` because the checkout root is on sys.path (the working
+    # directory of `python -c`, a notebook or a script there), ahead of Hugging Face's `kernels` distribution,
+    # which transformers >= 5 imports. This package is only ever `aimpre.kernels` (package-dir), so hand the name
+    # over: import `kernels` again with the checkout off the path; the import system then returns what
+    # sys.modules holds, the installed distribution. The rest of this file still runs, harmlessly, as an orphan.
+    import os
+    import sys
+
+    _checkout = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
+    _path = sys.path[:]
+    del sys.modules["kernels"]
+    sys.path[:] = [p for p in _path if not isinstance(p, str) or os.path.realpath(p or os.curdir) != _checkout]
+    try:
+        import kernels  # noqa: F401 (the installed distribution, now in sys.modules)
+    except ModuleNotFoundError as e:
+        if e.name != "kernels":
+            raise
+        raise ModuleNotFoundError(
+            f"{_checkout}/kernels is aimpre's kernel package, imported as `aimpre.kernels`; it was found as the "
+            f"top-level `kernels` because {_checkout} is on sys.path (the working directory), and no other "
+            "`kernels` is installed (Hugging Face's kernel hub, a dependency of transformers >= 5)",
+            name="kernels",
+        ) from None
+    finally:
+        sys.path[:] = _path
+
 import importlib.util
 from collections.abc import Callable
 

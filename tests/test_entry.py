@@ -1,9 +1,9 @@
-"""``aimpre.create_model_from_pretrained`` against the real transformers and timm.
-
-Nothing downloads (conftest sets HF_HUB_OFFLINE=1)."""
+"""``aimpre.create_model_from_pretrained`` against the real transformers and timm, and the checkout's ``kernels/``
+not shadowing Hugging Face's ``kernels`` distribution. Nothing downloads (conftest sets HF_HUB_OFFLINE=1)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -115,3 +115,27 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_import_aimpre_stays_light() -> None:
     r = _python("import sys, aimpre; print('torch' in sys.modules)", ROOT)  # the lazy attribute is used above
     assert (r.returncode, r.stdout.strip()) == (0, "False"), r.stderr
+
+
+def test_checkout_does_not_shadow_installed_kernels() -> None:
+    """A user's `python -c` (or notebook) in the checkout root: `kernels` is Hugging Face's, transformers loads."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's `kernels` distribution is not installed")
+    code = (
+        "import kernels, aimpre.kernels; from transformers import Aimv2VisionModel; "
+        "print(kernels.__file__, callable(kernels.get_kernel), aimpre.kernels.attention.__module__)"
+    )
+    r = _python(code, ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf_file, hub_api, ours = r.stdout.split()[-3:]
+    assert Path(hf_file).resolve() != ROOT / "kernels" / "__init__.py" and hub_api == "True"
+    assert ours == "aimpre.kernels"
+
+
+def test_top_level_kernels_without_the_distribution_names_aimpre_kernels() -> None:
+    r = _python("import sys; sys.path[:] = ['']; import kernels", ROOT)  # the checkout alone on the path
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("ModuleNotFoundError: ")
+    assert "imported as `aimpre.kernels`" in r.stderr
