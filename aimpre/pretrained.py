@@ -41,6 +41,8 @@ class ImageEncoder(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         """Normalised images [B, 3, H, W] -> the final-norm tokens [B, N, width] (full attention)."""
+        if not images.is_floating_point():  # raw uint8 pixels would be cast and silently mis-scaled
+            raise TypeError(f"images must be normalised floats (preprocess(image) makes them), got {images.dtype}")
         p = next(self.encoder.parameters())
         return self.encoder(images.to(p.device, p.dtype))
 

@@ -101,6 +101,8 @@ def test_dtype_device_and_missing_normalisation(encoder: AIMv2Encoder, tmp_path:
     assert _max_diff(y, encoder(x).mean(1)) < 0.1  # bf16 weights: close, not equal
     with pytest.raises(ExportError, match="image_mean/image_std: std"):
         aimpre.create_model_from_pretrained(bare, image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.0, 0.3))
+    with pytest.raises(TypeError, match=r"normalised floats \(preprocess\(image\) makes them\), got torch.uint8"):
+        model(torch.zeros(1, 3, 112, 112, dtype=torch.uint8))
     with pytest.raises(ValueError, match="pool='cls'"):
         aimpre.create_model_from_pretrained(bare, pool="cls")
 
