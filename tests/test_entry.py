@@ -87,6 +87,21 @@ def test_timm_export_pools_as_timm(encoder: AIMv2Encoder, tmp_path: Path) -> Non
 
 
 @torch.no_grad()
+def test_run_and_checkpoint_sources(tiny_run: Path) -> None:
+    """A run directory (its last checkpoint) and one of its checkpoints, with the run's data.mean/std."""
+    from aimpre.export import read_run, run_encoder
+
+    run = read_run(tiny_run)
+    model, preprocess = aimpre.create_model_from_pretrained(tiny_run)
+    assert (preprocess.mean, preprocess.std) == (tuple(run.cfg.data.mean), tuple(run.cfg.data.std))
+    assert model.info["run"] == "tiny2" and model.info["step"] == 6
+    x = preprocess(_images()[1])[None]
+    assert _max_diff(model(x), run_encoder(run)(x).mean(1)) == 0.0
+    step3, _ = aimpre.create_model_from_pretrained(tiny_run / "checkpoints" / "step-3.ckpt")
+    assert step3.info["step"] == 3 and _max_diff(step3(x), model(x)) > 1e-4
+
+
+@torch.no_grad()
 def test_dtype_device_and_missing_normalisation(encoder: AIMv2Encoder, tmp_path: Path) -> None:
     bare = write_export(encoder, "safetensors", tmp_path / "bare")  # records no mean/std
     with pytest.raises(ExportError, match=r"bare: records no normalisation.*image_mean"):
