@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +123,10 @@ def test_dtype_device_and_missing_normalisation(encoder: AIMv2Encoder, tmp_path:
         aimpre.create_model_from_pretrained(bare, pool="cls")
 
 
-def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+def _python(code: str, cwd: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=240, check=False
+        [sys.executable, *flags, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=240, check=False
     )
 
 
@@ -135,20 +136,25 @@ def test_import_aimpre_stays_light() -> None:
 
 
 def test_checkout_does_not_shadow_installed_kernels() -> None:
-    """A user's `python -c` (or notebook) in the checkout root: `kernels` is Hugging Face's, transformers loads."""
+    """A user's `python -c` (or notebook) in the checkout root: `kernels` is Hugging Face's, transformers loads;
+    also where aimpre is not installed (site-packages without its .pth: the checkout's own aimpre/ is found, which
+    has no aimpre.kernels, as when a regular install is shadowed by the checkout)."""
     try:
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("Hugging Face's `kernels` distribution is not installed")
     code = (
         "import kernels, aimpre.kernels; from transformers import Aimv2VisionModel; "
-        "print(kernels.__file__, callable(kernels.get_kernel), aimpre.kernels.attention.__module__)"
+        "print(kernels.__file__, callable(kernels.get_kernel), callable(aimpre.kernels.attention))"
     )
     r = _python(code, ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     hf_file, hub_api, ours = r.stdout.split()[-3:]
-    assert Path(hf_file).resolve() != ROOT / "kernels" / "__init__.py" and hub_api == "True"
-    assert ours == "aimpre.kernels"
+    assert Path(hf_file).resolve() != ROOT / "kernels" / "__init__.py" and (hub_api, ours) == ("True", "True")
+    site = sysconfig.get_paths()["purelib"]
+    code = f"import sys; sys.path.append({site!r}); import kernels; from transformers import Aimv2VisionModel"
+    r = _python(code, ROOT, "-S")
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_top_level_kernels_without_the_distribution_names_aimpre_kernels() -> None:
