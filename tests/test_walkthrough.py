@@ -97,12 +97,13 @@ def test_readme_walkthrough_runs_end_to_end(tmp_path: Path) -> None:
     commands, snippet = walkthrough()
     write_images(tmp_path)
     script = Path(sys.executable).with_name("aimpre")  # the console script pip installed beside this python
+    aimpre = [str(script)] if script.is_file() else [sys.executable, "-m", "aimpre.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for command, shown in commands:
         argv = shlex.split(command)
         assert argv[0] == "aimpre", f"the walkthrough runs only aimpre commands, not {command!r}"
         r = subprocess.run(
-            [str(script), *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+            [*aimpre, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
         )
         assert r.returncode == 0, f"`{command}` exited {r.returncode}:\n{r.stderr[-3000:]}"
         check_output(command, shown, r.stdout)
