@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from aimpre import __version__
 from aimpre.config import Config, config_hash, load_config, short
 from aimpre.data.decode import Augment, crop_box
+from aimpre.files import save_safetensors
 from aimpre.formats import (
     ENCODER_FIELDS,
     ExportError,
@@ -451,7 +451,7 @@ def write_export(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aimpre": json.dumps(record)})
+        save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt", "aimpre": json.dumps(record)})
         for name, data in files.items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
         os.rename(tmp, out)  # the directory appears complete or not at all

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 class WriteError(OSError):
@@ -82,6 +83,37 @@ def copy(src: str | Path, dst: str | Path) -> None:
         return
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def current_umask() -> int:
+    """The process's file-creation mask: from /proc where there is one (reading it there changes nothing), else set
+    and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, then the file mode ``open()`` would have given (0644 under umask 022):
+    safetensors (0.8) writes a 0600 temp file and renames it, so exported weights were unreadable to the other
+    users of a shared cluster.
+
+    Args:
+        tensors: name -> tensor (contiguous, on the CPU).
+        path: the file to write.
+        metadata: string metadata for the header.
+    """
+    from safetensors.torch import save_file  # here: files is imported by code that needs no torch
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def symlink(target: str, link: str | Path) -> None:

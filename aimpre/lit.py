@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -52,7 +52,7 @@ from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.data.tokenizer import Tokenizer
 from aimpre.export import _read_json, load
-from aimpre.files import atomic_path, write_text
+from aimpre.files import atomic_path, save_safetensors, write_text
 from aimpre.model import AIMv2Encoder, ModelConfig
 from aimpre.model.sizes import SIZES
 from aimpre.objectives.contrastive import ClipLoss, SigLipLoss
@@ -352,7 +352,7 @@ def train_lit(
     tensors = {k: v.detach().cpu().contiguous() for k, v in parts.state_dict().items()}
     with atomic_path(out) as tmp:  # the folder appears complete or not at all
         tmp.mkdir()
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / LIT_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
