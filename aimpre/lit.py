@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from aimpre import __version__
 from aimpre.data import Augment, build_tokenizer, encode_captions, spec_urls
@@ -58,6 +57,7 @@ from aimpre.model.sizes import SIZES
 from aimpre.objectives.contrastive import ClipLoss, SigLipLoss
 from aimpre.objectives.towers import ImageHead, TextTower
 from aimpre.probe import ProbeError, _device, _digest, _lr_at, _weights_hash, features, shard_urls
+from aimpre.progress import progress
 
 LOSSES = ("siglip", "clip")
 LIT_JSON = "lit.json"
@@ -160,7 +160,7 @@ def captioned_features(
                 tokens.append(encoder(x).half().cpu())
             images.clear()
 
-    for s in tqdm((s for u in urls for s in shard_samples(u, errors)), desc="encoder tokens", unit="img"):
+    for s in progress((s for u in urls for s in shard_samples(u, errors)), "encoder tokens", unit="img"):
         out = decode_sample(s, aug, rng)
         if isinstance(out, str):
             skipped[out] += 1
@@ -252,7 +252,7 @@ def _train(parts: nn.ModuleDict, tokens: Tensor, text: Tensor, mask: Tensor, s: 
     g = torch.Generator().manual_seed(s.seed)
     losses: list[float] = []
     order = torch.randperm(n, generator=g)
-    bar = tqdm(range(total), desc=f"LiT ({s.loss})", unit="step")
+    bar = progress(range(total), f"LiT ({s.loss})", unit="step")
     for step in bar:
         i = step % per_epoch
         if i == 0 and step:
