@@ -41,10 +41,11 @@ FLOAT_GT0 = _checked(float, lambda v: v > 0, "a positive number")
 PERCENT = _checked(float, lambda v: 0 < v < 100, "a percentage in (0, 100)")
 FACTOR = _checked(float, lambda v: v >= 1, "a factor >= 1")
 INT_GE2 = _checked(int, lambda v: v >= 2, "an integer >= 2")
-# bench step's builds (aimpre.train.bench.BUILDS) and the float8 recipes (aimpre.config.FP8_RECIPES), here so that
-# parsing the command line imports no torch
+# bench step's builds (aimpre.train.bench.BUILDS), the float8 recipes (aimpre.config.FP8_RECIPES) and the objectives,
+# here so that parsing the command line (and so `--help`) imports no torch: importing aimpre.model takes seconds
 BENCH_BUILDS = ("plain", "bf16", "fp8")
 FP8_RECIPES = ("tensorwise", "rowwise")
+OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification")  # aimpre.model.sizes.OBJECTIVES
 
 
 def _builds(text: str) -> list[str]:
@@ -936,8 +937,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-n", type=INT_GT0, default=6, help="images per figure")
     v.add_argument("--data", help="shards to draw images from (default: the run's validation shards)")
     v.set_defaults(fn=_visualize)
-
-    from aimpre.model.sizes import OBJECTIVES
 
     c = sub.add_parser("compare", help="train one encoder per objective at equal training FLOPs; probe, zero-shot, "
                        "one table and a bar chart")  # fmt: skip
