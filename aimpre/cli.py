@@ -580,6 +580,15 @@ def _export(args: argparse.Namespace) -> int:
     out = export_encoder(args.src, args.format, args.out, args.dtype)
     info = json.loads((out / "aimpre.json").read_text())
     print(f"{args.format} export of {args.src} (run {info['run']}, step {info['step']}, {args.dtype}) written to {out}")
+    if args.format == "timm":
+        conf = json.loads((out / "config.json").read_text())
+        tag = conf["pretrained_cfg"].get("tag")  # set for a shape timm never released (aimpre.formats)
+        arch = conf["architecture"]
+        how = f"; timm has no model of this shape ({tag}): config.json builds it with timm's {arch} constructor and "
+        print(f"load with timm.create_model('local-dir:{out}', pretrained=True)"
+              + (how + "model_args" if tag else f" ({arch})"))  # fmt: skip
+    elif args.format == "hf":
+        print(f"load with transformers.Aimv2VisionModel.from_pretrained('{out}')")
     return 0
 
 
