@@ -639,6 +639,8 @@ def _zero_shot(args: argparse.Namespace) -> int:
     top5 = f", top-5 {res['top5']:.1%}" if "top5" in res else ""
     print(f"zero-shot on {args.shards}: {res['n']} images, {len(res['classes'])} classes (chance "
           f"{res['chance']:.1%}): top-1 {res['top1']:.1%}{top5}")  # fmt: skip
+    for warning in res["warnings"]:  # a collapsed or chance-level classifier, which a bare top-1 hides
+        print(f"aimpre: warning: zero-shot: {warning}", file=sys.stderr)
     print(f"results: {out}")
     return 0
 
@@ -652,7 +654,7 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from aimpre.compare import compare, format_table, plan
+    from aimpre.compare import compare, format_table, plan, warnings
 
     out = Path(args.out)
     planned = plan(tuple(args.objectives), args.config, tuple(args.overrides), args.flops, args.steps, out)
@@ -663,6 +665,8 @@ def _compare(args: argparse.Namespace) -> int:
     lit = None if args.no_lit else {"shards": args.lit_shards, "steps": args.lit_steps}
     res = compare(planned, out, tuple(range(args.seeds)), lit, args.probe_train, args.probe_test, epochs)
     print(format_table(res))
+    for warning in warnings(res):  # in the table's notes too; here for a reader of the log's stderr
+        print(f"aimpre: warning: compare: {warning}", file=sys.stderr)
     print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
     return 0
 

@@ -30,6 +30,7 @@ embedding. Labels come from ``KEY.cls`` (or ``label``/``cls`` in ``KEY.json``), 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -518,6 +519,31 @@ def class_embeddings(m: ZeroShotModel, names: list[str], templates: tuple[str, .
     return torch.stack(out)
 
 
+def degenerate(pred: Tensor, labels: Tensor, names: list[str]) -> list[str]:
+    """Why a zero-shot top-1 means nothing, if it does: the predictions collapsed onto one class (more than 90% of
+    them), or top-1 is not above chance (1 / classes, plus two standard errors of a top-1 measured on this many
+    images). A collapsed classifier scores exactly that class's share, which can look like a result.
+
+    Args:
+        pred: the predicted class of each image [N].
+        labels: the true class of each image [N].
+        names: the class names, in label order.
+    """
+    n, k = len(labels), len(names)
+    out = []
+    counts = torch.bincount(pred, minlength=k)
+    top = int(counts.argmax())
+    if k > 1 and counts[top] > 0.9 * n:
+        out.append(f"predictions collapsed: {int(counts[top])} of the {n} images ({int(counts[top]) / n:.0%}) got "
+                   f"class {names[top]!r}")  # fmt: skip
+    top1, chance = (pred == labels).float().mean().item(), 1 / k
+    margin = 2 * math.sqrt(chance * (1 - chance) / n)
+    if top1 <= chance + margin:
+        out.append(f"top-1 {top1:.1%} is not above chance ({chance:.1%} with {k} classes; two standard errors at "
+                   f"{n} images: {margin:.1%})")  # fmt: skip
+    return out
+
+
 def zero_shot(
     model_path: str | Path,
     shards: str,
@@ -537,7 +563,8 @@ def zero_shot(
         cache: keep the encoder's tokens under ``$AIMPRE_CACHE/features`` (shared with the probe).
 
     Returns:
-        "top1" (a fraction), "top5" (with >= 5 classes), "classes", "n", "per_class" top-1 and the settings.
+        "top1" (a fraction), "top5" (with >= 5 classes), "classes", "n", "chance", "per_class" top-1,
+        "warnings" (``degenerate``'s, empty for a sound result) and the settings.
     """
     start = time.time()
     temps = _check_templates(TEMPLATES if templates is None else templates)
@@ -574,6 +601,7 @@ def zero_shot(
         "n": len(labels),
         "chance": 1 / len(names),
         "per_class": {c: hit[labels == i].float().mean().item() for i, c in enumerate(names) if (labels == i).any()},
+        "warnings": degenerate(ranked[:, 0], labels, names),  # empty unless the result is degenerate
         "model": str(model_path),
         "shards": shards,
         "templates": list(temps),

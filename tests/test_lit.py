@@ -88,9 +88,13 @@ def test_lit_learns_to_name_the_classes_zero_shot(data: dict[str, Path], lit: tu
 
     res = zero_shot(out, str(data["test"]))  # class names from index.json, default templates
     assert res["classes"] == list(COLOURS) and res["n"] == 64 and "top5" not in res
-    assert res["top1"] >= 0.6, res  # chance is 0.25
+    assert res["top1"] >= 0.6 and res["warnings"] == [], res  # chance is 0.25
     wrong = zero_shot(out, str(data["other"]))  # classes.txt names them in reverse label order
     assert wrong["classes"] == list(COLOURS)[::-1] and wrong["top1"] < 0.3, wrong
+    assert any(w.startswith(f"top-1 {wrong['top1']:.1%} is not above chance (25.0% with 4 classes") for w in
+               wrong["warnings"]), wrong["warnings"]  # fmt: skip
+    assert main(["zero-shot", str(out), "--shards", str(data["other"]), "--out", str(data["dir"] / "w.json")]) == 0
+    assert "aimpre: warning: zero-shot: top-1" in capsys.readouterr().err
 
     assert main(["zero-shot", str(out), "--shards", str(data["test"]), "--classes", ",".join(COLOURS)]) == 0
     assert f"top-1 {res['top1']:.1%}" in capsys.readouterr().out
