@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from aimpre.cli import main
 from aimpre.config import dump_config, load_config
 from aimpre.export import preprocessing_info, write_export
+from aimpre.files import current_umask
 from aimpre.lit import LitError, LitSettings, train_lit, zero_shot
 from aimpre.model import AIMv2Encoder, model_config
 from helpers import write_tar
@@ -85,6 +87,7 @@ def test_lit_learns_to_name_the_classes_zero_shot(data: dict[str, Path], lit: tu
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         parts = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 (not a dict)
     assert parts == {"token_norm", "image_head", "text_tower", "loss"}  # the encoder is not copied
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~current_umask()  # not 0600
 
     res = zero_shot(out, str(data["test"]))  # class names from index.json, default templates
     assert res["classes"] == list(COLOURS) and res["n"] == 64 and "top5" not in res
