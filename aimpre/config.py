@@ -102,9 +102,9 @@ class DataConfig:
     # a webdataset shard spec (braces, "::" joins specs, pipe: URLs), or a list of them: one source each;
     # "demo" is the embedded demo set
     train_shards: str | list[str] = "demo"
-    # the same forms; null: no validation; auto: the demo's val split when every train source is the demo set,
-    # else none (validating on the demo scenes says nothing about a model trained on other data: give your own
-    # held-out shards); the run's start line says which
+    # the same forms; null: no validation; auto (the default): the demo's val split when every train source is
+    # the demo, else none (validating on the demo scenes says nothing about a model trained on other data: give
+    # your own held-out shards); the run's start line says which
     val_shards: str | list[str] | None = "auto"
     # resampled: draw shards with replacement forever (sample-count training, source mixing by `weights`);
     # otherwise epochs, each sample once per epoch, the same number of batches on every rank
