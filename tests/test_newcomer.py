@@ -25,7 +25,7 @@ from aimpre.export import preprocessing_info, write_export
 from aimpre.formats import timm_architecture, timm_config
 from aimpre.lit import degenerate
 from aimpre.model import AIMv2Encoder, model_config
-from helpers import write_tar
+from helpers import jpeg, write_tar
 
 PRE = preprocessing_info((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 112)
 
@@ -249,3 +249,24 @@ def test_probe_progress_in_a_log_file_is_plain_lines(demo: Path, tmp_path: Path)
     assert [line.split()[2] for line in epochs] == [f"{n}/20" for n in range(2, 21, 2)], text  # every 2nd epoch
     features = [line.split()[1] for line in text.splitlines() if line.startswith("features: ")]
     assert features == ["1/2", "2/2"] * 2, text  # 96 images in batches of 64, train then test
+
+
+def test_make_shards_and_inspect_progress_in_a_log_file_is_plain_lines(tmp_path: Path) -> None:
+    """``aimpre data make-shards`` and ``data inspect`` into a log file: their last line, not a redrawn bar."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(30):
+        (photos / f"p{i:02d}.jpg").write_bytes(jpeg((10 * i, 40, 200)))
+        (photos / f"p{i:02d}.txt").write_text(f"photo number {i}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd, last in (
+        (["make-shards", "--from-folder", str(photos), "--out", str(tmp_path / "s"), "--per-shard", "10"], "30 img"),
+        (["inspect", str(tmp_path / "s" / "shard-{000000..000002}.tar"), "--workers", "0"], "3/3 shard"),
+    ):
+        log = tmp_path / f"{cmd[0]}.log"
+        with open(log, "w") as err:
+            done = subprocess.run([sys.executable, "-m", "aimpre", "data", *cmd], stdout=subprocess.PIPE, stderr=err,
+                                  text=True, timeout=300, env=env)  # fmt: skip
+        text = log.read_bytes().decode()
+        assert done.returncode == 0 and "\r" not in text, text[-2000:]
+        assert f"{cmd[0]}: {last}" in text, text
