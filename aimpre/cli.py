@@ -42,10 +42,11 @@ FLOAT_GT0 = _checked(float, lambda v: v > 0, "a positive number")
 PERCENT = _checked(float, lambda v: 0 < v < 100, "a percentage in (0, 100)")
 FACTOR = _checked(float, lambda v: v >= 1, "a factor >= 1")
 INT_GE2 = _checked(int, lambda v: v >= 2, "an integer >= 2")
-# bench step's builds (aimpre.train.bench.BUILDS) and the float8 recipes (aimpre.config.FP8_RECIPES), here so that
-# parsing the command line imports no torch
+# bench step's builds (aimpre.train.bench.BUILDS), the float8 recipes (aimpre.config.FP8_RECIPES) and the objectives,
+# here so that parsing the command line (and so `--help`) imports no torch: importing aimpre.model takes seconds
 BENCH_BUILDS = ("plain", "bf16", "fp8")
 FP8_RECIPES = ("tensorwise", "rowwise")
+OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification")  # aimpre.model.sizes.OBJECTIVES
 
 
 def _builds(text: str) -> list[str]:
@@ -596,6 +597,15 @@ def _export(args: argparse.Namespace) -> int:
     out = export_encoder(args.src, args.format, args.out, args.dtype)
     info = read_json_object(out / "aimpre.json", "export record")
     print(f"{args.format} export of {args.src} (run {info['run']}, step {info['step']}, {args.dtype}) written to {out}")
+    if args.format == "timm":
+        conf = json.loads((out / "config.json").read_text())
+        tag = conf["pretrained_cfg"].get("tag")  # set for a shape timm never released (aimpre.formats)
+        arch = conf["architecture"]
+        how = f"; timm has no model of this shape ({tag}): config.json builds it with timm's {arch} constructor and "
+        print(f"load with timm.create_model('local-dir:{out}', pretrained=True)"
+              + (how + "model_args" if tag else f" ({arch})"))  # fmt: skip
+    elif args.format == "hf":
+        print(f"load with transformers.Aimv2VisionModel.from_pretrained('{out}')")
     return 0
 
 
@@ -646,6 +656,8 @@ def _zero_shot(args: argparse.Namespace) -> int:
     top5 = f", top-5 {res['top5']:.1%}" if "top5" in res else ""
     print(f"zero-shot on {args.shards}: {res['n']} images, {len(res['classes'])} classes (chance "
           f"{res['chance']:.1%}): top-1 {res['top1']:.1%}{top5}")  # fmt: skip
+    for warning in res["warnings"]:  # a collapsed or chance-level classifier, which a bare top-1 hides
+        print(f"aimpre: warning: zero-shot: {warning}", file=sys.stderr)
     print(f"results: {out}")
     return 0
 
@@ -659,7 +671,7 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from aimpre.compare import compare, format_table, plan
+    from aimpre.compare import compare, format_table, plan, warnings
 
     out = Path(args.out)
     planned = plan(tuple(args.objectives), args.config, tuple(args.overrides), args.flops, args.steps, out)
@@ -670,6 +682,8 @@ def _compare(args: argparse.Namespace) -> int:
     lit = None if args.no_lit else {"shards": args.lit_shards, "steps": args.lit_steps}
     res = compare(planned, out, tuple(range(args.seeds)), lit, args.probe_train, args.probe_test, epochs)
     print(format_table(res))
+    for warning in warnings(res):  # in the table's notes too; here for a reader of the log's stderr
+        print(f"aimpre: warning: compare: {warning}", file=sys.stderr)
     print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
     return 0
 
@@ -953,8 +967,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-n", type=INT_GT0, default=6, help="images per figure")
     v.add_argument("--data", help="shards to draw images from (default: the run's validation shards)")
     v.set_defaults(fn=_visualize)
-
-    from aimpre.model.sizes import OBJECTIVES
 
     c = sub.add_parser("compare", help="train one encoder per objective at equal training FLOPs; probe, zero-shot, "
                        "one table and a bar chart")  # fmt: skip

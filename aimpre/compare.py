@@ -215,7 +215,8 @@ def compare(
             "flops": p.flops, "params_encoder": summary.get("params", {}).get("encoder"),
             "final_loss": _final_loss(run), "train_wall_s": summary.get("wall_time_s"),
             "probe_top1": probes, "zero_shot_top1": None if zs is None else zs["top1"],
-            "zero_shot_via": None if zs is None else zs["via"], "seconds": round(time.time() - t0, 1),
+            "zero_shot_via": None if zs is None else zs["via"],
+            "zero_shot_warnings": None if zs is None else zs.get("warnings", []), "seconds": round(time.time() - t0, 1),
         })  # fmt: skip
     if planned:  # the same encoder architecture untrained: what pretraining has to beat
         t0 = time.time()
@@ -239,29 +240,65 @@ def compare(
     return res
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std in %; the std is None for one value (there is no spread to show, not a spread of 0)."""
     a = np.asarray(values, dtype=float) * 100
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None
+
+
+def _cell(values: list[float]) -> str:
+    m, s = _mean_std(values)
+    return f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
+
+
+def warnings(res: dict[str, Any]) -> list[str]:
+    """What makes the comparison's numbers mean less than they seem: the untrained architecture probing at least as
+    well as every objective (nothing the probe can use was learnt: too few steps, or data unlike the probe's), and
+    zero-shot results that are degenerate (``aimpre.lit.degenerate``).
+
+    Args:
+        res: ``compare``'s results (compare.json).
+    """
+    out = []
+    trained = [r for r in res["rows"] if r["objective"] != "random init"]
+    floor = next((r for r in res["rows"] if r["objective"] == "random init"), None)
+    for kind in ("attentive", "linear"):
+        if floor is None or not trained or not floor["probe_top1"][kind]:
+            continue
+        rand = _mean_std(floor["probe_top1"][kind])[0]
+        best = max(trained, key=lambda r: _mean_std(r["probe_top1"][kind])[0])
+        if rand >= _mean_std(best["probe_top1"][kind])[0]:
+            out.append(f"random init does as well as every objective on the {kind} probe ({rand:.1f}% vs the best, "
+                       f"{best['objective']}, {_mean_std(best['probe_top1'][kind])[0]:.1f}%): pretraining gave the "
+                       "probe nothing; train longer (--steps, --flops) or on data nearer the probe's")  # fmt: skip
+    for r in trained:
+        for w in r.get("zero_shot_warnings") or []:
+            out.append(f"{r['objective']} zero-shot: {w}")
+    return out
 
 
 def format_table(res: dict[str, Any]) -> str:
-    """The comparison as a Markdown table: top-1 in %, mean ± sample std over the probe seeds."""
+    """The comparison as a Markdown table: top-1 in %, mean ± sample std over the probe seeds (the mean alone for
+    one seed), then notes and ``warnings``."""
     n = len(res["seeds"])
     lines = [
         "| objective | steps | samples | train FLOPs | final loss | attentive probe | linear probe | zero-shot |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
-        probes = [f"{m:.1f} ± {s:.1f}" for m, s in (_mean_std(r["probe_top1"][k]) for k in ("attentive", "linear"))]
+        probes = [_cell(r["probe_top1"][k]) for k in ("attentive", "linear")]
         zs = "-" if r["zero_shot_top1"] is None else f"{100 * r['zero_shot_top1']:.1f} ({r['zero_shot_via']})"
+        if r.get("zero_shot_warnings"):
+            zs += " (degenerate)"
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
         flops = f"{r['flops']:.3g}" if r["flops"] else "-"
         lines.append(f"| {r['objective']} | {r['steps']} | {r['samples']} | {flops} | {loss} | "
                      f"{probes[0]} | {probes[1]} | {zs} |")  # fmt: skip
     lines.append("")
+    spread = f"the mean ± std over {n} probe seeds" if n > 1 else "one probe seed (no spread: use --seeds 2 or more)"
     lines.append(f"Top-1 (%) on {res['probe']['test']}, probes trained on {res['probe']['train']}; probe columns are "
-                 f"the mean ± std over {n} probe seed{'s' * (n != 1)}. {res['machine']}, {res['date']}, "
-                 f"{res['seconds'] / 60:.1f} min in all.")  # fmt: skip
+                 f"{spread}. {res['machine']}, {res['date']}, {res['seconds'] / 60:.1f} min in all.")  # fmt: skip
+    lines.extend(f"\n**Warning:** {w}." for w in warnings(res))
     return "\n".join(lines)
 
 
@@ -280,8 +317,8 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
     for i, kind in enumerate(("attentive", "linear")):
         stats = [_mean_std(r["probe_top1"][kind]) for r in rows]
-        ax.bar(x + (i - 1) * width, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3,
-               label=f"{kind} probe")  # fmt: skip
+        yerr = None if len(res["seeds"]) < 2 else [s or 0.0 for _, s in stats]  # no error bar from one seed
+        ax.bar(x + (i - 1) * width, [m for m, _ in stats], width, yerr=yerr, capsize=3, label=f"{kind} probe")
     zs = [math.nan if r["zero_shot_top1"] is None else 100 * r["zero_shot_top1"] for r in rows]
     ax.bar(x + width, zs, width, label="zero-shot (own tower or LiT)")
     ax.set_xticks(x, [r["objective"] for r in rows])

@@ -100,12 +100,21 @@ def load_yaml(path: str | Path, what: str = "config file") -> Any:
         raise ConfigError(f"{what} {p} nests lists or mappings too deeply") from e
 
 
+def _is_demo(spec: str | list[str]) -> bool:
+    """Whether every source of a shard spec is the embedded demo set (``demo`` or ``demo:SPLIT``)."""
+    specs = spec if isinstance(spec, list) else [spec]
+    return all(s == "demo" or s.startswith("demo:") for s in specs)
+
+
 @dataclass
 class DataConfig:
     # a webdataset shard spec (braces, "::" joins specs, pipe: URLs), or a list of them: one source each;
     # "demo" is the embedded demo set
     train_shards: str | list[str] = "demo"
-    val_shards: str | list[str] | None = "demo"  # the same forms; null: no validation
+    # the same forms; null: no validation; auto (the default): the demo's val split when every train source is
+    # the demo, else none (validating on the demo scenes says nothing about a model trained on other data: give
+    # your own held-out shards); the run's start line says which
+    val_shards: str | list[str] | None = "auto"
     # resampled: draw shards with replacement forever (sample-count training, source mixing by `weights`);
     # otherwise epochs, each sample once per epoch, the same number of batches on every rank
     resampled: bool = False
@@ -124,6 +133,11 @@ class DataConfig:
     # AIMv2's reference trained with ImageNet statistics; every export records what was used
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean of 0..1 pixels
     std: tuple[float, float, float] = IMAGENET_STD  # per-channel std of 0..1 pixels
+
+    def __post_init__(self) -> None:
+        # val_shards=auto resolves here, so every Config (loaded or built in code) and config.yaml hold the real value
+        if self.val_shards == "auto":
+            self.val_shards = "demo" if _is_demo(self.train_shards) else None
 
 
 @dataclass
@@ -461,6 +475,22 @@ def build_config(raw: dict[str, Any]) -> Config:
         section = raw.get(name) or {}
         built[name] = _build_model(section) if name == "model" else cls(**_build(cls, section, f"{name}."))
     return validate(Config(**built))
+
+
+def validation_line(cfg: Config) -> str:
+    """What the run validates on, for its start line: a user who set only train shards must see that it is nothing.
+
+    Args:
+        cfg: a resolved config.
+    """
+    d, t = cfg.data, cfg.trainer
+    if not d.val_shards or not t.val_batches:
+        why = "trainer.val_batches=0" if d.val_shards else "set data.val_shards to held-out shards to validate"
+        return f"validation: none ({why})"
+    shown = ", ".join(d.val_shards) if isinstance(d.val_shards, list) else d.val_shards
+    where = " (the embedded demo set's val split)" if _is_demo(d.val_shards) else ""
+    shown = shown if len(shown) <= 200 else shown[:197] + "..."
+    return f"validation: {shown}{where}, {t.val_batches} batches every {t.val_every} steps"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -23,13 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 from aimpre import __version__
 from aimpre.config import Config, config_hash, load_config, short
 from aimpre.data.decode import Augment, crop_box
-from aimpre.files import UntrustedInputError, atomic_path, parse_json, read_json_object
+from aimpre.files import UntrustedInputError, atomic_path, parse_json, read_json_object, save_safetensors
 from aimpre.formats import (
     ENCODER_FIELDS,
     ExportError,
@@ -404,20 +402,6 @@ def export_encoder(src: str | Path, fmt: str, out: str | Path, dtype: str = "fp3
     return write_export(loaded.encoder, fmt, out, dtype, {**loaded.info, "exported_from": str(src)})
 
 
-def _save_safetensors(tensors: State, file: Path, metadata: dict[str, str]) -> None:
-    """``save_file``, its failure to write turned back into the OSError it was: safetensors wraps the error (e.g.
-    ENOSPC, EFBIG) in its own SafetensorError, whose message carries the errno only as text ("File too large (os
-    error 27)"; older versions: "code: 27")."""
-    try:
-        save_file(tensors, str(file), metadata=metadata)
-    except SafetensorError as e:
-        m = re.search(r"\b(?:os error|code:) (\d+)", str(e))
-        if m is None:
-            raise
-        code = int(m[1])
-        raise OSError(code, os.strerror(code), str(file)) from e
-
-
 def write_export(
     encoder: AIMv2Encoder, fmt: str, out: str | Path, dtype: str = "fp32", info: dict | None = None
 ) -> Path:
@@ -461,8 +445,8 @@ def write_export(
         files["preprocessor_config.json"] = hf_preprocessor(pre)
     with atomic_path(out) as tmp:  # the directory appears complete or not at all
         tmp.mkdir()
-        with atomic_path(tmp / WEIGHTS) as w:  # a full disk: WriteError naming the file and the free space
-            _save_safetensors(tensors, w, {"format": "pt", "aimpre": json.dumps(record)})
+        # a full disk: WriteError naming the file and the free space
+        save_safetensors(tensors, tmp / WEIGHTS, {"format": "pt", "aimpre": json.dumps(record)})
         for name, data in files.items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import stat
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 class WriteError(OSError):
@@ -82,6 +84,48 @@ def copy(src: str | Path, dst: str | Path) -> None:
         return
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def current_umask() -> int:
+    """The process's file-creation mask: from /proc where there is one (reading it there changes nothing), else set
+    and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, atomically, with the file mode ``open()`` would have given (0644 under umask
+    022; safetensors 0.8 writes a 0600 temp file and renames it, so exported weights were unreadable to the other
+    users of a shared cluster). A failed write is the OSError it was (a full disk, a file size limit: WriteError
+    naming the file and the free space), not safetensors' SafetensorError, which carries the errno only as text
+    ("File too large (os error 27)"; older versions: "code: 27").
+
+    Args:
+        tensors: name -> tensor (contiguous, on the CPU).
+        path: the file to write.
+        metadata: string metadata for the header.
+    """
+    from safetensors import SafetensorError  # here: files is imported by code that needs no torch
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            m = re.search(r"\b(?:os error|code:) (\d+)", str(e))
+            if m is None:
+                raise
+            code = int(m[1])
+            raise OSError(code, os.strerror(code), str(path)) from e
+        os.chmod(tmp, 0o666 & ~current_umask())
 
 
 def symlink(target: str, link: str | Path) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from typing import Any, get_type_hints
 
 import torch
@@ -188,6 +188,31 @@ def encoder_config(values: dict[str, Any], where: str) -> ModelConfig:
     return cfg if "size" in values else replace(cfg, size=_size_name(cfg))
 
 
+def timm_architecture(cfg: ModelConfig) -> tuple[str, str | None]:
+    """The ``architecture`` of a timm export and, for a shape timm never released, a pretrained tag naming ours.
+
+    A released shape gets timm's own name (``aimv2_huge_patch14_336``) and no tag. Any other (a tiny model, a large
+    one cut to 12 blocks) has no name in timm: it is built by a registered AIMv2 constructor with config.json's
+    ``model_args`` carrying the whole shape, as timm's own ``save_for_hf`` records a model built with custom
+    arguments, so the architecture must stay that constructor (``aimv2_large_patch14_224``: ``timm.create_model``
+    refuses an unknown name or tag). The tag (``aimpre_tiny_6x192_p14_112``, in ``pretrained_cfg.tag``, which a
+    loaded model's ``pretrained_cfg`` keeps) says the weights are not that model.
+
+    Args:
+        cfg: the encoder's config.
+    """
+    ref = {**asdict(ModelConfig()), **SIZES.get(cfg.size, {})}  # the named size's shape
+    released = (
+        cfg.size in TIMM_MLP_RATIO
+        and cfg.patch_size == 14
+        and cfg.img_size in (224, 336, 448)
+        and all(getattr(cfg, k) == ref[k] for k in ("width", "depth", "heads", "mlp_hidden"))
+    )
+    if released:
+        return f"aimv2_{cfg.size}_patch14_{cfg.img_size}", None
+    return "aimv2_large_patch14_224", f"aimpre_{cfg.size}_{cfg.depth}x{cfg.width}_p{cfg.patch_size}_{cfg.img_size}"
+
+
 def timm_config(cfg: ModelConfig, pre: dict[str, Any]) -> dict[str, Any]:
     """timm's hub ``config.json``: ``timm.create_model("local-dir:DIR", pretrained=True)`` rebuilds and loads it.
 
@@ -198,9 +223,7 @@ def timm_config(cfg: ModelConfig, pre: dict[str, Any]) -> dict[str, Any]:
     ratio = cfg.mlp_hidden / cfg.width
     if int(cfg.width * ratio) != cfg.mlp_hidden:  # timm takes int(width * ratio): nudge a ratio that rounds down
         ratio = (cfg.mlp_hidden + 0.5) / cfg.width
-    # model_args carry the whole shape; the name is a registered entry point, the released one where it exists
-    released = cfg.size in TIMM_MLP_RATIO and cfg.patch_size == 14 and cfg.img_size in (224, 336, 448)
-    arch = f"aimv2_{cfg.size}_patch14_{cfg.img_size}" if released else "aimv2_large_patch14_224"
+    arch, tag = timm_architecture(cfg)
     s = cfg.img_size
     return {
         "architecture": arch, "num_classes": 0, "num_features": cfg.width, "global_pool": "avg",
@@ -208,7 +231,8 @@ def timm_config(cfg: ModelConfig, pre: dict[str, Any]) -> dict[str, Any]:
                        "num_heads": cfg.heads, "mlp_ratio": ratio, "num_classes": 0, "global_pool": "avg"},
         "pretrained_cfg": {"input_size": [3, s, s], "fixed_input_size": True, "interpolation": "bicubic",
                            "crop_pct": 1.0, "crop_mode": "center", "mean": pre["mean"], "std": pre["std"],
-                           "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
+                           "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
+                           **({"tag": tag} if tag else {})},
     }  # fmt: skip
 
 

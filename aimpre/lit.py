@@ -30,6 +30,7 @@ embedding. Labels come from ``KEY.cls`` (or ``label``/``cls`` in ``KEY.json``), 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -43,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from aimpre import __version__
 from aimpre.config import model_size_problem
@@ -52,13 +52,14 @@ from aimpre.data.decode import decode_sample
 from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.data.tokenizer import Tokenizer
-from aimpre.export import _read_json, _save_safetensors, load
-from aimpre.files import atomic_path, write_text
+from aimpre.export import _read_json, load
+from aimpre.files import atomic_path, save_safetensors, write_text
 from aimpre.model import AIMv2Encoder, ModelConfig
 from aimpre.model.sizes import SIZES
 from aimpre.objectives.contrastive import ClipLoss, SigLipLoss
 from aimpre.objectives.towers import ImageHead, TextTower
 from aimpre.probe import ProbeError, _device, _digest, _lr_at, _weights_hash, features, shard_urls
+from aimpre.progress import progress
 
 LOSSES = ("siglip", "clip")
 LIT_JSON = "lit.json"
@@ -164,7 +165,7 @@ def captioned_features(
                 tokens.append(encoder(x).half().cpu())
             images.clear()
 
-    for s in tqdm((s for u in urls for s in shard_samples(u, errors)), desc="encoder tokens", unit="img"):
+    for s in progress((s for u in urls for s in shard_samples(u, errors)), "encoder tokens", unit="img"):
         out = decode_sample(s, aug, rng)
         if isinstance(out, str):
             skipped[out] += 1
@@ -256,7 +257,7 @@ def _train(parts: nn.ModuleDict, tokens: Tensor, text: Tensor, mask: Tensor, s: 
     g = torch.Generator().manual_seed(s.seed)
     losses: list[float] = []
     order = torch.randperm(n, generator=g)
-    bar = tqdm(range(total), desc=f"LiT ({s.loss})", unit="step")
+    bar = progress(range(total), f"LiT ({s.loss})", unit="step")
     for step in bar:
         i = step % per_epoch
         if i == 0 and step:
@@ -356,8 +357,7 @@ def train_lit(
     tensors = {k: v.detach().cpu().contiguous() for k, v in parts.state_dict().items()}
     with atomic_path(out) as tmp:  # the folder appears complete or not at all
         tmp.mkdir()
-        with atomic_path(tmp / WEIGHTS) as w:  # a full disk: WriteError naming the file and the free space
-            _save_safetensors(tensors, w, {"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS, {"format": "pt"})  # a full disk: WriteError naming the file
         (tmp / LIT_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -525,6 +525,31 @@ def class_embeddings(m: ZeroShotModel, names: list[str], templates: tuple[str, .
     return torch.stack(out)
 
 
+def degenerate(pred: Tensor, labels: Tensor, names: list[str]) -> list[str]:
+    """Why a zero-shot top-1 means nothing, if it does: the predictions collapsed onto one class (more than 90% of
+    them), or top-1 is not above chance (1 / classes, plus two standard errors of a top-1 measured on this many
+    images). A collapsed classifier scores exactly that class's share, which can look like a result.
+
+    Args:
+        pred: the predicted class of each image [N].
+        labels: the true class of each image [N].
+        names: the class names, in label order.
+    """
+    n, k = len(labels), len(names)
+    out = []
+    counts = torch.bincount(pred, minlength=k)
+    top = int(counts.argmax())
+    if k > 1 and counts[top] > 0.9 * n:
+        out.append(f"predictions collapsed: {int(counts[top])} of the {n} images ({int(counts[top]) / n:.0%}) got "
+                   f"class {names[top]!r}")  # fmt: skip
+    top1, chance = (pred == labels).float().mean().item(), 1 / k
+    margin = 2 * math.sqrt(chance * (1 - chance) / n)
+    if top1 <= chance + margin:
+        out.append(f"top-1 {top1:.1%} is not above chance ({chance:.1%} with {k} classes; two standard errors at "
+                   f"{n} images: {margin:.1%})")  # fmt: skip
+    return out
+
+
 def zero_shot(
     model_path: str | Path,
     shards: str,
@@ -544,7 +569,8 @@ def zero_shot(
         cache: keep the encoder's tokens under ``$AIMPRE_CACHE/features`` (shared with the probe).
 
     Returns:
-        "top1" (a fraction), "top5" (with >= 5 classes), "classes", "n", "per_class" top-1 and the settings.
+        "top1" (a fraction), "top5" (with >= 5 classes), "classes", "n", "chance", "per_class" top-1,
+        "warnings" (``degenerate``'s, empty for a sound result) and the settings.
     """
     start = time.time()
     temps = _check_templates(TEMPLATES if templates is None else templates)
@@ -581,6 +607,7 @@ def zero_shot(
         "n": len(labels),
         "chance": 1 / len(names),
         "per_class": {c: hit[labels == i].float().mean().item() for i, c in enumerate(names) if (labels == i).any()},
+        "warnings": degenerate(ranked[:, 0], labels, names),  # empty unless the result is degenerate
         "model": str(model_path),
         "shards": shards,
         "templates": list(temps),

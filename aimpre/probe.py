@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from aimpre.data import Augment, demo_spec, expand_shards
 from aimpre.data.decode import IMAGE_KEYS, decode_image, sample_label
@@ -39,6 +38,7 @@ from aimpre.export import load
 from aimpre.files import atomic_path, write_text
 from aimpre.model import AIMv2Encoder
 from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier
+from aimpre.progress import progress
 
 KINDS = ("attentive", "linear")
 
@@ -146,7 +146,7 @@ def extract(
     device = next(encoder.parameters()).device
     mean, std = mean.to(device), std.to(device)
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
+    for i in progress(range(0, len(images), batch_size), "features", unit="batch", leave=False):
         x = (images[i : i + batch_size].to(device).float() / 255 - mean) / std
         out.append(layers.tokens(encoder, x).half().cpu())
     return torch.cat(out)
@@ -262,7 +262,7 @@ def train_probe(kind: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Ten
     total, warmup = s.epochs * steps_per_epoch, s.warmup_epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_at(i, total, warmup))
     g = torch.Generator().manual_seed(s.seed)
-    bar = tqdm(range(s.epochs), desc=f"{kind} probe", leave=False)
+    bar = progress(range(s.epochs), f"{kind} probe", unit="epoch", leave=False)
     for _ in bar:
         head.train()
         order = torch.randperm(len(x), generator=g)

@@ -6,10 +6,11 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aimpre.cli import main
-from aimpre.compare import plan
+from aimpre.compare import plan, warnings
 from aimpre.data.demo import DIGIT_WORDS
 from helpers import good_samples, write_tar
 
@@ -78,6 +79,16 @@ def test_compare_trains_probes_and_zero_shots_then_reuses(tmp_path: Path, pretra
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "compare.md").read_text()
     assert table.startswith("| objective |") and "| aimv1 |" in table and "| random init | 0 | 0 | - | - |" in table
+    assert "±" in table and "mean ± std over 2 probe seeds" in table  # two seeds: a spread to show
+    # three steps of training: whether random init wins is the run's to say; the warnings say it when it does
+    mean = lambda r, kind: float(np.mean(np.asarray(r["probe_top1"][kind], dtype=float) * 100))  # as compare.py
+    for kind in ("attentive", "linear"):
+        beaten = mean(floor, kind) >= max(mean(r, kind) for r in rows.values())
+        said = [w for w in warnings(res) if w.startswith(f"random init does as well as every objective on the {kind}")]
+        assert len(said) == beaten and all(f"**Warning:** {w}." in table for w in said), (kind, said)
+    for r in rows.values():  # a degenerate zero-shot is marked in the table and named in the warnings
+        flagged = [w for w in warnings(res) if w.startswith(f"{r['objective']} zero-shot: ")]
+        assert len(flagged) == len(r["zero_shot_warnings"]) and ("(degenerate)" in table) >= bool(flagged)
 
     # a second call finds every run, probe and zero-shot result in place and recomputes nothing
     made = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "compare.json"}

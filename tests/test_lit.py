@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from aimpre.cli import main
 from aimpre.config import dump_config, load_config
 from aimpre.export import preprocessing_info, write_export
+from aimpre.files import current_umask
 from aimpre.lit import LitError, LitSettings, train_lit, zero_shot
 from aimpre.model import AIMv2Encoder, model_config
 from helpers import write_tar
@@ -85,12 +87,17 @@ def test_lit_learns_to_name_the_classes_zero_shot(data: dict[str, Path], lit: tu
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         parts = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 (not a dict)
     assert parts == {"token_norm", "image_head", "text_tower", "loss"}  # the encoder is not copied
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~current_umask()  # not 0600
 
     res = zero_shot(out, str(data["test"]))  # class names from index.json, default templates
     assert res["classes"] == list(COLOURS) and res["n"] == 64 and "top5" not in res
-    assert res["top1"] >= 0.6, res  # chance is 0.25
+    assert res["top1"] >= 0.6 and res["warnings"] == [], res  # chance is 0.25
     wrong = zero_shot(out, str(data["other"]))  # classes.txt names them in reverse label order
     assert wrong["classes"] == list(COLOURS)[::-1] and wrong["top1"] < 0.3, wrong
+    assert any(w.startswith(f"top-1 {wrong['top1']:.1%} is not above chance (25.0% with 4 classes") for w in
+               wrong["warnings"]), wrong["warnings"]  # fmt: skip
+    assert main(["zero-shot", str(out), "--shards", str(data["other"]), "--out", str(data["dir"] / "w.json")]) == 0
+    assert "aimpre: warning: zero-shot: top-1" in capsys.readouterr().err
 
     assert main(["zero-shot", str(out), "--shards", str(data["test"]), "--classes", ",".join(COLOURS)]) == 0
     assert f"top-1 {res['top1']:.1%}" in capsys.readouterr().out

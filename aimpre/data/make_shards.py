@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from aimpre.data.decode import IMAGE_KEYS, MAX_SAMPLE_JSON, caption_of
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.data.shards import publish_dir, write_shards
 from aimpre.data.shardset import expand_shards, write_index
 from aimpre.files import UntrustedInputError, read_bytes
+from aimpre.progress import progress
 
 Item = tuple[str, bytes | None, str | None, str]  # (source name, image bytes, caption, image extension) or skip
 
@@ -138,7 +138,7 @@ def make_shards(
     tmp.mkdir()
 
     def samples() -> Iterator[dict]:
-        for name, data, caption, ext in tqdm(items, desc="make-shards", unit="img"):
+        for name, data, caption, ext in progress(items, "make-shards", unit="img"):
             if data is None:
                 summary.skip("no_image", name)
                 continue

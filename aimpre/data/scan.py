@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from aimpre.data.decode import MAX_SAMPLE_JSON, SKIP_REASONS, Augment, caption_of, decode_sample, sample_label
 from aimpre.data.reader import ReadErrors, Segment, segment_samples, shard_samples
 from aimpre.data.shardset import Shard
 from aimpre.data.tokenizer import Tokenizer, encode_captions
+from aimpre.progress import progress
 
 
 class _Inspect(IterableDataset):
@@ -74,7 +74,7 @@ def inspect_shards(
     total: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     damage: list[dict[str, Any]] = []
-    for part in tqdm(loader, total=len(shards), desc="inspect", unit="shard"):
+    for part in progress(loader, "inspect", total=len(shards), unit="shard"):
         total.update(part["counts"])
         errors.update(part["errors"])
         damage += part["damage"]

@@ -28,7 +28,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from aimpre.config import Config, ConfigError, config_hash, dump_config, load_yaml, model_size_problem, short, to_dict
+from aimpre.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    dump_config,
+    load_yaml,
+    model_size_problem,
+    short,
+    to_dict,
+    validation_line,
+)
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
 from aimpre.files import read_json, write_text
 from aimpre.objectives import uses_prefix
@@ -316,7 +326,8 @@ def _train_locked(
     metrics.samples_per_step = cfg.data.batch_size * trainer.world_size * accumulate
     if trainer.is_global_zero:
         action = "resuming" if resume and last.exists() else "starting"
-        print(f"aimpre: {action} run {cfg.run.name} ({cfg.model.size}) in {run_dir}", flush=True)
+        where = f"aimpre: {action} run {cfg.run.name} ({cfg.model.size}) in {run_dir}"
+        print(f"{where}; {validation_line(cfg)}", flush=True)  # a user who set only train shards sees "none"
         write_text(run_dir / "config.yaml", dump_config(cfg))
         for logger in trainer.loggers:  # the run config beside the curves in TensorBoard and W&B
             logger.log_hyperparams(to_dict(cfg))
