@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from aimpre import __version__
-from aimpre.files import read_json_object
+from aimpre.files import file_present, read_json_object, read_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     stopped = run_dir / PREEMPTED
     if stopped.exists():  # a signal stopped it early: not finished, no summary (exit 0: the launcher requeues)
-        at = stopped.read_text().strip()
+        at = " ".join(read_text(stopped, "PREEMPTED marker", 4096).split())  # our marker: a line, bounded
         print(f"\naimpre: run {run_dir.name} stopped at {at} before trainer.max_steps, with a checkpoint; "
               f"not finished: resume with `aimpre train --resume` and the same config ({run_dir})")  # fmt: skip
         return 0
@@ -277,7 +277,7 @@ def _model_info(args: argparse.Namespace) -> int:
 
     if args.name in SIZES:
         cfg = load_config(None, [f"model.size={args.name}", "run.name=info"])
-    elif Path(args.name).is_file():
+    elif file_present(args.name, "config file"):
         cfg = load_config(args.name, ["run.name=info"])
     else:
         raise ValueError(f"{args.name!r} is neither a model size ({', '.join(SIZES)}) nor a config file")
