@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from aimpre import __version__
-from aimpre.files import read_json_object
+from aimpre.files import file_present, read_json_object, read_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +100,7 @@ def _train_run(args: argparse.Namespace) -> int:
     if getattr(rank_zero_only, "rank", 0) != 0:  # the global rank Lightning set under any launcher (torchrun, srun)
         return EXIT_PREEMPTED if stopped.exists() else 0  # every rank: srun's status is its tasks' highest
     if stopped.exists():  # a signal stopped it early: not finished, no summary; the sbatch script requeues on 75
-        at = stopped.read_text().splitlines()[0]
+        at = " ".join(read_text(stopped, "PREEMPTED marker", 4096).split())  # our marker: bounded, one line
         print(f"\naimpre: run {run_dir.name} stopped at {at} before trainer.max_steps, with a checkpoint; "
               f"not finished: resume with `aimpre train --resume` and the same config ({run_dir})")  # fmt: skip
         return EXIT_PREEMPTED
@@ -294,7 +294,7 @@ def _model_info(args: argparse.Namespace) -> int:
 
     if args.name in SIZES:
         cfg = load_config(None, [f"model.size={args.name}", "run.name=info"])
-    elif Path(args.name).is_file():
+    elif file_present(args.name, "config file"):
         cfg = load_config(args.name, ["run.name=info"])
     else:
         raise ValueError(f"{args.name!r} is neither a model size ({', '.join(SIZES)}) nor a config file")

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from aimpre.files import UntrustedInputError, check_depth, read_bytes
+from aimpre.files import UntrustedInputError, check_depth, file_present, read_bytes
 from aimpre.kernels import available_backends, fused
 from aimpre.model.sizes import OBJECTIVES, SIZES, ModelConfig, model_config
 from aimpre.objectives.towers import POOLS
@@ -82,11 +82,9 @@ MAX_YAML_BYTES = 4 << 20
 def load_yaml(path: str | Path, what: str = "config file") -> Any:
     """A YAML file's content, or a ConfigError naming the file (missing, not text, not YAML, aliases)."""
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{what} {p} is a directory, not a YAML file")
-    if not p.is_file():
-        raise ConfigError(f"{what} not found: {p}")
     try:
+        if not file_present(p, what):  # a FIFO or a directory is named as such, not "not found"
+            raise ConfigError(f"{what} not found: {p}")
         data = yaml.load(read_bytes(p, what, MAX_YAML_BYTES).decode("utf-8"), Loader=_NoAliasLoader)  # a SafeLoader
         check_depth(data, f"{what} {p}")
         return data

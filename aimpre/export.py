@@ -14,6 +14,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +28,15 @@ from safetensors import safe_open
 from aimpre import __version__
 from aimpre.config import Config, config_hash, load_config, short
 from aimpre.data.decode import Augment, crop_box
-from aimpre.files import UntrustedInputError, atomic_path, parse_json, read_json_object, save_safetensors
+from aimpre.files import (
+    UntrustedInputError,
+    atomic_path,
+    file_present,
+    parse_json,
+    read_json_object,
+    regular_file,
+    save_safetensors,
+)
 from aimpre.formats import (
     ENCODER_FIELDS,
     ExportError,
@@ -127,7 +136,7 @@ def read_run(path: str | Path) -> RunCheckpoint:
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
     cfg_file = ckpt.parent.parent / "config.yaml"
-    if not cfg_file.is_file():
+    if not file_present(cfg_file, "run config"):
         raise FileNotFoundError(f"{ckpt}: its run's config {cfg_file} is missing (checkpoints are read with it)")
     cfg = load_config(cfg_file)
     from aimpre.train.checkpoint import load_checkpoint, model_state  # here: it imports Lightning
@@ -166,21 +175,52 @@ def _read_checkpoint(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
     return c.model, state, info
 
 
-def _load_safetensors(file: Path) -> tuple[State, dict[str, str]]:
-    """Tensors and header metadata of one safetensors file."""
+# safetensors' dtype names (its own table, in safetensors.torch, is private)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _read_header(file: Path) -> tuple[State, dict[str, str]]:
+    """Every tensor a safetensors file declares, as a meta tensor of its shape and dtype, and its header metadata.
+
+    Only the JSON header is read, so a header that claims huge tensors (a sparse file can back any claim) costs
+    nothing until the claims are checked against the model; safetensors itself refuses claims past the file's end.
+    """
+    try:
+        regular_file(file, "safetensors file")  # a FIFO would block safe_open forever
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+            decl = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except UntrustedInputError as e:
+        raise ExportError(str(e)) from None
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ExportError(f"{file}: not a readable safetensors file ({e})") from e
+    state = {}
+    for k, (shape, dtype) in decl.items():
+        if dtype not in _ST_DTYPES:
+            raise ExportError(f"{file}: tensor {short(k, 80)} has dtype {dtype}, which aimpre does not read")
+        state[k] = torch.empty(shape, dtype=_ST_DTYPES[dtype], device="meta")
+    return state, meta
+
+
+def _load_tensors(file: Path, keys: Iterable[str]) -> State:
+    """The tensors ``keys`` of a safetensors file, whose header has been checked (``_read_header``)."""
     try:
         with safe_open(str(file), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a dict)
+            return {k: f.get_tensor(k) for k in keys}
     except Exception as e:  # safetensors raises its own error type for truncated or foreign files
         raise ExportError(f"{file}: not a readable safetensors file ({e})") from e
 
 
 def _weight_files(folder: Path) -> list[Path]:
     """``model.safetensors``, or the shards named by ``model.safetensors.index.json``."""
-    if (folder / WEIGHTS).is_file():
+    if file_present(folder / WEIGHTS, "safetensors file"):
         return [folder / WEIGHTS]
     index = folder / f"{WEIGHTS}.index.json"
-    if index.is_file():
+    if file_present(index, "safetensors index"):
         weight_map = _read_json(index, "safetensors index").get("weight_map", {})
         if not isinstance(weight_map, dict):
             raise ExportError(f"{index}: weight_map must be an object, got {short(weight_map, 60)}")
@@ -194,17 +234,15 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _read_weights(folder: Path, cfg: ModelConfig, fmt: str, claim: str) -> State:
-    """The weights of ``folder``, once their headers show as many blocks as ``claim`` (a file) says in ``cfg``."""
+    """The weights of ``folder``, loaded once their headers show as many blocks as ``claim`` (a file) says in
+    ``cfg`` and the names, shapes and dtypes the encoder needs; tensors the encoder does not use are not loaded."""
     files = _weight_files(folder)
-    names: list[str] = []
-    for file in files:
-        try:
-            with safe_open(str(file), "pt") as f:  # reads the JSON header only
-                names += f.keys()
-        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-            raise ExportError(f"{file}: not a readable safetensors file ({e})") from e
-    _check_depth(cfg.depth, _rename(fmt, dict.fromkeys(names, torch.empty(0)), folder), claim, str(files[0]))
-    return {k: v for f in files for k, v in _load_safetensors(f)[0].items()}
+    headers = {file: _read_header(file)[0] for file in files}
+    declared = {k: v for h in headers.values() for k, v in h.items()}
+    _check_depth(cfg.depth, _rename(fmt, declared, folder), claim, str(files[0]))
+    _check_state(cfg, _rename(fmt, declared, folder), str(folder))
+    unused = _unused(fmt, declared)
+    return {k: v for f, h in headers.items() for k, v in _load_tensors(f, [k for k in h if k not in unused]).items()}
 
 
 def _check_depth(depth: int, state: State, claim: str, weights: str, prefix: str = "", key: str = "depth") -> None:
@@ -228,6 +266,14 @@ def _read_json(file: Path, what: str = "metadata file") -> dict[str, Any]:
 
 def _rename(fmt: str, state: State, file: Path) -> State:
     return from_hf(state, str(file)) if fmt == "hf" else from_timm(state)
+
+
+def _unused(fmt: str, names: Iterable[str]) -> set[str]:
+    """The tensors ``_rename`` drops (a classifier or pooling head, the text tower of an ``Aimv2Model``), which are
+    then never loaded. It mirrors ``from_hf`` and ``from_timm``: a name it misses is only loaded for nothing."""
+    if fmt == "hf" and any(k.startswith("vision_model.") for k in names):
+        return {k for k in names if not k.startswith("vision_model.") or k.startswith("vision_model.head.")}
+    return {k for k in names if k.startswith(("head.", "trunk.head."))}
 
 
 def _check_info(info: Any, where: str) -> dict[str, Any]:
@@ -266,12 +312,12 @@ def _read_export(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
 
 
 def _read_dir(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
-    if (folder / "config.yaml").is_file():
+    if file_present(folder / "config.yaml", "run config"):
         return _read_checkpoint(folder)
-    if (folder / INFO).is_file():
+    if file_present(folder / INFO, "export record"):
         return _read_export(folder)
     conf_file = folder / "config.json"
-    if not conf_file.is_file():
+    if not file_present(conf_file, "model config"):
         raise ExportError(
             f"{folder}: not a run (no config.yaml), an aimpre export (no {INFO}) or a timm/HF model (no config.json)"
         )
@@ -286,7 +332,8 @@ def _read_dir(folder: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
     elif "model_type" in conf:  # transformers layout
         cfg = config_from_hf(conf, str(conf_file))
         proc = folder / "preprocessor_config.json"
-        pc, where = _read_json(proc, "preprocessor config") if proc.is_file() else {}, str(proc)
+        pc = _read_json(proc, "preprocessor config") if file_present(proc, "preprocessor config") else {}
+        where = str(proc)
         mean, std = pc.get("image_mean"), pc.get("image_std")
         fmt = "hf"
     else:
@@ -306,11 +353,7 @@ def _read(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
         return _read_checkpoint(path)
     if path.suffix != ".safetensors":
         raise ExportError(f"{path}: expected a run or model directory, a .ckpt or a .safetensors file")
-    try:
-        with safe_open(str(path), "pt") as f:  # the header only: names, shapes and metadata
-            meta, names = f.metadata() or {}, list(f.keys())
-    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-        raise ExportError(f"{path}: not a readable safetensors file ({e})") from e
+    declared, meta = _read_header(path)
     if "aimpre" not in meta:  # a timm or HF weights file: its directory holds the config
         return _read_dir(path.parent)
     where = f"{path}: header metadata 'aimpre'"  # our exports describe themselves: the file alone is enough
@@ -319,13 +362,15 @@ def _read(path: Path) -> tuple[ModelConfig, State, dict[str, Any]]:
     except UntrustedInputError as e:
         raise ExportError(str(e)) from None
     cfg = encoder_config(info["encoder"], where)
-    _check_depth(cfg.depth, _rename(info["format"], dict.fromkeys(names, torch.empty(0)), path), where, "the file")
-    return cfg, _rename(info["format"], _load_safetensors(path)[0], path), info
+    _check_depth(cfg.depth, _rename(info["format"], declared, path), where, "the file")
+    _check_state(cfg, _rename(info["format"], declared, path), str(path))  # before a byte of data is read
+    unused = _unused(info["format"], declared)
+    return cfg, _rename(info["format"], _load_tensors(path, [k for k in declared if k not in unused]), path), info
 
 
-def _build(cfg: ModelConfig, state: State, source: str, cls: type[M] = AIMv2Encoder) -> M:  # type: ignore[assignment]
-    """Our encoder (or, with ``cls=AIMv2``, the whole model) holding ``state`` (float32), after checking every
-    name and shape, on the meta device, where a forged shape allocates nothing."""
+def _check_state(cfg: ModelConfig, state: State, source: str, cls: type[M] = AIMv2Encoder) -> M:  # type: ignore[assignment]
+    """Our encoder (or, with ``cls=AIMv2``, the whole model) built on the meta device, where a forged shape allocates
+    nothing, once every name, shape and dtype of ``state`` (real tensors or a header's meta ones) matches it."""
     claim = f"{source}: the config"
     if cls is AIMv2Encoder:
         _check_depth(cfg.depth, state, claim, "the state dict")
@@ -345,6 +390,14 @@ def _build(cfg: ModelConfig, state: State, source: str, cls: type[M] = AIMv2Enco
     for k, shape in want.items():
         if tuple(state[k].shape) != shape:
             raise ExportError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the config implies {shape}")
+        if not state[k].is_floating_point():  # .float() would turn integers or booleans into weights silently
+            raise ExportError(f"{source}: tensor {k!r} is {state[k].dtype}, not a floating-point type")
+    return encoder
+
+
+def _build(cfg: ModelConfig, state: State, source: str, cls: type[M] = AIMv2Encoder) -> M:  # type: ignore[assignment]
+    """Our encoder (or, with ``cls=AIMv2``, the whole model) holding ``state`` (float32), after ``_check_state``."""
+    encoder = _check_state(cfg, state, source, cls)
     encoder.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return encoder.eval()
 

@@ -4,6 +4,7 @@ checkpoint."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -159,6 +160,17 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
     return p
 
 
+def file_present(path: str | Path, what: str = "file") -> bool:
+    """Whether the regular file ``path`` is there: False if nothing is (a dangling link included), refused in one
+    line if something else is (a FIFO, device, socket or directory), so a caller asking "is this a run?" says what
+    is wrong instead of "missing" or "not a run"."""
+    try:
+        regular_file(path, what)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def read_bytes(path: str | Path, what: str = "file", max_bytes: int = MAX_METADATA_BYTES) -> bytes:
     """A regular file's bytes, refused in one line if it is larger than ``max_bytes`` (checked before reading)."""
     p = regular_file(path, what)
@@ -209,3 +221,41 @@ def read_json_object(path: str | Path, what: str = "JSON file", max_bytes: int =
     if not isinstance(obj, dict):
         raise UntrustedInputError(f"{what} {path} holds a JSON {type(obj).__name__}, not an object")
     return obj
+
+
+def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_METADATA_BYTES) -> str:
+    """A regular file's UTF-8 text, bounded as ``read_bytes``; text that is not UTF-8 is one UntrustedInputError."""
+    data = read_bytes(path, what, max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UntrustedInputError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+
+
+# metrics.csv: the full AIMv2 schedule (1.5M steps) logged every 10 steps is 150k rows, about 40 MB
+MAX_CSV_BYTES = 128 * 2**20
+MAX_CSV_ROWS = 1_000_000
+
+
+def read_csv(path: str | Path, what: str = "CSV file", max_bytes: int = MAX_CSV_BYTES) -> list[dict[str, str]]:
+    """A CSV file's rows (``csv.DictReader``), bounded: its size before reading, its row count, and each field at
+    csv's own limit (131,072 characters). Anything malformed (a longer field, a NUL byte, text that is not UTF-8)
+    is one UntrustedInputError naming the file and line: a file we wrote that no longer parses is corrupt, and
+    skipping rows of it would report numbers it does not hold."""
+    p = regular_file(path, what)
+    rows: list[dict[str, str]] = []
+    with open(p, newline="", encoding="utf-8") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise UntrustedInputError(f"{what} {p} is {size} bytes, over the {max_bytes} this file may have")
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                if len(rows) == MAX_CSV_ROWS:
+                    raise UntrustedInputError(f"{what} {p} has over {MAX_CSV_ROWS} rows")
+                rows.append(row)
+        except csv.Error as e:
+            raise UntrustedInputError(f"{what} {p} after line {reader.line_num}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise UntrustedInputError(f"{what} {p} is not UTF-8 text (byte {e.start})") from None
+    return rows

@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from aimpre import __version__
@@ -52,8 +51,8 @@ from aimpre.data.decode import decode_sample
 from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.data.tokenizer import Tokenizer
-from aimpre.export import _read_json, load
-from aimpre.files import atomic_path, save_safetensors, write_text
+from aimpre.export import _load_tensors, _read_header, _read_json, load
+from aimpre.files import UntrustedInputError, atomic_path, file_present, read_text, save_safetensors, write_text
 from aimpre.model import AIMv2Encoder, ModelConfig
 from aimpre.model.sizes import SIZES
 from aimpre.objectives.contrastive import ClipLoss, SigLipLoss
@@ -123,7 +122,7 @@ def tower_config(encoder: ModelConfig, vocab_size: int, overrides: dict[str, Any
 def _run_config_file(path: Path) -> Path | None:
     """The config.yaml of the run that ``path`` (a run directory or one of its checkpoints) belongs to."""
     cand = path.parent.parent / "config.yaml" if path.suffix == ".ckpt" else path / "config.yaml"
-    return cand if cand.is_file() else None
+    return cand if file_present(cand, "run config") else None
 
 
 def encoder_tokenizer(encoder_path: str | Path) -> tuple[str, bool]:
@@ -380,8 +379,10 @@ class ZeroShotModel:
     weights: Any
 
 
-def _load_state(module: nn.Module, state: dict[str, Tensor], prefix: str, where: str) -> None:
-    part = {k.removeprefix(prefix): v.float() for k, v in state.items() if k.startswith(prefix)}
+def _check_part(module: nn.Module, state: dict[str, Tensor], prefix: str, where: str) -> dict[str, Tensor]:
+    """The ``prefix`` tensors of ``state`` (real, or a header's meta tensors), once their names, shapes and dtypes
+    match ``module``'s."""
+    part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     want = module.state_dict()
     missing, unexpected = sorted(set(want) - set(part)), sorted(set(part) - set(want))
     if missing or unexpected:
@@ -391,7 +392,15 @@ def _load_state(module: nn.Module, state: dict[str, Tensor], prefix: str, where:
         if v.shape != want[k].shape:
             raise LitError(f"{where}: tensor {prefix}{k} has shape {tuple(v.shape)}, the config implies "
                            f"{tuple(want[k].shape)}")  # fmt: skip
-    module.load_state_dict(part, assign=True)  # the module was built on the meta device: take the file's tensors
+        if not v.is_floating_point():
+            raise LitError(f"{where}: tensor {prefix}{k} is {v.dtype}, not a floating-point type")
+    return part
+
+
+def _load_state(module: nn.Module, state: dict[str, Tensor], prefix: str, where: str) -> None:
+    part = _check_part(module, state, prefix, where)
+    # the module was built on the meta device: take the file's tensors
+    module.load_state_dict({k: v.float() for k, v in part.items()}, assign=True)
 
 
 def _load_lit(folder: Path) -> ZeroShotModel:
@@ -421,15 +430,16 @@ def _load_lit(folder: Path) -> ZeroShotModel:
         raise LitError(f"{where}: {e}") from None
     if not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS} beside {LIT_JSON}")
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-        raise LitError(f"{folder / WEIGHTS}: not a readable safetensors file ({e})") from None
-    with torch.device("meta"):  # lit.json's sizes allocate nothing before _load_state checks them against the file
+    with torch.device("meta"):  # lit.json's sizes allocate nothing before they are checked against the file
         head, text, norm = ImageHead(cfg), TextTower(cfg, tok.vocab_size), TokenNorm(cfg.num_patches, cfg.width)
-    _load_state(head, state, "image_head.", str(folder / WEIGHTS))
-    _load_state(text, state, "text_tower.", str(folder / WEIGHTS))
-    _load_state(norm, state, "token_norm.", str(folder / WEIGHTS))
+    parts = ((head, "image_head."), (text, "text_tower."), (norm, "token_norm."))
+    file = folder / WEIGHTS
+    declared = _read_header(file)[0]  # the header only: a claimed tensor costs nothing until it is checked
+    for module, prefix in parts:
+        _check_part(module, declared, prefix, str(file))
+    state = _load_tensors(file, [k for k in declared if k.startswith(tuple(p for _, p in parts))])
+    for module, prefix in parts:
+        _load_state(module, state, prefix, str(file))
     return ZeroShotModel(loaded.encoder, pre, head, norm, text, tok, cfg.text_len, weights)
 
 
@@ -472,12 +482,12 @@ def load_zero_shot_model(path: str | Path) -> ZeroShotModel:
 def read_classes_file(path: str | Path) -> list[str]:
     """Class names, one a line in label order (blank lines ignored)."""
     p = Path(path)
-    if not p.is_file():
+    if not file_present(p, "class names file"):
         raise FileNotFoundError(f"class names file {p} does not exist")
     try:
-        names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    except UnicodeDecodeError as e:
-        raise LitError(f"class names file {p} is not UTF-8 text ({e})") from None
+        names = [line.strip() for line in read_text(p, "class names file").splitlines() if line.strip()]
+    except UntrustedInputError as e:
+        raise LitError(str(e)) from None
     if not names:
         raise LitError(f"class names file {p} names no class")
     return names

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources
 from aimpre.export import read_run, run_encoder, run_model
-from aimpre.files import atomic_path, read_json_object
+from aimpre.files import atomic_path, file_present, read_csv, read_json_object
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
 from aimpre.scaling.plots import DPI  # one resolution for every figure aimpre draws
@@ -127,8 +126,7 @@ def plot_losses(metrics: Path, summary: Path | None = None) -> Figure:
         metrics: a run's ``metrics.csv``.
         summary: its ``summary.json``, for the mean-patch and bigram baselines (optional).
     """
-    with open(metrics) as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(metrics, "metrics file")
     if not rows:
         raise ValueError(f"{metrics} has no rows")
     base = read_json_object(summary, "run summary").get("baselines", {}) if summary and summary.is_file() else {}
@@ -239,7 +237,7 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
         )
     else:
         print(f"no predictions.png: a {cfg.model.objective} run has no AIMv2 decoder to predict patches with")
-    if (run / "metrics.csv").is_file():
+    if file_present(run / "metrics.csv", "metrics file"):
         written.append(_save(plot_losses(run / "metrics.csv", run / "summary.json"), out / "losses.png"))
     # the encoder as exported: the same module, run without a prefix (full attention), as downstream tools run it
     written.append(_save(plot_attention(encoder, batch["image"][: min(n, 4)], mean, std), out / "attention.png"))

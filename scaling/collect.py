@@ -93,16 +93,19 @@ def probe_row(run: Path, probe: Probe, steps: int, random_init: bool = False) ->
 def finished(run: Path) -> bool:
     """Whether a run folder holds a finished run: ``summary.json`` and no ``PREEMPTED`` marker (older versions
     wrote a summary for a run a signal had stopped early too: such a run is unfinished and resumes)."""
-    return (run / "summary.json").is_file() and not (run / "PREEMPTED").exists()
+    return files.file_present(run / "summary.json", "run summary") and not (run / "PREEMPTED").exists()
 
 
 def _final_val(run: Path, steps: int) -> dict[str, Any]:
-    with open(run / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
+    rows = [r for r in files.read_csv(run / "metrics.csv", "metrics file") if r.get("val_loss")]
     last = rows[-1] if rows else None
-    if last is None or int(last["step"]) != steps:
-        return {}
-    return {k: float(last[k]) for k in ("val_loss", "val_loss_image", "val_loss_text") if last.get(k)}  # per objective
+    try:
+        if last is None or int(last["step"]) != steps:
+            return {}
+        # the losses this objective has
+        return {k: float(last[k]) for k in ("val_loss", "val_loss_image", "val_loss_text") if last.get(k)}
+    except (TypeError, ValueError) as e:  # a step or loss that is not a number: name the file
+        raise ValueError(f"metrics file {run / 'metrics.csv'}: its last validation row does not parse ({e})") from None
 
 
 def run_row(run: Path, params: str = "total", size: str | None = None, kind: str = "run") -> dict[str, Any]:

@@ -249,3 +249,187 @@ sys.exit(main(sys.argv[1:]))
     assert done.returncode == 2 and last.startswith("aimpre: error: could not write "), last
     assert "model.safetensors: File too large" in last and f"files over {1 << 20} bytes (ulimit -f)" in last, last
     assert not out.exists() and os.listdir(tmp_path) == []  # no half-written export or temp folder left
+
+
+# ---- safetensors headers checked before any tensor is loaded -----------------------------------------------------
+
+
+def _forge(src: Path, dst: Path, claims: dict[str, tuple[str, list[int]]]) -> None:
+    """``src`` (a safetensors file) rewritten to ``dst`` with ``claims`` (name -> (dtype, shape)) replacing or adding
+    tensors; the claimed data are holes, so the file is sparse: it costs no disk, yet backs every claim."""
+    import struct
+
+    from safetensors import safe_open
+
+    sizes = {"F32": 4, "F16": 2, "I64": 8}
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    header: dict = {"__metadata__": meta} if meta else {}
+    chunks, at = [], 0
+    for k in sorted({*tensors, *claims}):
+        dtype, shape = claims[k] if k in claims else ({torch.float32: "F32"}[tensors[k].dtype], list(tensors[k].shape))
+        n = sizes[dtype] * int(torch.tensor(shape, dtype=torch.float64).prod().item())
+        header[k] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + n]}
+        chunks.append(None if k in claims else tensors[k].numpy().tobytes())
+        at += n
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(dst, "wb") as out:
+        out.write(struct.pack("<Q", len(head)) + head)
+        base = out.tell()
+        for k, chunk in zip(sorted({*tensors, *claims}), chunks, strict=True):
+            if chunk is not None:
+                out.seek(base + header[k]["data_offsets"][0])
+                out.write(chunk)
+        out.truncate(base + at)
+
+
+def test_hf_weights_claiming_huge_projections_allocate_nothing(tmp_path: Path) -> None:
+    """An HF export whose layer-0 q/k/v projections claim 256 MB each (a sparse file backs the claim): the whole file
+    was loaded and ``from_hf`` concatenated the three (768 MB more) before ``_build`` compared shapes. Now the
+    header is compared first: one line, and the process's peak memory shows nothing was loaded."""
+    torch.manual_seed(0)
+    hf = write_export(AIMv2Encoder(model_config("tiny", depth=1)).eval(), "hf", tmp_path / "hf",
+                      info={"preprocessing": {"mean": MEAN, "std": STD, "img_size": 112}})  # fmt: skip
+    (hf / "aimpre.json").unlink()  # read as a transformers directory (config.json)
+    real = tmp_path / "real.safetensors"
+    (hf / "model.safetensors").rename(real)
+    claim = ("F32", [16384, 4096])  # 256 MB
+    _forge(real, hf / "model.safetensors", {f"encoder.layers.0.attention.{x}_proj.weight": claim for x in "qkv"})
+    code = f"""
+import resource
+from aimpre.export import ExportError, load
+try:
+    load({str(hf)!r})
+except ExportError as e:
+    print(str(e).splitlines()[0])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    message, peak_mib = done.stdout.strip().splitlines()[-2], int(done.stdout.strip().splitlines()[-1])
+    assert "tensor 'blocks.0.attn.qkv.weight' has shape (49152, 4096)" in message, message
+    assert peak_mib < 1500, f"peak RSS {peak_mib} MiB: the claimed projections were loaded"
+
+
+@pytest.mark.parametrize(
+    "claim, expect",
+    [
+        (("I64", None), "is torch.int64, not a floating-point type"),  # .float() turned integers into weights
+        (("F32", [1 << 20]), "not a readable safetensors file"),  # then cut: the claim runs past the file's end
+    ],
+)
+def test_safetensors_claims_are_checked_in_one_line(
+    tmp_path: Path, export_dir: Path, claim: tuple, expect: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "aimpre.json").write_bytes((export_dir / "aimpre.json").read_bytes())
+    dtype, shape = claim
+    shape = shape or list(load(export_dir).encoder.state_dict()["norm.weight"].shape)
+    _forge(export_dir / "model.safetensors", d / "model.safetensors", {"norm.weight": (dtype, shape)})
+    if dtype == "F32":
+        os.truncate(d / "model.safetensors", (d / "model.safetensors").stat().st_size - (1 << 20))
+    line = _one_line(capsys, ["export", str(d), "--format", "safetensors", "--out", str(tmp_path / "out")])
+    assert expect in line and str(d) in line, line
+
+
+# ---- FIFOs where a run or an export is recognised --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, what", [("config.yaml", "run config"), ("aimpre.json", "export record")])
+def test_a_fifo_run_file_is_named_not_a_regular_file(
+    tmp_path: Path, name: str, what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose config.yaml (an export whose aimpre.json) is a FIFO was "not a run (no config.yaml)"."""
+    d = tmp_path / "run"
+    d.mkdir()
+    os.mkfifo(d / name)
+    line = _one_line(capsys, ["export", str(d), "--format", "safetensors", "--out", str(tmp_path / "out")])
+    assert f"{what} {d / name} is not a regular file" in line, line
+
+
+# ---- plain-text reads: the lock holder, the class names file, metrics.csv ----------------------------------------
+
+
+def test_a_huge_lock_note_gives_a_short_one_line_refusal(tmp_path: Path) -> None:
+    """The refusal quoted the whole lock file (the holder's note): 10 MB of lines became a 10 MB, many-line error."""
+    from aimpre.train.run import run_lock
+
+    with run_lock(tmp_path):  # flock is per open file: a second open in this process is refused like another's
+        (tmp_path / ".lock").write_text("host pid\n" * 1_000_000)
+        with pytest.raises(FileExistsError) as e, run_lock(tmp_path):
+            pass
+    message = str(e.value)
+    assert "is in use by host pid host pid" in message and "\n" not in message and len(message) < 1000, message[:300]
+
+
+def test_a_huge_class_names_file_is_refused_unread(tmp_path: Path) -> None:
+    """A 100 MB (sparse) class names file was read whole and became one class of 100 MB of NUL characters."""
+    from aimpre.lit import LitError, read_classes_file
+
+    f = tmp_path / "classes.txt"
+    f.write_text("")
+    os.truncate(f, 100 * 2**20)
+    with pytest.raises(LitError, match=f"class names file {f} is {100 * 2**20} bytes, over the"):
+        read_classes_file(f)
+
+
+def _collect_val(metrics: Path) -> object:
+    from aimpre.scaling.collect import _final_val
+
+    return _final_val(metrics.parent, 10)
+
+
+def _plot(metrics: Path) -> object:
+    from aimpre.visualize import plot_losses
+
+    return plot_losses(metrics)
+
+
+@pytest.mark.parametrize("reader", [_collect_val, _plot], ids=["collect", "visualize"])
+@pytest.mark.parametrize("case", ["long field", "1 GB"])
+def test_metrics_csv_is_bounded(tmp_path: Path, reader: object, case: str) -> None:
+    """A 200,000-character field raised csv.Error (not a ValueError: a traceback from the CLI); a 1 GB (sparse)
+    metrics.csv was read whole. Each is one error naming the file (a file we wrote that no longer parses is
+    corrupt; skipping rows would report numbers it does not hold)."""
+    from aimpre.files import UntrustedInputError
+
+    f = tmp_path / "metrics.csv"
+    if case == "long field":
+        f.write_text("step,loss,val_loss\n1,2.0,\n10,1.5," + "9" * 200_000 + "\n")
+        match = f"metrics file {f} after line 2: field larger than field limit"
+    else:
+        f.write_text("step,loss,val_loss\n10,1.5,1.4\n")
+        os.truncate(f, 2**30)
+        match = f"metrics file {f} is {2**30} bytes, over the"
+    with pytest.raises(UntrustedInputError, match=match):
+        reader(f)  # type: ignore[operator]
+
+
+# ---- the tokenizer's vocabulary re-checks the model's size ---------------------------------------------------------
+
+
+def test_the_tokenizers_vocabulary_is_counted_in_the_size_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 65536-wide, 1-block decoder is 17B parameters: under the 30B bound while the config leaves the vocabulary
+    to the tokenizer. A tokenizer.json of 120,000 words sizes the text embedding and head at 2 x 120000 x 65536 =
+    15.7B more: the config alone passes; with its tokenizer, the size check refuses it, naming the vocabulary."""
+    vocab = {"<pad>": 0, "</s>": 1, "[UNK]": 2, **{f"w{i}": i + 3 for i in range(120_000)}}
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    }  # fmt: skip
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    over = ["model.dec_width=65536", "model.dec_heads=512", "model.dec_depth=1", "model.dec_mlp_hidden=64"]
+    cfg = load_config(None, [*over, "run.name=vocab", f"data.tokenizer={tmp_path / 'tokenizer.json'}"])
+    assert cfg.model.vocab_size is None  # the config alone passed its size check
+    line = _one_line(capsys, ["model-info", "--json", str(_dump(tmp_path / "c.yaml", cfg))])
+    assert "(with a vocabulary of 120003)" in line and "over the 30B limit" in line and "model.vocab_size" in line, line
+
+
+def _dump(path: Path, cfg: object) -> Path:
+    path.write_text(dump_config(cfg))  # type: ignore[arg-type]
+    return path

@@ -119,7 +119,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
+            # the holder's own note, read through the open descriptor and bounded: the file could hold anything
+            holder = " ".join(os.pread(fd, 512, 0).decode("utf-8", "replace").split()) or "another process"
             raise FileExistsError(
                 f"run directory {run_dir} is in use by {holder}: one training process per run "
                 f"(wait for it to end, or stop it; a killed process releases it at once)"
