@@ -416,11 +416,14 @@ def validate(cfg: Config) -> Config:
         _check(_finite(m.moe_balance_weight) and m.moe_balance_weight >= 0, "model.moe_balance_weight",
                f"{m.moe_balance_weight} must be >= 0 and finite")  # fmt: skip
         _check(m.moe_hidden is None or m.moe_hidden > 0, "model.moe_hidden", f"{m.moe_hidden} must be positive")
-        bad = [b for b in m.moe_blocks or [] if not -m.depth <= b < m.depth]
-        _check(not bad and m.moe_blocks != [], "model.moe_blocks",
-               f"{bad or '[]'}: block indices must lie in -{m.depth}..{m.depth - 1} (null: all)")  # fmt: skip
-        _check(m.objective == "aimv2", "model.moe_experts",
-               f"MoE encoder blocks train with objective aimv2 (its loss adds the balance loss), not {m.objective}")
+        outside = [b for b in m.moe_blocks or [] if not -m.depth <= b < m.depth]
+        _check(not outside and m.moe_blocks != [], "model.moe_blocks",
+               f"{outside or '[]'}: block indices must lie in -{m.depth}..{m.depth - 1} (null: all)")  # fmt: skip
+        _check(
+            m.objective == "aimv2",
+            "model.moe_experts",
+            f"MoE encoder blocks train with objective aimv2 (its loss adds the balance loss), not {m.objective}",
+        )
     else:
         _check(m.moe_experts == 0, "model.moe_experts", f"{m.moe_experts} must be >= 1, or 0 for dense blocks")
     backends = available_backends()

@@ -50,9 +50,9 @@ def _cpu_grouped_mm() -> bool:
     global _CPU_GROUPED
     if _CPU_GROUPED is None:
         try:
-            a, b = torch.ones(4, 2), torch.ones(2, 2, 3)
+            a, b = torch.ones(4, 4), torch.ones(2, 4, 4)  # rows of 16 bytes: the alignment it asks for
             out = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32))
-            _CPU_GROUPED = bool(out.shape == (4, 3) and torch.all(out == 2))
+            _CPU_GROUPED = bool(out.shape == (4, 4) and torch.all(out == 4))
         except (RuntimeError, NotImplementedError, TypeError):
             _CPU_GROUPED = False
     return _CPU_GROUPED
