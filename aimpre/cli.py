@@ -303,15 +303,25 @@ def _model_info(args: argparse.Namespace) -> int:
         model = build(cfg.model)
     parts = model.param_counts()  # the parts of model.objective's model: encoder, decoder, heads, text, total
     info: dict = {**parts, "flops_per_sample": training_flops(cfg.model).total}
+    if cfg.model.moe_experts:  # MoE: what one token uses (the flops are already those of the routed tokens)
+        from aimpre.scaling.flops import param_counts
+
+        active = param_counts(cfg.model, active=True)
+        info.update(encoder_active=active["encoder"], total_active=active["total"])
     if args.json:
         print(json.dumps(info))
     else:
         m = cfg.model
         print(f"{m.size}: {m.img_size}px patch {m.patch_size}, encoder {m.depth}x{m.width} ({m.heads} heads)")
         print(f"  objective  {m.objective}")
-        for k in parts:
+        if m.moe_experts:
+            print(f"  MoE        {m.moe_experts} experts, top-{m.moe_top_k}; active = the experts a token uses")
+        for k in [*parts, *(("encoder_active", "total_active") if m.moe_experts else ())]:
             print(f"  {k:10} {info[k] / 1e6:10.1f}M params")
-        print(f"  training FLOPs per sample: {info['flops_per_sample'] / 1e9:.1f} GFLOP")
+        print(
+            f"  training FLOPs per sample: {info['flops_per_sample'] / 1e9:.1f} GFLOP"
+            + (" (routed tokens: top-k experts)" if m.moe_experts else "")
+        )
     return 0
 
 
@@ -376,6 +386,8 @@ def _columns(args: argparse.Namespace, default: dict | None = None) -> Any:
     base = default or {"n": "params", "d": "samples", "c": "flops", "loss": "val_loss"}
     given = any(getattr(args, k) for k in ("n", "d", "c"))
     ndc = {k: getattr(args, k) if given else base.get(k) for k in ("n", "d", "c")}
+    # --n active|total: the MoE parameter conventions of `scaling collect` (active: top-k experts per token)
+    ndc["n"] = {"active": "params_active", "total": "params_total"}.get(ndc["n"] or "", ndc["n"])
     error = _y(args.y) if args.y else base.get("error")
     if args.group is not None:
         group = None if args.group == "none" else args.group
@@ -530,7 +542,12 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     c = ssub.add_parser("collect", help="gather finished runs into one CSV")
     c.add_argument("runs", help="a plan folder or any folder of run folders")
     c.add_argument("--out", help="CSV to write (default RUNS/results.csv)")
-    c.add_argument("--params", default="total", help="the 'params' column: total|encoder|total_nonemb|encoder_nonemb")
+    c.add_argument(
+        "--params",
+        default="total",
+        help="the 'params' column: total|encoder|total_nonemb|encoder_nonemb|"
+        "active|encoder_active (MoE: the top-k experts a token uses)",
+    )
     c.add_argument("--include-trunks", action="store_true", help="keep the constant-lr trunks of a cooldown sweep")
     c.add_argument("--probe", metavar="TRAIN[,TEST]", help="probe each run's encoder (attentive and linear) on these "
                    "labelled shards (demo:SPLIT or shard specs; no TEST: 20%% of TRAIN held out) and add "
@@ -541,7 +558,11 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
 
     def columns(q: argparse.ArgumentParser) -> None:
         q.add_argument("table", help="results CSV")
-        q.add_argument("--n", help="parameters column (default 'params'; naming any of --n/--d/--c uses only those)")
+        q.add_argument(
+            "--n",
+            help="parameters column (default 'params'; naming any of --n/--d/--c uses only those); "
+            "active|total: params_active (MoE: the top-k experts a token uses) or params_total",
+        )
         q.add_argument("--d", help="samples/tokens column (default 'samples'; without it D = C / (k N))")
         q.add_argument("--c", help="training FLOPs column (default 'flops')")
         q.add_argument("--loss", help="loss column (default 'val_loss')")

@@ -316,6 +316,8 @@ SIZE_LIMITS: dict[str, int] = {
     "text_len": 1 << 14,
     "vocab_size": 1 << 22,
     "num_classes": 1 << 22,
+    "moe_experts": 1 << 10,
+    "moe_hidden": 1 << 18,
 }
 MAX_PATCHES = 1 << 16  # tokens per image (AIMv2: 256; 448 px at patch 14: 1024)
 MAX_PARAMS = 30_000_000_000
@@ -405,6 +407,23 @@ def validate(cfg: Config) -> Config:
     if m.objective in ("siglip", "clip"):
         _check(d.batch_size >= 2, "data.batch_size",
                f"{d.batch_size}: a contrastive loss ({m.objective}) needs at least 2 pairs per rank")  # fmt: skip
+    if m.moe_experts:
+        _check(m.moe_experts >= 1, "model.moe_experts", f"{m.moe_experts} must be >= 1, or 0 for dense blocks")
+        _check(1 <= m.moe_top_k <= m.moe_experts, "model.moe_top_k",
+               f"{m.moe_top_k} must be in 1..model.moe_experts ({m.moe_experts})")  # fmt: skip
+        _check(_finite(m.moe_balance_weight) and m.moe_balance_weight >= 0, "model.moe_balance_weight",
+               f"{m.moe_balance_weight} must be >= 0 and finite")  # fmt: skip
+        _check(m.moe_hidden is None or m.moe_hidden > 0, "model.moe_hidden", f"{m.moe_hidden} must be positive")
+        outside = [b for b in m.moe_blocks or [] if not -m.depth <= b < m.depth]
+        _check(not outside and m.moe_blocks != [], "model.moe_blocks",
+               f"{outside or '[]'}: block indices must lie in -{m.depth}..{m.depth - 1} (null: all)")  # fmt: skip
+        _check(
+            m.objective == "aimv2",
+            "model.moe_experts",
+            f"MoE encoder blocks train with objective aimv2 (its loss adds the balance loss), not {m.objective}",
+        )
+    else:
+        _check(m.moe_experts == 0, "model.moe_experts", f"{m.moe_experts} must be >= 1, or 0 for dense blocks")
     backends = available_backends()
     _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
     _check(m.fused in fused.MODES, "model.fused", f"{short(m.fused)} is not one of {', '.join(fused.MODES)}")

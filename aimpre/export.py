@@ -39,6 +39,7 @@ from aimpre.files import (
 )
 from aimpre.formats import (
     ENCODER_FIELDS,
+    MOE_FIELDS,
     ExportError,
     State,
     config_from_hf,
@@ -479,10 +480,15 @@ def write_export(
     pre = given.get("preprocessing") or preprocessing_info(None, None, cfg.img_size)
     if fmt != "safetensors" and (pre["mean"] is None or pre["std"] is None):
         raise ExportError(f"the encoder's normalisation (mean/std) is unknown, and a {fmt} export must declare it")
+    if fmt != "safetensors" and cfg.moe_experts:
+        raise ExportError(f"{'timm' if fmt == 'timm' else 'Hugging Face transformers'} has no MoE AIMv2 (this encoder "
+                          f"has {cfg.moe_experts} experts per MoE block): export with --format safetensors, which "
+                          "aimpre.export.load_encoder reads")  # fmt: skip
     if fmt == "timm" and cfg.norm_eps != 1e-5:
         raise ExportError(f"norm_eps={cfg.norm_eps}, but timm's aimv2 models fix RMSNorm eps at 1e-5")
     record = {
-        "format": fmt, "dtype": dtype, "encoder": {k: getattr(cfg, k) for k in ENCODER_FIELDS},
+        "format": fmt, "dtype": dtype,
+        "encoder": {k: getattr(cfg, k) for k in ENCODER_FIELDS + (MOE_FIELDS if cfg.moe_experts else ())},
         "preprocessing": pre,
         **{k: given.get(k) for k in ("run", "objective", "step", "config_hash", "exported_from")},
         "aimpre_version": __version__, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

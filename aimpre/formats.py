@@ -29,6 +29,8 @@ from aimpre.model import SIZES, ModelConfig
 
 State = dict[str, Tensor]
 ENCODER_FIELDS = ("size", "img_size", "patch_size", "width", "depth", "heads", "mlp_hidden", "norm_eps")
+# recorded too when the encoder has MoE blocks (model.moe_experts > 0): the shape of its feed-forwards
+MOE_FIELDS = ("moe_experts", "moe_top_k", "moe_blocks", "moe_hidden")
 # timm's SwiGLU width is int(embed_dim * mlp_ratio); these are the ratios its aimv2_* entry points pass.
 TIMM_MLP_RATIO = {"large": 2.75, "huge": 2.6667, "1b": 2.75, "3b": 2.6667}
 TIMM_NAME = re.compile(r"aimv2_(large|huge|1b|3b)_patch(\d+)_(\d+)")
@@ -160,6 +162,11 @@ def _field(where: str, key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         want = "a finite number"
+    elif tp == list[int] | None:  # moe_blocks: block indices (negatives count from the end), or null
+        ok = value is None or (
+            isinstance(value, list) and 0 < len(value) <= 1024 and all(type(v) is int for v in value)
+        )
+        want = "a list of block indices or null"
     else:
         ok, want = isinstance(value, str), "a string"
     if not ok:
@@ -182,6 +189,10 @@ def encoder_config(values: dict[str, Any], where: str) -> ModelConfig:
         raise ExportError(f"{where}: width {cfg.width} is not divisible by heads {cfg.heads}")
     if cfg.img_size % cfg.patch_size:
         raise ExportError(f"{where}: img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+    if cfg.moe_experts and not 1 <= cfg.moe_top_k <= cfg.moe_experts:
+        raise ExportError(f"{where}: encoder field 'moe_top_k' {cfg.moe_top_k} must be in 1..moe_experts")
+    if cfg.moe_experts and any(not -cfg.depth <= b < cfg.depth for b in cfg.moe_blocks or []):
+        raise ExportError(f"{where}: encoder field 'moe_blocks' {cfg.moe_blocks} names blocks outside 0..depth-1")
     problem = model_size_problem(cfg)  # checked before any model of this size is built, even on meta
     if problem is not None:
         raise ExportError(f"{where}: encoder field {problem[0]!r}: {problem[1]}")

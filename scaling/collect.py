@@ -29,12 +29,14 @@ from aimpre.scaling.sweep import load_plan
 
 COLUMNS = (
     "run", "size", "kind", "objective", "params", "params_encoder", "params_decoder", "params_heads", "params_total",
-    "params_encoder_nonemb", "params_total_nonemb", "flops_per_sample", "steps", "samples", "flops",
+    "params_encoder_nonemb", "params_total_nonemb", "params_encoder_active", "params_active",
+    "flops_per_sample", "steps", "samples", "flops",
     "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text", "width", "depth", "heads",
     "mlp_hidden", "dec_width", "dec_depth", "lr", "schedule", "cooldown_steps", "batch_size", "wall_time_s",
     "probe_attentive_top1", "probe_linear_top1",
 )  # fmt: skip
-PARAMS = ("encoder", "total", "encoder_nonemb", "total_nonemb")
+# *_active: MoE blocks counted with the top-k experts a token uses (equal to the plain counts for dense models)
+PARAMS = ("encoder", "total", "encoder_nonemb", "total_nonemb", "encoder_active", "active")
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def run_row(run: Path, params: str = "total", size: str | None = None, kind: str
     m, o = cfg.model, cfg.optim
     counts = param_counts(m)
     bare = param_counts(m, embeddings=False)
+    active = param_counts(m, active=True)
     recorded = summary.get("params", {})
     if recorded and recorded.get("total") != counts["total"]:
         raise ValueError(f"run {run}: summary.json records {recorded.get('total')} parameters, its config gives "
@@ -135,6 +138,7 @@ def run_row(run: Path, params: str = "total", size: str | None = None, kind: str
         "run": run.name, "size": size or m.size, "kind": kind, "objective": m.objective,
         **{f"params_{k}": v for k, v in counts.items()},
         "params_encoder_nonemb": bare["encoder"], "params_total_nonemb": bare["total"],
+        "params_encoder_active": active["encoder"], "params_active": active["total"],
         "flops_per_sample": summary["flops_per_sample"], "steps": summary["steps"], "samples": summary["samples"],
         "flops": summary["flops"], **summary.get("final", {}), **_final_val(run, summary["steps"]),
         "width": m.width, "depth": m.depth, "heads": m.heads, "mlp_hidden": m.mlp_hidden,

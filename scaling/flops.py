@@ -11,6 +11,9 @@ the losses (the contrastive B x B similarities included: they depend on the batc
 size); neither are embedding look-ups. The MAP pooling's one-query attention (fused SDPA, which FlopCounterMode
 misses on CPU) is counted as 2 x tokens x width multiply-adds, its backward at 2 x as everything else.
 
+MoE encoder blocks (``model.moe_experts``) count the router and the top-k experts each token is routed to: the
+FLOPs of the tokens actually routed, so MFU and the compute axis of the scaling laws are active FLOPs.
+
 Parameters: ``param_counts`` reproduces the built model's ``param_counts()`` from the config alone (no model
 built). The convention is explicit: ``scope`` is the encoder (what every objective keeps and reports) or
 everything trained, and ``embeddings=False`` drops the parameters that are looked up or added rather than
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aimpre.model.moe import moe_blocks
 from aimpre.model.sizes import ModelConfig
 from aimpre.objectives import uses_prefix
 from aimpre.objectives.aimv1 import MLP_RATIO
@@ -78,6 +82,27 @@ def _block_macs(tokens: int, width: int, mlp_hidden: int, pairs: float) -> float
     return dense + 2 * pairs * width  # q k^T and p v, over all heads
 
 
+def _moe_count(cfg: ModelConfig) -> int:
+    """How many encoder blocks are MoE (``model.moe_experts`` > 0; ``model.moe_blocks`` null: all)."""
+    if not cfg.moe_experts:
+        return 0
+    return len(moe_blocks(cfg.depth, cfg.moe_blocks))
+
+
+def _moe_hidden(cfg: ModelConfig) -> int:
+    return cfg.mlp_hidden if cfg.moe_hidden is None else cfg.moe_hidden
+
+
+def _encoder_blocks_macs(cfg: ModelConfig, pairs: float) -> float:
+    """The encoder blocks' forward multiply-adds. A MoE block: the router (width x experts) and the top-k experts
+    each token is routed to (dropless: exactly k SwiGLUs per token), not every expert."""
+    N, d = cfg.num_patches, cfg.width
+    sparse = _moe_count(cfg)
+    dense = (cfg.depth - sparse) * _block_macs(N, d, cfg.mlp_hidden, pairs)
+    moe = N * (4 * d * d + d * cfg.moe_experts + 3 * d * _moe_hidden(cfg) * cfg.moe_top_k) + 2 * pairs * d
+    return dense + sparse * moe
+
+
 def _pool_macs(cfg: ModelConfig, tokens: int, width: int, mlp_hidden: int) -> int:
     """``towers.Pool`` per sample: MAP's key/value projections, its one query's attention over every token (a
     text mask is data, so all are counted), output projection and MLP on one token; the mean pools for free. The
@@ -100,7 +125,7 @@ def _macs(cfg: ModelConfig, V: int, prefix: bool, attention: str) -> tuple[float
         enc_pairs = mean_prefix_pairs(N, lo, hi) if prefix else N * N
         dec_pairs, text_pairs = causal_pairs(T), causal_pairs(L)
     patch = N * cfg.patch_dim * d
-    enc = cfg.depth * _block_macs(N, d, cfg.mlp_hidden, enc_pairs)
+    enc = _encoder_blocks_macs(cfg, enc_pairs)
     dec, text = 0.0, 0.0
     if cfg.objective == "aimv2":
         dec = N * d * D + cfg.dec_depth * _block_macs(T, D, cfg.dec_mlp_hidden, dec_pairs)
@@ -160,7 +185,9 @@ def _pool_params(cfg: ModelConfig, width: int, mlp_hidden: int) -> int:
     return width + 4 * width * width + width + 3 * width * mlp_hidden  # query, q + kv + proj, norm, MLP
 
 
-def param_counts(cfg: ModelConfig, vocab_size: int | None = None, embeddings: bool = True) -> dict[str, int]:
+def param_counts(
+    cfg: ModelConfig, vocab_size: int | None = None, embeddings: bool = True, active: bool = False
+) -> dict[str, int]:
     """Parameters by part, as the built model's ``param_counts()`` (``aimpre.objectives.build``): encoder, then
     aimv2: decoder (with its input projection and text embeddings), heads; aimv1 and classification: heads;
     siglip and clip: heads (image head and the loss's temperature and bias), text (the text tower); and total.
@@ -169,11 +196,17 @@ def param_counts(cfg: ModelConfig, vocab_size: int | None = None, embeddings: bo
         cfg: the model config.
         vocab_size: overrides ``cfg.vocab_size``.
         embeddings: count the looked-up or added tables (position embeddings, token embeddings, start token).
+        active: count, in MoE blocks, only the top-k experts one token uses (and the router): the "active"
+            parameters of Abnar et al. / Shukor et al. 2025; False: every expert (what is stored and trained).
     """
     V = _vocab(cfg, vocab_size) if _reads_text(cfg) else 0
     d, D, N, L = cfg.width, cfg.dec_width, cfg.num_patches, cfg.text_len
     block = lambda w, h: 2 * w + 4 * w * w + 3 * w * h  # two norms, qkv + proj, SwiGLU
-    encoder = cfg.patch_dim * d + d + d + cfg.depth * block(d, cfg.mlp_hidden) + d  # conv (+bias), norm, blocks, norm
+    sparse = _moe_count(cfg)
+    experts = cfg.moe_top_k if active else cfg.moe_experts
+    moe = 2 * d + 4 * d * d + d * cfg.moe_experts + experts * 3 * d * _moe_hidden(cfg)  # router + experts
+    blocks = (cfg.depth - sparse) * block(d, cfg.mlp_hidden) + sparse * moe
+    encoder = cfg.patch_dim * d + d + d + blocks + d  # conv (+bias), norm, blocks, norm
     if embeddings:
         encoder += N * d  # pos_embed
     parts = {"encoder": encoder}

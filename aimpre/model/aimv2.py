@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from aimpre.model.decoder import MultimodalDecoder
 from aimpre.model.losses import head_text_loss, patchify, pixel_loss
+from aimpre.model.moe import balance_loss
 from aimpre.model.sizes import ModelConfig
 from aimpre.model.vit import AIMv2Encoder
 
@@ -68,7 +70,9 @@ class AIMv2(nn.Module):
             prefix_len: [B] prefix lengths in 1..N-1.
 
         Returns:
-            ``loss`` (the weighted sum), ``loss_image`` and ``loss_text``.
+            ``loss`` (the weighted sum), ``loss_image`` and ``loss_text``; with MoE encoder blocks in training also
+            ``loss_balance`` (the unweighted load-balancing loss, added with ``model.moe_balance_weight``, as
+            ml-l3m's third criterion) and ``expert_share`` ([MoE blocks, experts] token shares, detached).
         """
         tokens = self.encoder(images, prefix_len)  # [B, N, width]
         h = self.decoder(tokens, text)  # [B, N + L, dec_width]
@@ -77,4 +81,10 @@ class AIMv2(nn.Module):
         # the text head inside the loss: with model.fused=liger (or auto on CUDA) the logits are never built whole
         loss_text = head_text_loss(h[:, N:], self.text_head.weight, text, text_mask, self.cfg.fused)
         loss = self.cfg.w_text * loss_text + self.cfg.w_image * loss_image
-        return {"loss": loss, "loss_image": loss_image, "loss_text": loss_text}
+        out = {"loss": loss, "loss_image": loss_image, "loss_text": loss_text}
+        stats = self.encoder.moe_stats()
+        if stats and self.training:
+            out["loss_balance"] = balance_loss(stats)
+            out["loss"] = loss + self.cfg.moe_balance_weight * out["loss_balance"]
+            out["expert_share"] = torch.stack([f for f, _ in stats]).detach()
+        return out

@@ -85,13 +85,21 @@ class Block(nn.Module):
     """
 
     def __init__(
-        self, dim: int, heads: int, mlp_hidden: int, eps: float, backend: str = "auto", fused: str = "torch"
+        self,
+        dim: int,
+        heads: int,
+        mlp_hidden: int,
+        eps: float,
+        backend: str = "auto",
+        fused: str = "torch",
+        mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = RMSNorm(dim, eps, fused)
         self.attn = Attention(dim, heads, backend)
         self.norm2 = RMSNorm(dim, eps, fused)
-        self.mlp = SwiGLU(dim, mlp_hidden, fused)
+        # the feed-forward: dense SwiGLU, or one given (a MoEFeedForward in AIMv2-MoE's encoder blocks)
+        self.mlp = SwiGLU(dim, mlp_hidden, fused) if mlp is None else mlp
         self.recompute = False
 
     def _forward(self, x: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:

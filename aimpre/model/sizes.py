@@ -53,6 +53,17 @@ class ModelConfig:
     head_depth: int = 12  # aimv1: residual MLP blocks of the per-patch pixel head (AIM v1: 12)
     head_width: int = 2048  # aimv1: width of the pixel head's MLP blocks
     num_classes: int | None = None  # classification: labels 0..num_classes-1 (the sample's "cls")
+    # Mixture-of-experts encoder feed-forwards (aimpre.model.moe; AIMv2-MoE is apple/ml-l3m
+    # configs/aimv2/002_aimv2_moe_hfdata.yaml, whose lines are quoted): 0 = dense SwiGLU (AIMv2); that config
+    # has `num_experts: 4`
+    moe_experts: int = 0
+    moe_top_k: int = 1  # experts per token (`top_k: 1`)
+    moe_balance_weight: float = 0.01  # weight of the load-balancing loss (`load_balancing_loss_weight: 0.01`)
+    # the encoder blocks that are MoE, negatives from the end; null: all (`ffn_target: ...MoE` in every block)
+    moe_blocks: list[int] | None = None
+    # each expert's SwiGLU hidden width; null: mlp_hidden (ml-l3m: `mlp_ratio: 4`, 2/3 of it rounded up to
+    # `multiple_of: 256`, which is what mlp_hidden is for every named size)
+    moe_hidden: int | None = None
 
     @property
     def grid(self) -> int:

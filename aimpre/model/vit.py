@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from aimpre.model.layers import Block, RMSNorm, init_linear_xavier
+from aimpre.model.moe import MoEFeedForward, moe_blocks
 from aimpre.model.sizes import ModelConfig
 
 
@@ -42,9 +43,12 @@ class AIMv2Encoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, cfg.norm_eps)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.width))
+        sparse = moe_blocks(cfg.depth, cfg.moe_blocks) if cfg.moe_experts else set()
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.norm_eps, cfg.attn_backend, cfg.fused)
-            for _ in range(cfg.depth)
+            Block(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.norm_eps, cfg.attn_backend, cfg.fused, self._moe(cfg))
+            if i in sparse
+            else Block(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.norm_eps, cfg.attn_backend, cfg.fused)
+            for i in range(cfg.depth)
         )
         self.norm = RMSNorm(cfg.width, cfg.norm_eps, cfg.fused)
         self.init_weights()
@@ -52,11 +56,33 @@ class AIMv2Encoder(nn.Module):
     def init_weights(self) -> None:
         """ml-l3m init: xavier-uniform linears, the patch conv initialised like a linear (as MAE), pos std .02."""
         init_linear_xavier(self)
+        for m in self.modules():
+            if isinstance(m, MoEFeedForward):
+                m.reset_parameters()
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         assert self.patch_embed.proj.bias is not None
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
+
+    @staticmethod
+    def _moe(cfg: ModelConfig) -> MoEFeedForward:
+        hidden = cfg.mlp_hidden if cfg.moe_hidden is None else cfg.moe_hidden
+        return MoEFeedForward(cfg.width, hidden, cfg.moe_experts, cfg.moe_top_k, cfg.fused)
+
+    def moe_stats(self) -> list[tuple[Tensor, Tensor]]:
+        """The routing statistics of the last training forward, per MoE block in order, and clears them.
+
+        Each is (f [E] the share of routed tokens per expert, P [E] the mean router probability); empty for a
+        dense encoder or after an eval-mode forward.
+        """
+        out = []
+        for block in self.blocks:
+            mlp = block.mlp
+            if isinstance(mlp, MoEFeedForward) and mlp.stats is not None:
+                out.append(mlp.stats)
+                mlp.stats = None
+        return out
 
     def forward(self, images: Tensor, prefix_len: Tensor | None = None) -> Tensor:
         x = self.patch_embed(images) + self.pos_embed  # [B, N, d]

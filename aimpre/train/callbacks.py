@@ -50,9 +50,10 @@ from aimpre.train.checkpoint import load_torch_file
 COLUMNS = (
     "step", "samples", "flops", "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text",
     "lr", "grad_norm", "img_per_s", "img_per_s_device", "tflops", "mfu", "data_time", "step_time", "skipped",
-    "skipped_steps",
+    "skipped_steps", "loss_balance",
 )  # fmt: skip
-LOSSES = ("loss", "loss_image", "loss_text")  # the columns an objective's parts fill; the parts it lacks stay blank
+# the columns an objective's parts fill; the parts it lacks stay blank (loss_balance: MoE encoders, training only)
+LOSSES = ("loss", "loss_image", "loss_text", "loss_balance")
 # the TensorBoard and W&B name of each column (see the module docstring)
 NAMES = {
     "samples": "progress/samples", "flops": "progress/flops",

@@ -1,0 +1,210 @@
+"""MoE encoder blocks (issue 21.1): routing, grouped expert compute, balance loss, counts, export, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor
+
+from aimpre.config import ConfigError, load_config
+from aimpre.export import ExportError, export_encoder, load_encoder
+from aimpre.model import AIMv2, model_config
+from aimpre.model.layers import SwiGLU
+from aimpre.model.moe import MoEFeedForward, balance_loss, expert_matmul, grouped_mm_available
+from aimpre.scaling.flops import param_counts, training_flops
+from aimpre.train import train
+
+DIM, HIDDEN = 16, 24  # multiples of 4: float32 rows 16-byte aligned, as torch's grouped GEMM wants
+
+
+def _oracle(moe: MoEFeedForward, x: Tensor) -> Tensor:
+    """Token by token, expert by expert, straight from the definition: sum over the top-k of p_e * SwiGLU_e(x)."""
+    probs = torch.softmax(x @ moe.router.weight.t(), -1)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        p, chosen = probs[t].topk(moe.top_k)
+        for w, e in zip(p, chosen.tolist(), strict=True):
+            h = torch.nn.functional.silu(moe.fc1_g[e] @ x[t]) * (moe.fc1_x[e] @ x[t])
+            out[t] += w * (moe.fc2[e] @ h)
+    return out
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_routed_experts_match_the_definition_forward_and_backward(impl: str, top_k: int) -> None:
+    if impl == "grouped" and not grouped_mm_available(torch.zeros(1)):
+        pytest.skip("this torch has no CPU grouped GEMM")
+    torch.manual_seed(0)
+    moe = MoEFeedForward(DIM, HIDDEN, experts=4, top_k=top_k)
+    moe.impl = impl
+    x = torch.randn(2, 9, DIM, requires_grad=True)
+    out = moe(x)
+    ref = _oracle(moe, x.detach().reshape(-1, DIM)).reshape(2, 9, DIM)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # gradients of the grouped (or loop) path equal those of the definition, for the experts and the router
+    grads = torch.autograd.grad(out.square().sum(), [x, moe.fc1_g, moe.fc2, moe.router.weight])
+    xr = x.detach().reshape(-1, DIM).requires_grad_()
+    ref_grads = torch.autograd.grad(_oracle(moe, xr).square().sum(), [xr, moe.fc1_g, moe.fc2, moe.router.weight])
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.reshape(r.shape), r, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_and_loop_agree_with_empty_experts() -> None:
+    if not grouped_mm_available(torch.zeros(1)):
+        pytest.skip("this torch has no CPU grouped GEMM")
+    x, w = torch.randn(10, DIM), torch.randn(4, HIDDEN, DIM)
+    counts = torch.tensor([0, 6, 0, 4])  # experts 0 and 2 get no token
+    torch.testing.assert_close(expert_matmul(x, w, counts, "grouped"), expert_matmul(x, w, counts, "loop"))
+
+
+def test_one_expert_is_the_dense_swiglu() -> None:
+    torch.manual_seed(0)
+    dense, moe = SwiGLU(DIM, HIDDEN), MoEFeedForward(DIM, HIDDEN, experts=1)
+    with torch.no_grad():
+        moe.fc1_g[0].copy_(dense.fc1_g.weight)
+        moe.fc1_x[0].copy_(dense.fc1_x.weight)
+        moe.fc2[0].copy_(dense.fc2.weight)
+    x = torch.randn(3, 7, DIM)
+    torch.testing.assert_close(moe(x), dense(x), rtol=1e-6, atol=1e-6)
+
+
+def test_balance_loss_is_megablocks_form() -> None:
+    """E * sum_i f_i P_i per layer, averaged: 1 for a uniform router, E when one expert takes all with p = 1."""
+    torch.manual_seed(0)
+    moe = MoEFeedForward(DIM, HIDDEN, experts=4, top_k=2)
+    x = torch.randn(50, DIM)
+    moe(x)
+    assert moe.stats is not None
+    f, p = moe.stats
+    probs = torch.softmax(x @ moe.router.weight.t(), -1)
+    counts = torch.bincount(probs.topk(2, -1).indices.flatten(), minlength=4).float()
+    # megablocks: E * w / (layers * tokens * k) * dot(tokens_per_expert, mean expert scores), w = 1 here
+    expected = 4 / (1 * 50 * 2) * torch.dot(counts, probs.mean(0))
+    torch.testing.assert_close(balance_loss([(f, p)]), expected)
+    uniform = torch.full((4,), 0.25)
+    assert float(balance_loss([(uniform, uniform)])) == pytest.approx(1.0)
+    onehot = torch.tensor([1.0, 0, 0, 0])
+    assert float(balance_loss([(onehot, onehot), (uniform, uniform)])) == pytest.approx(2.5)
+    moe.eval()
+    moe(x)
+    assert moe.stats is None  # eval forwards record nothing (as megablocks)
+
+
+def test_aimv2_adds_the_weighted_balance_loss_and_router_learns() -> None:
+    torch.manual_seed(0)
+    cfg = model_config("tiny", vocab_size=300, depth=2, moe_experts=4, moe_blocks=[1], moe_balance_weight=0.5)
+    m = AIMv2(cfg)
+    assert [type(b.mlp).__name__ for b in m.encoder.blocks] == ["SwiGLU", "MoEFeedForward"]
+    imgs, text = torch.randn(2, 3, 112, 112), torch.randint(0, 300, (2, 96))
+    out = m(imgs, text, torch.ones(2, 96, dtype=torch.bool), torch.tensor([3, 9]))
+    torch.testing.assert_close(
+        out["loss"], out["loss_text"] + 0.4 * out["loss_image"] + 0.5 * out["loss_balance"]
+    )  # fmt: skip
+    assert out["expert_share"].shape == (1, 4) and float(out["expert_share"].sum()) == pytest.approx(1.0)
+    out["loss"].backward()
+    assert m.encoder.blocks[1].mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_counts_total_and_active_match_the_built_model() -> None:
+    dense = model_config("tiny", vocab_size=300)
+    cfg = model_config("tiny", vocab_size=300, moe_experts=4, moe_top_k=1, moe_blocks=[0, -1], moe_hidden=256)
+    built = AIMv2(cfg).param_counts()
+    assert param_counts(cfg) == built
+    d, h = cfg.width, 256
+    one_expert = 3 * d * h
+    active = param_counts(cfg, active=True)
+    assert built["encoder"] - active["encoder"] == 2 * 3 * one_expert  # 2 MoE blocks, 3 of 4 experts idle
+    assert param_counts(dense, active=True) == param_counts(dense)
+    # FLOPs: each MoE block swaps the dense SwiGLU for the router and one (top-1) expert of width 256
+    N = cfg.num_patches
+    delta = 6 * 2 * N * (d * 4 + 3 * d * h - 3 * d * dense.mlp_hidden)  # fwd + bwd, 2 blocks
+    assert training_flops(cfg).encoder - training_flops(dense).encoder == pytest.approx(delta)
+    top2 = model_config("tiny", vocab_size=300, moe_experts=4, moe_top_k=2, moe_blocks=[0, -1], moe_hidden=256)
+    assert training_flops(top2).encoder - training_flops(cfg).encoder == pytest.approx(6 * 2 * N * 3 * d * h)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.moe_top_k=5", "model.moe_top_k"),
+        ("model.moe_blocks=[7]", "model.moe_blocks"),
+        ("model.moe_hidden=0", "model.moe_hidden"),
+        ("model.moe_balance_weight=-1", "model.moe_balance_weight"),
+        ("model.objective=aimv1", "model.moe_experts"),
+    ],
+)
+def test_bad_moe_config_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, ["model.moe_experts=4", override])
+
+
+@pytest.mark.slow  # two subprocesses that import torch
+def test_cli_bad_top_k_is_one_line_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text("model:\n  size: tiny\n  moe_experts: 2\n  moe_top_k: 3\n")
+    out = subprocess.run([sys.executable, "-m", "aimpre", "model-info", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 2 and "model.moe_top_k" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    cfg.write_text("model:\n  size: tiny\n  moe_experts: 4\n")
+    out = subprocess.run([sys.executable, "-m", "aimpre", "model-info", str(cfg), "--json"], capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout)
+    assert info["encoder_active"] < info["encoder"] and info["total_active"] < info["total"]
+
+
+def _moe_cfg(tmp_path: Path, spec: str, name: str, *extra: str) -> object:
+    return load_config(None, [
+        f"run.out_dir={tmp_path}", f"run.name={name}", f"data.train_shards={spec}", "data.val_shards=null",
+        "model.depth=2", "model.dec_depth=1", "model.moe_experts=4", "model.moe_top_k=2", "data.batch_size=4",
+        "data.num_workers=1", "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1",
+        "trainer.deterministic=true", "optim.warmup_steps=1", *extra,
+    ])  # fmt: skip
+
+
+class StopAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _rows(run: Path) -> dict[int, dict[str, str]]:
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
+
+
+@pytest.mark.slow  # three short Lightning runs: ~30 s on an idle 2-core machine
+def test_moe_run_resumes_exactly_and_exports(tmp_path: Path, pretrain_spec: str) -> None:
+    """A real Lightning run with MoE blocks: loss_balance logged per step; stopped at step 2 and resumed, the
+    losses of steps 3-4 equal an uninterrupted run's; the safetensors export loads back with equal features."""
+    full = train(_moe_cfg(tmp_path, pretrain_spec, "full"))  # type: ignore[arg-type]
+    part = train(_moe_cfg(tmp_path, pretrain_spec, "part"), callbacks=(StopAt(2),))  # type: ignore[arg-type]
+    train(_moe_cfg(tmp_path, pretrain_spec, "part"), resume=True)  # type: ignore[arg-type]
+    a, b = _rows(full), _rows(part)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for k in ("loss", "loss_balance", "loss_image", "loss_text"):
+            assert float(a[step][k]) == float(b[step][k]), (step, k)
+    assert all(1.0 <= float(r["loss_balance"]) < 4.0 for r in a.values())  # 1 = balanced, E = 4 = one expert
+
+    out = export_encoder(full, "safetensors", tmp_path / "export")
+    record = json.loads((out / "aimpre.json").read_text())
+    assert record["encoder"]["moe_experts"] == 4 and record["encoder"]["moe_top_k"] == 2
+    enc = load_encoder(out).eval()
+    ref = load_encoder(full).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref(x))
+    assert enc.blocks[0].mlp.fc1_g.shape[0] == 4
+    for fmt in ("timm", "hf"):
+        with pytest.raises(ExportError, match="no MoE AIMv2"):
+            export_encoder(full, fmt, tmp_path / fmt)
