@@ -126,6 +126,15 @@ def families_table(rows: list[StepRow]) -> str:
     return "\n".join(lines)
 
 
+def plain_attention(net: AIMv2, compile: bool) -> None:
+    """The plain build's attention: PyTorch's own, Flex for the encoder's prefix mask and SDPA's flash for the
+    decoder's causal one (on CPU without compile, the quick smoke run, SDPA for both: eager Flex has no CPU
+    backward)."""
+    for part, backend_name in ((net.encoder, "flex" if compile else "sdpa"), (net.decoder, "sdpa")):
+        for attn in (m for m in part.modules() if isinstance(m, Attention)):
+            attn.backend = backend_name
+
+
 def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, data: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
     def step() -> None:
         with torch.autocast(data["images"].device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -199,11 +208,8 @@ def bench_step(
             torch.manual_seed(0)
             with torch.device(device):
                 net = AIMv2(cfg)
-            if build == "plain":  # PyTorch's own attention: Flex for the prefix mask, SDPA's flash for causal
-                # (on CPU, the quick smoke run, SDPA for both: eager Flex has no CPU backward)
-                for part, backend_name in ((net.encoder, "flex" if compile else "sdpa"), (net.decoder, "sdpa")):
-                    for attn in (m for m in part.modules() if isinstance(m, Attention)):
-                        attn.backend = backend_name
+            if build == "plain":
+                plain_attention(net, compile)
             run_model: nn.Module = net
             if build == "plain":
                 run_model = torch.compile(net) if compile else net  # type: ignore[assignment]
