@@ -75,17 +75,21 @@ class StepRow:
     families: dict[str, float] = field(default_factory=dict)  # GPU ms per step by kernel family (CUDA only)
 
 
-# Kernel families of a step's GPU time, by kernel name, first match wins (our attention before other attention;
-# Inductor's generated kernels are named triton_poi_/triton_red_/triton_per_...).
+# Kernel families of a step's GPU time by where the kernel comes from, by its name, first match wins. Inductor's
+# generated kernels come first: they are named triton_{poi,red,per,tem,...}_fused_<ops> and the ops may read like
+# another library's kernel (triton_red_fused__fused_rms_norm_0 is Inductor's RMSNorm, not liger's).
 FAMILIES = (
-    ("attention (ours)", re.compile(r"_attn_(fwd|bwd)")),
-    ("attention (flash, Flex)", re.compile(r"flash|fmha|flex_attention|attention", re.I)),
-    ("liger-kernel", re.compile(r"liger|_rms_norm_|_swiglu_|element_mul_kernel")),
-    ("Inductor-fused", re.compile(r"^triton_")),
-    ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|scaled_mm|wgmma", re.I)),
-    ("optimizer (fused AdamW)", re.compile(r"adam|multi_tensor", re.I)),
-    ("copies, fills", re.compile(r"copy|memcpy|memset|fill|CatArray", re.I)),
-)
+    ("Inductor-generated (torch.compile; Flex's compiled kernel)",
+     re.compile(r"^triton_(poi|red|per|tem|for|mm|bmm|spl)_")),
+    ("ours (Triton attention)", re.compile(r"^_attn_(fwd|bwd)")),
+    ("liger-kernel", re.compile(r"^_(fused_add_rms_norm|rms_norm|swiglu|layer_norm|geglu)_\w*kernel$|^liger_|"
+                                r"^element_mul_kernel$")),
+    ("NCCL", re.compile(r"nccl", re.I)),
+    ("cuBLAS, cuDNN, flash (vendor libraries)",
+     re.compile(r"nvjet|gemm|cutlass|xmma|cublas|cudnn|flash|fmha|wgmma|scaled_mm", re.I)),
+    ("memcpy, memset", re.compile(r"^Mem(cpy|set)")),
+    ("PyTorch native (aten)", re.compile(r"at::native::|at::cuda::|\bat::")),
+)  # fmt: skip
 
 
 def kernel_family(name: str) -> str:
