@@ -3,6 +3,11 @@ graph, and training steps between logging steps read nothing back from the devic
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -88,3 +93,28 @@ def test_no_readback_between_logging_steps(tmp_path: Path, pretrain_spec: str) -
     assert counter.counts == [1] * 5, counter.calls
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3  # header, steps 1, 4, 8: the losses and grad_norm still reach metrics.csv
+
+
+def test_bench_step_rows_survive_a_kill(tmp_path: Path) -> None:
+    """`bench step` writes each build's row as soon as it is measured (markdown and JSON lines): a bench killed
+    mid-run (as the GPU check's timeout does) leaves what it measured."""
+    out = tmp_path / "step.md"
+    code = (
+        "from aimpre.train.bench import run_step; import time; "
+        f"run_step(steps=1, warmup=0, quick=True, out={str(out)!r}, builds=('plain', 'bf16'), "
+        "model={'img_size': 28, 'depth': 1, 'dec_depth': 1, 'text_len': 8}); time.sleep(600)"
+    )
+    proc = subprocess.Popen([sys.executable, "-P", "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows_file = out.with_suffix(".jsonl")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert rows and rows[0]["build"] == "plain" and rows[0]["step_ms"] > 0
+    assert "| plain (eager, SDPA) |" in out.read_text()

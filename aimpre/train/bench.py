@@ -20,14 +20,17 @@ more memory than plain.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
+import json
 import math
 import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -176,6 +179,7 @@ def bench_step(
     builds: tuple[str, ...] = BUILDS,
     recipe: str = "tensorwise",
     model: dict[str, Any] | None = None,
+    on_row: Callable[[list[StepRow]], None] | None = None,
 ) -> list[StepRow]:
     """Times each build on one device; a build that cannot run (fp8 without torchao or float8 tensor cores) or
     fails gets a row with a note instead of numbers.
@@ -189,6 +193,8 @@ def bench_step(
         builds: which of ``BUILDS`` to run, in that order.
         recipe: the fp8 build's float8 recipe (``trainer.fp8_recipe``).
         model: ModelConfig overrides of the size (tests shrink the tiny model further).
+        on_row: called with the rows so far as soon as each build is measured (or has failed), so a bench killed by
+            a timeout has reported what it measured.
     """
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     compile = not quick
@@ -201,6 +207,8 @@ def bench_step(
         problem = fp8_problem(device) if build == "fp8" else None
         if problem:
             row.note = problem.removeprefix("config key 'trainer.precision': ")
+            if on_row:
+                on_row(rows)
             continue
         _free(device)
         try:
@@ -238,6 +246,8 @@ def bench_step(
         except Exception as e:  # a bench reports a broken build and measures the others
             row.note = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             print(f"bench step: {row.label} failed: {e!r}", file=sys.stderr)
+            if on_row:
+                on_row(rows)
             continue
         finally:
             net = run_model = opt = step = None  # type: ignore[assignment]  # (step holds model and optimizer)
@@ -249,6 +259,8 @@ def bench_step(
         row.mfu = achieved / peak if peak else None
         if device.type == "cuda":
             row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        if on_row:
+            on_row(rows)
     _free(device)
     return rows
 
@@ -319,15 +331,27 @@ def run_step(
     with ``quick``) it is a smoke run of the tiny model, batch 4, on CPU, with the sdpa backend where ``triton``
     was asked (the Triton kernel needs CUDA outside the test interpreter).
 
-    Args: as ``bench_step``, and ``out``: a markdown file for the report.
+    Args: as ``bench_step``, and ``out``: a markdown file for the report, rewritten as each build is measured
+        (the table so far), with its rows also in ``out`` with the suffix ``.jsonl``, one JSON object a row.
     """
     cuda = torch.cuda.is_available() and not quick
     if not cuda:
         size, batch = "tiny", 4
         if backend == "triton":
             backend = "sdpa"
-    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model)
     device = torch.device("cuda" if cuda else "cpu")
+
+    def report_so_far(rows: list[StepRow]) -> None:
+        """Each row as soon as it is measured: the markdown table so far and one JSON line per row."""
+        if not out:
+            return
+        write_text(out, "\n".join(["# training step benchmark (in progress: rows so far)", "", step_table(rows), ""]))
+        with open(Path(out).with_suffix(".jsonl"), "a") as f:
+            f.write(json.dumps(dataclasses.asdict(rows[-1])) + "\n")
+
+    if out:
+        write_text(Path(out).with_suffix(".jsonl"), "")
+    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model, report_so_far)
     cfg = model_config(size, **(model or {}))
     peak = peak_flops(device)
     precision = "bf16 autocast" if cuda else "float32 (the fp8 build: bf16 autocast), no compile"
