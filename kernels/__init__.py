@@ -42,9 +42,11 @@ else:
         HAS_TRITON,
         PACKED,
         Backend,
+        Mask,
         attention,
         attention_qkv,
         available_backends,
+        prepare_mask,
     )
     from aimpre.kernels.masks import MASKS, dense_mask
 
@@ -54,8 +56,10 @@ __all__ = [
     "MASKS",
     "PACKED",
     "Backend",
+    "Mask",
     "attention",
     "attention_qkv",
     "available_backends",
     "dense_mask",
+    "prepare_mask",
 ]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aimpre.kernels.masks import dense_mask
+from aimpre.kernels.masks import Mask, dense_mask
 
 # What the Triton kernels take (checked again, with errors, by triton_attention.check_inputs).
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -30,13 +30,17 @@ def reference(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | N
     return (s.softmax(dim=-1) @ v.to(dt)).to(q.dtype)
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
-    """torch SDPA: flash for full/causal; the prefix mask goes in as an explicit boolean matrix."""
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None, prebuilt: Mask | None = None) -> Tensor:
+    """torch SDPA: flash for full/causal; the prefix mask goes in as an explicit boolean matrix (``prebuilt``'s,
+    built once per forward, or one built for this call)."""
     if mask == "full":
         return F.scaled_dot_product_attention(q, k, v)
     if mask == "causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask, prefix_len, q.shape[-2], q.device))
+    dense = prebuilt.dense if prebuilt is not None and prebuilt.dense is not None else None
+    if dense is None:
+        dense = dense_mask(mask, prefix_len, q.shape[-2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
 
 
 @cache
@@ -46,42 +50,44 @@ def _compiled_flex() -> Any:
     return torch.compile(flex_attention, dynamic=False)
 
 
-# One forward passes the same prefix_len tensor to every block: build its block mask once.
-_block_mask_cache: dict[str, Any] = {}
+def block_mask(mask: str, prefix_len: Tensor | None, B: int, T: int, device: torch.device) -> Any:
+    """FlexAttention's BlockMask for ``mask``; None for "full".
 
-
-def _block_mask(mask: str, prefix_len: Tensor | None, B: int, T: int, device: torch.device) -> Any:
+    No cache: the encoder and decoder build it once per forward (``dispatch.prepare_mask``) and hand it to every
+    block. A cache looked up inside the blocks broke a compiled model's graph at every block (issue 22).
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (mask, T, str(device), id(prefix_len), prefix_len._version if prefix_len is not None else 0)
-    hit = _block_mask_cache.get("key")
-    if hit == key:
-        return _block_mask_cache["value"]
+    if mask == "full":
+        return None
     if mask == "causal":
 
-        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        def causal(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
             return ki <= qi
 
-        bm = create_block_mask(mask_mod, None, None, T, T, device=device)
-    else:
-        assert prefix_len is not None
-        plen = prefix_len.to(device)
+        return create_block_mask(causal, None, None, T, T, device=device)
+    assert prefix_len is not None
+    plen = prefix_len.to(device)
 
-        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-            return (ki <= qi) | (ki < plen[b])
+    def prefix(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        return (ki <= qi) | (ki < plen[b])
 
-        bm = create_block_mask(mask_mod, B, None, T, T, device=device)
-    _block_mask_cache.update(key=key, value=bm, prefix_len=prefix_len)  # keep prefix_len alive: id() stays unique
-    return bm
+    return create_block_mask(prefix, B, None, T, T, device=device)
 
 
-def flex(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
-    """FlexAttention with a block mask (compiled on CUDA; eager elsewhere, where it is a slow reference)."""
+def flex(q: Tensor, k: Tensor, v: Tensor, mask: str, prefix_len: Tensor | None, prebuilt: Mask | None = None) -> Tensor:
+    """FlexAttention with a block mask (compiled on CUDA; eager elsewhere, where it is a slow reference).
+
+    ``prebuilt``: the forward's mask with its block mask; without one the block mask is built for this call.
+    Inside a compiled model flex_attention is called as is: the model's own compile covers it.
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
-    block_mask = None if mask == "full" else _block_mask(mask, prefix_len, q.shape[0], q.shape[-2], q.device)
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=block_mask)
+    bm = prebuilt.block_mask if prebuilt is not None and prebuilt.block_mask is not None else None
+    if bm is None and mask != "full":
+        bm = block_mask(mask, prefix_len, q.shape[0], q.shape[-2], q.device)
+    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    return fn(q, k, v, block_mask=bm)
 
 
 def _triton_op() -> Any:

@@ -106,7 +106,7 @@ def _flex(case: Case, P: Tensor, device: torch.device) -> tuple[Impl, str]:
     from torch.nn.attention.flex_attention import flex_attention
 
     p = P if case.mask == "prefix" else None
-    block_mask = backends._block_mask(case.mask, p, case.B, case.T, device)
+    block_mask = backends.block_mask(case.mask, p, case.B, case.T, device)
     if device.type != "cuda":
         return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask), "flex (eager)"
     torch.compiler.reset()

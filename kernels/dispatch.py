@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from aimpre.kernels import backends
-from aimpre.kernels.masks import MASKS, check_mask, dense_mask
+from aimpre.kernels.masks import MASKS, Mask, check_mask, dense_mask
 
 Backend = Callable[[Tensor, Tensor, Tensor, str, "Tensor | None"], Tensor]
 
@@ -48,12 +48,55 @@ def _auto(q: Tensor, mask: str) -> str:
     return "sdpa"
 
 
+def prepare_mask(
+    kind: str, prefix_len: Tensor | None, B: int, T: int, device: torch.device, backend_names: set[str]
+) -> Mask:
+    """The mask of one forward, built once for every block (torchtitan, apple/ml-l3m) before the blocks run.
+
+    Builds what the blocks' backends would otherwise build per call: Flex's block mask where a block runs "flex"
+    (or "auto", which picks Flex under compile on CUDA without Triton), SDPA's boolean prefix matrix where a block
+    runs "sdpa" (or "auto" off CUDA). Our Triton kernel and the reference need nothing built.
+
+    Args:
+        kind: "full", "causal" or "prefix".
+        prefix_len: int tensor [B] for "prefix".
+        B, T: batch and sequence length.
+        device: where the blocks run.
+        backend_names: the ``backend`` of every block's attention.
+    """
+    check_mask(kind, prefix_len, B)
+    cuda = device.type == "cuda"
+    auto = "auto" in backend_names
+    flex = "flex" in backend_names or (auto and cuda and kind == "prefix" and not HAS_TRITON)
+    sdpa = "sdpa" in backend_names or (auto and not cuda)
+    return Mask(
+        kind,
+        prefix_len,
+        block_mask=backends.block_mask(kind, prefix_len, B, T, device) if flex else None,
+        dense=dense_mask(kind, prefix_len, T, device) if sdpa and kind == "prefix" else None,
+    )
+
+
+def _unpack(mask: str | Mask, prefix_len: Tensor | None) -> tuple[str, Tensor | None, Mask | None]:
+    if isinstance(mask, Mask):
+        return mask.kind, mask.prefix_len, mask
+    return mask, prefix_len, None
+
+
+def _call(
+    name: str, q: Tensor, k: Tensor, v: Tensor, kind: str, prefix_len: Tensor | None, built: Mask | None
+) -> Tensor:
+    if built is not None and name in PREBUILT:  # the backends that take a mask built beforehand
+        return PREBUILT[name](q, k, v, kind, prefix_len, built)
+    return BACKENDS[name](q, k, v, kind, prefix_len)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    mask: str = "full",
+    mask: str | Mask = "full",
     prefix_len: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -62,7 +105,7 @@ def attention(
     Args:
         q, k, v: [B, H, T, D].
         mask: "full", "causal" or "prefix" (bidirectional inside the first ``prefix_len[b]`` positions,
-            causal after).
+            causal after), or a ``Mask`` from ``prepare_mask`` (which carries its prefix lengths).
         prefix_len: int tensor [B], required for ``mask="prefix"``.
         backend: "auto" or a key of ``BACKENDS``.
 
@@ -71,12 +114,16 @@ def attention(
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [B, H, T, D] shape, got {q.shape}, {k.shape}, {v.shape}")
-    check_mask(mask, prefix_len, q.shape[0])
-    name = _auto(q, mask) if backend == "auto" else backend
+    kind, prefix_len, built = _unpack(mask, prefix_len)
+    check_mask(kind, prefix_len, q.shape[0])
+    name = _auto(q, kind) if backend == "auto" else backend
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
-    return BACKENDS[name](q, k, v, mask, prefix_len)
+    return _call(name, q, k, v, kind, prefix_len, built)
 
+
+# Backends that take a mask built once per forward (``prepare_mask``) as a sixth argument.
+PREBUILT: dict[str, Callable[..., Tensor]] = {"flex": backends.flex, "sdpa": backends.sdpa}
 
 # Backends that read the packed projection themselves; the others get q, k, v views of it.
 PACKED: dict[str, Callable[[Tensor, str, Tensor | None], Tensor]] = {"triton": backends.triton_qkv}
@@ -85,7 +132,7 @@ PACKED: dict[str, Callable[[Tensor, str, Tensor | None], Tensor]] = {"triton": b
 def attention_qkv(
     qkv: Tensor,
     *,
-    mask: str = "full",
+    mask: str | Mask = "full",
     prefix_len: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -105,13 +152,23 @@ def attention_qkv(
     """
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, T, 3, H, D], got {tuple(qkv.shape)}")
-    check_mask(mask, prefix_len, qkv.shape[0])
-    name = _auto(qkv, mask) if backend == "auto" else backend
+    kind, plen, _ = _unpack(mask, prefix_len)
+    check_mask(kind, plen, qkv.shape[0])
+    name = _auto(qkv, kind) if backend == "auto" else backend
     if name in PACKED:
-        return PACKED[name](qkv, mask, prefix_len)
+        return PACKED[name](qkv, kind, plen)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, T, 3, H, D] -> 3 x [B, H, T, D] views
     y = attention(q, k, v, mask=mask, prefix_len=prefix_len, backend=name)  # [B, H, T, D]
     return y.transpose(1, 2)  # [B, T, H, D]
 
 
-__all__ = ["BACKENDS", "MASKS", "attention", "attention_qkv", "available_backends", "dense_mask"]
+__all__ = [
+    "BACKENDS",
+    "MASKS",
+    "Mask",
+    "attention",
+    "attention_qkv",
+    "available_backends",
+    "dense_mask",
+    "prepare_mask",
+]

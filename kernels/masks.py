@@ -9,6 +9,9 @@ A query at position i may see key j when:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -36,3 +39,21 @@ def dense_mask(mask: str, prefix_len: Tensor | None, T: int, device: torch.devic
         in_prefix = i[None, :] < prefix_len.to(device)[:, None]  # [B, T] keys inside each sample's prefix
         allowed = allowed | in_prefix[:, None, None, :]  # [B, 1, T, T]
     return allowed
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A mask built once per forward and handed to every block (torchtitan, apple/ml-l3m): what a backend would
+    otherwise build in each block. Nothing inside a (compiled) block builds, caches or looks it up.
+
+    Args:
+        kind: "full", "causal" or "prefix".
+        prefix_len: int tensor [B] for "prefix", else None.
+        block_mask: FlexAttention's BlockMask, when a block runs the flex backend (else None).
+        dense: the boolean [B, 1, T, T] matrix of ``dense_mask`` for SDPA's prefix mask (else None).
+    """
+
+    kind: str
+    prefix_len: Tensor | None = None
+    block_mask: Any = None
+    dense: Tensor | None = None

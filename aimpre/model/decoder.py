@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aimpre.model.layers import Block, RMSNorm, init_linear_xavier
+from aimpre.model.layers import Block, RMSNorm, blocks_mask, init_linear_xavier
 from aimpre.model.sizes import ModelConfig
 
 
@@ -54,6 +54,7 @@ class MultimodalDecoder(nn.Module):
         txt = self.text_embed(text[:, :-1])  # [B, L-1, D]
         txt = torch.cat([self.start_token.expand(B, -1, -1), txt], dim=1) + self.text_pos[:, :L]  # [B, L, D]
         x = torch.cat([self.img_proj(image_tokens), txt], dim=1)  # [B, N + L, D]
+        mask = blocks_mask(self.blocks, "causal", None, x)  # once for every block
         for block in self.blocks:
-            x = block(x, "causal")
+            x = block(x, mask)
         return self.norm(x)

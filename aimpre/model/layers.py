@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from aimpre.kernels import attention_qkv
+from aimpre.kernels import Mask, attention_qkv, prepare_mask
 from aimpre.kernels import fused as fused_ops
 
 
@@ -64,7 +64,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, mask: str = "full", prefix_len: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: str | Mask = "full", prefix_len: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         # [B, T, 3C] -> [B, T, 3, H, D] (timm's qkv layout: q, k, v then heads), read as it is by the kernel
         qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)
@@ -102,15 +102,22 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden, fused) if mlp is None else mlp
         self.recompute = False
 
-    def _forward(self, x: Tensor, mask: str, prefix_len: Tensor | None) -> Tensor:
+    def _forward(self, x: Tensor, mask: str | Mask, prefix_len: Tensor | None) -> Tensor:
         h, x = self.norm2.add(x, self.attn(self.norm1(x), mask, prefix_len))  # x += attn(...); h = norm2(x)
         return x + self.mlp(h)
 
-    def forward(self, x: Tensor, mask: str = "full", prefix_len: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: str | Mask = "full", prefix_len: Tensor | None = None) -> Tensor:
         if self.recompute and self.training and torch.is_grad_enabled():
             out: Tensor = checkpoint(self._forward, x, mask, prefix_len, use_reentrant=False)
             return out
         return self._forward(x, mask, prefix_len)
+
+
+def blocks_mask(blocks: nn.ModuleList, kind: str, prefix_len: Tensor | None, x: Tensor) -> Mask:
+    """The attention mask of one forward through ``blocks`` over ``x`` [B, T, d], built once for all of them
+    (``aimpre.kernels.prepare_mask``) for the backends their attention runs."""
+    names = {b.attn.backend for b in blocks if isinstance(b, Block)}
+    return prepare_mask(kind, prefix_len, x.shape[0], x.shape[1], x.device, names)
 
 
 def init_linear_xavier(module: nn.Module) -> None:

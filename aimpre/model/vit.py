@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from aimpre.model.layers import Block, RMSNorm, init_linear_xavier
+from aimpre.model.layers import Block, RMSNorm, blocks_mask, init_linear_xavier
 from aimpre.model.moe import MoEFeedForward, moe_blocks
 from aimpre.model.sizes import ModelConfig
 
@@ -86,9 +86,10 @@ class AIMv2Encoder(nn.Module):
 
     def forward(self, images: Tensor, prefix_len: Tensor | None = None) -> Tensor:
         x = self.patch_embed(images) + self.pos_embed  # [B, N, d]
-        mask = "full" if prefix_len is None else "prefix"
+        # built once here and handed to every block: nothing inside a (compiled) block builds or caches a mask
+        mask = blocks_mask(self.blocks, "full" if prefix_len is None else "prefix", prefix_len, x)
         for block in self.blocks:
-            x = block(x, mask, prefix_len)
+            x = block(x, mask)
         return self.norm(x)
 
     def forward_intermediates(
@@ -110,10 +111,10 @@ class AIMv2Encoder(nn.Module):
         """
         wanted = block_indices(indices, len(self.blocks))
         x = self.patch_embed(images) + self.pos_embed  # [B, N, d]
-        mask = "full" if prefix_len is None else "prefix"
+        mask = blocks_mask(self.blocks, "full" if prefix_len is None else "prefix", prefix_len, x)
         outs: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):  # the blocks after the last one asked: not run
-            x = block(x, mask, prefix_len)
+            x = block(x, mask)
             if i in wanted:
                 outs[i] = self.norm(x) if norm else x
         return [outs[i] for i in wanted]

@@ -20,14 +20,17 @@ more memory than plain.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
+import json
 import math
 import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,17 +78,21 @@ class StepRow:
     families: dict[str, float] = field(default_factory=dict)  # GPU ms per step by kernel family (CUDA only)
 
 
-# Kernel families of a step's GPU time, by kernel name, first match wins (our attention before other attention;
-# Inductor's generated kernels are named triton_poi_/triton_red_/triton_per_...).
+# Kernel families of a step's GPU time by where the kernel comes from, by its name, first match wins. Inductor's
+# generated kernels come first: they are named triton_{poi,red,per,tem,...}_fused_<ops> and the ops may read like
+# another library's kernel (triton_red_fused__fused_rms_norm_0 is Inductor's RMSNorm, not liger's).
 FAMILIES = (
-    ("attention (ours)", re.compile(r"_attn_(fwd|bwd)")),
-    ("attention (flash, Flex)", re.compile(r"flash|fmha|flex_attention|attention", re.I)),
-    ("liger-kernel", re.compile(r"liger|_rms_norm_|_swiglu_|element_mul_kernel")),
-    ("Inductor-fused", re.compile(r"^triton_")),
-    ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|scaled_mm|wgmma", re.I)),
-    ("optimizer (fused AdamW)", re.compile(r"adam|multi_tensor", re.I)),
-    ("copies, fills", re.compile(r"copy|memcpy|memset|fill|CatArray", re.I)),
-)
+    ("Inductor-generated (torch.compile; Flex's compiled kernel)",
+     re.compile(r"^triton_(poi|red|per|tem|for|mm|bmm|spl)_")),
+    ("ours (Triton attention)", re.compile(r"^_attn_(fwd|bwd)")),
+    ("liger-kernel", re.compile(r"^_(fused_add_rms_norm|rms_norm|swiglu|layer_norm|geglu)_\w*kernel$|^liger_|"
+                                r"^element_mul_kernel$")),
+    ("NCCL", re.compile(r"nccl", re.I)),
+    ("cuBLAS, cuDNN, flash (vendor libraries)",
+     re.compile(r"nvjet|gemm|cutlass|xmma|cublas|cudnn|flash|fmha|wgmma|scaled_mm", re.I)),
+    ("memcpy, memset", re.compile(r"^Mem(cpy|set)")),
+    ("PyTorch native (aten)", re.compile(r"at::native::|at::cuda::|\bat::")),
+)  # fmt: skip
 
 
 def kernel_family(name: str) -> str:
@@ -126,6 +133,15 @@ def families_table(rows: list[StepRow]) -> str:
     return "\n".join(lines)
 
 
+def plain_attention(net: AIMv2, compile: bool) -> None:
+    """The plain build's attention: PyTorch's own, Flex for the encoder's prefix mask and SDPA's flash for the
+    decoder's causal one (on CPU without compile, the quick smoke run, SDPA for both: eager Flex has no CPU
+    backward)."""
+    for part, backend_name in ((net.encoder, "flex" if compile else "sdpa"), (net.decoder, "sdpa")):
+        for attn in (m for m in part.modules() if isinstance(m, Attention)):
+            attn.backend = backend_name
+
+
 def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, data: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
     def step() -> None:
         with torch.autocast(data["images"].device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -163,6 +179,7 @@ def bench_step(
     builds: tuple[str, ...] = BUILDS,
     recipe: str = "tensorwise",
     model: dict[str, Any] | None = None,
+    on_row: Callable[[list[StepRow]], None] | None = None,
 ) -> list[StepRow]:
     """Times each build on one device; a build that cannot run (fp8 without torchao or float8 tensor cores) or
     fails gets a row with a note instead of numbers.
@@ -176,6 +193,8 @@ def bench_step(
         builds: which of ``BUILDS`` to run, in that order.
         recipe: the fp8 build's float8 recipe (``trainer.fp8_recipe``).
         model: ModelConfig overrides of the size (tests shrink the tiny model further).
+        on_row: called with the rows so far as soon as each build is measured (or has failed), so a bench killed by
+            a timeout has reported what it measured.
     """
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     compile = not quick
@@ -188,6 +207,8 @@ def bench_step(
         problem = fp8_problem(device) if build == "fp8" else None
         if problem:
             row.note = problem.removeprefix("config key 'trainer.precision': ")
+            if on_row:
+                on_row(rows)
             continue
         _free(device)
         try:
@@ -199,11 +220,8 @@ def bench_step(
             torch.manual_seed(0)
             with torch.device(device):
                 net = AIMv2(cfg)
-            if build == "plain":  # PyTorch's own attention: Flex for the prefix mask, SDPA's flash for causal
-                # (on CPU, the quick smoke run, SDPA for both: eager Flex has no CPU backward)
-                for part, backend_name in ((net.encoder, "flex" if compile else "sdpa"), (net.decoder, "sdpa")):
-                    for attn in (m for m in part.modules() if isinstance(m, Attention)):
-                        attn.backend = backend_name
+            if build == "plain":
+                plain_attention(net, compile)
             run_model: nn.Module = net
             if build == "plain":
                 run_model = torch.compile(net) if compile else net  # type: ignore[assignment]
@@ -228,6 +246,8 @@ def bench_step(
         except Exception as e:  # a bench reports a broken build and measures the others
             row.note = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             print(f"bench step: {row.label} failed: {e!r}", file=sys.stderr)
+            if on_row:
+                on_row(rows)
             continue
         finally:
             net = run_model = opt = step = None  # type: ignore[assignment]  # (step holds model and optimizer)
@@ -239,6 +259,8 @@ def bench_step(
         row.mfu = achieved / peak if peak else None
         if device.type == "cuda":
             row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        if on_row:
+            on_row(rows)
     _free(device)
     return rows
 
@@ -309,15 +331,27 @@ def run_step(
     with ``quick``) it is a smoke run of the tiny model, batch 4, on CPU, with the sdpa backend where ``triton``
     was asked (the Triton kernel needs CUDA outside the test interpreter).
 
-    Args: as ``bench_step``, and ``out``: a markdown file for the report.
+    Args: as ``bench_step``, and ``out``: a markdown file for the report, rewritten as each build is measured
+        (the table so far), with its rows also in ``out`` with the suffix ``.jsonl``, one JSON object a row.
     """
     cuda = torch.cuda.is_available() and not quick
     if not cuda:
         size, batch = "tiny", 4
         if backend == "triton":
             backend = "sdpa"
-    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model)
     device = torch.device("cuda" if cuda else "cpu")
+
+    def report_so_far(rows: list[StepRow]) -> None:
+        """Each row as soon as it is measured: the markdown table so far and one JSON line per row."""
+        if not out:
+            return
+        write_text(out, "\n".join(["# training step benchmark (in progress: rows so far)", "", step_table(rows), ""]))
+        with open(Path(out).with_suffix(".jsonl"), "a") as f:
+            f.write(json.dumps(dataclasses.asdict(rows[-1])) + "\n")
+
+    if out:
+        write_text(Path(out).with_suffix(".jsonl"), "")
+    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model, report_so_far)
     cfg = model_config(size, **(model or {}))
     peak = peak_flops(device)
     precision = "bf16 autocast" if cuda else "float32 (the fp8 build: bf16 autocast), no compile"

@@ -301,6 +301,11 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
 
+def _host(x: Any) -> Any:
+    """A device scalar read back as a float (a host sync: logging steps only); anything else as it is."""
+    return float(x) if isinstance(x, torch.Tensor) else x
+
+
 class MetricsCSV(pl.Callback):
     """The rows of ``metrics.csv``, sent to every logger: one after the first step and every ``log_every`` steps,
     and one after each validation. Losses are means over the interval and over ranks; ``samples`` and ``flops`` are
@@ -321,7 +326,7 @@ class MetricsCSV(pl.Callback):
     ) -> None:
         self.log_every, self.text_log, self.echo = log_every, text_log, echo
         self.samples_per_step, self.flops_per_sample = samples_per_step, flops_per_sample
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, Any] = defaultdict(float)  # loss -> its sum over the interval, a device tensor
         self.count = 0
         self.data_state: dict[int, dict[str, Any]] = {}  # latest state (running counts) per data worker
         self.data_totals: dict[str, Any] = {}  # summed over workers and ranks at the end of training
@@ -370,7 +375,8 @@ class MetricsCSV(pl.Callback):
     ) -> None:
         for k in LOSSES:
             if k in outputs:  # the objective's parts (aimv2: all three; aimv1: loss, loss_image; others: loss)
-                self.sums[k] += float(outputs[k].detach())
+                # summed on the device, read back only on logging steps: float() here waited for the GPU every step
+                self.sums[k] = self.sums[k] + outputs[k].detach().float()
         self.count += 1
         if "state" in batch:  # batches from our stream carry their reader's counters
             self.data_state[batch["worker"]] = batch["state"]
@@ -383,8 +389,9 @@ class MetricsCSV(pl.Callback):
         if step == 1 or step % self.log_every == 0:
             self._train_row(trainer, pl_module)
 
-    def _reduce(self, trainer: pl.Trainer, values: list[float], op: str = "mean") -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+    def _reduce(self, trainer: pl.Trainer, values: list[Any], op: str = "mean") -> list[float]:
+        device = trainer.strategy.root_device
+        t = torch.stack([torch.as_tensor(v).to(device, torch.float64) for v in values])  # floats or device sums
         return trainer.strategy.reduce(t, reduce_op=op).tolist()
 
     def _counts(self, field: str) -> dict[str, int]:
@@ -429,7 +436,7 @@ class MetricsCSV(pl.Callback):
             "flops": step * self.samples_per_step * self.flops_per_sample,
             **{k: losses.get(k, "") for k in LOSSES},
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "grad_norm": getattr(pl_module, "grad_norm", ""),
+            "grad_norm": _host(getattr(pl_module, "grad_norm", "")),  # kept on the device between rows
             "img_per_s": img_s,
             "img_per_s_device": img_s / trainer.world_size,
             "tflops": img_s * self.flops_per_sample / 1e12,  # achieved, all devices together

@@ -58,7 +58,7 @@ class AIMv2Module(pl.LightningModule):
         self.loader_state: dict[int, dict[str, Any]] = {}  # data worker -> its state after its last batch used
         self.bad_steps = 0  # consecutive
         self.skipped_steps = 0  # in all
-        self.grad_norm = float("nan")
+        self.grad_norm: Tensor | float = float("nan")  # the last step's global norm, on the device
 
     def configure_model(self) -> None:
         """Activation checkpointing, float8 linears (``trainer.precision=fp8``), compile and (FSDP) sharding per
@@ -97,7 +97,9 @@ class AIMv2Module(pl.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
             norm = norm.full_tensor()
-        self.grad_norm = float(norm)
+        self.grad_norm = norm.detach()  # read back (a host sync) only when a metrics row is written
+        # The one read-back left in a step: whether to skip it must be known now. (A sync-free skip would pass
+        # found_inf to a fused AdamW, as GradScaler does, and check the streak on logging steps: not done yet.)
         if torch.isfinite(norm):
             self.bad_steps = 0
             return
