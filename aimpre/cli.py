@@ -777,8 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pretrain (default: tiny AIMv2 on the embedded demo data, CPU, minutes)")
     t.add_argument("--config", help="YAML config (differences from the defaults)")
     t.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint, if any")
-    t.add_argument("--init", metavar="SOURCE", help="start from the weights of a run, checkpoint, aimpre export or "
-                   "released timm/HF AIMv2 encoder (run.init): fresh optimiser and step 0; pos_embed resampled")
+    t.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help="start from the weights of a run, checkpoint, aimpre export or "
+        "released timm/HF AIMv2 encoder (run.init): fresh optimiser and step 0; pos_embed resampled",
+    )
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 model.depth=12")
     t.set_defaults(fn=_train)
 
@@ -988,8 +992,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "in --steps steps)")  # fmt: skip
     budget.add_argument("--steps", type=INT_GT0, help="the budget is aimv2's FLOPs in this many steps "
                         "(default: the config's trainer.max_steps)")  # fmt: skip
-    c.add_argument("--img-size", type=INT_GT0, help="compare at this resolution (model.img_size; a multiple of the "
-                   "patch): every objective trains and is probed at it, FLOPs per sample counted at it")
+    c.add_argument(
+        "--img-size",
+        type=INT_GT0,
+        help="compare at this resolution (model.img_size; a multiple of the "
+        "patch): every objective trains and is probed at it, FLOPs per sample counted at it",
+    )
     c.add_argument("--seeds", type=INT_GT0, default=3, help="probe seeds (0 .. N-1)")
     c.add_argument("--probe-epochs", type=INT_GT0, help="probe training epochs (default 60)")
     c.add_argument("--no-lit", action="store_true", help="no LiT zero-shot for the non-contrastive encoders")

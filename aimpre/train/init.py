@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aimpre.config import ConfigError, Config, config_hash
+from aimpre.config import Config, ConfigError, config_hash
 from aimpre.export import load, read_run, run_encoder
 from aimpre.files import read_json
 from aimpre.model import AIMv2Encoder
@@ -128,7 +128,7 @@ def init_from(model: nn.Module, cfg: Config, tokenizer: dict[str, Any] | None = 
         loaded = sorted(take)
     fresh = sorted(set(own) - set(loaded))
     dropped = sorted(set(rest) - set(loaded))
-    record = {
+    record: dict[str, Any] = {
         "source": str(path),
         "sha256": None, "files": None,
         "source_info": {k: info.get(k) for k in ("format", "run", "step", "config_hash", "objective") if k in info},
