@@ -88,7 +88,7 @@ def test_init_from_released_timm_files(tmp_path: Path, pretrain_spec: str) -> No
         assert float((got - model.forward_features(_images(112))).abs().max()) <= 1e-5
     record = json.loads((run / "init.json").read_text())
     assert record["encoder"]["pos_embed"] == "as is" and record["loaded"] == [] and record["step"] == 0
-    assert "decoder.image_proj.weight" in record["fresh"] or record["fresh"]  # a timm file has no decoder
+    assert "decoder.img_proj.weight" in record["fresh"] and not record["dropped"]  # a timm file has no decoder
     files = sorted(p.name for p in (tmp_path / "timm").iterdir() if p.suffix in (".json", ".safetensors"))
     lines = "".join(f"{hashlib.sha256((tmp_path / 'timm' / n).read_bytes()).hexdigest()}  {n}\n" for n in files)
     assert record["sha256"] == hashlib.sha256(lines.encode()).hexdigest()  # `sha256sum * | sha256sum`
