@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -90,11 +91,14 @@ def _train(args: argparse.Namespace) -> int:
 def _train_run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
-    from aimpre.config import load_config
+    from aimpre.config import load_config, validate
     from aimpre.train import train
     from aimpre.train.checkpoint import EXIT_PREEMPTED, PREEMPTED
 
     cfg = load_config(args.config, args.overrides)
+    if args.init is not None:  # the flag is run.init; set here, not as an override, so no path is parsed as YAML
+        cfg = replace(cfg, run=replace(cfg.run, init=args.init))
+        validate(cfg)
     run_dir = train(cfg, resume=args.resume)
     stopped = run_dir / PREEMPTED
     if getattr(rank_zero_only, "rank", 0) != 0:  # the global rank Lightning set under any launcher (torchrun, srun)
@@ -292,17 +296,18 @@ def _model_info(args: argparse.Namespace) -> int:
     from aimpre.scaling import training_flops
     from aimpre.train import resolve
 
+    at = [f"model.img_size={args.img_size}"] if args.img_size else []  # FLOPs per sample at any resolution
     if args.name in SIZES:
-        cfg = load_config(None, [f"model.size={args.name}", "run.name=info"])
+        cfg = load_config(None, [f"model.size={args.name}", "run.name=info", *at])
     elif file_present(args.name, "config file"):
-        cfg = load_config(args.name, ["run.name=info"])
+        cfg = load_config(args.name, ["run.name=info", *at])
     else:
         raise ValueError(f"{args.name!r} is neither a model size ({', '.join(SIZES)}) nor a config file")
     cfg = resolve(cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase))
     with torch.device("meta"):
         model = build(cfg.model)
     parts = model.param_counts()  # the parts of model.objective's model: encoder, decoder, heads, text, total
-    info: dict = {**parts, "flops_per_sample": training_flops(cfg.model).total}
+    info: dict = {**parts, "img_size": cfg.model.img_size, "flops_per_sample": training_flops(cfg.model).total}
     if cfg.model.moe_experts:  # MoE: what one token uses (the flops are already those of the routed tokens)
         from aimpre.scaling.flops import param_counts
 
@@ -695,7 +700,11 @@ def _compare(args: argparse.Namespace) -> int:
     from aimpre.compare import compare, format_table, plan, warnings
 
     out = Path(args.out)
-    planned = plan(tuple(args.objectives), args.config, tuple(args.overrides), args.flops, args.steps, out)
+    # --img-size: every objective trains and is probed at that resolution (FLOPs per sample follow it)
+    overrides = (*args.overrides, *([f"model.img_size={args.img_size}"] if args.img_size else []))
+    planned = plan(tuple(args.objectives), args.config, overrides, args.flops, args.steps, out)
+    if planned:
+        print(f"resolution: {planned[0].cfg.model.img_size} px ({planned[0].cfg.model.num_patches} patches)")
     print(f"{'objective':16}{'FLOPs/sample':>14}{'steps':>8}{'samples':>10}{'train FLOPs':>13}")
     for p in planned:
         print(f"{p.objective:16}{p.flops_per_sample:>14.3g}{p.steps:>8}{p.samples:>10}{p.flops:>13.3g}")
@@ -789,6 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pretrain (default: tiny AIMv2 on the embedded demo data, CPU, minutes)")
     t.add_argument("--config", help="YAML config (differences from the defaults)")
     t.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint, if any")
+    t.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help="start from the weights of a run, checkpoint, aimpre export or "
+        "released timm/HF AIMv2 encoder (run.init): fresh optimiser and step 0; pos_embed resampled",
+    )
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 model.depth=12")
     t.set_defaults(fn=_train)
 
@@ -918,6 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
     mi = sub.add_parser("model-info", help="parameter counts and training FLOPs of a size or config")
     mi.add_argument("name", help="a size (tiny, large, huge, 1b, 3b) or a YAML config file")
     mi.add_argument("--json", action="store_true", help="print one JSON object")
+    mi.add_argument("--img-size", type=INT_GT0, help="count FLOPs per sample at this resolution (model.img_size)")
     mi.set_defaults(fn=_model_info)
     cf = sub.add_parser("config", help="show the resolved configuration")
     csub = cf.add_subparsers(dest="config_command", required=True)
@@ -997,6 +1013,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "in --steps steps)")  # fmt: skip
     budget.add_argument("--steps", type=INT_GT0, help="the budget is aimv2's FLOPs in this many steps "
                         "(default: the config's trainer.max_steps)")  # fmt: skip
+    c.add_argument(
+        "--img-size",
+        type=INT_GT0,
+        help="compare at this resolution (model.img_size; a multiple of the "
+        "patch): every objective trains and is probed at it, FLOPs per sample counted at it",
+    )
     c.add_argument("--seeds", type=INT_GT0, default=3, help="probe seeds (0 .. N-1)")
     c.add_argument("--probe-epochs", type=INT_GT0, help="probe training epochs (default 60)")
     c.add_argument("--no-lit", action="store_true", help="no LiT zero-shot for the non-contrastive encoders")

@@ -211,7 +211,8 @@ def compare(
         zs = _zero_shot(p, run, out, lit, probe_test)
         summary = _json(run / "summary.json") or {}
         rows.append({
-            "objective": p.objective, "steps": p.steps, "samples": p.samples, "flops_per_sample": p.flops_per_sample,
+            "objective": p.objective, "img_size": p.cfg.model.img_size, "steps": p.steps, "samples": p.samples,
+            "flops_per_sample": p.flops_per_sample,
             "flops": p.flops, "params_encoder": summary.get("params", {}).get("encoder"),
             "final_loss": _final_loss(run), "train_wall_s": summary.get("wall_time_s"),
             "probe_top1": probes, "zero_shot_top1": None if zs is None else zs["top1"],
@@ -229,6 +230,8 @@ def compare(
     res = {
         "rows": rows,
         "seeds": list(seeds),
+        # the resolution every run trained and was probed at (compare --img-size, or model.img_size)
+        "img_size": planned[0].cfg.model.img_size if planned else None,
         "probe": {"train": probe_train, "test": probe_test},
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
@@ -296,8 +299,9 @@ def format_table(res: dict[str, Any]) -> str:
                      f"{probes[0]} | {probes[1]} | {zs} |")  # fmt: skip
     lines.append("")
     spread = f"the mean ± std over {n} probe seeds" if n > 1 else "one probe seed (no spread: use --seeds 2 or more)"
-    lines.append(f"Top-1 (%) on {res['probe']['test']}, probes trained on {res['probe']['train']}; probe columns are "
-                 f"{spread}. {res['machine']}, {res['date']}, {res['seconds'] / 60:.1f} min in all.")  # fmt: skip
+    at = f" at {res['img_size']} px" if res.get("img_size") else ""
+    lines.append(f"Top-1 (%) on {res['probe']['test']}{at}, probes trained on {res['probe']['train']}; probe columns "
+                 f"are {spread}. {res['machine']}, {res['date']}, {res['seconds'] / 60:.1f} min in all.")  # fmt: skip
     lines.extend(f"\n**Warning:** {w}." for w in warnings(res))
     return "\n".join(lines)
 

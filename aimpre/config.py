@@ -188,6 +188,11 @@ class RunConfig:
     name: str | None = None  # default: "<size>-<date>-<time>"
     out_dir: str = "runs"  # runs are written to out_dir/name
     seed: int = 0  # model init, data order, prefixes
+    # start from weights, not a resume (`aimpre train --init SOURCE`): a run directory or checkpoint, an aimpre
+    # export, or a released timm / Hugging Face AIMv2 encoder. The encoder is loaded (pos_embed resampled to
+    # model.img_size), the decoder and heads where a run of the same objective has them; optimiser, schedule and
+    # step start fresh. init.json in the run records the source, its SHA-256 and what was dropped
+    init: str | None = None
 
 
 @dataclass
@@ -377,6 +382,7 @@ def validate(cfg: Config) -> Config:
     problem = model_size_problem(m)
     if problem is not None:
         raise ConfigError(f"config key 'model.{problem[0]}': {problem[1]}")
+    _check(cfg.run.init is None or cfg.run.init.strip() != "", "run.init", "must name a run, checkpoint or export")
     _check(m.img_size > 0 and m.patch_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
            f"{m.img_size} must be a positive multiple of model.patch_size ({m.patch_size})")  # fmt: skip
     _check(m.num_patches >= 2, "model.img_size", "needs at least 2 patches")

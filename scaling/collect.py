@@ -32,7 +32,8 @@ COLUMNS = (
     "params_encoder_nonemb", "params_total_nonemb", "params_encoder_active", "params_active",
     "flops_per_sample", "steps", "samples", "flops",
     "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text", "width", "depth", "heads",
-    "mlp_hidden", "dec_width", "dec_depth", "lr", "schedule", "cooldown_steps", "batch_size", "wall_time_s",
+    "mlp_hidden", "img_size", "patch_size", "num_patches", "dec_width", "dec_depth", "lr", "schedule",
+    "cooldown_steps", "batch_size", "wall_time_s",
     "probe_attentive_top1", "probe_linear_top1",
 )  # fmt: skip
 # *_active: MoE blocks counted with the top-k experts a token uses (equal to the plain counts for dense models)
@@ -142,6 +143,8 @@ def run_row(run: Path, params: str = "total", size: str | None = None, kind: str
         "flops_per_sample": summary["flops_per_sample"], "steps": summary["steps"], "samples": summary["samples"],
         "flops": summary["flops"], **summary.get("final", {}), **_final_val(run, summary["steps"]),
         "width": m.width, "depth": m.depth, "heads": m.heads, "mlp_hidden": m.mlp_hidden,
+        # the resolution: FLOPs per sample grow with num_patches, so runs at 224 and 336 px are not one curve
+        "img_size": m.img_size, "patch_size": m.patch_size, "num_patches": m.num_patches,
         "dec_width": m.dec_width, "dec_depth": m.dec_depth, "lr": o.lr,
         "schedule": "cooldown" if o.cooldown_steps else o.schedule, "cooldown_steps": o.cooldown_steps,
         "batch_size": cfg.data.batch_size, "wall_time_s": summary.get("wall_time_s"),

@@ -291,6 +291,11 @@ def _train_locked(
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     module = AIMv2Module(cfg, tokenizer.identity())
+    init = None
+    if cfg.run.init is not None and not (resume and last.exists()):  # a resume takes its weights from last.ckpt
+        from aimpre.train.init import init_from  # here: it reads exports (safetensors, json)
+
+        init = init_from(module.model, cfg, tokenizer.identity(), digest=_first_process())
     data = datamodule or AIMv2DataModule(cfg, tokenizer)
     t = cfg.trainer
     nodes = _num_nodes(cfg)
@@ -333,6 +338,11 @@ def _train_locked(
         for logger in trainer.loggers:  # the run config beside the curves in TensorBoard and W&B
             logger.log_hyperparams(to_dict(cfg))
         write_text(run_dir / "tokenizer.identity.json", json.dumps(tokenizer.identity()))
+        if init is not None:
+            from aimpre.train.init import RECORD, summary_line
+
+            write_text(run_dir / RECORD, json.dumps(init, indent=2))
+            print(summary_line(init), flush=True)
         if isinstance(tokenizer, HFTokenizer):  # the run carries its own copy of the vocabulary
             write_text(run_dir / "tokenizer.json", tokenizer.path.read_text())
     start = time.time()

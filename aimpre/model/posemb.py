@@ -1,0 +1,52 @@
+"""Position embeddings on a grid of patches: resampling a learned table to another grid.
+
+A learned ``pos_embed`` [1, N, d] belongs to one grid (16 x 16 patches at 224 px, patch 14). Starting a 336 px stage
+(24 x 24) from it, or evaluating at another resolution, resamples the table as an image of d channels: bicubic with
+antialiasing, in float32, exactly as timm's ``timm.layers.resample_abs_pos_embed`` (which ``timm.create_model(...,
+img_size=336)`` and ``dynamic_img_size`` use on AIMv2 checkpoints), so a model resampled here equals timm's.
+``tests/test_init.py`` compares the two on the same tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _hw(grid: int | tuple[int, int]) -> tuple[int, int]:
+    return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+
+
+def resample_pos_embed(
+    pos: Tensor, new_grid: int | tuple[int, int], old_grid: int | tuple[int, int] | None = None
+) -> Tensor:
+    """A position embedding table resampled from one patch grid to another (bicubic, antialiased, as timm).
+
+    Args:
+        pos: [1, N, d], rows in raster order of the old grid (no class token).
+        new_grid: the new grid, (rows, columns) in patches, or one int for a square grid.
+        old_grid: the grid ``pos`` was learned on; None: square, sqrt(N) a side.
+
+    Returns:
+        [1, new_rows * new_columns, d] in ``pos``'s dtype; ``pos`` itself when the grids are the same.
+    """
+    if pos.dim() != 3 or pos.shape[0] != 1:
+        raise ValueError(f"a position embedding is [1, N, d], got shape {tuple(pos.shape)}")
+    N, d = pos.shape[1], pos.shape[2]
+    if old_grid is None:
+        side = math.isqrt(N)
+        if side * side != N:
+            raise ValueError(f"{N} positions are not a square grid: give old_grid")
+        old_grid = side
+    (oh, ow), (nh, nw) = _hw(old_grid), _hw(new_grid)
+    if oh * ow != N:
+        raise ValueError(f"old grid {oh}x{ow} has {oh * ow} positions, the table {N}")
+    if min(nh, nw) < 1:
+        raise ValueError(f"new grid {nh}x{nw} is empty")
+    if (oh, ow) == (nh, nw):
+        return pos
+    x = pos.float().reshape(1, oh, ow, d).permute(0, 3, 1, 2)  # [1, N, d] -> [1, d, oh, ow], an image of d channels
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True)  # float32: interpolate's own precision
+    return x.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(pos.dtype)  # [1, d, nh, nw] -> [1, nh*nw, d]
