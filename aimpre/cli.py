@@ -619,13 +619,15 @@ def _probe(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (encoder if encoder.is_dir() else encoder.parent) / "probe.json"
     layers = Layers(None if args.layers is None else tuple(args.layers), args.merge)
     res = run_probe(args.encoder, args.train, test, tuple(args.kind), settings, args.compare_random,
-                    not args.no_cache, out, layers)  # fmt: skip
+                    not args.no_cache, out, layers, args.raw_pixels)  # fmt: skip
     what = "output" if args.layers is None else f"{args.merge} of blocks {', '.join(map(str, args.layers))}"
     print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; features: {what}; "
-          f"top-1 on {res['test']}:")  # fmt: skip
-    print(f"{'':14}" + "".join(f"{k:>12}" for k in args.kind))
+          f"top-1 on {res['test']} (and on the probe's own training images):")  # fmt: skip
+    print(f"{'':14}" + "".join(f"{k + ' (train)':>22}" for k in args.kind))
     for name, by_kind in res["results"].items():
-        print(f"{name:14}" + "".join(f"{by_kind[k]['top1']:>12.1%}" for k in args.kind))
+        cells = (f"{by_kind[k]['top1']:.1%} ({by_kind[k]['train_top1']:.1%})" if k in by_kind else "-"
+                 for k in args.kind)  # fmt: skip
+        print(f"{name:14}" + "".join(f"{c:>22}" for c in cells))
     print(f"results: {out}")
     return 0
 
@@ -923,6 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=INT_GT0, help="default 64")
     pr.add_argument("--seed", type=int, help="probe init, shuffling and the random-init twin (default 0)")
     pr.add_argument("--compare-random", action="store_true", help="also probe the architecture at random init")
+    pr.add_argument("--raw-pixels", action="store_true", help="also train the linear probe on the raw normalised "
+                    "pixels at the encoder's resolution (the baseline an encoder has to beat)")  # fmt: skip
     pr.add_argument("--no-cache", action="store_true", help="do not cache features in $AIMPRE_CACHE/features")
     pr.add_argument("--out", help="results JSON (default: probe.json in the encoder's directory)")
     pr.add_argument("--layers", type=int, nargs="+", help="probe these blocks (0-based; -1 the last) instead of the "

@@ -3,6 +3,7 @@ touches, probe train accuracy and the raw-pixel baseline, and the per-objective 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -109,3 +110,28 @@ def test_weight_decay_only_on_weight_matrices(objective: str) -> None:
         "classification": {"encoder.pos_embed", "head.pool.query", "head.linear.bias"},
     }[objective]  # fmt: skip
     assert expected_off <= no_decay, sorted(expected_off - no_decay)
+
+
+def test_probe_reports_train_top1_and_a_raw_pixel_baseline(demo: Path, tmp_path: Path, capsys) -> None:
+    """Logistic regression on the raw normalised pixels at the probe's resolution: the 112 px upscaled digits are
+    separable far above chance (10%); every row carries its train top-1, printed beside the test one."""
+    from aimpre.cli import main
+    from aimpre.export import preprocessing_info, write_export
+    from aimpre.model import AIMv2Encoder
+
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(model_config("tiny", depth=1, vocab_size=258))
+    pre = preprocessing_info((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 112)
+    path = write_export(enc, "safetensors", tmp_path / "enc", info={"preprocessing": pre})
+    digits = str(demo / "digits-test-000000.tar")  # 539 digits, 20% of them held out: cheap
+    out = tmp_path / "probe.json"
+    assert main(["probe", str(path), "--train", digits, "--test", "none", "--kind", "linear", "--epochs", "5",
+                 "--raw-pixels", "--no-cache", "--out", str(out)]) == 0  # fmt: skip
+    res = json.loads(out.read_text())["results"]
+    raw = res["raw_pixels"]["linear"]
+    assert raw["params"] == 10 * (3 * 112 * 112 + 1)  # one linear layer on the flattened image
+    assert raw["top1"] > 0.5 and 0.5 < raw["train_top1"] <= 1, raw
+    lines = {x.split()[0]: x.split()[1:] for x in capsys.readouterr().out.splitlines() if x.strip()}
+    for name in ("encoder", "raw_pixels"):
+        top1, train_top1 = res[name]["linear"]["top1"], res[name]["linear"]["train_top1"]
+        assert lines[name] == [f"{top1:.1%}", f"({train_top1:.1%})"], lines
