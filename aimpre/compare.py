@@ -6,9 +6,10 @@ encoder the same way: attentive and linear probes on held-out labelled images, o
 top-1 for the contrastive objectives (their own text tower) and, through LiT (a text tower trained against the
 frozen encoder, ``aimpre.lit``), for the others. LiT's training is evaluation cost, not counted in the budget. Two
 last rows are the baselines: the same encoder architecture at its random initialisation (the floor pretraining has
-to beat) and the linear probe trained on raw normalised pixels (``aimpre.probe.raw_pixel_probe``: what the images hold
-without any encoder; no attentive probe there). Every probe cell carries the probe's top-1 on its own training images too: low there means
-the features lost what the labels need, high there and low on the test set means the head overfits.
+to beat) and the linear probe trained on raw normalised pixels (``aimpre.probe.raw_pixel_probe``: what the images
+hold without any encoder; no attentive probe there). Every probe cell carries the probe's top-1 on its own training
+images too: low there means the features lost what the labels need, high there and low on the test set means the
+head overfits.
 
 Everything lands in one folder and is reused when present, so an interrupted comparison continues where it stopped:
 ``runs/OBJECTIVE`` (a normal run; an unfinished one resumes), ``probe-<digest>.json`` per seed in each run (as

@@ -11,8 +11,9 @@ features in the middle of the trunk.
 A raw-pixel baseline (``raw_pixel_probe``) trains the linear probe on the normalised pixels themselves, at the
 probe's resolution: logistic regression on the flattened image (the attentive head on raw 588-wide patches would
 cost 9x a tiny encoder's probe, and says no more about what the pixels hold). An encoder that probes below it has
-lost information the pixels held. Every result carries the probe's top-1 on its own training set beside the held-out one: a low train top-1
-means the features do not hold what the labels need; a high one with a low test top-1 means the head overfits.
+lost information the pixels held. Every result carries the probe's top-1 on its own training set beside the
+held-out one: a low train top-1 means the features do not hold what the labels need; a high one with a low test
+top-1 means the head overfits.
 
 Labels come from ``KEY.cls`` (an integer) or the ``label``/``cls`` field of ``KEY.json``. ``demo:SPLIT`` names a
 split of the embedded demo data (e.g. ``demo:digits-train``).
