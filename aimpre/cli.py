@@ -676,7 +676,8 @@ def _compare(args: argparse.Namespace) -> int:
     from aimpre.compare import compare, format_table, plan, warnings
 
     out = Path(args.out)
-    planned = plan(tuple(args.objectives), args.config, tuple(args.overrides), args.flops, args.steps, out)
+    planned = plan(tuple(args.objectives), args.config, tuple(args.overrides), args.flops, args.steps, out,
+                   not args.shared_recipe)  # fmt: skip
     print(f"{'objective':16}{'FLOPs/sample':>14}{'steps':>8}{'samples':>10}{'train FLOPs':>13}")
     for p in planned:
         print(f"{p.objective:16}{p.flops_per_sample:>14.3g}{p.steps:>8}{p.samples:>10}{p.flops:>13.3g}")
@@ -988,6 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--probe-train", default="demo:digits-train", help="labelled shards the probes train on")
     c.add_argument("--probe-test", default="demo:digits-test", help="labelled shards for probe and zero-shot top-1")
     c.add_argument("--out", default="compare", help="folder of the runs and results (reused when present)")
+    c.add_argument("--shared-recipe", action="store_true", help="train every objective with the shared config, "
+                   "without its own lr, batch and augmentation (aimpre.compare.RECIPES)")  # fmt: skip
     c.add_argument("--config", help="YAML base config for every objective (default: the demo job)")
     c.add_argument("overrides", nargs="*", help="section.key=value for every objective, e.g. data.batch_size=64")
     c.set_defaults(fn=_compare)

@@ -135,3 +135,28 @@ def test_probe_reports_train_top1_and_a_raw_pixel_baseline(demo: Path, tmp_path:
     for name in ("encoder", "raw_pixels"):
         top1, train_top1 = res[name]["linear"]["top1"], res[name]["linear"]["train_top1"]
         assert lines[name] == [f"{top1:.1%}", f"({train_top1:.1%})"], lines
+
+
+def test_compare_gives_each_objective_its_recipe_at_equal_flops(tmp_path: Path, pretrain_spec: str) -> None:
+    from aimpre.compare import plan
+
+    shards = (f"data.train_shards={pretrain_spec}",)
+    rows = {r.objective: r for r in plan(("aimv2", "siglip", "clip", "classification"), None, shards, None, 50,
+                                         tmp_path)}  # fmt: skip
+    shared = rows["aimv2"].cfg  # AIMv2's recipe is the shared config
+    assert (shared.optim.lr, shared.data.batch_size, shared.data.crop_scale, shared.data.hflip) == (
+        1e-3, 32, (0.4, 1.0), True)  # fmt: skip
+    for o in ("siglip", "clip"):
+        d = rows[o].cfg.data
+        assert (rows[o].cfg.optim.lr, d.batch_size, d.crop_scale, d.hflip) == (3e-4, 64, (0.9, 1.0), False), o
+    c = rows["classification"].cfg
+    assert (c.optim.lr, c.data.batch_size, c.data.crop_scale, c.data.hflip) == (3e-4, 32, (0.9, 1.0), False)
+    budget = rows["aimv2"].flops
+    for r in rows.values():  # a bigger batch means fewer steps, the same FLOPs to the nearest step
+        assert abs(r.flops - budget) <= r.flops_per_sample * r.cfg.data.batch_size / 2, r.objective
+    assert rows["siglip"].samples == pytest.approx(rows["siglip"].steps * 64)
+    # the user's overrides win over a recipe; --shared-recipe leaves the recipes out
+    mine = plan(("siglip",), None, (*shards, "optim.lr=1e-4"), None, 50, tmp_path)[0].cfg
+    assert (mine.optim.lr, mine.data.batch_size) == (1e-4, 64)
+    plain = plan(("siglip",), None, shards, None, 50, tmp_path, recipes=False)[0]
+    assert (plain.cfg.optim.lr, plain.cfg.data.batch_size, plain.cfg.data.hflip) == (1e-3, 32, True)
