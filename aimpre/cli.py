@@ -645,13 +645,15 @@ def _probe(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (encoder if encoder.is_dir() else encoder.parent) / "probe.json"
     layers = Layers(None if args.layers is None else tuple(args.layers), args.merge)
     res = run_probe(args.encoder, args.train, test, tuple(args.kind), settings, args.compare_random,
-                    not args.no_cache, out, layers)  # fmt: skip
+                    not args.no_cache, out, layers, args.raw_pixels)  # fmt: skip
     what = "output" if args.layers is None else f"{args.merge} of blocks {', '.join(map(str, args.layers))}"
     print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; features: {what}; "
-          f"top-1 on {res['test']}:")  # fmt: skip
-    print(f"{'':14}" + "".join(f"{k:>12}" for k in args.kind))
+          f"top-1 on {res['test']} (and on the probe's own training images):")  # fmt: skip
+    print(f"{'':14}" + "".join(f"{k + ' (train)':>22}" for k in args.kind))
     for name, by_kind in res["results"].items():
-        print(f"{name:14}" + "".join(f"{by_kind[k]['top1']:>12.1%}" for k in args.kind))
+        cells = (f"{by_kind[k]['top1']:.1%} ({by_kind[k]['train_top1']:.1%})" if k in by_kind else "-"
+                 for k in args.kind)  # fmt: skip
+        print(f"{name:14}" + "".join(f"{c:>22}" for c in cells))
     print(f"results: {out}")
     return 0
 
@@ -702,7 +704,7 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # --img-size: every objective trains and is probed at that resolution (FLOPs per sample follow it)
     overrides = (*args.overrides, *([f"model.img_size={args.img_size}"] if args.img_size else []))
-    planned = plan(tuple(args.objectives), args.config, overrides, args.flops, args.steps, out)
+    planned = plan(tuple(args.objectives), args.config, overrides, args.flops, args.steps, out, not args.shared_recipe)
     if planned:
         print(f"resolution: {planned[0].cfg.model.img_size} px ({planned[0].cfg.model.num_patches} patches)")
     print(f"{'objective':16}{'FLOPs/sample':>14}{'steps':>8}{'samples':>10}{'train FLOPs':>13}")
@@ -960,6 +962,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=INT_GT0, help="default 64")
     pr.add_argument("--seed", type=int, help="probe init, shuffling and the random-init twin (default 0)")
     pr.add_argument("--compare-random", action="store_true", help="also probe the architecture at random init")
+    pr.add_argument("--raw-pixels", action="store_true", help="also train the linear probe on the raw normalised "
+                    "pixels at the encoder's resolution (the baseline an encoder has to beat)")  # fmt: skip
     pr.add_argument("--no-cache", action="store_true", help="do not cache features in $AIMPRE_CACHE/features")
     pr.add_argument("--out", help="results JSON (default: probe.json in the encoder's directory)")
     pr.add_argument("--layers", type=int, nargs="+", help="probe these blocks (0-based; -1 the last) instead of the "
@@ -1027,6 +1031,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--probe-train", default="demo:digits-train", help="labelled shards the probes train on")
     c.add_argument("--probe-test", default="demo:digits-test", help="labelled shards for probe and zero-shot top-1")
     c.add_argument("--out", default="compare", help="folder of the runs and results (reused when present)")
+    c.add_argument("--shared-recipe", action="store_true", help="train every objective with the shared config, "
+                   "without its own lr, batch and augmentation (aimpre.compare.RECIPES)")  # fmt: skip
     c.add_argument("--config", help="YAML base config for every objective (default: the demo job)")
     c.add_argument("overrides", nargs="*", help="section.key=value for every objective, e.g. data.batch_size=64")
     c.set_defaults(fn=_compare)

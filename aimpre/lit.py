@@ -55,7 +55,7 @@ from aimpre.export import _load_tensors, _read_header, _read_json, load
 from aimpre.files import UntrustedInputError, atomic_path, file_present, read_text, save_safetensors, write_text
 from aimpre.model import AIMv2Encoder, ModelConfig
 from aimpre.model.sizes import SIZES
-from aimpre.objectives.contrastive import ClipLoss, SigLipLoss
+from aimpre.objectives.contrastive import ClipLoss, SigLipLoss, clamp_temperatures
 from aimpre.objectives.towers import ImageHead, TextTower
 from aimpre.probe import ProbeError, _device, _digest, _lr_at, _weights_hash, features, shard_urls
 from aimpre.progress import progress
@@ -270,6 +270,7 @@ def _train(parts: nn.ModuleDict, tokens: Tensor, text: Tensor, mask: Tensor, s: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        clamp_temperatures(parts)  # CLIP's scale, after the step (open_clip's order)
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)

@@ -8,6 +8,13 @@ Departure from the papers: with cached features the probe trains without augment
 blocks instead of the last one (each through the final RMSNorm), averaged or concatenated: AIM v1 found its best
 features in the middle of the trunk.
 
+A raw-pixel baseline (``raw_pixel_probe``) trains the linear probe on the normalised pixels themselves, at the
+probe's resolution: logistic regression on the flattened image (the attentive head on raw 588-wide patches would
+cost 9x a tiny encoder's probe, and says no more about what the pixels hold). An encoder that probes below it has
+lost information the pixels held. Every result carries the probe's top-1 on its own training set beside the
+held-out one: a low train top-1 means the features do not hold what the labels need; a high one with a low test
+top-1 means the head overfits.
+
 Labels come from ``KEY.cls`` (an integer) or the ``label``/``cls`` field of ``KEY.json``. ``demo:SPLIT`` names a
 split of the embedded demo data (e.g. ``demo:digits-train``).
 """
@@ -283,6 +290,36 @@ def train_probe(kind: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Ten
     }
 
 
+def raw_pixel_probe(
+    pre: dict[str, Any], train: str, test: str | None, settings: ProbeSettings | None = None
+) -> dict[str, dict]:
+    """The linear probe on raw normalised pixels at the probe's resolution: the baseline beside the encoders.
+
+    Args:
+        pre: the encoder's preprocessing (``img_size``, ``mean``, ``std``), so the pixels are what it was fed.
+        train: labelled shards to train on (``demo:SPLIT`` or a shard spec).
+        test: held-out labelled shards; None holds out a seeded 20% of ``train``.
+        settings: probe training settings (as for the encoders).
+
+    Returns:
+        ``{"linear": train_probe's result}`` (top1, train_top1, params).
+    """
+    s = settings or ProbeSettings()
+    mean, std = (torch.tensor(pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+
+    def pixels(spec: str) -> tuple[Tensor, Tensor]:
+        images, labels, _ = read_labelled(shard_urls(spec), pre["img_size"])
+        return ((images.float() / 255 - mean) / std).flatten(1).unsqueeze(1).half(), labels  # [N, 1, 3 x S x S]
+
+    x, y = pixels(train)
+    if test is None:
+        tr, te = _split(y, 0.2, s.seed)
+        train_set, test_set = (x[tr], y[tr]), (x[te], y[te])
+    else:
+        train_set, test_set = (x, y), pixels(test)
+    return {"linear": train_probe("linear", train_set, test_set, s)}
+
+
 def _split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(len(labels) * fraction))
@@ -299,8 +336,9 @@ def run_probe(
     cache: bool = True,
     out: Path | None = None,
     layers: Layers = Layers(),
+    raw_pixels: bool = False,
 ) -> dict[str, Any]:
-    """Probes a frozen encoder (and, if asked, the same architecture at random initialisation).
+    """Probes a frozen encoder (and, if asked, the same architecture at random initialisation, and raw pixels).
 
     Args:
         encoder_path: anything ``aimpre.export.load`` reads (a run, a checkpoint, an export, a released model).
@@ -312,9 +350,11 @@ def run_probe(
         cache: keep features under ``$AIMPRE_CACHE/features``.
         out: where to write the results JSON (atomically), if anywhere.
         layers: the blocks to probe and how to merge them (default: the encoder's output).
+        raw_pixels: also train the linear probe on the raw normalised pixels (``raw_pixel_probe``), as
+            ``raw_pixels`` (when ``kinds`` has it).
 
     Returns:
-        A JSON-able dict with top-1 per encoder and probe, the data sizes and the settings.
+        A JSON-able dict with top-1 and train top-1 per encoder and probe, the data sizes and the settings.
     """
     s = settings or ProbeSettings()
     start = time.time()
@@ -347,6 +387,8 @@ def run_probe(
         else:
             train_set, test_set = (x, y), features(encoder, pre, test_urls, cache_dir, weights, layers)
         results[name] = {kind: train_probe(kind, train_set, test_set, s) for kind in kinds}
+    if raw_pixels and "linear" in kinds:
+        results["raw_pixels"] = raw_pixel_probe(pre, train, test, s)
     res = {
         "encoder_path": str(encoder_path),
         "encoder_info": loaded.info,

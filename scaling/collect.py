@@ -90,7 +90,12 @@ def probe_row(run: Path, probe: Probe, steps: int, random_init: bool = False) ->
         except ProbeError as e:
             raise ProbeError(f"run {run}: probe: {e}") from None
     which = "random_init" if random_init else "encoder"
-    return {f"probe_{k}_top1": res["results"][which][k]["top1"] for k in KINDS}, cached
+    found = res["results"][which]
+    # the train top-1 beside (not a results.csv column; aimpre compare reports it)
+    return {
+        **{f"probe_{k}_top1": found[k]["top1"] for k in KINDS},
+        **{f"probe_{k}_train_top1": found[k]["train_top1"] for k in KINDS if "train_top1" in found[k]},
+    }, cached
 
 
 def finished(run: Path) -> bool:

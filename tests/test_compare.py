@@ -64,13 +64,18 @@ def test_compare_trains_probes_and_zero_shots_then_reuses(tmp_path: Path, pretra
     assert main(args) == 0
     res = json.loads((out / "compare.json").read_text())
     rows = {r["objective"]: r for r in res["rows"]}
-    assert list(rows) == ["aimv1", "siglip", "random init"] and res["seeds"] == [0, 1]
+    assert list(rows) == ["aimv1", "siglip", "random init", "raw pixels"] and res["seeds"] == [0, 1]
+    raw = rows.pop("raw pixels")  # the probes on the pixels themselves, same seeds
+    assert raw["params_encoder"] == 0 and not raw["probe_top1"]["attentive"]  # a linear probe only
+    assert len(raw["probe_top1"]["linear"]) == len(raw["probe_train_top1"]["linear"]) == 2
+    assert "| raw pixels | 0 | 0 |" in (out / "compare.md").read_text()
     floor = rows.pop("random init")  # the untrained architecture, probed with the same seeds
     assert floor["steps"] == 0 and floor["zero_shot_top1"] is None and len(floor["probe_top1"]["linear"]) == 2
     assert floor["probe_top1"] != rows["aimv1"]["probe_top1"]
     for r in rows.values():
         assert len(r["probe_top1"]["attentive"]) == len(r["probe_top1"]["linear"]) == 2
-        assert all(0 <= t <= 1 for k in ("attentive", "linear") for t in r["probe_top1"][k])
+        assert all(0 <= t <= 1 for c in ("probe_top1", "probe_train_top1") for k in ("attentive", "linear")
+                   for t in r[c][k])  # fmt: skip
         summary = json.loads((out / "runs" / r["objective"] / "summary.json").read_text())
         assert summary["steps"] == r["steps"] and summary["flops"] == pytest.approx(r["flops"])
         assert 0 <= r["zero_shot_top1"] <= 1

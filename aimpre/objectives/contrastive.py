@@ -1,7 +1,10 @@
 """Contrastive image-text losses that see every rank's batch: CLIP's softmax InfoNCE and SigLIP's sigmoid loss.
 
 CLIP (Radford et al. 2021): symmetric cross-entropy over the image-text similarity matrix, learnable logit scale
-initialised to log(1/0.07) and clamped at log(100). SigLIP (Zhai et al. 2023): L = -1/|B| sum_ij log sigmoid(
+initialised to log(1/0.07) and kept in [0, log 100] by clamping the parameter after each optimiser step
+(``clamp_temperatures``, open_clip's ``logit_scale.clamp_(0, math.log(100))`` in its train loop). Clamping inside
+the forward instead would zero the scale's gradient whenever a step has carried it past the bound, so it could
+never come down again. SigLIP (Zhai et al. 2023): L = -1/|B| sum_ij log sigmoid(
 z_ij (t x_i.y_j + b)), z = +1 on the diagonal and -1 off it, learnable t = exp(t') with t' = log 10 and b = -10 at
 initialisation. Embeddings are L2-normalised here.
 
@@ -73,6 +76,9 @@ def _embeddings(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor, int]:
 class ClipLoss(nn.Module):
     """Symmetric softmax InfoNCE over every rank's pairs, with a learnable temperature.
 
+    The forward uses the scale as it is; whoever steps the optimiser calls ``clamp_`` (or ``clamp_temperatures``)
+    after each step.
+
     Args:
         init_scale: initial logit scale (1/0.07, CLIP's).
         max_scale: the scale's clamp (100, CLIP's).
@@ -87,11 +93,27 @@ class ClipLoss(nn.Module):
         """This rank's slice of the loss over the global batch; ``image``/``text`` [B, D] are the local pairs."""
         image, text, offset = _embeddings(image, text)
         all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # [world x B, D]
-        scale = self.logit_scale.clamp(max=self.max_log).exp()
+        scale = self.logit_scale.exp()  # unclamped: the gradient stays live at the bound (see clamp_)
         labels = torch.arange(offset, offset + image.shape[0], device=image.device)  # my pairs' global columns
         per_image = scale * image @ all_text.T  # [B, world x B]
         per_text = scale * text @ all_image.T
         return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamps the log scale to [0, log max_scale] in place: call it after every optimiser step."""
+        self.logit_scale.clamp_(0.0, self.max_log)
+
+
+def clamp_temperatures(model: nn.Module) -> None:
+    """Clamps the temperature of every ``ClipLoss`` inside ``model``; call it after every optimiser step.
+
+    Args:
+        model: any module (a whole objective, LiT's towers); modules without a ``ClipLoss`` are left as they are.
+    """
+    for m in model.modules():
+        if isinstance(m, ClipLoss):
+            m.clamp_()
 
 
 class SigLipLoss(nn.Module):

@@ -23,6 +23,7 @@ from aimpre.data import (
 )
 from aimpre.data.scan import check_fields
 from aimpre.objectives import build, needs, uses_prefix
+from aimpre.objectives.contrastive import clamp_temperatures
 from aimpre.train.optim import build_optimizer, lr_factor
 
 
@@ -112,6 +113,13 @@ class AIMv2Module(pl.LightningModule):
                 f"{self.bad_steps} consecutive steps had non-finite gradients (last at step {self.global_step}); "
                 f"stopping. {self._last_checkpoint()}. Lower optim.lr or check the data."
             )
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step, then CLIP's temperature clamped (open_clip's order: the clamp acts on the parameter
+        after the update, so the loss's gradient in it stays live at the bound). Here rather than in
+        ``on_train_batch_end``, which callbacks (the checkpointer) see before the module does."""
+        super().optimizer_step(*args, **kwargs)
+        clamp_temperatures(self.model)
 
     def _last_checkpoint(self) -> str:
         """What is on disk now, read from disk: a run may stop before its first checkpoint."""

@@ -1,8 +1,10 @@
 """AdamW with AIMv2's decoupled weight decay, and the warmup + cosine (or constant, or constant + cooldown) schedule.
 
 AIMv2 (ml-l3m ``AdamLH``) decays p <- p * (1 - wd * lr_t / lr_peak) with wd = 1e-4. torch's AdamW decays
-p <- p * (1 - lr_t * wd'), so wd' = wd / lr_peak gives the same update. Biases, norms, position embeddings
-and the start token are not decayed (ml-l3m ``wd_exclude``).
+p <- p * (1 - lr_t * wd'), so wd' = wd / lr_peak gives the same update. Biases, norms, scalars (CLIP's and
+SigLIP's temperature and bias), position tables, the start token and learned pooling queries are not decayed
+(ml-l3m ``wd_exclude``; big_vision decays only kernels): only weight matrices and the token-embedding tables
+(decayed in ml-l3m and open_clip) are. tests/test_eval_fixes.py lists what every objective decays.
 """
 
 from __future__ import annotations
@@ -15,16 +17,28 @@ from torch import nn
 
 from aimpre.config import OptimConfig
 
-NO_DECAY_SUFFIXES = ("pos_embed", "text_pos", "start_token")
+# parameters of 2 or more dimensions that are not decayed, by the last part of their name: the encoder's and the
+# decoder's position tables, the text tower's (``text_tower.pos``), the decoder's start token, and the learned
+# query of MAP pooling (a learned input, like a CLS token)
+NO_DECAY_NAMES = frozenset({"pos_embed", "text_pos", "pos", "start_token", "query"})
+
+
+def decays(name: str, p: nn.Parameter) -> bool:
+    """Whether the parameter ``name`` (as ``named_parameters`` gives it) gets weight decay."""
+    return p.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
 
 
 def param_groups(model: nn.Module) -> list[dict]:
+    """The trainable parameters in two AdamW groups: decayed (``decays``) and not (``weight_decay`` 0).
+
+    Args:
+        model: the module whose parameters the optimiser steps.
+    """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "decay": True}, {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
