@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shlex
 import shutil
 import struct
 import subprocess
@@ -383,3 +384,134 @@ def test_resuming_a_sharded_checkpoint_without_fsdp_says_how(
             "trainer.max_steps=3", "trainer.strategy=auto"]  # fmt: skip
     code, err = _cli(argv, capsys)
     assert code == 2 and err.count("\n") == 1 and "resume it with trainer.strategy=fsdp" in err, err
+
+
+# ---- names and generated scripts --------------------------------------------------------------------------------
+
+HOSTILE_NAMES = ["../../escaped", "a\ntouch PWNED", ".hidden", "a/b", "x; touch PWNED", ""]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_run_name_is_a_plain_name(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """run.name becomes out_dir/NAME: one that climbs out of run.out_dir, or holds a newline, is refused before
+    any directory is made."""
+    out = tmp_path / "runs"
+    argv = ["train", f"run.out_dir={out}", f"run.name={json.dumps(name)}", "trainer.max_steps=1", *TINY]
+    code, err = _cli(argv, capsys)
+    assert code == 2 and err.startswith("aimpre: error: config key 'run.name': ") and err.count("\n") == 1, err
+    assert not out.exists() and not (tmp_path / "escaped").exists()
+
+
+def test_run_out_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out_dir = json.dumps(str(tmp_path / "a\nb"))
+    code, err = _cli(["train", f"run.out_dir={out_dir}", "run.name=r"], capsys)
+    assert code == 2 and "config key 'run.out_dir'" in err and err.count("\n") == 1, err
+
+
+def _shims(tmp_path: Path) -> dict[str, str]:
+    """srun and scontrol that do nothing: the generated script's own lines run, the training does not."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for tool in ("srun", "scontrol", "aimpre"):
+        (shims / tool).write_text("#!/bin/sh\nexit 0\n")
+        (shims / tool).chmod(0o755)
+    return {**ENV, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "1", "SLURM_CPUS_PER_TASK": "1",
+            "SLURM_ARRAY_TASK_ID": "0"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--name", "r\ntouch PWNED"), ("--name", "../r"), ("--time", "1:00:00\ntouch PWNED"),
+     ("--sbatch", "--account=x\ntouch PWNED"), ("--python", "python\ntouch PWNED")],
+)  # fmt: skip
+def test_launch_slurm_refuses_values_that_would_be_script_lines(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "c.yaml").write_text("data: {num_workers: 0}\n")
+    argv = ["launch", "slurm", "--config", str(tmp_path / "c.yaml"), "--name", "r", flag, value]
+    code, err = _cli(argv, capsys)
+    assert code == 2 and err.startswith(f"aimpre: error: {flag}: ") and err.count("\n") == 1, err
+
+
+def test_launch_slurm_quotes_one_line_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Values with quotes, spaces, ``#`` and ``;`` stay words of their own line: the script, run by bash with
+    SLURM's tools as no-ops, runs nothing they hold."""
+    (tmp_path / "c.yaml").write_text("data: {num_workers: 0}\n")
+    evil = f'x" ; touch {tmp_path}/PWNED #'
+    argv = ["launch", "slurm", "--config", str(tmp_path / "c.yaml"), "--name", "r", "--time", evil,
+            "--sbatch", evil, "--python", evil, f"run.out_dir={tmp_path / 'runs'}", "optim.lr=0.001"]  # fmt: skip
+    assert main(argv) == 0
+    script = capsys.readouterr().out
+    for line in script.splitlines():  # sbatch splits an #SBATCH line at whitespace outside double quotes
+        if line.startswith("#SBATCH "):
+            assert len(shlex.split(line[len("#SBATCH ") :])) == 1, line
+    (tmp_path / "job.sbatch").write_text(script)
+    done = subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=_shims(tmp_path), capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _sweep(tmp_path: Path, name: str = "s") -> Path:
+    sweep = {"name": name, "design": "grid", "samples": [64], "sizes": {"xs": {"width": 32, "depth": 1}},
+             "head_dim": 16, "mlp_ratio": 2.0,
+             "overrides": {"data.num_workers": 0, "optim.warmup_steps": 1}}  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(json.dumps(sweep))  # JSON is YAML
+    return tmp_path / "sweep.yaml"
+
+
+@pytest.mark.parametrize("name", ["s\ntouch PWNED", "../s", "s s"])
+def test_sweep_name_is_a_plain_name(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = _cli(["scaling", "plan", str(_sweep(tmp_path, name)), "--out", str(tmp_path / "plan")], capsys)
+    assert code == 2 and "sweep key 'sweep.name'" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "plan").exists()
+
+
+PLAN_EDITS = {  # a plan.json someone hands you -> the field the error must name
+    "sweep newline": (lambda d: d.update(sweep="s\ntouch PWNED"), "sweep"),
+    "design newline": (lambda d: d.update(design="grid\ntouch PWNED"), "design"),
+    "point climbs out": (lambda d: d["points"][0].update(name="../../escaped"), "points[0].name"),
+    "group newline": (lambda d: d["points"][0].update(group="g\ntouch PWNED"), "points[0].group"),
+    "config elsewhere": (lambda d: d["points"][0].update(config="/etc/passwd"), "points[0].config"),
+    "runs_dir climbs out": (lambda d: d.update(runs_dir=".."), "runs_dir"),
+    "points not a list": (lambda d: d.update(points={"a": 1}), "points"),
+}
+
+
+@pytest.fixture(scope="module")
+def plan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("plan")
+    assert main(["scaling", "plan", str(_sweep(tmp)), "--out", str(tmp / "plan")]) == 0
+    return tmp / "plan"
+
+
+@pytest.mark.parametrize("edit", list(PLAN_EDITS))
+@pytest.mark.parametrize("entry", ["slurm", "commands", "run"])
+def test_planted_plan_names_are_refused(
+    edit: str, entry: str, plan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    plan = tmp_path / "plan"
+    shutil.copytree(plan_dir, plan)
+    change, field = PLAN_EDITS[edit]
+    _edit_json(plan / "plan.json", change)
+    extra = {"slurm": ["--slurm", str(tmp_path / "job.sbatch")], "commands": ["--commands", str(tmp_path / "c.sh")],
+             "run": []}[entry]  # fmt: skip
+    code, err = _cli(["scaling", "run", str(plan), *extra], capsys)
+    assert code == 2 and err.startswith("aimpre: error: ") and err.count("\n") == 1, err
+    assert f"plan.json: {field}" in err, err
+    assert not (tmp_path / "job.sbatch").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_plan_slurm_script_quotes_its_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A plan folder whose path holds spaces and shell syntax: the array script passes it as one word."""
+    odd = tmp_path / "a b;touch PWNED"
+    assert main(["scaling", "plan", str(_sweep(tmp_path)), "--out", str(odd)]) == 0
+    job = tmp_path / "job.sbatch"
+    assert main(["scaling", "run", str(odd), "--slurm", str(job), "--sbatch", "--comment=x y"]) == 0
+    for line in job.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            assert len(shlex.split(line[len("#SBATCH ") :])) == 1, line
+    done = subprocess.run(["bash", str(job)], env=_shims(tmp_path), capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "PWNED").exists()
