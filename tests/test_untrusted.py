@@ -8,6 +8,7 @@ directory, which is then tampered with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -16,8 +17,9 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -515,3 +517,91 @@ def test_plan_slurm_script_quotes_its_folder(tmp_path: Path, capsys: pytest.Capt
                           cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+# ---- commands in a run's saved config ---------------------------------------------------------------------------
+
+
+def _saved_config(run: Path, **data: object) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"].update(data)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+SAVED_SPECS = {  # data.* of a planted config.yaml (MARK: the marker file, VAL: a real shard) -> the key named
+    "val pipe:": ({"val_shards": "pipe:touch MARK; cat VAL"}, "data.val_shards"),
+    "val PIPE: (any case)": ({"val_shards": "PIPE:touch MARK; cat VAL"}, "data.val_shards"),
+    "train pipe:, no val": ({"val_shards": None, "train_shards": "pipe:touch MARK; cat VAL"}, "data.train_shards"),
+    "pipe: in a list": ({"val_shards": ["VAL", "pipe:touch MARK; cat VAL"]}, "data.val_shards"),
+    "pipe: after ::": ({"val_shards": "VAL::pipe:touch MARK; cat VAL"}, "data.val_shards"),
+    "pipe: in braces": ({"val_shards": "pipe:touch MARK{1..2}; cat VAL"}, "data.val_shards"),
+    "http URL (curl)": ({"val_shards": "http://127.0.0.1:9/x.tar"}, "data.val_shards"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVED_SPECS))
+def test_saved_config_shards_start_no_process(
+    case: str, tiny_run: Path, val_spec: str, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """visualize reads images from the run's saved shards: a command there is refused in one line naming the key
+    and config.yaml; the same spec given with --data is the user's own and runs."""
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    data, key = SAVED_SPECS[case]
+    fill = lambda v: v.replace("MARK", str(marker)).replace("VAL", val_spec) if isinstance(v, str) else v
+    _saved_config(run, **{k: [fill(x) for x in v] if isinstance(v, list) else fill(v) for k, v in data.items()})
+    code, err = _cli(["visualize", str(run), "--out", str(tmp_path / "fig")], capsys)
+    assert not list(tmp_path.glob(f"{marker.name}*")), "the saved config's command ran"
+    assert code == 2 and err.startswith("aimpre: error: ") and err.count("\n") == 1, err
+    assert "config.yaml" in err and key in err and "--data" in err, err
+
+
+def test_explicit_pipe_data_is_honoured(
+    tiny_run: Path, val_spec: str, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    _saved_config(run, val_shards=f"pipe:touch {marker}; cat {val_spec}", index=None)
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"shards": {Path(val_spec).name: 128}}))
+    argv = ["visualize", str(run), "--out", str(tmp_path / "fig"), "-n", "2", "--data", f"pipe:touch {marker}; cat "
+            f"{val_spec}"]  # fmt: skip
+    _saved_config(run, index=str(index))
+    code, err = _cli(argv, capsys)
+    assert code == 0, err
+    assert marker.exists() and (tmp_path / "fig" / "attention.png").is_file()
+
+
+@contextlib.contextmanager
+def _eof_later(fifo: Path, after: float = 20.0) -> Iterator[None]:
+    """Opens ``fifo`` for writing (EOF to a reader blocked on it) if the block runs past ``after`` seconds, so that
+    code that waits on a FIFO fails the test instead of hanging it."""
+    done = threading.Event()
+
+    def rescue() -> None:
+        if not done.wait(after):
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    t = threading.Thread(target=rescue, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
+def test_saved_config_fifo_shard_is_refused_not_waited_on(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    fifo = tmp_path / "val-000000.tar"
+    os.mkfifo(fifo)
+    _saved_config(run, val_shards=str(fifo))
+    with _eof_later(fifo):
+        code, err = _cli(["visualize", str(run), "--out", str(tmp_path / "fig")], capsys)
+    assert code == 2 and "not a regular file" in err and "data.val_shards" in err and err.count("\n") == 1, err

@@ -17,11 +17,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from webdataset.shardlists import expand_urls
 
 from aimpre.data.tario import group_samples, tar_members
-from aimpre.files import write_text
+from aimpre.files import read_json, write_text
 
 INDEX = "index.json"
 _TAR_NAME = re.compile(r"([^/\s]+\.tar)\b")
@@ -39,8 +40,14 @@ class Shard:
     samples: int | None  # None: unknown (a pipe: URL without an index)
 
 
+def starts_process(url: str) -> bool:
+    """Whether reading ``url`` starts a process: webdataset opens a URL with a scheme (``pipe:`` in a shell, in
+    any case; http, gs, hf, ... through curl or gsutil) by running a command, and only a plain path as a file."""
+    return urlparse(url).scheme != ""
+
+
 def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+    return not starts_process(url)
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -86,10 +93,8 @@ def read_index(path: Path) -> dict[str, int]:
     path = path / INDEX if path.is_dir() else path
     if not path.exists():
         return {}
-    try:
-        counts = json.loads(path.read_text()).get("shards", {})
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"{path} is not a valid shard index: {e}") from e
+    raw = read_json(path, "shard index")  # bounded, and a FIFO named as data.index is refused, not waited on
+    counts = raw.get("shards", {}) if isinstance(raw, dict) else None
     if not isinstance(counts, dict) or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
         raise ValueError(f"{path}: 'shards' must map shard names to sample counts")
     return counts
