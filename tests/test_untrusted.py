@@ -605,3 +605,52 @@ def test_saved_config_fifo_shard_is_refused_not_waited_on(
     with _eof_later(fifo):
         code, err = _cli(["visualize", str(run), "--out", str(tmp_path / "fig")], capsys)
     assert code == 2 and "not a regular file" in err and "data.val_shards" in err and err.count("\n") == 1, err
+
+
+# ---- writes outside the run directory ---------------------------------------------------------------------------
+
+
+def _link(target: Path) -> Callable[[Path], None]:
+    return lambda p: p.symlink_to(target)
+
+
+RUN_DIR_PLANTS = {  # what is planted in (or as) the run directory before training -> the path the error names
+    ".lock symlink": (".lock", "file", ".lock"),
+    "out.log symlink": ("out.log", "file", "out.log"),
+    "metrics.csv symlink": ("metrics.csv", "file", "metrics.csv"),
+    "checkpoints/ symlink": ("checkpoints", "dir", "checkpoints"),
+    "run directory symlink": ("", "dir", "r"),
+    ".lock FIFO": (".lock", "fifo", ".lock"),
+}
+
+
+@pytest.mark.parametrize("plant", list(RUN_DIR_PLANTS))
+def test_training_writes_nothing_through_planted_links(
+    plant: str, pretrain_spec: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run directory may be handed over with links in it: training refuses them in one line naming the file,
+    and the file or folder they point at is left as it was."""
+    name, kind, named = RUN_DIR_PLANTS[plant]
+    out, run = tmp_path / "runs", tmp_path / "runs" / "r"
+    victim = tmp_path / "victim"
+    (run if name else out).mkdir(parents=True)
+    where = run / name if name else run
+    if kind == "file":
+        victim.write_text("precious\n")
+        where.symlink_to(victim)
+    elif kind == "dir":
+        victim.mkdir()
+        where.symlink_to(victim, target_is_directory=True)
+    else:
+        os.mkfifo(where)
+    argv = ["train", f"run.out_dir={out}", "run.name=r", f"data.train_shards={pretrain_spec}", "data.val_shards=null",
+            "trainer.max_steps=2", "trainer.ckpt_every=1", *TINY]  # fmt: skip
+    with _eof_later(where) if kind == "fifo" else contextlib.nullcontext():
+        code, err = _cli(argv, capsys)
+    if kind == "file":
+        assert victim.read_text() == "precious\n"
+    elif kind == "dir":
+        assert list(victim.iterdir()) == []
+    assert code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("aimpre: error: ")]
+    assert len(errors) == 1 and f"{named} is " in errors[0] and "Traceback" not in err, err[-2000:]

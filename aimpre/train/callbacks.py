@@ -26,7 +26,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from aimpre.config import ConfigError
-from aimpre.files import atomic_path
+from aimpre.files import atomic_path, open_in_run
 from aimpre.train.checkpoint import load_torch_file
 
 COLUMNS = (
@@ -106,7 +106,7 @@ class _RunCSVWriter(ExperimentWriter):
         if not self.metrics:
             return
         new = not os.path.isfile(self.metrics_file_path)
-        with open(self.metrics_file_path, "a", newline="") as f:
+        with open_in_run(self.metrics_file_path, "a") as f:  # a symlink planted as metrics.csv is not followed
             w = csv.DictWriter(f, COLUMNS)
             if new:
                 w.writeheader()
@@ -117,7 +117,7 @@ class _RunCSVWriter(ExperimentWriter):
         """Starts metrics.csv afresh, or after a resume keeps the rows up to the restored ``step``."""
         keep = []
         if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
+            with open_in_run(self.metrics_file_path, "r") as f:
                 keep = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, COLUMNS)
@@ -350,7 +350,7 @@ class MetricsCSV(pl.Callback):
             line = f"{head} {losses} lr {row['lr']:.2e} img/s {row['img_per_s']:.1f} eta {eta}"
         else:
             line = f"{head} val " + " ".join(f"{k} {row['val_' + k]:.4f}" for k in LOSSES if "val_" + k in row)
-        with open(self.text_log, "a") as f:
+        with open_in_run(self.text_log, "a") as f:  # a symlink planted as out.log is not followed
             f.write(line + "\n")
         if self.echo:
             print(line, flush=True)

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from aimpre.config import Config, ConfigError, config_hash, dump_config, load_yaml, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
-from aimpre.files import write_text
+from aimpre.files import check_run_dir, open_fd_in_run, write_text
 from aimpre.objectives import uses_prefix
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
@@ -98,10 +98,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Holds ``run_dir/.lock`` exclusively while the block runs; refuses if another process holds it.
 
     ``fcntl.flock``: the OS drops the lock when its process dies, however it dies, so a killed run never blocks its
-    own resume. The file names the holder (host, pid, start time) for the refusal message.
+    own resume. The file names the holder (host, pid, start time) for the refusal message. A ``.lock`` that is a
+    symlink (or a FIFO) is refused: truncating it would truncate whatever it points at.
     """
     path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_fd_in_run(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,6 +241,7 @@ def train(
         AIMv2DataModule(cfg, tokenizer).check_shards()
     assert cfg.run.name is not None
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    check_run_dir(run_dir)  # before mkdir: a symlinked run directory or checkpoints/ would take the writes elsewhere
     run_dir.mkdir(parents=True, exist_ok=True)
     ours = not _distributed()  # Lightning starts the process group in fit(); one the caller started is left alone
     try:
