@@ -654,3 +654,43 @@ def test_training_writes_nothing_through_planted_links(
     assert code == 2, err[-2000:]
     errors = [line for line in err.splitlines() if line.startswith("aimpre: error: ")]
     assert len(errors) == 1 and f"{named} is " in errors[0] and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("entry", ["resume", "export"])
+def test_last_ckpt_a_fifo_is_refused_not_waited_on(
+    entry: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "tiny2"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    last = run / "checkpoints" / "last.ckpt"
+    last.unlink()
+    os.mkfifo(run / "checkpoints" / "step-6.fifo")
+    last.symlink_to("step-6.fifo")
+    argv = {"resume": ["train", "--resume", "--config", str(tiny_run / "config.yaml"), f"run.out_dir={tmp_path}",
+                       "trainer.max_steps=7"],
+            "export": ["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "o")]}[entry]  # fmt: skip
+    with _eof_later(run / "checkpoints" / "step-6.fifo"):
+        code, err = _cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "last.ckpt is not a regular file" in err, err
+
+
+@pytest.mark.parametrize("plant", ["ckpt-torch-zip", "ckpt-raw-pickle"])
+def test_weights_only_refusal_says_what_and_gives_no_unsafe_advice(
+    plant: str, tiny_run: Path, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """torch's refusal text advises re-running with weights_only=False: the one line says what was refused."""
+    run = tmp_path / "tiny2"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    last = run / "checkpoints" / "last.ckpt"
+    last.unlink()
+    payload = {"state_dict": {}, "x": Payload(marker)}
+    if plant == "ckpt-torch-zip":
+        torch.save(payload, last)
+    else:
+        last.write_bytes(pickle.dumps(payload))
+    code, err = _cli(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "out")], capsys)
+    _assert_refused(code, err, "last.ckpt", marker)
+    line = err.replace(str(tmp_path), "TMP")  # the test's own name holds "weights_only"
+    assert "False" not in line and "weights_only=" not in line and "trusted source" not in line, err
+    what = "it refers to io.open" if plant == "ckpt-torch-zip" else "Unsupported operand"
+    assert what in err, err

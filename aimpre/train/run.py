@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from aimpre.config import Config, ConfigError, config_hash, dump_config, load_yaml, to_dict
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
-from aimpre.files import check_run_dir, open_fd_in_run, write_text
+from aimpre.files import check_run_dir, open_fd_in_run, regular_file, write_text
 from aimpre.objectives import uses_prefix
 from aimpre.scaling import flops_per_sample
 from aimpre.train.baselines import baselines
@@ -272,6 +272,8 @@ def _train_locked(
     if last.exists() and not resume:
         raise FileExistsError(f"run {run_dir} already has checkpoints: pass --resume to continue it")
     if resume and last.exists():
+        if not last.is_dir():  # a FIFO (or device) as last.ckpt would block the resume forever
+            regular_file(last, "checkpoint")
         _check_resume(run_dir, cfg, tokenizer)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
