@@ -74,20 +74,21 @@ def probe_row(run: Path, probe: Probe, steps: int, random_init: bool = False) ->
     key = {"train": probe.train, "test": probe.test, "kinds": list(KINDS), "settings": asdict(settings),
            "step": steps, **({"random_init": True} if random_init else {})}  # fmt: skip
     out = run / f"probe-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
-    res = None
-    if out.is_file():
-        try:
-            res = json.loads(out.read_text())
-        except ValueError:  # unreadable (written by hand?): probe again and replace it
-            res = None
-    cached = res is not None
-    if res is None:
-        try:
-            res = run_probe(run, probe.train, probe.test, KINDS, settings, compare_random=random_init, out=out)
-        except ProbeError as e:
-            raise ProbeError(f"run {run}: probe: {e}") from None
     which = "random_init" if random_init else "encoder"
-    return {f"probe_{k}_top1": res["results"][which][k]["top1"] for k in KINDS}, cached
+    columns = None
+    if out.exists() or out.is_symlink():
+        try:  # bounded, and a FIFO is refused rather than waited on
+            res = files.read_json(out, "probe result")
+            columns = {f"probe_{k}_top1": float(res["results"][which][k]["top1"]) for k in KINDS}  # type: ignore[index]
+        except (ValueError, TypeError, KeyError):  # unreadable or not ours (written by hand?): probe again, replace it
+            columns = None
+    if columns is not None:
+        return columns, True
+    try:
+        res = run_probe(run, probe.train, probe.test, KINDS, settings, compare_random=random_init, out=out)
+    except ProbeError as e:
+        raise ProbeError(f"run {run}: probe: {e}") from None
+    return {f"probe_{k}_top1": res["results"][which][k]["top1"] for k in KINDS}, False
 
 
 def finished(run: Path) -> bool:

@@ -694,3 +694,92 @@ def test_weights_only_refusal_says_what_and_gives_no_unsafe_advice(
     assert "False" not in line and "weights_only=" not in line and "trusted source" not in line, err
     what = "it refers to io.open" if plant == "ckpt-torch-zip" else "Unsupported operand"
     assert what in err, err
+
+
+# ---- feature caches ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny export and the feature cache file the probe writes for its demo:digits-test features."""
+    from aimpre.export import load
+    from aimpre.probe import features, shard_urls
+
+    tmp = tmp_path_factory.mktemp("cached")
+    src = _exported(tmp, "safetensors")
+    loaded = load(src)
+    features(loaded.encoder, loaded.info["preprocessing"], shard_urls("demo:digits-test"), tmp / "features")
+    (file,) = (tmp / "features").glob("*.pt")
+    return src, file
+
+
+def _garbage(f: Path, marker: Path) -> None:
+    f.write_bytes(b"\x00not a torch file" * 10)
+
+
+def _truncated(f: Path, marker: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _wrong_fields(f: Path, marker: Path) -> None:
+    torch.save({"tokens": "x", "labels": [1]}, f)
+
+
+def _fifo(f: Path, marker: Path) -> None:
+    f.unlink()
+    os.mkfifo(f)
+
+
+def _code(f: Path, marker: Path) -> None:
+    saved = torch.load(f, weights_only=True)
+    torch.save({**saved, "x": Payload(marker)}, f)
+
+
+CACHE_PLANTS = {"garbage": _garbage, "truncated": _truncated, "wrong fields": _wrong_fields, "FIFO": _fifo,
+                "pickle with code": _code}  # fmt: skip
+
+
+@pytest.mark.parametrize(  # each recompute takes ~10 s on the CI machine: two kinds of damage by default
+    "plant", [p if p in ("garbage", "FIFO", "pickle with code") else pytest.param(p, marks=pytest.mark.slow)
+              for p in CACHE_PLANTS],
+)  # fmt: skip
+def test_planted_feature_cache(plant: str, cached: tuple[Path, Path], marker: Path, tmp_path: Path) -> None:
+    """Our own cache, damaged, is recomputed and replaced (a note on stderr says so); one asking to run code is
+    refused in one line naming it (someone tampered with the cache: recomputing would hide it). Nothing runs."""
+    from aimpre.export import load
+    from aimpre.probe import features, shard_urls
+    from aimpre.train.checkpoint import UnsafeCheckpointError
+
+    src, good = cached
+    file = tmp_path / "features" / good.name
+    file.parent.mkdir()
+    shutil.copy(good, file)
+    CACHE_PLANTS[plant](file, marker)
+    loaded, urls = load(src), shard_urls("demo:digits-test")
+    with _eof_later(file):
+        if plant == "pickle with code":
+            with pytest.raises(UnsafeCheckpointError, match=rf"feature cache .*{file.name}: refused: .*io\.open"):
+                features(loaded.encoder, loaded.info["preprocessing"], urls, file.parent)
+            assert not marker.exists()
+            return
+        tokens, labels = features(loaded.encoder, loaded.info["preprocessing"], urls, file.parent)
+    assert not marker.exists()
+    expected = torch.load(good, weights_only=True)
+    assert torch.equal(tokens, expected["tokens"]) and torch.equal(labels, expected["labels"])
+    assert torch.equal(torch.load(file, weights_only=True)["tokens"], tokens)  # replaced by the recomputed ones
+
+
+def test_planted_feature_cache_is_one_line_from_the_cli(
+    cached: tuple[Path, Path], marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    src, good = cached
+    (tmp_path / "features").mkdir()
+    shutil.copy(good, tmp_path / "features" / good.name)
+    _code(tmp_path / "features" / good.name, marker)
+    for d in Path(os.environ["AIMPRE_CACHE"]).iterdir():  # the demo data: shared, not copied
+        (tmp_path / d.name).symlink_to(d)
+    monkeypatch.setenv("AIMPRE_CACHE", str(tmp_path))
+    argv = ["probe", str(src), "--train", "demo:digits-test", "--test", "none", "--epochs", "1"]
+    code, err = _cli(argv, capsys)
+    _assert_refused(code, err, f"feature cache {tmp_path / 'features' / good.name}: refused", marker)

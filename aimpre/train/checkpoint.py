@@ -228,6 +228,8 @@ def load_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _GLOBAL.search(str(e)):  # garbage, a truncated file, an opcode torch's loader lacks: no code named
+            raise ValueError(f"{path}: not a readable torch checkpoint ({_line(e)})") from None
         raise UnsafeCheckpointError(f"{path}: refused: {_line(e)}; nothing was run") from None
     except Exception as e:  # zip, pickle and storage errors have many types
         raise ValueError(f"{path}: not a readable torch checkpoint ({_line(e)})") from e
