@@ -341,6 +341,7 @@ def load_plan(plan_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no plan.json in {plan_dir}: run `aimpre scaling plan SWEEP.yaml --out DIR` first")
     plan = files.read_json(p, "plan file")
     check_plan(plan, str(p))
+    assert isinstance(plan, dict)  # check_plan refused anything else
     return plan
 
 
