@@ -424,6 +424,7 @@ def _scaling_run(args: argparse.Namespace) -> int:
         return 0
     from tqdm import tqdm
 
+    runner.load_plan(args.plan)  # a plan refused is one line of its own, not one after the progress bar
     bar = tqdm(total=None, desc="sweep", unit="run")
 
     def report(out: runner.Outcome, done: int, total: int) -> None:

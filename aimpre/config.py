@@ -27,6 +27,7 @@ from aimpre.files import UntrustedInputError, check_depth, file_present, read_by
 from aimpre.kernels import available_backends, fused
 from aimpre.model.sizes import OBJECTIVES, SIZES, ModelConfig, model_config
 from aimpre.objectives.towers import POOLS
+from aimpre.quoting import one_line, plain_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -376,12 +377,25 @@ _HEAD_KEYS = {
 }
 
 
+def _check_run(r: RunConfig) -> None:
+    """run.name is one plain path component (it becomes ``out_dir/name`` and a job name in generated scripts: no
+    ``..``, ``/`` or newline); run.out_dir is any one-line path (the user's choice of where runs go)."""
+    try:
+        if r.name is not None:
+            plain_name(r.name, "config key 'run.name'")
+        one_line(r.out_dir, "config key 'run.out_dir'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check(bool(r.out_dir.strip()), "run.out_dir", "must not be empty")
+
+
 def validate(cfg: Config) -> Config:
     """Rejects impossible values, naming the key."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
     problem = model_size_problem(m)
     if problem is not None:
         raise ConfigError(f"config key 'model.{problem[0]}': {problem[1]}")
+    _check_run(cfg.run)
     _check(cfg.run.init is None or cfg.run.init.strip() != "", "run.init", "must name a run, checkpoint or export")
     _check(m.img_size > 0 and m.patch_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
            f"{m.img_size} must be a positive multiple of model.patch_size ({m.patch_size})")  # fmt: skip

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 class WriteError(OSError):
@@ -50,6 +50,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    if tmp.is_symlink():  # planted under the name we would write through: writing would follow it
+        tmp.unlink()
     try:
         yield tmp
         os.replace(tmp, p)
@@ -259,3 +261,50 @@ def read_csv(path: str | Path, what: str = "CSV file", max_bytes: int = MAX_CSV_
         except UnicodeDecodeError as e:
             raise UntrustedInputError(f"{what} {p} is not UTF-8 text (byte {e.start})") from None
     return rows
+
+
+# Files in a run directory are written in place only by appends (metrics.csv, out.log) and the lock; everything
+# else goes through atomic_path, whose os.replace replaces a symlink instead of following it. A run directory may
+# come from anyone, so these few are opened without following a symlink, and only if they are regular files.
+
+
+def open_fd_in_run(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` of a file in a run directory that refuses, in one UntrustedInputError naming it, a symlink
+    (``O_NOFOLLOW``) and anything but a regular file (a FIFO would block: it is opened non-blocking, then checked).
+
+    Args:
+        path: the file.
+        flags: ``os.O_*`` flags (``O_NOFOLLOW``, ``O_NONBLOCK`` and ``O_CLOEXEC`` are added).
+        mode: permissions of a file this creates.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UntrustedInputError(f"{p} is a symbolic link: aimpre does not write through links in a run "
+                                      f"directory (remove it)") from None  # fmt: skip
+        if e.errno == errno.ENXIO:  # a FIFO opened for writing with no reader
+            raise UntrustedInputError(f"{p} is not a regular file (a FIFO, device or socket)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UntrustedInputError(f"{p} is not a regular file (a FIFO, device or socket)")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_in_run(path: str | Path, mode: str = "a") -> IO[str]:
+    """A run directory's text file opened for appending (``"a"``) or reading (``"r"``), as ``open_fd_in_run``;
+    rows are written as ``csv`` wants them (``newline=""``)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT if mode == "a" else os.O_RDONLY
+    return os.fdopen(open_fd_in_run(path, flags), mode, newline="")
+
+
+def check_run_dir(run_dir: Path, subdirs: tuple[str, ...] = ("checkpoints", "tensorboard", "wandb")) -> None:
+    """Refuses a run directory that is a symlink, or whose ``subdirs`` are: every file written below one would
+    land wherever it points. (``run.out_dir`` itself may be a link: it is the user's choice of where runs go.)"""
+    for p in (run_dir, *(run_dir / d for d in subdirs)):
+        if p.is_symlink():
+            raise UntrustedInputError(f"{p} is a symbolic link: aimpre writes a run only into real directories "
+                                      f"(point run.out_dir where the run should go instead)")  # fmt: skip

@@ -57,7 +57,7 @@ from aimpre.model import AIMv2Encoder, ModelConfig
 from aimpre.model.sizes import SIZES
 from aimpre.objectives.contrastive import ClipLoss, SigLipLoss, clamp_temperatures
 from aimpre.objectives.towers import ImageHead, TextTower
-from aimpre.probe import ProbeError, _device, _digest, _lr_at, _weights_hash, features, shard_urls
+from aimpre.probe import ProbeError, _device, _digest, _lr_at, _weights_hash, features, read_cache, shard_urls
 from aimpre.progress import progress
 
 LOSSES = ("siglip", "clip")
@@ -146,8 +146,8 @@ def captioned_features(
     all are an error naming the first key without a caption.
     """
     file = None if cache is None else cache / f"{_digest(weights, urls)}.pt"
-    if file is not None and file.is_file():
-        saved = torch.load(file, weights_only=True)
+    saved = None if file is None else read_cache(file, {"tokens": Tensor, "captions": list, "skipped": dict})
+    if saved is not None:
         return saved["tokens"], saved["captions"], Counter(saved["skipped"])
     dev = next(encoder.parameters()).device
     mean, std = (torch.tensor(pre[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))

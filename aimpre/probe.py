@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -200,8 +201,8 @@ def features(
     if cache is not None and weights is None:
         weights = _weights_hash(encoder, pre)
     file = None if cache is None else cache / f"{_digest(weights, urls, layers)}.pt"
-    if file is not None and file.is_file():
-        saved = torch.load(file, weights_only=True)
+    saved = None if file is None else read_cache(file, {"tokens": Tensor, "labels": Tensor})
+    if saved is not None:
         return saved["tokens"], saved["labels"]
     images, labels, skipped = read_labelled(urls, pre["img_size"])
     if skipped:
@@ -212,6 +213,39 @@ def features(
         with atomic_path(file) as tmp:
             torch.save({"tokens": tokens, "labels": labels}, tmp)
     return tokens, labels
+
+
+def read_cache(file: Path, fields: dict[str, type]) -> dict[str, Any] | None:
+    """A feature cache file's dict, or None if there is none or it is damaged (then the caller recomputes it and
+    replaces the file; a note on stderr says so).
+
+    Nothing is unpickled beyond tensors and plain values (``weights_only``). A file that asks to run code is
+    refused in one line naming it: the cache was tampered with, and recomputing would hide that.
+
+    Args:
+        file: the cache file.
+        fields: the keys the dict must have and their types; the first two hold one entry per sample.
+    """
+    from aimpre.train.checkpoint import UnsafeCheckpointError, load_torch_file  # here: it imports Lightning
+
+    if not (file.exists() or file.is_symlink()):
+        return None
+    try:
+        saved = load_torch_file(file)
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"feature cache {e} (remove the file)") from None
+    except ValueError as e:  # unreadable, truncated, a FIFO: ours, damaged
+        print(f"aimpre: note: recomputing the feature cache: {e}", file=sys.stderr)
+        return None
+    first, second = list(fields)[:2]
+    if not (
+        isinstance(saved, dict)
+        and all(isinstance(saved.get(k), tp) for k, tp in fields.items())
+        and len(saved[first]) == len(saved[second])
+    ):
+        print(f"aimpre: note: recomputing the feature cache: {file} does not hold {', '.join(fields)}", file=sys.stderr)
+        return None
+    return saved
 
 
 def _lr_at(step: int, total: int, warmup: int) -> float:

@@ -29,9 +29,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources
+from aimpre.config import Config, short
+from aimpre.data import Augment, ImageTextStream, build_tokenizer, sources, spec_urls
+from aimpre.data.shardset import starts_process
 from aimpre.export import read_run, run_encoder, run_model
-from aimpre.files import atomic_path, file_present, read_csv, read_json_object
+from aimpre.files import atomic_path, file_present, read_csv, read_json_object, regular_file
 from aimpre.model import AIMv2, AIMv2Encoder, patchify, unpatchify
 from aimpre.model.layers import Block
 from aimpre.scaling.plots import DPI  # one resolution for every figure aimpre draws
@@ -207,6 +209,32 @@ def plot_attention(encoder: AIMv2Encoder, images_u8: Tensor, mean: Tensor, std: 
     return fig
 
 
+def saved_shards(cfg: Config, cfg_file: Path) -> str | list[str]:
+    """The shards a run's saved config names for drawing images from (its validation shards, else its training
+    shards), if reading them starts no process.
+
+    A run directory may come from anyone: its ``config.yaml`` is not the user's own config, so a ``pipe:`` command
+    or a remote URL in it (which webdataset opens by running a shell, curl or gsutil) is refused, naming the key,
+    as is a shard that is not a regular file (a FIFO would block the read forever). Shards given explicitly
+    (``--data``) are the user's and are honoured whatever their kind.
+
+    Args:
+        cfg: the run's config, as read from ``cfg_file``.
+        cfg_file: the run's ``config.yaml``, for messages.
+    """
+    key = "data.val_shards" if cfg.data.val_shards else "data.train_shards"
+    spec = cfg.data.val_shards or cfg.data.train_shards
+    for s in spec if isinstance(spec, list) else [spec]:
+        for url in spec_urls(s, "val"):
+            if starts_process(url):
+                raise ValueError(
+                    f"{cfg_file}: {key} names {short(url)}, which would start a process (a pipe: command or a "
+                    f"remote URL): a saved run config is not trusted to run commands; pass the shards with --data"
+                )
+            regular_file(url, f"{cfg_file}: {key}: shard")
+    return spec
+
+
 def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: str | None = None) -> list[Path]:
     """Writes ``predictions.png``, ``losses.png`` and ``attention.png`` for a run.
 
@@ -214,15 +242,16 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
         run: the run directory.
         out: the output directory (default ``RUN/figures``).
         n: images per figure.
-        data: shard spec of the images to show (default: the run's validation shards).
+        data: shard spec of the images to show (default: the run's validation shards, if they are local files:
+            see ``saved_shards``).
     """
     run = Path(run)
     ckpt = read_run(run)
     cfg = ckpt.cfg
+    spec = data or saved_shards(cfg, ckpt.path.parent.parent / "config.yaml")
     # built on the meta device and checked against the checkpoint before any allocation
     model = run_model(ckpt) if cfg.model.objective == "aimv2" else None
     encoder = model.encoder if model is not None else run_encoder(ckpt)
-    spec = data or cfg.data.val_shards or cfg.data.train_shards
     tok = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
     shards = sources(spec, "val", need_counts=True, index=cfg.data.index)
     stream = ImageTextStream(shards, tok, cfg.model.text_len, n, Augment(cfg.model.img_size, train=False), shuffle=0)

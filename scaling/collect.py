@@ -77,25 +77,26 @@ def probe_row(run: Path, probe: Probe, steps: int, random_init: bool = False) ->
     key = {"train": probe.train, "test": probe.test, "kinds": list(KINDS), "settings": asdict(settings),
            "step": steps, **({"random_init": True} if random_init else {})}  # fmt: skip
     out = run / f"probe-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
-    res = None
-    if out.is_file():
-        try:
-            res = files.read_json_object(out, "probe result")
-        except ValueError:  # unreadable (written by hand?): probe again and replace it
-            res = None
-    cached = res is not None
-    if res is None:
-        try:
-            res = run_probe(run, probe.train, probe.test, KINDS, settings, compare_random=random_init, out=out)
-        except ProbeError as e:
-            raise ProbeError(f"run {run}: probe: {e}") from None
     which = "random_init" if random_init else "encoder"
-    found = res["results"][which]
-    # the train top-1 beside (not a results.csv column; aimpre compare reports it)
-    return {
-        **{f"probe_{k}_top1": found[k]["top1"] for k in KINDS},
-        **{f"probe_{k}_train_top1": found[k]["train_top1"] for k in KINDS if "train_top1" in found[k]},
-    }, cached
+
+    def columns(res: dict) -> dict[str, float]:
+        found = res["results"][which]
+        # the train top-1 beside (not a results.csv column; aimpre compare reports it)
+        return {
+            **{f"probe_{k}_top1": float(found[k]["top1"]) for k in KINDS},
+            **{f"probe_{k}_train_top1": float(found[k]["train_top1"]) for k in KINDS if "train_top1" in found[k]},
+        }
+
+    if out.exists() or out.is_symlink():
+        try:  # bounded, and a FIFO is refused rather than waited on
+            return columns(files.read_json_object(out, "probe result")), True
+        except (ValueError, TypeError, KeyError):  # unreadable or not ours (written by hand?): probe again, replace it
+            pass
+    try:
+        res = run_probe(run, probe.train, probe.test, KINDS, settings, compare_random=random_init, out=out)
+    except ProbeError as e:
+        raise ProbeError(f"run {run}: probe: {e}") from None
+    return columns(res), False
 
 
 def finished(run: Path) -> bool:

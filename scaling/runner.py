@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aimpre import files
+from aimpre.quoting import one_line, sbatch_quote
 from aimpre.scaling.collect import finished
 from aimpre.scaling.sweep import load_plan
 
@@ -192,17 +193,19 @@ def slurm_script(plan_dir: str | Path, launcher: str | None = None, sbatch: tupl
         sbatch: extra ``#SBATCH`` options, e.g. ("--gres=gpu:8", "--time=24:00:00").
     """
     pdir = Path(plan_dir).resolve()
-    plan = load_plan(pdir)
+    plan = load_plan(pdir)  # its sweep and group names are plain names (checked there)
     names = list(groups(plan))
-    cmd = ["aimpre", "scaling", "run", str(pdir), "--group", '"${RUN_GROUPS[$SLURM_ARRAY_TASK_ID]}"']
+    where = one_line(str(pdir), "the plan folder")
+    cmd = ["aimpre", "scaling", "run", shlex.quote(where), "--group", '"${RUN_GROUPS[$SLURM_ARRAY_TASK_ID]}"']
     if launcher:
-        cmd += ["--launcher", shlex.quote(launcher)]
+        cmd += ["--launcher", shlex.quote(one_line(launcher, "--launcher"))]
+    # every #SBATCH value quoted for sbatch (a newline is refused: it would start a script line of its own)
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={plan['sweep']}",
+        f"#SBATCH --job-name={sbatch_quote(plan['sweep'], 'plan.json: sweep')}",
         f"#SBATCH --array=0-{len(names) - 1}",
-        f"#SBATCH --output={pdir}/logs/slurm-%A_%a.out",
-        *(f"#SBATCH {opt}" for opt in sbatch),
+        f"#SBATCH --output={sbatch_quote(f'{where}/logs/slurm-%A_%a.out', 'the plan folder')}",
+        *(f"#SBATCH {sbatch_quote(opt, '--sbatch')}" for opt in sbatch),
         f"# {len(plan['points'])} runs of sweep {plan['sweep']!r} ({plan['design']}), one array task per group",
         "set -euo pipefail",
         "RUN_GROUPS=(" + " ".join(shlex.quote(n) for n in names) + ")",
@@ -214,6 +217,7 @@ def slurm_script(plan_dir: str | Path, launcher: str | None = None, sbatch: tupl
 def command_list(plan_dir: str | Path, launcher: str | None = None) -> str:
     """One shell command per group, for any scheduler (each runs its group's points in order, skipping done ones)."""
     pdir = Path(plan_dir).resolve()
-    extra = f" --launcher {shlex.quote(launcher)}" if launcher else ""
+    extra = f" --launcher {shlex.quote(one_line(launcher, '--launcher'))}" if launcher else ""
     names = groups(load_plan(pdir))
-    return "".join(f"aimpre scaling run {shlex.quote(str(pdir))} --group {shlex.quote(g)}{extra}\n" for g in names)
+    where = shlex.quote(one_line(str(pdir), "the plan folder"))  # one command per line, whatever reads the list
+    return "".join(f"aimpre scaling run {where} --group {shlex.quote(g)}{extra}\n" for g in names)

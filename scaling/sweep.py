@@ -36,6 +36,7 @@ import yaml
 
 from aimpre import files
 from aimpre.config import Config, ConfigError, build_config, dump_config, load_yaml, short, to_dict
+from aimpre.quoting import plain_name
 from aimpre.scaling.flops import flops_per_sample, param_counts
 
 DESIGNS = ("grid", "isoflop", "cooldown")
@@ -126,6 +127,10 @@ def _check_sweep(sw: Sweep) -> None:
         if not ok:
             raise ConfigError(f"sweep key 'sweep.{key}': {why}")
 
+    try:  # the plan's folder names, its SLURM job name and its run names start from it
+        plain_name(sw.name, "sweep key 'sweep.name'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check(sw.design in DESIGNS, "design", f"{sw.design!r} is not one of {', '.join(DESIGNS)}")
     check(bool(sw.sizes), "sizes", "name at least one size")
     check(sw.decoder in ("fixed", "same"), "decoder", f"{sw.decoder!r} is not fixed or same")
@@ -330,8 +335,49 @@ def _write(sw: Sweep, out: Path, points: list[Point]) -> None:
 
 
 def load_plan(plan_dir: str | Path) -> dict[str, Any]:
-    """Reads ``plan.json`` from a plan folder (what ``plan`` wrote)."""
+    """Reads ``plan.json`` from a plan folder (what ``plan`` wrote), checked as ``check_plan``."""
     p = Path(plan_dir) / "plan.json"
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"no plan.json in {plan_dir}: run `aimpre scaling plan SWEEP.yaml --out DIR` first")
-    return files.read_json_object(p, "sweep plan")
+    plan = files.read_json(p, "sweep plan")
+    check_plan(plan, str(p))
+    assert isinstance(plan, dict)  # check_plan refused anything else
+    return plan
+
+
+_POINT_KINDS = ("run", "trunk", "branch")
+
+
+def check_plan(plan: object, where: str) -> None:
+    """Refuses a plan whose names are not plain names or whose fields are not what ``plan`` writes, naming the
+    field: its names become paths (``runs/NAME``, ``logs/NAME.log``) and words of the scripts ``scaling run
+    --slurm`` writes, and a plan may come from anyone.
+
+    Args:
+        plan: the parsed ``plan.json``.
+        where: the file, for messages.
+    """
+
+    def need(ok: bool, field: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{where}: {field} {why}")
+
+    need(isinstance(plan, dict), "the plan", "must be a JSON object")
+    assert isinstance(plan, dict)
+    plain_name(plan.get("sweep"), f"{where}: sweep")
+    need(plan.get("design") in DESIGNS, "design", f"must be one of {', '.join(DESIGNS)}")
+    plain_name(plan.get("runs_dir", "runs"), f"{where}: runs_dir")
+    points = plan.get("points")
+    need(isinstance(points, list) and all(isinstance(q, dict) for q in points), "points", "must be a list of objects")
+    assert isinstance(points, list)
+    for i, q in enumerate(points):
+        at = f"{where}: points[{i}]"
+        for key in ("name", "group", "size"):
+            plain_name(q.get(key), f"{at}.{key}")
+        need(q.get("kind") in _POINT_KINDS, f"points[{i}].kind", f"must be one of {', '.join(_POINT_KINDS)}")
+        need(q.get("config") == f"configs/{q['name']}.yaml", f"points[{i}].config", f"must be configs/{q['name']}.yaml")
+        need(isinstance(q.get("flops"), int | float), f"points[{i}].flops", "must be a number")
+        if q["kind"] == "branch":
+            plain_name(q.get("branch_from"), f"{at}.branch_from")
+            step = q.get("branch_step")
+            need(isinstance(step, int) and step > 0, f"points[{i}].branch_step", "must be a positive step")

@@ -66,7 +66,7 @@ def _slurm_env(shims: Path) -> dict[str, str]:
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS and not k.startswith("SLURM_")}
     return {**env, "PATH": f"{shims}:{env['PATH']}", "SHIM_LOG": str(shims), "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(port), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "my run",
+            "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(port), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "my-run",
             "SLURM_NNODES": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "1",
             "SLURM_NODELIST": "127.0.0.1"}  # fmt: skip
 
@@ -79,13 +79,13 @@ def _script(tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, max_s
     cwd = os.getcwd()
     os.chdir(submit)
     try:
-        code, out, err = _launch(capsys, "slurm", "--config", "cfg.yaml", "--name", "my run", "--nodes", "1",
+        code, out, err = _launch(capsys, "slurm", "--config", "cfg.yaml", "--name", "my-run", "--nodes", "1",
                                  "--gpus-per-node", "2", "--out-dir", "runs", "--python", sys.executable,
                                  "optim.warmup_steps=2")  # fmt: skip
     finally:
         os.chdir(cwd)
     assert code == 0, err
-    assert f"#SBATCH --chdir={submit}" in out and '#SBATCH --job-name="my run"' in out
+    assert f"#SBATCH --chdir={submit}" in out and "#SBATCH --job-name=my-run" in out
     (tmp_path / "job.sbatch").write_text(out)
     return tmp_path / "job.sbatch"
 
@@ -106,7 +106,7 @@ def test_sbatch_script_trains_two_ranks_under_simulated_slurm(
     done = subprocess.run(["bash", str(script)], cwd=elsewhere, env=_slurm_env(shims), capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "submit" / "runs" / "my run"
+    run = tmp_path / "submit" / "runs" / "my-run"
     assert _steps(run) == [1, 2]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["AIMv2DataModule"]["world"] == 2  # both ranks trained
@@ -126,7 +126,7 @@ def test_preempted_sbatch_job_waits_for_the_ranks_and_requeues(
     shims.mkdir()
     job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=_slurm_env(shims), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    run = tmp_path / "submit" / "runs" / "my run"
+    run = tmp_path / "submit" / "runs" / "my-run"
     t0 = time.time()
     while not ((run / "metrics.csv").exists() and len(_steps(run)) >= 2):
         assert job.poll() is None, job.communicate()[0][-3000:]
@@ -201,7 +201,7 @@ def test_torchrun_commands_run_as_two_nodes(
         port = s.getsockname()[1]
     monkeypatch.chdir(tmp_path)
     _config(tmp_path, pretrain_spec, 2)
-    code, out, err = _launch(capsys, "torchrun", "--config", "cfg.yaml", "--name", "two nodes", "--nodes", "2",
+    code, out, err = _launch(capsys, "torchrun", "--config", "cfg.yaml", "--name", "two-nodes", "--nodes", "2",
                              "--gpus-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
                              "--out-dir", "runs")  # fmt: skip
     assert code == 0, err
@@ -212,7 +212,7 @@ def test_torchrun_commands_run_as_two_nodes(
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
     outputs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    run = tmp_path / "runs" / "two nodes"
+    run = tmp_path / "runs" / "two-nodes"
     assert _steps(run) == [1, 2]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["AIMv2DataModule"]["world"] == 2

@@ -8,15 +8,18 @@ directory, which is then tampered with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import shlex
 import shutil
 import struct
 import subprocess
 import sys
+import threading
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -383,3 +386,411 @@ def test_resuming_a_sharded_checkpoint_without_fsdp_says_how(
             "trainer.max_steps=3", "trainer.strategy=auto"]  # fmt: skip
     code, err = _cli(argv, capsys)
     assert code == 2 and err.count("\n") == 1 and "resume it with trainer.strategy=fsdp" in err, err
+
+
+# ---- names and generated scripts --------------------------------------------------------------------------------
+
+HOSTILE_NAMES = ["../../escaped", "a\ntouch PWNED", ".hidden", "a/b", "x; touch PWNED", ""]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_run_name_is_a_plain_name(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """run.name becomes out_dir/NAME: one that climbs out of run.out_dir, or holds a newline, is refused before
+    any directory is made."""
+    out = tmp_path / "runs"
+    argv = ["train", f"run.out_dir={out}", f"run.name={json.dumps(name)}", "trainer.max_steps=1", *TINY]
+    code, err = _cli(argv, capsys)
+    assert code == 2 and err.startswith("aimpre: error: config key 'run.name': ") and err.count("\n") == 1, err
+    assert not out.exists() and not (tmp_path / "escaped").exists()
+
+
+def test_run_out_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out_dir = json.dumps(str(tmp_path / "a\nb"))
+    code, err = _cli(["train", f"run.out_dir={out_dir}", "run.name=r"], capsys)
+    assert code == 2 and "config key 'run.out_dir'" in err and err.count("\n") == 1, err
+
+
+def _shims(tmp_path: Path) -> dict[str, str]:
+    """srun and scontrol that do nothing: the generated script's own lines run, the training does not."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for tool in ("srun", "scontrol", "aimpre"):
+        (shims / tool).write_text("#!/bin/sh\nexit 0\n")
+        (shims / tool).chmod(0o755)
+    return {**ENV, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "1", "SLURM_CPUS_PER_TASK": "1",
+            "SLURM_ARRAY_TASK_ID": "0"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--name", "r\ntouch PWNED"), ("--name", "../r"), ("--time", "1:00:00\ntouch PWNED"),
+     ("--sbatch", "--account=x\ntouch PWNED"), ("--python", "python\ntouch PWNED")],
+)  # fmt: skip
+def test_launch_slurm_refuses_values_that_would_be_script_lines(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "c.yaml").write_text("data: {num_workers: 0}\n")
+    argv = ["launch", "slurm", "--config", str(tmp_path / "c.yaml"), "--name", "r", flag, value]
+    code, err = _cli(argv, capsys)
+    assert code == 2 and err.startswith(f"aimpre: error: {flag}: ") and err.count("\n") == 1, err
+
+
+def test_launch_slurm_quotes_one_line_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Values with quotes, spaces, ``#`` and ``;`` stay words of their own line: the script, run by bash with
+    SLURM's tools as no-ops, runs nothing they hold."""
+    (tmp_path / "c.yaml").write_text("data: {num_workers: 0}\n")
+    evil = f'x" ; touch {tmp_path}/PWNED #'
+    argv = ["launch", "slurm", "--config", str(tmp_path / "c.yaml"), "--name", "r", "--time", evil,
+            "--sbatch", evil, "--python", evil, f"run.out_dir={tmp_path / 'runs'}", "optim.lr=0.001"]  # fmt: skip
+    assert main(argv) == 0
+    script = capsys.readouterr().out
+    for line in script.splitlines():  # sbatch splits an #SBATCH line at whitespace outside double quotes
+        if line.startswith("#SBATCH "):
+            assert len(shlex.split(line[len("#SBATCH ") :])) == 1, line
+    (tmp_path / "job.sbatch").write_text(script)
+    done = subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=_shims(tmp_path), capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _sweep(tmp_path: Path, name: str = "s") -> Path:
+    sweep = {"name": name, "design": "grid", "samples": [64], "sizes": {"xs": {"width": 32, "depth": 1}},
+             "head_dim": 16, "mlp_ratio": 2.0,
+             "overrides": {"data.num_workers": 0, "optim.warmup_steps": 1}}  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(json.dumps(sweep))  # JSON is YAML
+    return tmp_path / "sweep.yaml"
+
+
+@pytest.mark.parametrize("name", ["s\ntouch PWNED", "../s", "s s"])
+def test_sweep_name_is_a_plain_name(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = _cli(["scaling", "plan", str(_sweep(tmp_path, name)), "--out", str(tmp_path / "plan")], capsys)
+    assert code == 2 and "sweep key 'sweep.name'" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "plan").exists()
+
+
+PLAN_EDITS = {  # a plan.json someone hands you -> the field the error must name
+    "sweep newline": (lambda d: d.update(sweep="s\ntouch PWNED"), "sweep"),
+    "design newline": (lambda d: d.update(design="grid\ntouch PWNED"), "design"),
+    "point climbs out": (lambda d: d["points"][0].update(name="../../escaped"), "points[0].name"),
+    "group newline": (lambda d: d["points"][0].update(group="g\ntouch PWNED"), "points[0].group"),
+    "config elsewhere": (lambda d: d["points"][0].update(config="/etc/passwd"), "points[0].config"),
+    "runs_dir climbs out": (lambda d: d.update(runs_dir=".."), "runs_dir"),
+    "points not a list": (lambda d: d.update(points={"a": 1}), "points"),
+}
+
+
+@pytest.fixture(scope="module")
+def plan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("plan")
+    assert main(["scaling", "plan", str(_sweep(tmp)), "--out", str(tmp / "plan")]) == 0
+    return tmp / "plan"
+
+
+@pytest.mark.parametrize("edit", list(PLAN_EDITS))
+@pytest.mark.parametrize("entry", ["slurm", "commands", "run"])
+def test_planted_plan_names_are_refused(
+    edit: str, entry: str, plan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    plan = tmp_path / "plan"
+    shutil.copytree(plan_dir, plan)
+    change, field = PLAN_EDITS[edit]
+    _edit_json(plan / "plan.json", change)
+    extra = {"slurm": ["--slurm", str(tmp_path / "job.sbatch")], "commands": ["--commands", str(tmp_path / "c.sh")],
+             "run": []}[entry]  # fmt: skip
+    code, err = _cli(["scaling", "run", str(plan), *extra], capsys)
+    assert code == 2 and err.startswith("aimpre: error: ") and err.count("\n") == 1, err
+    assert f"plan.json: {field}" in err, err
+    assert not (tmp_path / "job.sbatch").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_plan_slurm_script_quotes_its_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A plan folder whose path holds spaces and shell syntax: the array script passes it as one word."""
+    odd = tmp_path / "a b;touch PWNED"
+    assert main(["scaling", "plan", str(_sweep(tmp_path)), "--out", str(odd)]) == 0
+    job = tmp_path / "job.sbatch"
+    assert main(["scaling", "run", str(odd), "--slurm", str(job), "--sbatch", "--comment=x y"]) == 0
+    for line in job.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            assert len(shlex.split(line[len("#SBATCH ") :])) == 1, line
+    done = subprocess.run(["bash", str(job)], env=_shims(tmp_path), capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "PWNED").exists()
+
+
+# ---- commands in a run's saved config ---------------------------------------------------------------------------
+
+
+def _saved_config(run: Path, **data: object) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"].update(data)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+SAVED_SPECS = {  # data.* of a planted config.yaml (MARK: the marker file, VAL: a real shard) -> the key named
+    "val pipe:": ({"val_shards": "pipe:touch MARK; cat VAL"}, "data.val_shards"),
+    "val PIPE: (any case)": ({"val_shards": "PIPE:touch MARK; cat VAL"}, "data.val_shards"),
+    "train pipe:, no val": ({"val_shards": None, "train_shards": "pipe:touch MARK; cat VAL"}, "data.train_shards"),
+    "pipe: in a list": ({"val_shards": ["VAL", "pipe:touch MARK; cat VAL"]}, "data.val_shards"),
+    "pipe: after ::": ({"val_shards": "VAL::pipe:touch MARK; cat VAL"}, "data.val_shards"),
+    "pipe: in braces": ({"val_shards": "pipe:touch MARK{1..2}; cat VAL"}, "data.val_shards"),
+    "http URL (curl)": ({"val_shards": "http://127.0.0.1:9/x.tar"}, "data.val_shards"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVED_SPECS))
+def test_saved_config_shards_start_no_process(
+    case: str, tiny_run: Path, val_spec: str, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """visualize reads images from the run's saved shards: a command there is refused in one line naming the key
+    and config.yaml; the same spec given with --data is the user's own and runs."""
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    data, key = SAVED_SPECS[case]
+    fill = lambda v: v.replace("MARK", str(marker)).replace("VAL", val_spec) if isinstance(v, str) else v
+    _saved_config(run, **{k: [fill(x) for x in v] if isinstance(v, list) else fill(v) for k, v in data.items()})
+    code, err = _cli(["visualize", str(run), "--out", str(tmp_path / "fig")], capsys)
+    assert not list(tmp_path.glob(f"{marker.name}*")), "the saved config's command ran"
+    assert code == 2 and err.startswith("aimpre: error: ") and err.count("\n") == 1, err
+    assert "config.yaml" in err and key in err and "--data" in err, err
+
+
+def test_explicit_pipe_data_is_honoured(
+    tiny_run: Path, val_spec: str, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    _saved_config(run, val_shards=f"pipe:touch {marker}; cat {val_spec}", index=None)
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"shards": {Path(val_spec).name: 128}}))
+    argv = ["visualize", str(run), "--out", str(tmp_path / "fig"), "-n", "2", "--data", f"pipe:touch {marker}; cat "
+            f"{val_spec}"]  # fmt: skip
+    _saved_config(run, index=str(index))
+    code, err = _cli(argv, capsys)
+    assert code == 0, err
+    assert marker.exists() and (tmp_path / "fig" / "attention.png").is_file()
+
+
+@contextlib.contextmanager
+def _eof_later(fifo: Path, after: float = 20.0) -> Iterator[None]:
+    """Opens ``fifo`` for writing (EOF to a reader blocked on it) if the block runs past ``after`` seconds, so that
+    code that waits on a FIFO fails the test instead of hanging it."""
+    done = threading.Event()
+
+    def rescue() -> None:
+        if not done.wait(after):
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    t = threading.Thread(target=rescue, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
+def test_saved_config_fifo_shard_is_refused_not_waited_on(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    fifo = tmp_path / "val-000000.tar"
+    os.mkfifo(fifo)
+    _saved_config(run, val_shards=str(fifo))
+    with _eof_later(fifo):
+        code, err = _cli(["visualize", str(run), "--out", str(tmp_path / "fig")], capsys)
+    assert code == 2 and "not a regular file" in err and "data.val_shards" in err and err.count("\n") == 1, err
+
+
+# ---- writes outside the run directory ---------------------------------------------------------------------------
+
+
+def _link(target: Path) -> Callable[[Path], None]:
+    return lambda p: p.symlink_to(target)
+
+
+RUN_DIR_PLANTS = {  # what is planted in (or as) the run directory before training -> the path the error names
+    ".lock symlink": (".lock", "file", ".lock"),
+    "out.log symlink": ("out.log", "file", "out.log"),
+    "metrics.csv symlink": ("metrics.csv", "file", "metrics.csv"),
+    "checkpoints/ symlink": ("checkpoints", "dir", "checkpoints"),
+    "run directory symlink": ("", "dir", "r"),
+    ".lock FIFO": (".lock", "fifo", ".lock"),
+}
+
+
+@pytest.mark.parametrize("plant", list(RUN_DIR_PLANTS))
+def test_training_writes_nothing_through_planted_links(
+    plant: str, pretrain_spec: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run directory may be handed over with links in it: training refuses them in one line naming the file,
+    and the file or folder they point at is left as it was."""
+    name, kind, named = RUN_DIR_PLANTS[plant]
+    out, run = tmp_path / "runs", tmp_path / "runs" / "r"
+    victim = tmp_path / "victim"
+    (run if name else out).mkdir(parents=True)
+    where = run / name if name else run
+    if kind == "file":
+        victim.write_text("precious\n")
+        where.symlink_to(victim)
+    elif kind == "dir":
+        victim.mkdir()
+        where.symlink_to(victim, target_is_directory=True)
+    else:
+        os.mkfifo(where)
+    argv = ["train", f"run.out_dir={out}", "run.name=r", f"data.train_shards={pretrain_spec}", "data.val_shards=null",
+            "trainer.max_steps=2", "trainer.ckpt_every=1", *TINY]  # fmt: skip
+    with _eof_later(where) if kind == "fifo" else contextlib.nullcontext():
+        code, err = _cli(argv, capsys)
+    if kind == "file":
+        assert victim.read_text() == "precious\n"
+    elif kind == "dir":
+        assert list(victim.iterdir()) == []
+    assert code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("aimpre: error: ")]
+    assert len(errors) == 1 and f"{named} is " in errors[0] and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("entry", ["resume", "export"])
+def test_last_ckpt_a_fifo_is_refused_not_waited_on(
+    entry: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "tiny2"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    last = run / "checkpoints" / "last.ckpt"
+    last.unlink()
+    os.mkfifo(run / "checkpoints" / "step-6.fifo")
+    last.symlink_to("step-6.fifo")
+    argv = {"resume": ["train", "--resume", "--config", str(tiny_run / "config.yaml"), f"run.out_dir={tmp_path}",
+                       "trainer.max_steps=7"],
+            "export": ["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "o")]}[entry]  # fmt: skip
+    with _eof_later(run / "checkpoints" / "step-6.fifo"):
+        code, err = _cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "last.ckpt is not a regular file" in err, err
+
+
+class ShellPayload:
+    """Unpickling this runs a shell command (os.system: a module torch 2.14 blocks outright, with other wording)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("plant", ["ckpt-torch-zip", "ckpt-torch-zip-os.system", "ckpt-raw-pickle"])
+def test_weights_only_refusal_says_what_and_gives_no_unsafe_advice(
+    plant: str, tiny_run: Path, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """torch's refusal text advises re-running with weights_only=False: the one line says what was refused."""
+    run = tmp_path / "tiny2"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    last = run / "checkpoints" / "last.ckpt"
+    last.unlink()
+    payload = {"state_dict": {}, "x": ShellPayload(marker) if plant.endswith("os.system") else Payload(marker)}
+    if plant.startswith("ckpt-torch-zip"):
+        torch.save(payload, last)
+    else:
+        last.write_bytes(pickle.dumps(payload))
+    code, err = _cli(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "out")], capsys)
+    _assert_refused(code, err, "last.ckpt", marker)
+    line = err.replace(str(tmp_path), "TMP")  # the test's own name holds "weights_only"
+    assert "False" not in line and "weights_only=" not in line and "trusted source" not in line, err
+    what = {"ckpt-torch-zip": "it refers to io.open", "ckpt-torch-zip-os.system": "it refers to posix.system",
+            "ckpt-raw-pickle": "Unsupported operand"}[plant]  # fmt: skip
+    assert what in err, err
+
+
+# ---- feature caches ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny export and the feature cache file the probe writes for its demo:digits-test features."""
+    from aimpre.export import load
+    from aimpre.probe import features, shard_urls
+
+    tmp = tmp_path_factory.mktemp("cached")
+    src = _exported(tmp, "safetensors")
+    loaded = load(src)
+    features(loaded.encoder, loaded.info["preprocessing"], shard_urls("demo:digits-test"), tmp / "features")
+    (file,) = (tmp / "features").glob("*.pt")
+    return src, file
+
+
+def _garbage(f: Path, marker: Path) -> None:
+    f.write_bytes(b"\x00not a torch file" * 10)
+
+
+def _truncated(f: Path, marker: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _wrong_fields(f: Path, marker: Path) -> None:
+    torch.save({"tokens": "x", "labels": [1]}, f)
+
+
+def _fifo(f: Path, marker: Path) -> None:
+    f.unlink()
+    os.mkfifo(f)
+
+
+def _code(f: Path, marker: Path) -> None:
+    saved = torch.load(f, weights_only=True)
+    torch.save({**saved, "x": Payload(marker)}, f)
+
+
+CACHE_PLANTS = {"garbage": _garbage, "truncated": _truncated, "wrong fields": _wrong_fields, "FIFO": _fifo,
+                "pickle with code": _code}  # fmt: skip
+
+
+@pytest.mark.parametrize(  # each recompute takes ~10 s on the CI machine: two kinds of damage by default
+    "plant", [p if p in ("garbage", "FIFO", "pickle with code") else pytest.param(p, marks=pytest.mark.slow)
+              for p in CACHE_PLANTS],
+)  # fmt: skip
+def test_planted_feature_cache(plant: str, cached: tuple[Path, Path], marker: Path, tmp_path: Path) -> None:
+    """Our own cache, damaged, is recomputed and replaced (a note on stderr says so); one asking to run code is
+    refused in one line naming it (someone tampered with the cache: recomputing would hide it). Nothing runs."""
+    from aimpre.export import load
+    from aimpre.probe import features, shard_urls
+    from aimpre.train.checkpoint import UnsafeCheckpointError
+
+    src, good = cached
+    file = tmp_path / "features" / good.name
+    file.parent.mkdir()
+    shutil.copy(good, file)
+    CACHE_PLANTS[plant](file, marker)
+    loaded, urls = load(src), shard_urls("demo:digits-test")
+    with _eof_later(file):
+        if plant == "pickle with code":
+            with pytest.raises(UnsafeCheckpointError, match=rf"feature cache .*{file.name}: refused: .*io\.open"):
+                features(loaded.encoder, loaded.info["preprocessing"], urls, file.parent)
+            assert not marker.exists()
+            return
+        tokens, labels = features(loaded.encoder, loaded.info["preprocessing"], urls, file.parent)
+    assert not marker.exists()
+    expected = torch.load(good, weights_only=True)
+    assert torch.equal(tokens, expected["tokens"]) and torch.equal(labels, expected["labels"])
+    assert torch.equal(torch.load(file, weights_only=True)["tokens"], tokens)  # replaced by the recomputed ones
+
+
+def test_planted_feature_cache_is_one_line_from_the_cli(
+    cached: tuple[Path, Path], marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    src, good = cached
+    (tmp_path / "features").mkdir()
+    shutil.copy(good, tmp_path / "features" / good.name)
+    _code(tmp_path / "features" / good.name, marker)
+    for d in Path(os.environ["AIMPRE_CACHE"]).iterdir():  # the demo data: shared, not copied
+        (tmp_path / d.name).symlink_to(d)
+    monkeypatch.setenv("AIMPRE_CACHE", str(tmp_path))
+    argv = ["probe", str(src), "--train", "demo:digits-test", "--test", "none", "--epochs", "1"]
+    code, err = _cli(argv, capsys)
+    _assert_refused(code, err, f"feature cache {tmp_path / 'features' / good.name}: refused", marker)

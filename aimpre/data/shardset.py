@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from webdataset.shardlists import envsubst, expand_urls
 
@@ -42,8 +43,14 @@ class Shard:
     samples: int | None  # None: unknown (a pipe: URL without an index)
 
 
+def starts_process(url: str) -> bool:
+    """Whether reading ``url`` starts a process: webdataset opens a URL with a scheme (``pipe:`` in a shell, in
+    any case; http, gs, hf, ... through curl or gsutil) by running a command, and only a plain path as a file."""
+    return urlparse(url).scheme != ""
+
+
 def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+    return not starts_process(url)
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -128,7 +135,7 @@ def read_index_file(path: Path) -> dict[str, object]:
     path = index_path(path)
     if not path.exists():
         return {}
-    doc = read_json(path, "shard index")
+    doc = read_json(path, "shard index")  # bounded, and a FIFO named as data.index is refused, not waited on
     if not isinstance(doc, dict):
         raise UntrustedInputError(f"shard index {path} is not a JSON object")
     return doc

@@ -44,7 +44,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from aimpre.config import ConfigError
-from aimpre.files import atomic_path
+from aimpre.files import atomic_path, open_in_run
 from aimpre.train.checkpoint import load_torch_file
 
 COLUMNS = (
@@ -177,7 +177,7 @@ class _RunCSVWriter(ExperimentWriter):
         if not self.metrics:
             return
         new = not os.path.isfile(self.metrics_file_path)
-        with open(self.metrics_file_path, "a", newline="") as f:
+        with open_in_run(self.metrics_file_path, "a") as f:  # a symlink planted as metrics.csv is not followed
             w = csv.DictWriter(f, COLUMNS)
             if new:
                 w.writeheader()
@@ -196,7 +196,7 @@ class _RunCSVWriter(ExperimentWriter):
             limit = csv.field_size_limit()
             csv.field_size_limit(max(limit, os.path.getsize(self.metrics_file_path)))
             try:
-                with open(self.metrics_file_path, newline="") as f:
+                with open_in_run(self.metrics_file_path, "r") as f:
                     for r in csv.DictReader(f):
                         row = {k: _number(r.get(k)) for k in COLUMNS}
                         if re.fullmatch(r"[0-9]+", row["step"]) and int(row["step"]) <= step:
@@ -491,7 +491,7 @@ class MetricsCSV(pl.Callback):
         self._log_line(line)
 
     def _log_line(self, line: str) -> None:
-        with open(self.text_log, "a") as f:
+        with open_in_run(self.text_log, "a") as f:  # a symlink planted as out.log is not followed
             f.write(line + "\n")
         if self.echo:
             print(line, flush=True)

@@ -29,7 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from aimpre.files import symlink, write_text
+from aimpre.files import regular_file, symlink, write_text
 from aimpre.signals import StopSignals
 
 _STEP = re.compile(r"^step-(\d+)\.ckpt$")
@@ -261,21 +261,37 @@ def _safe_planner(base: type) -> type:
     return SafePlanner
 
 
+# torch's weights_only refusals wrap the reason in advice (re-run with weights_only=False, file an issue, read the
+# docs) whose wording changes between releases: what was refused is the global it names, else the line after
+# "WeightsUnpickler error:", else the first line that is not advice
+_GLOBAL = re.compile(r"unsupported (?:global:\s+)?GLOBAL\s+(\S+?)[.,;]?(?:\s|$)", re.IGNORECASE)
+_ADVICE = re.compile(r"weights.only|torch\.load|pytorch\.org|file an issue|trusted source", re.IGNORECASE)
+
+
 def _line(e: BaseException) -> str:
-    """An exception in one line: for torch's weights_only refusals (a dozen lines of advice), the reason."""
+    """An exception in one line: for torch's weights_only refusals (a dozen lines of advice), what was refused."""
     text = str(e)
-    if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
-        return f"it refers to {m[1]}, which weights_only loading does not allow"
-    if m := re.search(r"WeightsUnpickler error: ([^\n]+)", text):
-        text = m[1]
-    return (text.strip().splitlines() or [type(e).__name__])[0][:300]
+    if m := _GLOBAL.search(text):
+        return f"it refers to {m[1]}, which no checkpoint of ours holds (only tensors and plain values load)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "WeightsUnpickler error:" in text:
+        after = text.split("WeightsUnpickler error:", 1)[1]
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), "")
+        return f"its pickle holds what weights_only loading refuses ({reason[:200] or 'no reason given'})"
+    if isinstance(e, pickle.UnpicklingError) and lines and _ADVICE.search(lines[0]):
+        lines = [line for line in lines if not _ADVICE.search(line)] or ["its pickle holds more than tensors"]
+    return (lines or [type(e).__name__])[0][:300]
 
 
 def load_torch_file(path: Path) -> Any:
-    """``torch.load`` of a file of ours with ``weights_only=True``: tensors and plain containers, no code."""
+    """``torch.load`` of a file of ours with ``weights_only=True``: tensors and plain containers, no code. A FIFO
+    or device is refused (reading one would block or never end)."""
+    regular_file(path, "checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _GLOBAL.search(str(e)):  # garbage, a truncated file, an opcode torch's loader lacks: no code named
+            raise ValueError(f"{path}: not a readable torch checkpoint ({_line(e)})") from None
         raise UnsafeCheckpointError(f"{path}: refused: {_line(e)}; nothing was run") from None
     except Exception as e:  # zip, pickle and storage errors have many types
         raise ValueError(f"{path}: not a readable torch checkpoint ({_line(e)})") from e
@@ -332,10 +348,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Nothing read can run code: files load with ``weights_only=True``, a sharded directory's ``.metadata`` through
     an unpickler that admits only DCP's metadata classes (see ``_MetadataUnpickler``).
     """
-    path = Path(path).resolve()
+    given = Path(path)
+    path = given.resolve()
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.is_file():
+    if not path.is_dir():
+        regular_file(given, "checkpoint")  # named as given (last.ckpt), not as the file it links to
         return load_torch_file(path)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner

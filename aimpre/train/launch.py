@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from aimpre.config import Config, ConfigError, load_config, parse_override
+from aimpre.quoting import one_line, plain_name, sbatch_quote
 from aimpre.train.run import _accumulate
 
 SBATCH = """#!/bin/bash
@@ -86,8 +87,7 @@ def train_args(
     """
     if nodes < 1 or gpus < 1:
         raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus}")
-    if not name.strip():
-        raise ValueError("--name must not be empty")
+    plain_name(name, "--name")  # the run directory, the job name and the rendezvous id: one plain component
     flags = {"run.name": ("--name", name), "trainer.num_nodes": ("--nodes", nodes),
              "trainer.devices": ("--gpus-per-node", gpus)}  # fmt: skip
     if out_dir is not None:
@@ -163,21 +163,16 @@ def sbatch_script(
     cpus = workers + 1 if cpus is None else cpus
     if cpus < 1:
         raise ValueError(f"--cpus must be >= 1, got {cpus}")
-    cwd = Path.cwd()
+    cwd = str(Path.cwd())
+    # every value is one line (refused otherwise, naming its flag): #SBATCH lines cannot quote a newline, and one
+    # would start a script line of its own; bash gets the rest through shlex
     return SBATCH.format(
-        nodes=nodes, gpus=gpus, cpus=cpus, time=_sbatch_quote(time), job_name=_sbatch_quote(name),
-        chdir=_sbatch_quote(str(cwd)), cwd_comment=str(cwd).replace("\n", " "), omp=max(1, cpus - workers),
-        extra="".join(f"#SBATCH {_sbatch_quote(x)}\n" for x in sbatch_extra),
-        run_dir=shlex.quote(str(Path(cfg.run.out_dir) / name)), python=shlex.quote(python),
+        nodes=nodes, gpus=gpus, cpus=cpus, time=sbatch_quote(time, "--time"), job_name=sbatch_quote(name, "--name"),
+        chdir=sbatch_quote(cwd, "the current directory"), cwd_comment=cwd, omp=max(1, cpus - workers),
+        extra="".join(f"#SBATCH {sbatch_quote(x, '--sbatch')}\n" for x in sbatch_extra),
+        run_dir=shlex.quote(str(Path(cfg.run.out_dir) / name)), python=shlex.quote(one_line(python, "--python")),
         train_args=shlex.join(args),
     )  # fmt: skip
-
-
-def _sbatch_quote(value: str) -> str:
-    """A value for an ``#SBATCH`` line: sbatch splits those at whitespace, honouring double quotes and backslashes."""
-    if value and not re.search(r'[\s"\\#]', value):
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def torchrun_commands(

@@ -40,7 +40,7 @@ from aimpre.config import (
     validation_line,
 )
 from aimpre.data import HFTokenizer, Tokenizer, build_tokenizer
-from aimpre.files import read_json, write_text
+from aimpre.files import check_run_dir, open_fd_in_run, read_json, regular_file, write_text
 from aimpre.objectives import uses_prefix
 from aimpre.scaling import flops_per_sample
 from aimpre.signals import StopSignals
@@ -111,10 +111,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Holds ``run_dir/.lock`` exclusively while the block runs; refuses if another process holds it.
 
     ``fcntl.flock``: the OS drops the lock when its process dies, however it dies, so a killed run never blocks its
-    own resume. The file names the holder (host, pid, start time) for the refusal message.
+    own resume. The file names the holder (host, pid, start time) for the refusal message. A ``.lock`` that is a
+    symlink (or a FIFO) is refused: truncating it would truncate whatever it points at.
     """
     path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_fd_in_run(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -254,6 +255,7 @@ def train(
         AIMv2DataModule(cfg, tokenizer).check_shards()
     assert cfg.run.name is not None
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    check_run_dir(run_dir)  # before mkdir: a symlinked run directory or checkpoints/ would take the writes elsewhere
     run_dir.mkdir(parents=True, exist_ok=True)
     ours = not _distributed()  # Lightning starts the process group in fit(); one the caller started is left alone
     try:
@@ -286,6 +288,8 @@ def _train_locked(
     if last.exists() and not resume:
         raise FileExistsError(f"run {run_dir} already has checkpoints: pass --resume to continue it")
     if resume and last.exists():
+        if not last.is_dir():  # a FIFO (or device) as last.ckpt would block the resume forever
+            regular_file(last, "checkpoint")
         _check_resume(run_dir, cfg, tokenizer)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
