@@ -59,3 +59,47 @@ def test_native_with_a_learned_table_is_one_line_exit_2(capsys: pytest.CaptureFi
         assert main(["train", "--config", "configs/tiny.yaml", "trainer.max_steps=1", *overrides]) == 2
         ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("aimpre")]
         assert len(ours) == 1 and key in ours[0], ours
+
+
+def test_patchify_and_valid_patches_follow_raster_order_of_a_non_square_grid() -> None:
+    from aimpre.model.losses import patchify, valid_patches
+
+    images = torch.arange(2 * 3 * 14 * 2 * 14 * 5, dtype=torch.float32).reshape(2, 3, 28, 70)  # a 2 x 5 grid
+    patches = patchify(images, 14)
+    assert patches.shape == (2, 10, 588)
+    r, c = 1, 3  # patch 1 * 5 + 3 is the block at row 1, column 3, laid out (row, column, channel)
+    block = images[:, :, 14 * r : 14 * r + 14, 14 * c : 14 * c + 14].permute(0, 2, 3, 1).reshape(2, -1)
+    assert torch.equal(patches[:, r * 5 + c], block)
+    valid = valid_patches(torch.tensor([[2, 3], [1, 5]]), 2, 5)
+    assert valid.tolist() == [[1, 1, 1, 0, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]]
+
+
+def test_pixel_loss_ignores_zero_padded_patches() -> None:
+    from aimpre.model.losses import normalize_patches, pixel_loss, valid_patches
+
+    g = torch.Generator().manual_seed(0)
+    pred, patches = torch.randn(2, 11, 12, generator=g), torch.randn(2, 12, 12, generator=g)  # a 3 x 4 canvas
+    grid = torch.tensor([[3, 2], [2, 4]])
+    valid, prefix = valid_patches(grid, 3, 4), torch.tensor([1, 3])
+    loss = pixel_loss(pred, patches, prefix, valid)
+    other = patches.clone()
+    other[~valid] = 1e3 * torch.randn(int((~valid).sum()), 12, generator=g)  # what sits in the padding: no matter
+    assert torch.equal(pixel_loss(pred, other, prefix, valid), loss)
+    # by hand: targets j >= M on image patches only
+    err = (pred - normalize_patches(patches)[:, 1:]).pow(2).mean(-1)
+    keep = [(b, j) for b in range(2) for j in range(1, 12) if j >= prefix[b] and valid[b, j]]
+    torch.testing.assert_close(loss, sum(err[b, j - 1] for b, j in keep) / len(keep))
+
+
+def test_aimv2_trains_on_a_non_square_native_grid() -> None:
+    from aimpre.model.aimv2 import AIMv2
+
+    cfg = model_config("tiny", pos_embed="sincos2d", depth=2, dec_depth=1, vocab_size=300, text_len=8)
+    model = AIMv2(cfg)
+    images, text = torch.randn(2, 3, 14 * 3, 14 * 6), torch.randint(0, 300, (2, 8))  # a 3 x 6 canvas
+    grid = torch.tensor([[3, 4], [2, 6]])  # each image's part of it
+    out = model(images, text, torch.ones(2, 8, dtype=torch.bool), torch.tensor([2, 5]), grid)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.encoder.patch_embed.proj.weight.grad is not None
+    pred, _ = model.predict(images, text, torch.tensor([2, 5]))
+    assert pred.shape == (2, 17, cfg.patch_dim)  # T - 1 next-patch predictions over the 18-patch canvas
