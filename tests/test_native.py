@@ -103,3 +103,31 @@ def test_aimv2_trains_on_a_non_square_native_grid() -> None:
     assert torch.isfinite(out["loss"]) and model.encoder.patch_embed.proj.weight.grad is not None
     pred, _ = model.predict(images, text, torch.tensor([2, 5]))
     assert pred.shape == (2, 17, cfg.patch_dim)  # T - 1 next-patch predictions over the 18-patch canvas
+
+
+def test_areas_follow_the_paper_and_are_deterministic_per_worker_and_index() -> None:
+    from aimpre.data.native import batch_size_for, draw_area
+
+    draws = [draw_area(3, 0, i, 7, 12) for i in range(2000)]
+    assert draws == [draw_area(3, 0, i, 7, 12) for i in range(2000)]  # a resumed reader draws the same
+    assert draws != [draw_area(3, 1, i, 7, 12) for i in range(2000)]
+    ns = np.array([a.n for a in draws])
+    assert set(ns) == set(range(7, 13)) and all(a.patches == 2**a.n for a in draws)
+    # a normal truncated to [-1, 1] onto 7..12: the middle exponents are the common ones, the ends the rarest
+    counts = np.bincount(ns, minlength=13)[7:]
+    assert counts[2] + counts[3] > counts[0] + counts[5] and counts[0] < counts[2] and counts[5] < counts[3]
+    assert {(a.rows, a.cols) for a in draws if a.n == 7} == {(8, 16), (16, 8)}
+    # tokens per step constant: A x B the same at every area
+    assert {a.patches * batch_size_for(a, 4096 * 8, 2) * 2 for a in draws} == {4096 * 8}
+
+
+def test_native_batch_keeps_aspect_and_pads_with_zeros() -> None:
+    from aimpre.data.native import Area, native_batch
+
+    wide = torch.full((3, 30, 90), 200, dtype=torch.uint8)  # 1:3
+    tall = torch.full((3, 80, 40), 100, dtype=torch.uint8)  # 2:1
+    batch = native_batch([wide, tall], Area(5, 4, 8), 14)  # a 4 x 8 canvas: 56 x 112 px
+    assert batch["image"].shape == (2, 3, 56, 112)
+    assert batch["grid"].tolist() == [[3, 8], [4, 2]]  # wide: 37 x 112 px; tall: 56 x 28 px
+    assert (batch["image"][0, :, :37] == 200).all() and (batch["image"][0, :, 37:] == 0).all()
+    assert (batch["image"][1, :, :, :28] == 100).all() and (batch["image"][1, :, :, 28:] == 0).all()
