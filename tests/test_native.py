@@ -131,3 +131,11 @@ def test_native_batch_keeps_aspect_and_pads_with_zeros() -> None:
     assert batch["grid"].tolist() == [[3, 8], [4, 2]]  # wide: 37 x 112 px; tall: 56 x 28 px
     assert (batch["image"][0, :, :37] == 200).all() and (batch["image"][0, :, 37:] == 0).all()
     assert (batch["image"][1, :, :, :28] == 100).all() and (batch["image"][1, :, :, 28:] == 0).all()
+
+
+def test_a_complete_native_config_is_refused_until_the_loader_batches_by_area(capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    args = ["data.native=true", "model.pos_embed=sincos2d", "data.tokens_per_batch=256", "data.native_log2_area=[4,6]"]
+    assert main(["train", "--config", "configs/tiny.yaml", "trainer.max_steps=1", *args]) == 2
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("aimpre")]
+    assert len(ours) == 1 and "data.native" in ours[0] and "not wired" in ours[0], ours
