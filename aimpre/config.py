@@ -132,6 +132,14 @@ class DataConfig:
     # AIMv2's reference trained with ImageNet statistics; every export records what was used
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean of 0..1 pixels
     std: tuple[float, float, float] = IMAGENET_STD  # per-channel std of 0..1 pixels
+    # native resolution (AIMv2's native model, Fini et al. 2024 sec. 3): each step draws an area of A = 2^n patches,
+    # n from a normal truncated to [-1, 1] mapped linearly onto native_log2_area (the paper: 7..12, 128..4096
+    # patches) and rounded; every image is resized, aspect kept, to fit that step's grid (2^floor(n/2) x
+    # 2^ceil(n/2) patches, or its transpose) and zero-padded; the batch holds tokens_per_batch / A images over all
+    # ranks, so tokens per step stay constant. Needs model.pos_embed=sincos2d; data.batch_size is then unused.
+    native: bool = False
+    native_log2_area: tuple[int, int] = (7, 12)  # lo, hi of n (areas 2^lo .. 2^hi patches)
+    tokens_per_batch: int | None = None  # native: image tokens per step over all ranks; a multiple of 2^hi x ranks
 
     def __post_init__(self) -> None:
         # val_shards=auto resolves here, so every Config (loaded or built in code) and config.yaml hold the real value
@@ -445,6 +453,22 @@ def validate(cfg: Config) -> Config:
     else:
         _check(m.moe_experts == 0, "model.moe_experts", f"{m.moe_experts} must be >= 1, or 0 for dense blocks")
     backends = available_backends()
+    _check(m.pos_embed in ("learned", "sincos2d"), "model.pos_embed", f"{m.pos_embed!r} is not learned or sincos2d")
+    _check(m.pos_embed != "sincos2d" or m.width % 4 == 0, "model.pos_embed",
+           f"sincos2d needs model.width divisible by 4, got {m.width}")  # fmt: skip
+    if d.native:
+        _check(m.pos_embed == "sincos2d", "model.pos_embed",
+               f"{m.pos_embed} is a table for one fixed grid: data.native needs model.pos_embed=sincos2d")  # fmt: skip
+        _check(m.objective == "aimv2", "data.native", f"native resolution trains aimv2 only, not {m.objective}")
+        lo, hi = d.native_log2_area
+        _check(1 <= lo <= hi and (1 << hi) <= MAX_PATCHES, "data.native_log2_area",
+               f"{lo}..{hi} must satisfy 1 <= lo <= hi and 2^hi <= {MAX_PATCHES} patches")  # fmt: skip
+        tpb = d.tokens_per_batch
+        _check(tpb is not None and tpb > 0 and tpb % (1 << hi) == 0, "data.tokens_per_batch",
+               f"{tpb} must be a positive multiple of the largest area 2^{hi} = {1 << hi} patches")  # fmt: skip
+        # aimpre.data.native draws the areas and fits the images, but the loader does not batch by area yet:
+        # refused rather than silently training square crops
+        _check(False, "data.native", "native batches are not wired into the training loader yet (issue 20 point 3)")
     _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
     _check(m.fused in fused.MODES, "model.fused", f"{short(m.fused)} is not one of {', '.join(fused.MODES)}")
     _check(m.fused != "liger" or fused.liger_installed(), "model.fused", f"needs liger-kernel: {fused.INSTALL_HINT}")

@@ -208,7 +208,7 @@ def param_counts(
     blocks = (cfg.depth - sparse) * block(d, cfg.mlp_hidden) + sparse * moe
     encoder = cfg.patch_dim * d + d + d + blocks + d  # conv (+bias), norm, blocks, norm
     if embeddings:
-        encoder += N * d  # pos_embed
+        encoder += N * d if cfg.pos_embed == "learned" else 0  # pos_embed (sincos2d: computed, no table)
     parts = {"encoder": encoder}
     if cfg.objective == "aimv2":
         decoder = d * D + D + cfg.dec_depth * block(D, cfg.dec_mlp_hidden) + D  # img_proj (+bias), blocks, norm

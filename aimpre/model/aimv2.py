@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from aimpre.model.decoder import MultimodalDecoder
-from aimpre.model.losses import head_text_loss, patchify, pixel_loss
+from aimpre.model.losses import head_text_loss, patchify, pixel_loss, valid_patches
 from aimpre.model.moe import balance_loss
 from aimpre.model.sizes import ModelConfig
 from aimpre.model.vit import AIMv2Encoder
@@ -62,12 +62,18 @@ class AIMv2(nn.Module):
         N = tokens.shape[1]
         return self.pixel_head(h[:, : N - 1]), self.text_head(h[:, N:])
 
-    def forward(self, images: Tensor, text: Tensor, text_mask: Tensor, prefix_len: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, images: Tensor, text: Tensor, text_mask: Tensor, prefix_len: Tensor, grid: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Args:
-            images: normalised float images [B, 3, H, W].
+            images: normalised float images [B, 3, H, W]; the patch grid is (H/p, W/p), any shape with a
+                sincos2d position embedding, patches in raster order (the decoder predicts the next one of that
+                order, across row ends).
             text: caption ids [B, text_len] (EOS included, pad after).
             text_mask: [B, text_len] True on real tokens (EOS included), False on pads.
             prefix_len: [B] prefix lengths in 1..N-1.
+            grid: native batches: [B, 2] each image's own (rows, columns) at the top-left of the zero-padded
+                canvas; padded patches are never pixel targets. None: every patch is image.
 
         Returns:
             ``loss`` (the weighted sum), ``loss_image`` and ``loss_text``; with MoE encoder blocks in training also
@@ -77,7 +83,9 @@ class AIMv2(nn.Module):
         tokens = self.encoder(images, prefix_len)  # [B, N, width]
         h = self.decoder(tokens, text)  # [B, N + L, dec_width]
         N = tokens.shape[1]
-        loss_image = pixel_loss(self.pixel_head(h[:, : N - 1]), patchify(images, self.cfg.patch_size), prefix_len)
+        p = self.cfg.patch_size
+        valid = None if grid is None else valid_patches(grid, images.shape[-2] // p, images.shape[-1] // p)
+        loss_image = pixel_loss(self.pixel_head(h[:, : N - 1]), patchify(images, p), prefix_len, valid)
         # the text head inside the loss: with model.fused=liger (or auto on CUDA) the logits are never built whole
         loss_text = head_text_loss(h[:, N:], self.text_head.weight, text, text_mask, self.cfg.fused)
         loss = self.cfg.w_text * loss_text + self.cfg.w_image * loss_image

@@ -46,13 +46,27 @@ def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
     return (patches - mean) / (var + eps).sqrt()
 
 
-def pixel_loss(pred: Tensor, patches: Tensor, prefix_len: Tensor) -> Tensor:
+def valid_patches(grid: Tensor, rows: int, cols: int) -> Tensor:
+    """Which patches of a zero-padded rows x cols canvas hold image: [B, rows * cols] bool, raster order.
+
+    Args:
+        grid: [B, 2] ints, each image's own (rows, columns) in patches, placed at the top-left of the canvas.
+        rows, cols: the canvas (the batch's grid).
+    """
+    r = torch.arange(rows, device=grid.device)[:, None]  # [rows, 1]
+    c = torch.arange(cols, device=grid.device)[None, :]  # [1, cols]
+    inside = (r[None] < grid[:, 0, None, None]) & (c[None] < grid[:, 1, None, None])  # [B, rows, cols]
+    return inside.reshape(grid.shape[0], rows * cols)
+
+
+def pixel_loss(pred: Tensor, patches: Tensor, prefix_len: Tensor, valid: Tensor | None = None) -> Tensor:
     """MSE of next-patch predictions against normalised targets, on non-prefix patches only.
 
     Args:
         pred: [B, N-1, P] predictions; ``pred[:, i]`` is the prediction of patch ``i + 1``.
         patches: [B, N, P] the patchified (un-normalised) input image.
         prefix_len: [B] prefix lengths M; patch j is a target iff j >= M.
+        valid: [B, N] bool, False on zero-padded patches (native resolution): those are never targets.
 
     Returns:
         The mean over valid targets of the per-patch mean squared error.
@@ -60,8 +74,10 @@ def pixel_loss(pred: Tensor, patches: Tensor, prefix_len: Tensor) -> Tensor:
     target = normalize_patches(_at_least_f32(patches))[:, 1:]  # [B, N-1, P]: the target of pred[:, i] is patch i+1
     err = (_at_least_f32(pred) - target).pow(2).mean(dim=-1)  # [B, N-1]
     index = torch.arange(1, patches.shape[1], device=patches.device)  # patch index of each target
-    valid = index[None, :] >= prefix_len[:, None]  # [B, N-1]
-    return (err * valid).sum() / valid.sum().clamp_min(1)
+    target_ok = index[None, :] >= prefix_len[:, None]  # [B, N-1]
+    if valid is not None:
+        target_ok = target_ok & valid[:, 1:]
+    return (err * target_ok).sum() / target_ok.sum().clamp_min(1)
 
 
 def text_loss(logits: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:

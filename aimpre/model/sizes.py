@@ -38,6 +38,9 @@ class ModelConfig:
     w_image: float = 0.4  # weight of the pixel loss; AIMv2: 0.4
     prefix_min: int = 1  # prefix length M ~ U{prefix_min..prefix_max} patches (bidirectional attention inside)
     prefix_max: int | None = None  # null: num_patches - 1
+    # position embedding: learned (a [1, N, width] table for the img_size grid, AIMv2) | sincos2d (fixed 2D sin-cos
+    # computed for each batch's grid, as ml-aim's aimv2_large_native; what data.native needs)
+    pos_embed: str = "learned"
     attn_backend: str = "auto"  # attention kernel: auto | triton | flex | sdpa | xformers | reference
     # fused memory-bound ops: torch | liger (liger-kernel's RMSNorm, residual-add + RMSNorm, SwiGLU and chunked text
     # head + cross-entropy, on GPUs) | auto (liger's cross-entropy on CUDA when installed, torch otherwise)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from aimpre.model.layers import Block, RMSNorm, blocks_mask, init_linear_xavier
 from aimpre.model.moe import MoEFeedForward, moe_blocks
+from aimpre.model.posemb import sincos_2d
 from aimpre.model.sizes import ModelConfig
 
 
@@ -42,7 +43,10 @@ class AIMv2Encoder(nn.Module):
             raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, cfg.norm_eps)
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.width))
+        # sincos2d: no table; each forward computes the embedding of its images' grid (native resolution)
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.width)) if cfg.pos_embed == "learned" else None
+        )
         sparse = moe_blocks(cfg.depth, cfg.moe_blocks) if cfg.moe_experts else set()
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.norm_eps, cfg.attn_backend, cfg.fused, self._moe(cfg))
@@ -63,7 +67,8 @@ class AIMv2Encoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         assert self.patch_embed.proj.bias is not None
         nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=0.02)
 
     @staticmethod
     def _moe(cfg: ModelConfig) -> MoEFeedForward:
@@ -84,8 +89,16 @@ class AIMv2Encoder(nn.Module):
                 mlp.stats = None
         return out
 
+    def embed(self, images: Tensor) -> Tensor:
+        """Patch tokens plus positions [B, N, d]; the grid (N = H/p x W/p, in raster order) is the images'."""
+        x = self.patch_embed(images)  # [B, N, d]
+        if self.pos_embed is None:
+            p = self.cfg.patch_size
+            return x + sincos_2d(images.shape[-2] // p, images.shape[-1] // p, x.shape[-1], x.device).to(x.dtype)
+        return x + self.pos_embed
+
     def forward(self, images: Tensor, prefix_len: Tensor | None = None) -> Tensor:
-        x = self.patch_embed(images) + self.pos_embed  # [B, N, d]
+        x = self.embed(images)  # [B, N, d]
         # built once here and handed to every block: nothing inside a (compiled) block builds or caches a mask
         mask = blocks_mask(self.blocks, "full" if prefix_len is None else "prefix", prefix_len, x)
         for block in self.blocks:
@@ -110,7 +123,7 @@ class AIMv2Encoder(nn.Module):
             prefix_len: as ``forward``.
         """
         wanted = block_indices(indices, len(self.blocks))
-        x = self.patch_embed(images) + self.pos_embed  # [B, N, d]
+        x = self.embed(images)  # [B, N, d]
         mask = blocks_mask(self.blocks, "full" if prefix_len is None else "prefix", prefix_len, x)
         outs: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):  # the blocks after the last one asked: not run

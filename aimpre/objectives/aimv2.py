@@ -18,4 +18,4 @@ class AIMv2Objective(AIMv2, Objective):
     ) -> dict[str, Tensor]:
         if prefix_len is None:
             raise ValueError("aimv2 trains with prefix attention: prefix_len is required")
-        return super().forward(images, batch["text"], batch["text_mask"], prefix_len)
+        return super().forward(images, batch["text"], batch["text_mask"], prefix_len, batch.get("grid"))

@@ -139,14 +139,18 @@ class AIMv2Module(pl.LightningModule):
         """uint8 [B, 3, H, W] -> float, normalised with the data config's mean/std."""
         return (images.float() - self.mean) / self.std
 
-    def prefix_len(self, batch: int, seed: int) -> Tensor:
+    def prefix_len(self, batch: int, seed: int, tokens: int | None = None) -> Tensor:
         lo, hi = self.cfg.model.prefix_range
+        if self.cfg.data.native and tokens is not None:  # the batch's grid sets T: M ~ U{prefix_min..T-1}
+            lo, hi = min(lo, tokens - 1), tokens - 1
         g = torch.Generator().manual_seed(seed)
         return torch.randint(lo, hi + 1, (batch,), generator=g).to(self.device)
 
     def _losses(self, batch: dict[str, Any], seed: int) -> dict[str, Tensor]:
         images = self.normalize(batch["image"])
-        prefix = self.prefix_len(images.shape[0], seed) if uses_prefix(self.cfg.model.objective) else None
+        p = self.cfg.model.patch_size
+        tokens = (images.shape[-2] // p) * (images.shape[-1] // p)  # T of this batch's grid
+        prefix = self.prefix_len(images.shape[0], seed, tokens) if uses_prefix(self.cfg.model.objective) else None
         out: dict[str, Tensor] = self.model(images, batch, prefix)
         return out
 
