@@ -151,7 +151,8 @@ def test_model_info_cli(size: str) -> None:
         [sys.executable, "-m", "aimpre", "model-info", size, "--json"], capture_output=True, text=True, check=True
     )
     info = json.loads(out.stdout)
-    assert set(info) == {"encoder", "decoder", "heads", "total", "flops_per_sample"}
+    assert set(info) == {"encoder", "decoder", "heads", "total", "img_size", "flops_per_sample"}
+    assert info["img_size"] == 224
     assert round(info["encoder"] / 1e6, 1) == PAPER_ENCODER_PARAMS[size] / 1e6
     assert info["total"] == info["encoder"] + info["decoder"] + info["heads"]
     assert info["heads"] == 1024 * 588 + 1024 * 32000  # pixel head + text head (paper vocabulary), no bias
