@@ -229,7 +229,7 @@ def _strategy(cfg: Config, world: int) -> Any:
 
 def _mean_rows(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
     """Means of ``keys`` over ``rows``, leaving out the keys an objective does not log (blank)."""
-    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys if rows and all(r[k] for r in rows)}
+    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys if rows and all(r.get(k) for r in rows)}
 
 
 def train(
