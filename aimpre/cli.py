@@ -47,7 +47,9 @@ INT_GE2 = _checked(int, lambda v: v >= 2, "an integer >= 2")
 # here so that parsing the command line (and so `--help`) imports no torch: importing aimpre.model takes seconds
 BENCH_BUILDS = ("plain", "bf16", "fp8")
 FP8_RECIPES = ("tensorwise", "rowwise")
-OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification")  # aimpre.model.sizes.OBJECTIVES
+OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification", "distill", "aimv2_distill")  # model.sizes'
+COMPARE_ROWS = (*OBJECTIVES, "aimv2-moe")  # aimpre.compare.ROWS
+COMPARE_DEFAULT = OBJECTIVES[:5]  # the distilled rows need --teacher
 
 
 def _builds(text: str) -> list[str]:
@@ -705,7 +707,16 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # --img-size: every objective trains and is probed at that resolution (FLOPs per sample follow it)
     overrides = (*args.overrides, *([f"model.img_size={args.img_size}"] if args.img_size else []))
-    planned = plan(tuple(args.objectives), args.config, overrides, args.flops, args.steps, out, not args.shared_recipe)
+    planned = plan(
+        tuple(args.objectives),
+        args.config,
+        overrides,
+        args.flops,
+        args.steps,
+        out,
+        not args.shared_recipe,
+        args.teacher,
+    )
     if planned:
         print(f"resolution: {planned[0].cfg.model.img_size} px ({planned[0].cfg.model.num_patches} patches)")
     print(f"{'objective':16}{'FLOPs/sample':>14}{'steps':>8}{'samples':>10}{'train FLOPs':>13}")
@@ -1012,7 +1023,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="train one encoder per objective at equal training FLOPs; probe, zero-shot, "
                        "one table and a bar chart")  # fmt: skip
-    c.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    c.add_argument("--objectives", nargs="+", default=list(COMPARE_DEFAULT), choices=COMPARE_ROWS,
+                   help="rows: objectives, and aimv2-moe (AIMv2 with 4-expert MoE encoder blocks)")  # fmt: skip
+    c.add_argument("--teacher", help="the teacher encoder of the distill and aimv2_distill rows (a run, "
+                   "checkpoint or export); their FLOPs count its forward")  # fmt: skip
     budget = c.add_mutually_exclusive_group()
     budget.add_argument("--flops", type=FLOAT_GT0, help="training FLOPs per objective (default: what aimv2 costs "
                         "in --steps steps)")  # fmt: skip

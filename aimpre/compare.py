@@ -62,6 +62,13 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "classification": ("optim.lr=3e-4", *_LABEL_SAFE_AUG),
 }
 
+# Rows that are not an objective of their own: a name -> (its objective, its overrides). aimv2-moe is AIMv2 with
+# MoE encoder blocks as ml-l3m's configs/aimv2/002_aimv2_moe_hfdata.yaml (4 experts, top-1; model.moe_* defaults);
+# at equal compute its FLOPs are the routed tokens' (active), so it trains about as many samples as dense aimv2.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {"aimv2-moe": ("aimv2", ("model.moe_experts=4",))}
+ROWS = (*OBJECTIVES, *VARIANTS)
+DISTILLED = ("distill", "aimv2_distill")  # the rows that need --teacher; their FLOPs count the teacher's forward
+
 
 @dataclass(frozen=True)
 class Planned:
@@ -107,6 +114,7 @@ def plan(
     reference_steps: int | None = None,
     out: Path = Path("compare"),
     recipes: bool = True,
+    teacher: str | None = None,
 ) -> list[Planned]:
     """Each objective's config and step count for one training-FLOP budget.
 
@@ -118,12 +126,15 @@ def plan(
         reference_steps: see ``flops``.
         out: the comparison folder; runs go to ``out/runs/OBJECTIVE``.
         recipes: apply each objective's ``RECIPES`` before ``overrides`` (False: the shared config for all).
+        teacher: the distilled rows' (``DISTILLED``) teacher, as ``model.distill_teacher``.
     """
     from aimpre.scaling.flops import flops_per_sample
 
-    bad = [o for o in objectives if o not in OBJECTIVES]
+    bad = [o for o in objectives if o not in ROWS]
     if bad or not objectives:
-        raise ConfigError(f"--objectives: {', '.join(bad) or 'none given'}; choose from {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"--objectives: {', '.join(bad) or 'none given'}; choose from {', '.join(ROWS)}")
+    if teacher is None and any(o in DISTILLED for o in objectives):
+        raise ConfigError("--teacher: the distilled rows need a teacher encoder (a run, checkpoint or export)")
     if len(set(objectives)) != len(objectives):
         raise ConfigError(f"--objectives names one twice: {', '.join(objectives)}")
     if any(o.startswith(("model.objective=", "trainer.max_steps=", "run.name=", "run.out_dir=")) for o in overrides):
@@ -138,9 +149,12 @@ def plan(
                               "(the train shards' index.json names no classes)")  # fmt: skip
         classes = [f"model.num_classes={n}"]
 
-    def config_of(objective: str, steps: int) -> Config:
-        extra = [f"model.objective={objective}", f"trainer.max_steps={steps}", f"run.name={objective}",
-                 f"run.out_dir={out / 'runs'}"]  # fmt: skip
+    def config_of(row: str, steps: int) -> Config:
+        objective, variant = VARIANTS.get(row, (row, ()))
+        if row in DISTILLED:
+            variant = (f"model.distill_teacher={teacher}",)
+        extra = [f"model.objective={objective}", f"trainer.max_steps={steps}", f"run.name={row}",
+                 f"run.out_dir={out / 'runs'}", *variant]  # fmt: skip
         recipe = RECIPES.get(objective, ()) if recipes else ()
         cfg = load_config(config, [*recipe, *overrides, *extra, *(classes if objective == "classification" else [])])
         vocab = cfg.model.vocab_size or build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase).vocab_size

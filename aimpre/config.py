@@ -380,6 +380,7 @@ _PART_KEYS = {
 }
 _HEAD_KEYS = {
     "aimv2": ("vocab_size", "dec_width"),
+    "aimv2_distill": ("vocab_size", "dec_width"),
     "aimv1": ("head_width", "head_depth"),
     "classification": ("num_classes", "width"),
 }
@@ -400,6 +401,18 @@ def _check_run(r: RunConfig) -> None:
 def validate(cfg: Config) -> Config:
     """Rejects impossible values, naming the key."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    _check(m.objective in OBJECTIVES, "model.objective", f"{short(m.objective)} is not one of {', '.join(OBJECTIVES)}")
+    # before the size check, which reads the teacher's config (its width sizes the projection)
+    if m.objective in ("distill", "aimv2_distill"):
+        from aimpre.objectives.distill import LOSSES
+
+        _check(bool(m.distill_teacher), "model.distill_teacher",
+               f"objective {m.objective} needs a teacher: a run, checkpoint or export")  # fmt: skip
+        _check(
+            m.distill_loss in LOSSES, "model.distill_loss", f"{short(m.distill_loss)} is not one of {', '.join(LOSSES)}"
+        )
+        _check(_finite(m.distill_weight) and m.distill_weight > 0, "model.distill_weight",
+               f"{m.distill_weight} must be > 0 and finite")  # fmt: skip
     problem = model_size_problem(m)
     if problem is not None:
         raise ConfigError(f"config key 'model.{problem[0]}': {problem[1]}")
@@ -421,7 +434,6 @@ def validate(cfg: Config) -> Config:
     _check(m.w_text >= 0 and m.w_image >= 0 and m.w_text + m.w_image > 0, "model.w_text", "weights must be >= 0")
     _check(_finite(m.w_text, m.w_image), "model.w_text", "w_text and w_image must be finite")
     _check(_finite(m.norm_eps) and m.norm_eps > 0, "model.norm_eps", f"{m.norm_eps} must be positive and finite")
-    _check(m.objective in OBJECTIVES, "model.objective", f"{short(m.objective)} is not one of {', '.join(OBJECTIVES)}")
     _check(m.pool in POOLS, "model.pool", f"{short(m.pool)} is not one of {', '.join(POOLS)}")
     for k in ("embed_dim", "text_width", "text_depth", "text_heads", "text_mlp_hidden", "head_width"):
         _check(getattr(m, k) > 0, f"model.{k}", "must be positive")

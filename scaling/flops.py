@@ -14,6 +14,11 @@ misses on CPU) is counted as 2 x tokens x width multiply-adds, its backward at 2
 MoE encoder blocks (``model.moe_experts``) count the router and the top-k experts each token is routed to: the
 FLOPs of the tokens actually routed, so MFU and the compute axis of the scaling laws are active FLOPs.
 
+Distillation (``distill``, ``aimv2_distill``) counts the frozen teacher's forward (full attention, at its own
+resolution, no backward: it has no gradients) as its own part, ``teacher``, so a distilled student pays for its
+teacher at equal compute; the projection to the teacher's width is a head. The teacher's parameters are not
+counted: nothing of it is trained or kept.
+
 Parameters: ``param_counts`` reproduces the built model's ``param_counts()`` from the config alone (no model
 built). The convention is explicit: ``scope`` is the encoder (what every objective keeps and reports) or
 everything trained, and ``embeddings=False`` drops the parameters that are looked up or added rather than
@@ -60,10 +65,11 @@ class Flops:
     decoder: float
     heads: float
     text: float = 0.0
+    teacher: float = 0.0  # distillation: the frozen teacher's forward, in forward and training FLOPs alike
 
     @property
     def total(self) -> float:
-        return self.encoder + self.decoder + self.heads + self.text
+        return self.encoder + self.decoder + self.heads + self.text + self.teacher
 
 
 def _vocab(cfg: ModelConfig, vocab_size: int | None) -> int:
@@ -74,7 +80,7 @@ def _vocab(cfg: ModelConfig, vocab_size: int | None) -> int:
 
 
 def _reads_text(cfg: ModelConfig) -> bool:
-    return cfg.objective in ("aimv2", "siglip", "clip")
+    return cfg.objective in ("aimv2", "siglip", "clip", "aimv2_distill")
 
 
 def _block_macs(tokens: int, width: int, mlp_hidden: int, pairs: float) -> float:
@@ -112,8 +118,20 @@ def _pool_macs(cfg: ModelConfig, tokens: int, width: int, mlp_hidden: int) -> in
     return tokens * 2 * width * width + 2 * tokens * width + width * width + 3 * width * mlp_hidden
 
 
-def _macs(cfg: ModelConfig, V: int, prefix: bool, attention: str) -> tuple[float, float, float, float, float]:
-    """Forward multiply-adds: (patch embedding, rest of the encoder, decoder, heads, text tower)."""
+def _teacher_macs(cfg: ModelConfig) -> tuple[float, int]:
+    """The distillation teacher's forward multiply-adds per sample (full attention, its own resolution) and its
+    width; (0, 0) for the other objectives."""
+    if cfg.objective not in ("distill", "aimv2_distill"):
+        return 0.0, 0
+    from aimpre.objectives.distill import teacher_config  # here: it reads the teacher's config from its file
+
+    t = teacher_config(cfg)
+    N = t.num_patches
+    return N * t.patch_dim * t.width + _encoder_blocks_macs(t, float(N * N)), t.width
+
+
+def _macs(cfg: ModelConfig, V: int, prefix: bool, attention: str) -> tuple[float, float, float, float, float, float]:
+    """Forward multiply-adds: (patch embedding, rest of the encoder, decoder, heads, text tower, teacher)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     N, L, d, D = cfg.num_patches, cfg.text_len, cfg.width, cfg.dec_width
@@ -127,9 +145,12 @@ def _macs(cfg: ModelConfig, V: int, prefix: bool, attention: str) -> tuple[float
     patch = N * cfg.patch_dim * d
     enc = _encoder_blocks_macs(cfg, enc_pairs)
     dec, text = 0.0, 0.0
-    if cfg.objective == "aimv2":
+    teacher, teacher_width = _teacher_macs(cfg)
+    if cfg.objective in ("aimv2", "aimv2_distill"):
         dec = N * d * D + cfg.dec_depth * _block_macs(T, D, cfg.dec_mlp_hidden, dec_pairs)
-        heads = (N - 1) * D * cfg.patch_dim + L * D * V
+        heads = (N - 1) * D * cfg.patch_dim + L * D * V + N * d * teacher_width  # (aimv2_distill: the projection)
+    elif cfg.objective == "distill":  # the projection of every student token to the teacher's width
+        heads = N * d * teacher_width
     elif cfg.objective == "aimv1":  # the per-patch MLP on the N - 1 tokens that predict a patch
         h = cfg.head_width
         heads = (N - 1) * (d * h + cfg.head_depth * 2 * h * MLP_RATIO * h + h * cfg.patch_dim)
@@ -140,7 +161,7 @@ def _macs(cfg: ModelConfig, V: int, prefix: bool, attention: str) -> tuple[float
         heads = _pool_macs(cfg, N, d, cfg.mlp_hidden) + d * cfg.embed_dim
         text = cfg.text_depth * _block_macs(L, w, cfg.text_mlp_hidden, text_pairs)
         text += _pool_macs(cfg, L, w, cfg.text_mlp_hidden) + w * cfg.embed_dim
-    return patch, enc, dec, heads, text
+    return patch, enc, dec, heads, text, teacher
 
 
 def _args(cfg: ModelConfig, vocab_size: int | None, prefix: bool | None) -> tuple[int, bool]:
@@ -161,17 +182,22 @@ def forward_flops(
             objective trains (``aimpre.objectives.uses_prefix``).
         attention: "masked" counts the pairs the mask allows, "dense" every (query, key) pair.
     """
-    patch, enc, dec, heads, text = _macs(cfg, *_args(cfg, vocab_size, prefix), attention)
-    return Flops(encoder=2.0 * (patch + enc), decoder=2.0 * dec, heads=2.0 * heads, text=2.0 * text)
+    patch, enc, dec, heads, text, teacher = _macs(cfg, *_args(cfg, vocab_size, prefix), attention)
+    return Flops(
+        encoder=2.0 * (patch + enc), decoder=2.0 * dec, heads=2.0 * heads, text=2.0 * text, teacher=2.0 * teacher
+    )
 
 
 def training_flops(
     cfg: ModelConfig, vocab_size: int | None = None, prefix: bool | None = None, attention: str = "masked"
 ) -> Flops:
     """Forward + backward FLOPs per sample (arguments as ``forward_flops``)."""
-    patch, enc, dec, heads, text = _macs(cfg, *_args(cfg, vocab_size, prefix), attention)
-    # backward = 2 x forward (input + weight gradients); the patch conv has no input gradient to compute
-    return Flops(encoder=4.0 * patch + 6.0 * enc, decoder=6.0 * dec, heads=6.0 * heads, text=6.0 * text)
+    patch, enc, dec, heads, text, teacher = _macs(cfg, *_args(cfg, vocab_size, prefix), attention)
+    # backward = 2 x forward (input + weight gradients); the patch conv has no input gradient to compute; the frozen
+    # teacher runs forward only
+    return Flops(
+        encoder=4.0 * patch + 6.0 * enc, decoder=6.0 * dec, heads=6.0 * heads, text=6.0 * text, teacher=2.0 * teacher
+    )
 
 
 def flops_per_sample(cfg: ModelConfig, vocab_size: int | None = None) -> float:
@@ -210,11 +236,14 @@ def param_counts(
     if embeddings:
         encoder += N * d if cfg.pos_embed == "learned" else 0  # pos_embed (sincos2d: computed, no table)
     parts = {"encoder": encoder}
-    if cfg.objective == "aimv2":
+    teacher_width = _teacher_macs(cfg)[1]  # distillation: the projection to the teacher's width is a head
+    if cfg.objective in ("aimv2", "aimv2_distill"):
         decoder = d * D + D + cfg.dec_depth * block(D, cfg.dec_mlp_hidden) + D  # img_proj (+bias), blocks, norm
         if embeddings:
             decoder += V * D + D + L * D  # text_embed, start_token, text_pos
-        parts.update(decoder=decoder, heads=D * cfg.patch_dim + D * V)
+        parts.update(decoder=decoder, heads=D * cfg.patch_dim + D * V + d * teacher_width)
+    elif cfg.objective == "distill":
+        parts["heads"] = d * teacher_width
     elif cfg.objective == "aimv1":
         h, P = cfg.head_width, cfg.patch_dim
         mlp = 2 * h + 2 * MLP_RATIO * h * h  # LayerNorm (weight, bias), fc1, fc2

@@ -45,7 +45,8 @@ class ModelConfig:
     # fused memory-bound ops: torch | liger (liger-kernel's RMSNorm, residual-add + RMSNorm, SwiGLU and chunked text
     # head + cross-entropy, on GPUs) | auto (liger's cross-entropy on CUDA when installed, torch otherwise)
     fused: str = "auto"
-    # the pretraining objective (aimpre.objectives): aimv2 | aimv1 | siglip | clip | classification
+    # the pretraining objective (aimpre.objectives): aimv2 | aimv1 | siglip | clip | classification | distill |
+    # aimv2_distill
     objective: str = "aimv2"
     pool: str = "map"  # image and text embeddings (contrastive, classification): map (attention pooling) | mean
     embed_dim: int = 768  # contrastive: the shared image-text embedding width
@@ -56,6 +57,11 @@ class ModelConfig:
     head_depth: int = 12  # aimv1: residual MLP blocks of the per-patch pixel head (AIM v1: 12)
     head_width: int = 2048  # aimv1: width of the pixel head's MLP blocks
     num_classes: int | None = None  # classification: labels 0..num_classes-1 (the sample's "cls")
+    # Distillation (aimpre.objectives.distill; objective distill or aimv2_distill): the frozen teacher encoder, any
+    # source aimpre.export.load_encoder reads (a run, checkpoint, export, released timm/HF AIMv2)
+    distill_teacher: str | None = None
+    distill_loss: str = "cosine"  # student-teacher patch feature loss: cosine | smooth_l1 (on normalised features)
+    distill_weight: float = 1.0  # weight of the distillation loss (aimv2_distill: added to the AIMv2 loss)
     # Mixture-of-experts encoder feed-forwards (aimpre.model.moe; AIMv2-MoE is apple/ml-l3m
     # configs/aimv2/002_aimv2_moe_hfdata.yaml, whose lines are quoted): 0 = dense SwiGLU (AIMv2); that config
     # has `num_experts: 4`
@@ -108,7 +114,7 @@ SIZES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 # what model.objective may name; each is a module of aimpre.objectives
-OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification")
+OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification", "distill", "aimv2_distill")
 
 MODEL_KEYS = frozenset(f.name for f in fields(ModelConfig))
 

@@ -14,6 +14,7 @@ from aimpre.objectives.base import Objective
 from aimpre.objectives.classification import Classifier
 from aimpre.objectives.clip import CLIP
 from aimpre.objectives.contrastive import ClipLoss, SigLipLoss, gather_with_grad
+from aimpre.objectives.distill import AIMv2Distill, Distill
 from aimpre.objectives.siglip import SigLIP
 
 _NEEDS = {
@@ -22,6 +23,8 @@ _NEEDS = {
     "siglip": frozenset({"text"}),
     "clip": frozenset({"text"}),
     "classification": frozenset({"label"}),
+    "distill": frozenset(),
+    "aimv2_distill": frozenset({"text"}),
 }
 
 
@@ -38,7 +41,7 @@ def needs(objective: str) -> frozenset[str]:
 
 def uses_prefix(objective: str) -> bool:
     """Whether the encoder trains with prefix attention (autoregressive objectives) rather than full attention."""
-    return _known(objective) in ("aimv2", "aimv1")
+    return _known(objective) in ("aimv2", "aimv1", "aimv2_distill")
 
 
 _BUILDERS: dict[str, Callable[[ModelConfig], Objective]] = {
@@ -47,6 +50,8 @@ _BUILDERS: dict[str, Callable[[ModelConfig], Objective]] = {
     "siglip": SigLIP,
     "clip": CLIP,
     "classification": Classifier,
+    "distill": Distill,
+    "aimv2_distill": AIMv2Distill,
 }
 
 

@@ -50,10 +50,11 @@ from aimpre.train.checkpoint import load_torch_file
 COLUMNS = (
     "step", "samples", "flops", "loss", "loss_image", "loss_text", "val_loss", "val_loss_image", "val_loss_text",
     "lr", "grad_norm", "img_per_s", "img_per_s_device", "tflops", "mfu", "data_time", "step_time", "skipped",
-    "skipped_steps", "loss_balance",
+    "skipped_steps", "loss_balance", "loss_distill", "val_loss_distill",
 )  # fmt: skip
-# the columns an objective's parts fill; the parts it lacks stay blank (loss_balance: MoE encoders, training only)
-LOSSES = ("loss", "loss_image", "loss_text", "loss_balance")
+# the columns an objective's parts fill; the parts it lacks stay blank (loss_balance: MoE encoders, training only;
+# loss_distill: the distilled objectives, the unweighted distillation loss)
+LOSSES = ("loss", "loss_image", "loss_text", "loss_balance", "loss_distill")
 # the TensorBoard and W&B name of each column (see the module docstring)
 NAMES = {
     "samples": "progress/samples", "flops": "progress/flops",
