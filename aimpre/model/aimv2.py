@@ -80,10 +80,16 @@ class AIMv2(nn.Module):
             ``loss_balance`` (the unweighted load-balancing loss, added with ``model.moe_balance_weight``, as
             ml-l3m's third criterion) and ``expert_share`` ([MoE blocks, experts] token shares, detached).
         """
-        return self.losses(self.encoder(images, prefix_len), images, text, text_mask, prefix_len)
+        return self.losses(self.encoder(images, prefix_len), images, text, text_mask, prefix_len, grid)
 
     def losses(
-        self, tokens: Tensor, images: Tensor, text: Tensor, text_mask: Tensor, prefix_len: Tensor
+        self,
+        tokens: Tensor,
+        images: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        prefix_len: Tensor,
+        grid: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``forward``'s losses from the encoder's ``tokens`` [B, N, width] (the other arguments as ``forward``'s):
         the distilled objective (``aimpre.objectives.distill``) reuses the encoder's output for its own term."""

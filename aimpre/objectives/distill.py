@@ -212,7 +212,7 @@ class AIMv2Distill(AIMv2Objective):
         if prefix_len is None:
             raise ValueError("aimv2_distill trains with prefix attention: prefix_len is required")
         tokens = self.encoder(images, prefix_len)  # [B, N, width]
-        out = self.losses(tokens, images, batch["text"], batch["text_mask"], prefix_len)
+        out = self.losses(tokens, images, batch["text"], batch["text_mask"], prefix_len, batch.get("grid"))
         out["loss_distill"] = self.distill(tokens, images)
         out["loss"] = out["loss"] + self.cfg.distill_weight * out["loss_distill"]
         return out
