@@ -660,7 +660,7 @@ def _localize(args: argparse.Namespace) -> int:
     out = _eval_out(args, "localize.json")
     res = run_localize(args.encoder, out, n_train=args.train_scenes, n_test=args.test_scenes, settings=settings,
                        baselines=not args.no_baselines)  # fmt: skip
-    keys = ("patch_iou", "patch_acc", "soft_iou", "box_iou", "box_acc50")
+    keys = ("patch_iou", "patch_acc", "soft_iou", "box_iou", "box_acc50", "reg_box_iou")
     print(f"localizing a named shape in {args.test_scenes} held-out scenes (heads trained on {args.train_scenes}):")
     print(f"{'':14}" + "".join(f"{k:>11}" for k in keys))
     for r in res["rows"]:
