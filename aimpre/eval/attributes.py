@@ -52,7 +52,7 @@ def readout_probe(
     if readout not in READOUTS:
         raise ValueError(f"unknown readout {readout!r}; readouts: {', '.join(READOUTS)}")
     if readout == "patch":  # one token of T x C features: the linear probe's mean over it is the identity
-        train, test = ((x.flatten(1)[:, None], y) for x, y in (train, test))  # type: ignore[assignment]
+        train, test = ((x.flatten(1)[:, None], y) for x, y in (train, test))
     s = replace(s, heads=s.heads or probe_heads(train[0].shape[-1]))
     return train_probe("linear" if readout == "patch" else readout, train, test, s)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ def queries(facts: list[dict[str, Any]], grid: int) -> Queries:
     for i, f in enumerate(facts):
         masks = visible_masks(f)
         for shape in dict.fromkeys(o["shape"] for o in f["objects"]):  # each name once, in drawing order
-            union = sum(m for m, o in zip(masks, f["objects"], strict=True) if o["shape"] == shape).astype(bool)
+            union = np.logical_or.reduce([m for m, o in zip(masks, f["objects"], strict=True) if o["shape"] == shape])
             if not union.any():  # hidden entirely by a later object: nothing to find
                 continue
             scene.append(i)

@@ -167,9 +167,11 @@ def judged_encoders(encoder_path: str | Path, seed: int = 0, random_init: bool =
         torch.manual_seed(seed)
         twin.init_weights()
         encoders["random_init"] = twin.to(_device())
-    tokens: dict[str, Tokens] = {
-        name: (lambda images, e=e: extract(e, images, mean, std).float()) for name, e in encoders.items()
-    }
+
+    def encoded(e: AIMv2Encoder) -> Tokens:
+        return lambda images: extract(e, images, mean, std).float()
+
+    tokens = {name: encoded(e) for name, e in encoders.items()}
     if pixels:
         tokens["pixels"] = lambda images: pixel_tokens(images, cfg.patch_size, mean, std)
     return Judged(tokens, cfg.img_size, cfg.img_size // cfg.patch_size)
