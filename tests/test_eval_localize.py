@@ -74,25 +74,28 @@ def test_box_iou() -> None:
 
 
 def test_head_learns_a_fixed_batch() -> None:
-    """On 24 scenes' raw-pixel patches the head fits its own training targets far past the mean prediction."""
-    scenes = render_scenes(24, 112, "train")
+    """On 16 scenes' raw-pixel patches the head fits its own training targets far past the mean prediction."""
+    scenes = render_scenes(16, 112, "train")
     x = pixel_tokens(scenes.images, 14, torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1))
     q = queries(scenes.facts, 8)
-    res = train_localizer(x, q, x, q, LocalizeSettings(epochs=60, batch_size=16, lr=1e-2))
+    res = train_localizer(x, q, x, q, LocalizeSettings(epochs=50, batch_size=32, lr=1e-2))
     floor = mean_baseline(q, q)  # measured: patch IoU 0.54 vs 0.18, box IoU 0.18 vs 0.11
     assert res["patch_iou"] > floor["patch_iou"] + 0.25 and res["box_iou"] > floor["box_iou"] + 0.1, (res, floor)
     assert res["reg_box_iou"] > floor["reg_box_iou"], (res, floor)
 
 
 def test_frozen_tokens_beat_the_mean_on_held_out_scenes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A random-init 1-block encoder, its twin and the raw pixels each localize a named shape on unseen scenes
-    better than the per-name mean map and box; the CLI prints and writes the same table."""
-    rows = localize_rows(_encoder(tmp_path), n_train=300, n_test=100, settings=LocalizeSettings(epochs=8))
-    by = {r["encoder"]: r for r in rows}
-    assert set(by) == {"encoder", "random_init", "pixels", "mean"}
-    for name in ("encoder", "random_init", "pixels"):
-        for k in ("patch_iou", "box_iou"):
-            assert by[name][k] > by["mean"][k] + 0.03, (name, k, by[name][k], by["mean"][k])
+    """A random-init 1-block encoder's tokens localize a named shape on unseen scenes better than the per-name mean
+    map and box; the CLI prints and writes the same table."""
+    rows = localize_rows(
+        _encoder(tmp_path), n_train=200, n_test=80, settings=LocalizeSettings(epochs=8), baselines=False
+    )
+    train, test = (queries(render_scenes(n, 112, split).facts, 8) for n, split in ((200, "train"), (80, "test")))
+    floor = mean_baseline(train, test)
+    assert [r["encoder"] for r in rows] == ["encoder"]
+    for k in ("patch_iou", "box_iou"):
+        assert rows[0][k] > floor[k] + 0.05, (k, rows[0][k], floor[k])
+    assert rows[0]["reg_box_iou"] > floor["reg_box_iou"], rows  # the regressed box only just (0.11 vs 0.10 measured)
     path = tmp_path / "enc"
     args = ["localize", str(path), "--train-scenes", "30", "--test-scenes", "10", "--epochs", "1", "--no-baselines"]
     assert main(args) == 0
