@@ -661,6 +661,51 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_attributes(args: argparse.Namespace) -> int:
+    from aimpre.eval.attributes import run_attributes
+    from aimpre.probe import ProbeSettings
+
+    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
+    settings = ProbeSettings(**{"epochs": 30, **{k: v for k, v in given.items() if v is not None}})
+    out = _eval_out(args, "attributes.json")
+    res = run_attributes(args.encoder, out, n_train=args.train_scenes, n_test=args.test_scenes,
+                         readouts=tuple(args.readout), attributes=tuple(args.attribute), settings=settings,
+                         baselines=not args.no_baselines)  # fmt: skip
+    print(f"top-1 on {args.test_scenes} held-out scenes (probes trained on {args.train_scenes} others), "
+          f"encoder / readout per row:")  # fmt: skip
+    print(f"{'':24}" + "".join(f"{a:>11}" for a in args.attribute))
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for r in res["rows"]:
+        table.setdefault((r["encoder"], r["readout"]), {})[r["attribute"]] = r["top1"]
+    for (enc, readout), by_attr in table.items():
+        print(f"{enc + ' ' + readout:24}" + "".join(f"{by_attr[a]:>11.1%}" for a in args.attribute))
+    print(f"results: {out}")
+    return 0
+
+
+def _localize(args: argparse.Namespace) -> int:
+    from aimpre.eval.localize import LocalizeSettings, run_localize
+
+    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
+    settings = LocalizeSettings(**{k: v for k, v in given.items() if v is not None})
+    out = _eval_out(args, "localize.json")
+    res = run_localize(args.encoder, out, n_train=args.train_scenes, n_test=args.test_scenes, settings=settings,
+                       baselines=not args.no_baselines)  # fmt: skip
+    keys = ("patch_iou", "patch_acc", "soft_iou", "box_iou", "box_acc50", "reg_box_iou")
+    print(f"localizing a named shape in {args.test_scenes} held-out scenes (heads trained on {args.train_scenes}):")
+    print(f"{'':14}" + "".join(f"{k:>11}" for k in keys))
+    for r in res["rows"]:
+        print(f"{r['encoder']:14}" + "".join(f"{r[k]:>11.3f}" for k in keys))
+    print(f"results: {out}")
+    return 0
+
+
+def _eval_out(args: argparse.Namespace, name: str) -> Path:
+    """--out, else ``name`` beside the encoder (in it, for a directory)."""
+    encoder = Path(args.encoder)
+    return Path(args.out) if args.out else (encoder if encoder.is_dir() else encoder.parent) / name
+
+
 def _lit(args: argparse.Namespace) -> int:
     from aimpre.lit import TOWER_KEYS, LitSettings, train_lit
 
@@ -758,6 +803,8 @@ EXAMPLES = {
     "scaling plot": "aimpre scaling plot sweeps/tiny/results.csv --fit fit.json --out scaling.png",
     "export": "aimpre export runs/l14 --format hf --out exports/l14-hf",
     "probe": "aimpre probe runs/l14 --train demo:digits-train --test demo:digits-test",
+    "probe-attributes": "aimpre probe-attributes runs/l14 --train-scenes 2000 --test-scenes 1000",
+    "localize": "aimpre localize runs/l14 --train-scenes 2000 --test-scenes 1000",
     "visualize": "aimpre visualize runs/l14 -n 4",
     "compare": "aimpre compare --objectives aimv2 aimv1 siglip clip classification --steps 300 --out compare",
     "lit": "aimpre lit runs/l14 --out lit/l14 --shards 'shards/shard-{000000..000099}.tar' --epochs 20",
@@ -982,6 +1029,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "output, each through the final norm (default: the encoder's output)")  # fmt: skip
     pr.add_argument("--merge", choices=("mean", "concat"), default="mean", help="how --layers' blocks combine")
     pr.set_defaults(fn=_probe)
+
+    from aimpre.eval.names import ATTRIBUTE_NAMES, READOUTS
+
+    for command, what in (("probe-attributes", "attributes"), ("localize", "localize")):
+        help_ = (
+            "held-out scene-attribute probes (count, shape, colour, size, row, column, background) beside random "
+            "init, raw pixels and the majority class"
+            if what == "attributes"
+            else "localization probe: which patches a named shape covers and its box, on held-out scenes, beside "
+            "random init, raw pixels and the mean prediction"
+        )
+        ev = sub.add_parser(command, help=help_)
+        ev.add_argument("encoder", help="a run, checkpoint, export, or timm/HF AIMv2 model directory")
+        ev.add_argument("--train-scenes", type=INT_GT0, default=2000, help="held-out scenes the heads train on")
+        ev.add_argument("--test-scenes", type=INT_GT0, default=1000, help="other held-out scenes they are scored on")
+        ev.add_argument("--epochs", type=INT_GT0, help="head training epochs (default 30)")
+        ev.add_argument("--lr", type=FLOAT_GT0, help="peak AdamW learning rate (default " +
+                        ("1e-2)" if what == "attributes" else "3e-3)"))  # fmt: skip
+        ev.add_argument("--batch-size", type=INT_GT0, help="default 64")
+        ev.add_argument("--seed", type=int, help="head init, shuffling and the random-init twin (default 0)")
+        ev.add_argument("--no-baselines", action="store_true", help="only the encoder: no random-init, pixel or "
+                        "majority/mean rows")  # fmt: skip
+        ev.add_argument("--out", help=f"results JSON (default: {what}.json in the encoder's directory)")
+        if what == "attributes":
+            ev.add_argument("--attribute", nargs="+", default=list(ATTRIBUTE_NAMES), choices=ATTRIBUTE_NAMES)
+            ev.add_argument("--readout", nargs="+", default=list(READOUTS), choices=READOUTS,
+                            help="attentive, linear (mean-pooled) or patch (linear on all tokens)")  # fmt: skip
+        ev.set_defaults(fn=_probe_attributes if what == "attributes" else _localize)
 
     li = sub.add_parser("lit", help="LiT: train a text tower (and image head) against a frozen encoder")
     li.add_argument("encoder", help="a run, checkpoint, export, or timm/HF AIMv2 model directory (kept frozen)")

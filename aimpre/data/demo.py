@@ -46,7 +46,8 @@ DIGIT_TEMPLATES = ("a handwritten digit {w}", "the number {d}, written by hand",
 CLASSES = (*DIGIT_WORDS, *SHAPES)  # label -> class name: digits 0..9, then a scene's top-most shape
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: Any) -> None:
+    """Draws ``shape`` centred at (cx, cy) with half-width ``r`` pixels (a mask when ``draw`` is on an "L" image)."""
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
@@ -59,6 +60,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Image.Image, str, int]:
     """One picture of shapes, the sentence that describes it, and its label (its top-most shape, in CLASSES)."""
+    img, caption, label, _ = render_scene_facts(rng, size)
+    return img, caption, label
+
+
+def render_scene_facts(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Image.Image, str, int, dict]:
+    """``render_scene`` (the same draws from ``rng``, so the same picture) and the facts it drew: ``background``
+    and ``objects``, in drawing order (a later one may cover part of an earlier one), each with ``shape``,
+    ``colour``, ``large``, ``row`` and its geometry in pixels ``cx``, ``cy``, ``r`` (see ``draw_shape``)."""
     bg = str(rng.choice(list(BACKGROUNDS)))
     img = Image.new("RGB", (size, size), BACKGROUNDS[bg])
     draw = ImageDraw.Draw(img)
@@ -66,17 +75,20 @@ def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Imag
     palette = [c for c in COLOURS if not (bg == "white" and c == "white")]
     parts: list[str] = []
     shapes: dict[float, str] = {}  # row height -> shape
+    objects: list[dict[str, Any]] = []
     for row in rows:
         colour, shape = str(rng.choice(palette)), str(rng.choice(SHAPES))
         large = bool(rng.random() < 0.5)
         r = size * (rng.uniform(0.14, 0.2) if large else rng.uniform(0.06, 0.1))
         cx = rng.uniform(r + 2, size - r - 2)
         cy = ROWS[str(row)] * size + rng.uniform(-0.05, 0.05) * size
-        _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
+        draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
         where = "in the middle" if row == "middle" else f"at the {row}"
         parts.append(f"{'large' if large else 'small'} {colour} {shape} {where}")
         shapes[ROWS[str(row)]] = shape
-    return img, " and ".join(parts) + f", on {bg}", CLASSES.index(shapes[min(shapes)])
+        objects.append({"shape": shape, "colour": colour, "large": large, "row": str(row), "cx": cx, "cy": cy, "r": r})
+    facts = {"background": bg, "objects": objects}
+    return img, " and ".join(parts) + f", on {bg}", CLASSES.index(shapes[min(shapes)]), facts
 
 
 def render_digit(pixels: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:
