@@ -45,7 +45,7 @@ FACTOR = _checked(float, lambda v: v >= 1, "a factor >= 1")
 INT_GE2 = _checked(int, lambda v: v >= 2, "an integer >= 2")
 # bench step's builds (aimpre.train.bench.BUILDS), the float8 recipes (aimpre.config.FP8_RECIPES) and the objectives,
 # here so that parsing the command line (and so `--help`) imports no torch: importing aimpre.model takes seconds
-BENCH_BUILDS = ("plain", "bf16", "fp8")
+BENCH_BUILDS = ("plain", "bf16", "fp8", "moe")
 FP8_RECIPES = ("tensorwise", "rowwise")
 OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification", "distill", "aimv2_distill")  # model.sizes'
 COMPARE_ROWS = (*OBJECTIVES, "aimv2-moe")  # aimpre.compare.ROWS

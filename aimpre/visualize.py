@@ -11,6 +11,9 @@
   decoder AIMv2 draws with): for the others the predictions figure is left out, saying so.
 - Losses: ``metrics.csv`` (train and validation) with the baselines of ``summary.json``; a panel per loss part the
   run logged.
+- Experts (MoE encoders): ``moe.csv``, each expert's share of its block's routed tokens at every logging step, as
+  one heat map (a row per block and expert, a column per logged step): an expert that starves or takes everything
+  shows as a dark or bright band.
 - Attention: the exported encoder (any objective's; full attention), last block, softmax(q k^T / sqrt(d))
   averaged over heads: where chosen query patches look, and how much attention each patch receives.
 """
@@ -152,6 +155,35 @@ def plot_losses(metrics: Path, summary: Path | None = None) -> Figure:
     return fig
 
 
+def plot_expert_share(moe_csv: Path) -> Figure:
+    """Each MoE block's expert shares of the routed tokens over the logged steps, as a heat map.
+
+    Args:
+        moe_csv: a run's ``moe.csv`` (``step, block, expert, share`` rows, as the trainer writes it).
+    """
+    shares: dict[tuple[int, int], dict[int, float]] = {}
+    try:
+        for r in read_csv(moe_csv, "MoE metrics file"):
+            shares.setdefault((int(r["block"]), int(r["expert"])), {})[int(r["step"])] = float(r["share"])
+    except (KeyError, TypeError, ValueError) as e:  # a missing column (None) or a field that is not a number
+        raise ValueError(f"{moe_csv}: not a moe.csv of step, block, expert, share numbers ({e})") from None
+    if not shares:
+        raise ValueError(f"{moe_csv} has no rows")
+    rows = sorted(shares)
+    steps = sorted({s for per in shares.values() for s in per})
+    grid = [[shares[k].get(s, float("nan")) for s in steps] for k in rows]  # a step a row lacks stays blank
+    fig, ax = plt.subplots(figsize=(max(6.0, min(14.0, 0.15 * len(steps) + 4)), 1.2 + 0.25 * len(rows)),
+                           layout="constrained")  # fmt: skip
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5))  # fmt: skip
+    ax.set_yticks(range(len(rows)), [f"block {b} expert {e}" for b, e in rows], fontsize=7)
+    ax.set_xlabel("step")
+    fig.colorbar(im, ax=ax, label="share of routed tokens")
+    experts = len({e for _, e in rows})
+    ax.set_title(f"MoE expert shares per block (balanced: {1 / experts:.3g} each): {moe_csv}", fontsize=9)
+    return fig
+
+
 @torch.no_grad()
 def attention_maps(encoder: AIMv2Encoder, images: Tensor) -> Tensor:
     """Last-block attention of the encoder with full attention, mean over heads: [B, N(queries), N(keys)]."""
@@ -236,7 +268,7 @@ def saved_shards(cfg: Config, cfg_file: Path) -> str | list[str]:
 
 
 def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: str | None = None) -> list[Path]:
-    """Writes ``predictions.png``, ``losses.png`` and ``attention.png`` for a run.
+    """Writes ``predictions.png``, ``losses.png``, ``attention.png`` and (MoE encoders) ``experts.png`` for a run.
 
     Args:
         run: the run directory.
@@ -268,6 +300,8 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
         print(f"no predictions.png: a {cfg.model.objective} run has no AIMv2 decoder to predict patches with")
     if file_present(run / "metrics.csv", "metrics file"):
         written.append(_save(plot_losses(run / "metrics.csv", run / "summary.json"), out / "losses.png"))
+    if file_present(run / "moe.csv", "MoE metrics file"):
+        written.append(_save(plot_expert_share(run / "moe.csv"), out / "experts.png"))
     # the encoder as exported: the same module, run without a prefix (full attention), as downstream tools run it
     written.append(_save(plot_attention(encoder, batch["image"][: min(n, 4)], mean, std), out / "attention.png"))
     return written

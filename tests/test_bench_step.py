@@ -1,4 +1,4 @@
-"""`aimpre bench step`: the CPU smoke run of its three builds end to end, its verdicts on constructed rows, and an
+"""`aimpre bench step`: the CPU smoke run of its builds end to end, its verdicts on constructed rows, and an
 fp8 row that says why it has no numbers instead of failing the bench."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from aimpre.cli import BENCH_BUILDS, FP8_RECIPES, build_parser
 from aimpre.config import FP8_RECIPES as CONFIG_RECIPES
@@ -29,11 +30,24 @@ def test_bench_step_quick_measures_plain_bf16_and_fp8(tmp_path: Path) -> None:
     assert "NO GPU" in report and "say nothing about GPU speed" in report
     rows = _rows(report)
     fp8 = "ours fp8 (sdpa, eager, float8 linears)"
-    assert list(rows) == ["plain (eager, SDPA)", "ours bf16 (sdpa, eager)", fp8]
+    moe = "ours bf16 MoE (sdpa, eager, 4 experts top-1)"
+    assert list(rows) == ["plain (eager, SDPA)", "ours bf16 (sdpa, eager)", fp8, moe]
     for cells in rows.values():
         assert float(cells[0]) > 0 and float(cells[1]) > 0  # ms/step, img/s
     assert rows[fp8][-1] == "10 block linears in float8 (tensorwise), 0 left in bf16"
     assert "judged on a GPU only" in report
+
+
+def test_bench_step_quick_runs_the_moe_build() -> None:
+    """The MoE build (issue 21): the bf16 build with 4 experts top-1 in every encoder block, timed beside it; its
+    TFLOP/s count the routed tokens' FLOPs, the dense build's FLOPs plus the router's."""
+    from aimpre.model.moe import grouped_mm_available
+
+    rows = _rows(run_step(steps=1, warmup=0, quick=True, builds=("bf16", "moe"), model=SMALL))
+    moe = rows["ours bf16 MoE (sdpa, eager, 4 experts top-1)"]
+    assert float(moe[0]) > 0 and float(moe[1]) > 0  # ms/step, img/s
+    how = "grouped GEMM" if grouped_mm_available(torch.zeros(1)) else "loop"
+    assert moe[-1].startswith(f"experts by {how}")
 
 
 def test_bench_step_fp8_row_says_torchao_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from aimpre.model import AIMv2, model_config
@@ -73,10 +74,12 @@ class CountReadbacks(pl.Callback):
         self.saved.clear()
 
 
-def test_no_readback_between_logging_steps(tmp_path: Path, pretrain_spec: str) -> None:
+@pytest.mark.parametrize("moe", [(), ("model.moe_experts=4", "model.moe_top_k=2")], ids=["dense", "moe"])
+def test_no_readback_between_logging_steps(tmp_path: Path, pretrain_spec: str, moe: tuple[str, ...]) -> None:
     """A real Lightning run: the steps between logging steps read nothing back from the device but the NaN guard's
     one check (whether to skip the step), where the old code read about five values a step (the three losses,
-    the gradient norm, the check)."""
+    the gradient norm, the check). With MoE blocks too: the balance loss and the expert shares are summed on the
+    device until a logging step."""
     from aimpre.config import load_config
     from aimpre.train import train
 
@@ -84,7 +87,7 @@ def test_no_readback_between_logging_steps(tmp_path: Path, pretrain_spec: str) -
         f"run.out_dir={tmp_path}", "run.name=sync", f"data.train_shards={pretrain_spec}", "data.val_shards=null",
         "data.batch_size=2", "data.num_workers=0", "model.depth=1", "model.dec_depth=1", "model.img_size=28",
         "model.text_len=8", "trainer.max_steps=8", "trainer.log_every=4", "trainer.ckpt_every=100",
-        "trainer.val_batches=0",
+        "trainer.val_batches=0", *moe,
     ])  # fmt: skip
     counter = CountReadbacks(4)
     run = train(cfg, callbacks=(counter,))

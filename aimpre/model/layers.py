@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from aimpre.kernels import Mask, attention_qkv, prepare_mask
 from aimpre.kernels import fused as fused_ops
+from aimpre.model.moe import MoEFeedForward
 
 
 class RMSNorm(nn.Module):
@@ -102,15 +103,25 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden, fused) if mlp is None else mlp
         self.recompute = False
 
-    def _forward(self, x: Tensor, mask: str | Mask, prefix_len: Tensor | None) -> Tensor:
+    def _forward(
+        self, x: Tensor, mask: str | Mask, prefix_len: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         h, x = self.norm2.add(x, self.attn(self.norm1(x), mask, prefix_len))  # x += attn(...); h = norm2(x)
-        return x + self.mlp(h)
+        if isinstance(self.mlp, MoEFeedForward):  # its routing statistics come out as values (no side effect)
+            y, stats = self.mlp.routed(h)
+            return x + y, stats
+        return x + self.mlp(h), None
 
     def forward(self, x: Tensor, mask: str | Mask = "full", prefix_len: Tensor | None = None) -> Tensor:
         if self.recompute and self.training and torch.is_grad_enabled():
-            out: Tensor = checkpoint(self._forward, x, mask, prefix_len, use_reentrant=False)
-            return out
-        return self._forward(x, mask, prefix_len)
+            out, stats = checkpoint(self._forward, x, mask, prefix_len, use_reentrant=False)
+        else:
+            out, stats = self._forward(x, mask, prefix_len)
+        if isinstance(self.mlp, MoEFeedForward):
+            # stored outside the checkpointed region: compiled, a store inside it breaks the graph (Dynamo will not
+            # replay a side effect when backward recomputes the block)
+            self.mlp.stats = stats if self.training else None
+        return out
 
 
 def blocks_mask(blocks: nn.ModuleList, kind: str, prefix_len: Tensor | None, x: Tensor) -> Mask:

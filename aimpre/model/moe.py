@@ -71,19 +71,72 @@ def expert_matmul(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> T
     Returns:
         [R, out].
     """
-    # torch's grouped GEMM wants every row stride a multiple of 16 bytes (both devices)
-    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
-    if impl == "grouped" or (impl == "auto" and aligned and grouped_mm_available(x)):
+    grouped = impl == "grouped" or (impl == "auto" and _aligned(x, w) and grouped_mm_available(x))
+    if torch.compiler.is_compiling() and not (grouped and x.dtype in (torch.bfloat16, torch.float16)):
+        # what the compiler cannot trace: torch's fake (meta) grouped GEMM takes 16-bit inputs only, and the loop
+        # splits by sizes read on the host (a data-dependent graph break per projection). Both run as one opaque
+        # op of known output shape, so a compiled block stays one graph.
+        return torch.ops.aimpre.expert_matmul(x, w, counts, grouped)
+    return _expert_matmul(x, w, counts, grouped)
+
+
+def _aligned(x: Tensor, w: Tensor) -> bool:
+    """torch's grouped GEMM wants every row stride a multiple of 16 bytes (both devices)."""
+    return all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+
+
+def _expert_matmul(x: Tensor, w: Tensor, counts: Tensor, grouped: bool) -> Tensor:
+    if grouped:
         offs = counts.cumsum(0).to(torch.int32)  # group e ends at row offs[e]
         out: Tensor = torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=offs)
         return out
-    # the sizes are needed on the host to split (a sync on GPUs; a graph break under compile)
+    # the sizes are needed on the host to split (a sync on GPUs)
     parts = torch.split(x, counts.tolist())
     return torch.cat([p @ w[e].to(p.dtype).t() for e, p in enumerate(parts)])
 
 
+@torch.library.custom_op("aimpre::expert_matmul", mutates_args=())
+def _expert_matmul_op(x: Tensor, w: Tensor, counts: Tensor, grouped: bool) -> Tensor:
+    return _expert_matmul(x, w, counts, grouped)
+
+
+@_expert_matmul_op.register_fake
+def _(x: Tensor, w: Tensor, counts: Tensor, grouped: bool) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("aimpre::expert_weight_grad", mutates_args=())
+def _expert_weight_grad(x: Tensor, dy: Tensor, counts: Tensor) -> Tensor:
+    """dW[e] = dy[rows of e].T @ x[rows of e]: [E, out, in] (zero for an expert with no rows)."""
+    sizes = counts.tolist()
+    return torch.stack([d.t() @ p for d, p in zip(torch.split(dy, sizes), torch.split(x, sizes), strict=True)])
+
+
+@_expert_weight_grad.register_fake
+def _(x: Tensor, dy: Tensor, counts: Tensor) -> Tensor:
+    return x.new_empty(counts.shape[0], dy.shape[1], x.shape[1])
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    x, w, counts, grouped = inputs
+    ctx.save_for_backward(x, w, counts)
+    ctx.grouped = grouped  # type: ignore[attr-defined]
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
+    x, w, counts = ctx.saved_tensors  # type: ignore[attr-defined]
+    # y_e = x_e @ w_e.T: dx_e = dy_e @ w_e (the same op with w_e.T as the weight), dw_e = dy_e.T @ x_e
+    dx = _expert_matmul_op(dy, w.transpose(-2, -1).contiguous(), counts, ctx.grouped)  # type: ignore[attr-defined]
+    dw = _expert_weight_grad(x, dy.to(x.dtype), counts).to(w.dtype)
+    return dx, dw, None, None
+
+
+_expert_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 class MoEFeedForward(nn.Module):
-    """A top-k routed mixture of SwiGLU experts, dropless; ``forward`` keeps its routing statistics in ``stats``.
+    """A top-k routed mixture of SwiGLU experts, dropless; its routing statistics end in ``stats`` (set by
+    ``forward``, or by the ``Block`` that calls ``routed``).
 
     ``stats`` (training only, as megablocks records them): (f [E] the share of the routed token slots each expert
     got, P [E] its mean router probability); ``balance_loss`` turns them into the balance loss and the encoder
@@ -111,13 +164,27 @@ class MoEFeedForward(nn.Module):
         nn.init.xavier_uniform_(self.router.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        out, stats = self.routed(x)
+        # kept in training only (megablocks records them so too); an eval forward clears them
+        self.stats = stats if self.training else None
+        return out
+
+    def routed(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The output and the routing statistics (f, P) returned, not stored: what a ``Block`` calls, so a block
+        under activation checkpointing and compile has no side effect inside the checkpointed region (Dynamo
+        refuses one there: recomputing it in backward would replay it).
+
+        Args:
+            x: [..., d] tokens.
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [B, N, d] -> [T, d]
         probs = self.router(x).float().softmax(-1)  # [T, E], float32 as megablocks' router scores
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
         flat = chosen.flatten()  # [T*k] expert of each routed slot, token-major
         order = flat.argsort(stable=True)  # slots sorted by expert
-        counts = torch.bincount(flat, minlength=self.experts)  # [E]
+        # [E] slots per expert; a scatter of fixed shape (bincount's output length depends on the data: a graph break)
+        counts = torch.zeros(self.experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
         token = order // self.top_k  # the token of each sorted slot
         xs = x[token]  # [T*k, d], grouped by expert
         h = fused_ops.silu_mul(
@@ -127,10 +194,7 @@ class MoEFeedForward(nn.Module):
         y = expert_matmul(h, self.fc2, counts, self.impl)  # [T*k, d]
         y = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y)  # back to token order, the k slots summed
-        # kept in training only (megablocks records them so too); an eval forward clears what a recomputed
-        # (activation checkpointing) forward may have left
-        self.stats = (counts.float() / flat.numel(), probs.mean(0)) if self.training else None
-        return out.reshape(shape)
+        return out.reshape(shape), (counts.float() / flat.numel(), probs.mean(0))
 
 
 def balance_loss(stats: list[tuple[Tensor, Tensor]]) -> Tensor:

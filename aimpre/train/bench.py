@@ -1,4 +1,4 @@
-"""``aimpre bench step`` (the speed of one AIMv2 training step, three builds in one run) and ``aimpre bench fp8``
+"""``aimpre bench step`` (the speed of one AIMv2 training step, four builds in one run) and ``aimpre bench fp8``
 (the loss of float8 training against bf16 over the same steps).
 
 Step builds, each a fresh model from the same seed, fed the same batch, with fused AdamW and bf16 autocast:
@@ -9,7 +9,10 @@ Step builds, each a fresh model from the same seed, fed the same batch, with fus
 - ours bf16: ``attn_backend`` (default ``triton``) with per-block compile, through ``parallelize`` as
   ``aimpre train`` runs it, with the model's other defaults;
 - ours fp8: the same plus ``trainer.precision=fp8``'s conversion of the blocks' linears to float8, through the same
-  ``parallelize(fp8=...)`` call the trainer makes.
+  ``parallelize(fp8=...)`` call the trainer makes;
+- ours bf16 MoE: the bf16 build with every encoder feed-forward a mixture of 4 SwiGLU experts, top-1 (AIMv2-MoE,
+  ml-l3m ``configs/aimv2/002_aimv2_moe_hfdata.yaml``), each expert as wide as the dense one: the same active
+  parameters and FLOPs per token plus the router, so its speed beside bf16 is the price of routing and grouped GEMMs.
 
 For each: ms/step and images/s (CUDA events over ``steps`` steps after ``warmup``, which holds the compilation),
 achieved TFLOP/s from ``aimpre.scaling.flops_per_sample``, MFU against the dense bf16 peak (for the fp8 build too:
@@ -43,12 +46,14 @@ from aimpre.files import atomic_path, write_text
 from aimpre.kernels.bench import back_to_back_ms, cell, device_line, sync, versions
 from aimpre.model import AIMv2, model_config
 from aimpre.model.layers import Attention
+from aimpre.model.moe import grouped_mm_available
 from aimpre.scaling import flops_per_sample
 from aimpre.train.callbacks import peak_flops
 from aimpre.train.module import AIMv2Module, _seed
 from aimpre.train.parallel import fp8_linears, fp8_problem, parallelize
 
-BUILDS = ("plain", "bf16", "fp8")
+BUILDS = ("plain", "bf16", "fp8", "moe")
+MOE_BUILD = {"moe_experts": 4, "moe_top_k": 1}  # the moe build: ml-l3m's AIMv2-MoE routing
 STEP_TARGETS = {"bf16": 1.15, "fp8": 1.3}  # images/s over plain's
 LOSS_TOLERANCE = 0.01  # bench fp8: |fp8 - bf16| / bf16 at every logged step
 
@@ -166,6 +171,7 @@ def _label(build: str, backend: str, compile: bool) -> str:
         "plain": "plain (torch.compile, Flex + SDPA)" if compile else "plain (eager, SDPA)",
         "bf16": f"ours bf16 ({backend}, {how})",
         "fp8": f"ours fp8 ({backend}, {how}, float8 linears)",
+        "moe": f"ours bf16 MoE ({backend}, {how}, {MOE_BUILD['moe_experts']} experts top-{MOE_BUILD['moe_top_k']})",
     }[build]
 
 
@@ -212,8 +218,9 @@ def bench_step(
             continue
         _free(device)
         try:
+            moe = MOE_BUILD if build == "moe" else {}
             cfg = model_config(
-                size, **{"vocab_size": 258 if quick else 32000, **(model or {}), "attn_backend": backend}
+                size, **{"vocab_size": 258 if quick else 32000, **(model or {}), **moe, "attn_backend": backend}
             )
             if build == "plain":  # plain ops (model.fused=auto would take liger's loss on CUDA)
                 cfg = replace(cfg, fused="torch")
@@ -227,6 +234,10 @@ def bench_step(
                 run_model = torch.compile(net) if compile else net  # type: ignore[assignment]
             else:  # the trainer's own call (AIMv2Module.configure_model)
                 parallelize(net, fp8=recipe if build == "fp8" else None, compile=compile)
+            if build == "moe":
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                how = "grouped GEMM" if grouped_mm_available(torch.empty(0, device=device, dtype=dtype)) else "loop"
+                row.note = f"experts by {how} (torch._grouped_mm or a sorted-token loop); FLOPs of the routed tokens"
             if build == "fp8":
                 converted, left = fp8_linears(net)
                 row.note = f"{len(converted)} block linears in float8 ({recipe}), {len(left)} left in bf16"

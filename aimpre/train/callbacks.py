@@ -6,7 +6,10 @@ the same values under grouped names (NAMES), one panel section per group as Ligh
 ``train/`` the train losses (``train/loss``, ``train/loss_image``, ``train/loss_text``), ``val/`` the validation
 losses, ``optim/`` ``lr``, ``grad_norm`` and the NaN guard's ``skipped_steps``, ``perf/`` ``img_per_s``,
 ``img_per_s_device``, ``tflops``, ``mfu``, ``step_time`` and ``data_time``, ``data/skipped`` the bad samples skipped,
-and ``progress/`` the global ``samples`` and ``flops`` (x-axes for comparing runs).
+and ``progress/`` the global ``samples`` and ``flops`` (x-axes for comparing runs). An encoder with MoE blocks adds
+each expert's share of the routed tokens per block, averaged over the logging interval and the ranks: ``moe.csv``
+in the run directory (``step, block, expert, share``: one row per block and expert, any number of either) and
+``moe/block{b}_expert{e}`` in TensorBoard and W&B (metrics.csv's columns stay fixed).
 
 Resumes. A resume restores step N from a checkpoint, and whatever the killed process logged after step N is not the
 run's history any more: ``metrics.csv`` keeps its rows up to N; TensorBoard's new event file starts with the session
@@ -45,6 +48,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from aimpre.config import ConfigError
 from aimpre.files import atomic_path, open_in_run
+from aimpre.model.moe import MoEFeedForward
 from aimpre.train.checkpoint import load_torch_file
 
 COLUMNS = (
@@ -186,28 +190,45 @@ class _RunCSVWriter(ExperimentWriter):
         self.metrics = []
 
     def keep_until(self, step: int) -> None:
-        """Starts metrics.csv afresh, or after a resume keeps the rows up to the restored ``step``.
+        """Starts metrics.csv afresh, or after a resume keeps the rows up to the restored ``step``, under the current
+        COLUMNS (``keep_rows_until``)."""
+        keep_rows_until(Path(self.metrics_file_path), COLUMNS, step)
 
-        The file is read back whatever a kill or a hand left in it: csv's 131,072-character field limit is lifted
-        to the file's size (a longer field cannot be in it), and a field that is not a number (none of ours is
-        longer than ``_MAX_NUMBER`` characters) is blanked, a row without a step dropped, so the rewritten file
-        holds our short numeric fields only and reads back under the default limit everywhere else."""
-        keep = []
-        if os.path.isfile(self.metrics_file_path):
-            limit = csv.field_size_limit()
-            csv.field_size_limit(max(limit, os.path.getsize(self.metrics_file_path)))
-            try:
-                with open_in_run(self.metrics_file_path, "r") as f:
-                    for r in csv.DictReader(f):
-                        row = {k: _number(r.get(k)) for k in COLUMNS}
-                        if re.fullmatch(r"[0-9]+", row["step"]) and int(row["step"]) <= step:
-                            keep.append(row)
-            finally:
-                csv.field_size_limit(limit)
-        with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS)
-            w.writeheader()
-            w.writerows(keep)
+
+# moe.csv: each MoE block's expert shares, one row per (block, expert) per logging step (MetricsCSV._shares)
+MOE_COLUMNS = ("step", "block", "expert", "share")
+
+
+def keep_rows_until(path: Path, columns: tuple[str, ...], step: int) -> None:
+    """Rewrites the CSV file ``path`` under ``columns`` (the current header: a file written by an older version
+    with fewer columns gets the new ones, blank) with its rows up to ``step`` (none for a fresh run).
+
+    The file is read back whatever a kill or a hand left in it: csv's 131,072-character field limit is lifted
+    to the file's size (a longer field cannot be in it), and a field that is not a number (none of ours is
+    longer than ``_MAX_NUMBER`` characters) is blanked, a row without a step dropped, so the rewritten file
+    holds our short numeric fields only and reads back under the default limit everywhere else.
+
+    Args:
+        path: metrics.csv or moe.csv.
+        columns: the header to write.
+        step: the restored step (0 for a fresh run).
+    """
+    keep = []
+    if os.path.isfile(path):
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, os.path.getsize(path)))
+        try:
+            with open_in_run(path, "r") as f:  # a symlink planted in the run directory is not followed
+                for r in csv.DictReader(f):
+                    row = {k: _number(r.get(k)) for k in columns}
+                    if re.fullmatch(r"[0-9]+", row["step"]) and int(row["step"]) <= step:
+                        keep.append(row)
+        finally:
+            csv.field_size_limit(limit)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(keep)
 
 
 _MAX_NUMBER = 64  # characters: the longest number we write is a float's repr, about 25
@@ -328,6 +349,9 @@ class MetricsCSV(pl.Callback):
         self.log_every, self.text_log, self.echo = log_every, text_log, echo
         self.samples_per_step, self.flops_per_sample = samples_per_step, flops_per_sample
         self.sums: dict[str, Any] = defaultdict(float)  # loss -> its sum over the interval, a device tensor
+        self.share_sum: torch.Tensor | None = None  # MoE: expert shares [blocks, experts] summed over the interval
+        self.moe_blocks: list[int] = []  # the encoder block index of each row of expert_share
+        self.moe_csv: Path | None = None
         self.count = 0
         self.data_state: dict[int, dict[str, Any]] = {}  # latest state (running counts) per data worker
         self.data_totals: dict[str, Any] = {}  # summed over workers and ranks at the end of training
@@ -357,6 +381,11 @@ class MetricsCSV(pl.Callback):
                     f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {step} (from checkpoint "
                     f"{trainer.ckpt_path}); lines above for steps after {step} are from the process that stopped"
                 )
+        encoder = getattr(getattr(pl_module, "model", None), "encoder", None)
+        self.moe_blocks = [i for i, b in enumerate(getattr(encoder, "blocks", [])) if isinstance(b.mlp, MoEFeedForward)]
+        if self.moe_blocks and trainer.is_global_zero:
+            self.moe_csv = self.text_log.parent / "moe.csv"
+            keep_rows_until(self.moe_csv, MOE_COLUMNS, step)
         self.last_step = self.start_step = step
         self.t_start = time.perf_counter()
         self.data_state = dict(getattr(pl_module, "loader_state", {}))  # resumed counts
@@ -378,6 +407,10 @@ class MetricsCSV(pl.Callback):
             if k in outputs:  # the objective's parts (aimv2: all three; aimv1: loss, loss_image; others: loss)
                 # summed on the device, read back only on logging steps: float() here waited for the GPU every step
                 self.sums[k] = self.sums[k] + outputs[k].detach().float()
+        if "expert_share" in outputs:  # [MoE blocks, experts], summed on the device as the losses
+            self.share_sum = outputs["expert_share"].detach().float() + (
+                self.share_sum if self.share_sum is not None else 0
+            )
         self.count += 1
         if "state" in batch:  # batches from our stream carry their reader's counters
             self.data_state[batch["worker"]] = batch["state"]
@@ -447,9 +480,19 @@ class MetricsCSV(pl.Callback):
             "skipped": int(skipped),
             "skipped_steps": getattr(pl_module, "skipped_steps", 0),
         }
-        self._write(trainer, row)
+        shares = self._shares(trainer)
+        self._write(trainer, row, shares)
         self.sums.clear()
+        self.share_sum = None
         self.count, self.data_time, self.steps_in_row, self.t_row = 0, 0.0, 0, None
+
+    def _shares(self, trainer: pl.Trainer) -> dict[tuple[int, int], float]:
+        """(block, expert) -> share of the routed tokens, the interval's mean over steps and ranks (read back here,
+        on a logging step); empty for a dense encoder."""
+        if self.share_sum is None:
+            return {}
+        mean = trainer.strategy.reduce(self.share_sum / self.count, reduce_op="mean").tolist()
+        return {(b, e): v for b, row in zip(self.moe_blocks, mean, strict=True) for e, v in enumerate(row)}
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
@@ -462,11 +505,25 @@ class MetricsCSV(pl.Callback):
                 row[f"val_{k}"] = float(trainer.callback_metrics[f"val_{k}"])
         self._write(trainer, row)
 
-    def _write(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
-        """Sends ``row`` to every logger (an empty value is left out: a blank in metrics.csv) and writes its line."""
+    def _write(
+        self, trainer: pl.Trainer, row: dict[str, Any], shares: dict[tuple[int, int], float] | None = None
+    ) -> None:
+        """Sends ``row`` to every logger (an empty value is left out: a blank in metrics.csv) and writes its line;
+        the MoE expert ``shares`` go to moe.csv and, as ``moe/`` points, to the other loggers."""
         if not trainer.is_global_zero:
             return
         step = row.pop("step")
+        if shares and self.moe_csv is not None:
+            new = not self.moe_csv.is_file()
+            with open_in_run(self.moe_csv, "a") as f:  # no writes through a link in a run directory
+                w = csv.writer(f)
+                if new:
+                    w.writerow(MOE_COLUMNS)
+                w.writerows((step, b, e, v) for (b, e), v in shares.items())
+            moe_points = {f"moe/block{b}_expert{e}": v for (b, e), v in shares.items()}
+            for logger in trainer.loggers:
+                if not isinstance(logger, RunCSVLogger):
+                    logger.log_metrics(moe_points, step=step)
         values = {k: v for k, v in row.items() if v != ""}
         # a validation row repeats its step's samples and flops for metrics.csv; a second point at that step would
         # be a duplicate in TensorBoard and W&B
