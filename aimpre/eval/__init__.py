@@ -1,0 +1,1 @@
+"""What judges a frozen encoder: probes, the VLM probe, fusion of encoders."""
