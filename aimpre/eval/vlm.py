@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from aimpre.data.demo import BACKGROUNDS, COLOURS, DIGIT_TEMPLATES, DIGIT_WORDS, ROWS, SHAPES, digit_split
-from aimpre.data.demo import render_digit, render_scene
+from aimpre.data import demo
+from aimpre.data.demo import BACKGROUNDS, COLOURS, DIGIT_TEMPLATES, DIGIT_WORDS, ROWS, SHAPES
 from aimpre.eval.fusion import FUSIONS, Fuse, align, token_grid
 from aimpre.model.layers import Block, RMSNorm
 
@@ -46,7 +46,8 @@ CONNECTORS = ("linear", "mlp", "xattn")
 # per type: two training templates, then the held-out one (the same words, in another order)
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("what colour is the {shape} ?", "which colour does the {shape} have ?", "the {shape} is what colour ?"),
-    "shape": ("what shape is the {colour} object ?", "which shape is {colour} ?", "the {colour} object is which shape ?"),
+    "shape": ("what shape is the {colour} object ?", "which shape is {colour} ?",
+              "the {colour} object is which shape ?"),
     "size": ("is the {shape} large or small ?", "how big is the {shape} ?", "is the {shape} small or large ?"),
     "position": ("where is the {shape} ?", "in which row is the {shape} ?", "the {shape} is in which row ?"),
     "where": ("what shape is in the {row} row ?", "which shape is in the {row} row ?",
@@ -159,18 +160,18 @@ def make_split(split: str, n_scenes: int, n_digits: int | None, size: int, seed:
             items.append(Item(i, kind, words(t[2].format(**fields)), [answer], new_template=True))
 
     for _ in range(n_scenes):
-        img, caption, _label = render_scene(scene_rng, size)
+        img, caption, _label = demo.render_scene(scene_rng, size)
         i = len(images)
         images.append(img)
         for kind, fields, answer in scene_questions(scene_facts(caption)):
             ask(i, kind, fields, answer)
         captions.append(Item(i, "caption", words(CAPTION_PROMPT), words(caption)))
     digits = load_digits()
-    idx = digit_split(digits.target)[int(test)]
+    idx = demo.digit_split(digits.target)[int(test)]
     for j in idx[:n_digits]:
         d = int(digits.target[j])
         i = len(images)
-        images.append(render_digit(digits.data[j], size))
+        images.append(demo.render_digit(digits.data[j], size))
         ask(i, "digit", {}, DIGIT_WORDS[d])
         caption = str(DIGIT_TEMPLATES[int(pick.integers(0, len(DIGIT_TEMPLATES)))]).format(w=DIGIT_WORDS[d], d=d)
         captions.append(Item(i, "caption", words(CAPTION_PROMPT), words(caption)))

@@ -10,9 +10,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from aimpre.model.vit import AIMv2Encoder
 
 
 def _pair(grid: int | tuple[int, int]) -> tuple[int, int]:
@@ -49,12 +53,12 @@ def resample_pos_embed(
     return x.permute(0, 2, 3, 1).reshape(1, nh * nw, dim).to(pos.dtype)  # -> [1, h'w', D]
 
 
-def at_resolution(encoder: nn.Module, img_size: int) -> nn.Module:
+def at_resolution(encoder: AIMv2Encoder, img_size: int) -> AIMv2Encoder:
     """A copy of an ``AIMv2Encoder`` that takes ``img_size`` px images: its position table resampled to the new
     grid, every other weight shared in value (the original is left as it was).
 
     Args:
-        encoder: an ``aimpre.model.AIMv2Encoder`` (``cfg.img_size``, ``cfg.patch_size``, ``pos_embed``).
+        encoder: the encoder to run at another size.
         img_size: the new input side in pixels, a multiple of the patch size.
     """
     cfg = encoder.cfg
