@@ -519,8 +519,9 @@ def run_vlm_probe(run: VLMRun, out: Path | None = None) -> dict[str, Any]:
     if run.text_only:
         results["text_only"] = train_vlm(None, train, test, s)
     combos = [[src.name] for src in run.sources]
-    if len(run.sources) > 1:
-        combos.append([src.name for src in run.sources])
+    fused = [src.name for src in run.sources if not src.random_init]  # random twins are baselines, not partners
+    if len(fused) > 1:
+        combos.append(fused)
     for names in combos:
         grid = grids[names[0]] if s.connector == "xattn" else min(grids[names[0]], s.max_grid)
         feats = (align([cached[n][0] for n in names], grid), align([cached[n][1] for n in names], grid))
