@@ -683,6 +683,40 @@ def _probe_attributes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vlm_probe(args: argparse.Namespace) -> int:
+    from aimpre.eval.vlm import Source, VLMRun, VLMSettings, run_vlm_probe
+
+    sizes = args.img_size or [None]
+    if len(sizes) not in (1, len(args.encoder)):
+        raise ValueError(f"--img-size: give one size, or one per encoder ({len(args.encoder)}), not {len(sizes)}")
+    sizes = sizes * len(args.encoder) if len(sizes) == 1 else sizes
+    blocks = None if args.layers is None else tuple(args.layers)
+    sources = []
+    for n, (path, size) in enumerate(zip(args.encoder, sizes, strict=True)):
+        name = path if args.encoder.count(path) == 1 else f"{path}#{n}"
+        name += "" if size is None else f"@{size}"
+        sources.append(Source(name, path, size, None if path == "pixels" else blocks, args.merge))
+        if args.compare_random and path != "pixels":
+            sources.append(Source(f"random_init({name})", path, size, blocks, args.merge, True, args.seed or 0))
+    keys = ("connector", "fuse", "steps", "batch_size", "lr", "seed", "train_scenes", "test_scenes")
+    given = {k: getattr(args, k) for k in keys}
+    if args.digits is not None:
+        given.update(train_digits=args.digits, test_digits=args.digits)
+    settings = VLMSettings(**{k: v for k, v in given.items() if v is not None})
+    out = Path(args.out) if args.out else Path("vlm-probe.json")
+    res = run_vlm_probe(VLMRun(sources, settings), out)
+    kinds = sorted({k for r in res["results"].values() for k in r["accuracy"]} - {"all"})
+    print(f"VLM probe ({settings.connector} connector, {settings.steps} steps x {settings.batch_size}): exact match on "
+          f"{res['n_test_items']} held-out questions; new = held-out templates; ppl = caption perplexity")  # fmt: skip
+    width = max(14, *(len(n) + 1 for n in res["results"]))
+    print(f"{'':{width}}" + "".join(f"{k[:10]:>11}" for k in [*kinds, "all", "new", "train"]) + f"{'ppl':>8}")
+    for name, r in res["results"].items():
+        accs = [r["accuracy"][k] for k in [*kinds, "all"]] + [r["new_templates"]["all"], r["train_accuracy"]["all"]]
+        print(f"{name:{width}}" + "".join(f"{a:>11.1%}" for a in accs) + f"{r['caption_ppl']:>8.2f}")
+    print(f"results: {out}")
+    return 0
+
+
 def _localize(args: argparse.Namespace) -> int:
     from aimpre.eval.localize import LocalizeSettings, run_localize
 
@@ -808,6 +842,7 @@ EXAMPLES = {
     "visualize": "aimpre visualize runs/l14 -n 4",
     "compare": "aimpre compare --objectives aimv2 aimv1 siglip clip classification --steps 300 --out compare",
     "lit": "aimpre lit runs/l14 --out lit/l14 --shards 'shards/shard-{000000..000099}.tar' --epochs 20",
+    "vlm-probe": "aimpre vlm-probe runs/a runs/b --connector mlp --fuse concat --img-size 112 224",
     "zero-shot": "aimpre zero-shot lit/l14 --shards demo:digits-test --classes-file digits.txt",
 }
 
@@ -1057,6 +1092,30 @@ def build_parser() -> argparse.ArgumentParser:
             ev.add_argument("--readout", nargs="+", default=list(READOUTS), choices=READOUTS,
                             help="attentive, linear (mean-pooled) or patch (linear on all tokens)")  # fmt: skip
         ev.set_defaults(fn=_probe_attributes if what == "attributes" else _localize)
+
+    vp = sub.add_parser("vlm-probe", help="a tiny VLM on frozen encoder tokens: question answering about held-out "
+                        "demo scenes and digits, per question type, against a text-only baseline")  # fmt: skip
+    vp.add_argument("encoder", nargs="+", help="runs, checkpoints, exports, or 'pixels' (raw patches); two or more "
+                    "are also probed fused")  # fmt: skip
+    vp.add_argument("--connector", choices=("linear", "mlp", "xattn"), help="tokens -> language model (default mlp)")
+    vp.add_argument("--fuse", choices=("concat", "sum"), help="how several encoders' tokens combine (default concat)")
+    vp.add_argument("--img-size", type=INT_GT0, nargs="+", help="input size in pixels, one for all or one per "
+                    "encoder (default: each one's trained size; larger resamples its position table)")  # fmt: skip
+    vp.add_argument("--layers", type=int, nargs="+", help="read these blocks (0-based; -1 the last) instead of the "
+                    "output, each through the final norm")  # fmt: skip
+    vp.add_argument("--merge", choices=("mean", "concat"), default="concat", help="how --layers' blocks combine")
+    vp.add_argument("--steps", type=INT_GT0, help="training steps, the same for every row (default 1500)")
+    vp.add_argument("--batch-size", type=INT_GT0, help="default 64")
+    vp.add_argument("--lr", type=FLOAT_GT0, help="peak AdamW learning rate (default 1e-3)")
+    vp.add_argument("--train-scenes", type=INT_GT0, help="rendered training scenes (default 2000)")
+    vp.add_argument("--test-scenes", type=INT_GT0, help="held-out scenes (default 300)")
+    vp.add_argument("--digits", type=INT_GT0, help="at most this many digits per split (default: all 1258 training "
+                    "digits, 300 held-out ones)")  # fmt: skip
+    vp.add_argument("--seed", type=int, help="model init, batches, templates and the random-init twins (default 0)")
+    vp.add_argument("--compare-random", action="store_true", help="also probe each encoder's architecture at random "
+                    "init")  # fmt: skip
+    vp.add_argument("--out", help="results JSON (default: vlm-probe.json here)")
+    vp.set_defaults(fn=_vlm_probe)
 
     li = sub.add_parser("lit", help="LiT: train a text tower (and image head) against a frozen encoder")
     li.add_argument("encoder", help="a run, checkpoint, export, or timm/HF AIMv2 model directory (kept frozen)")

@@ -1,1 +1,2 @@
-"""What judges a frozen encoder: held-out scene-attribute probes, localization (and, beside them, ``aimpre.probe``)."""
+"""What judges a frozen encoder: held-out scene-attribute probes, localization, the VLM probe and fusion of
+encoders (and, beside them, ``aimpre.probe``)."""

@@ -15,11 +15,17 @@ quarter of the width, frequencies ``1 / 10000 ** (i / (d/4))``, positions the in
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from aimpre.model.vit import AIMv2Encoder
 
 
 def _hw(grid: int | tuple[int, int]) -> tuple[int, int]:
@@ -83,3 +89,26 @@ def sincos_2d(rows: int, cols: int, dim: int, device: torch.device | str | None 
     xw = x.reshape(-1, 1) * omega  # [T, d/4]
     yw = y.reshape(-1, 1) * omega
     return torch.cat([xw.sin(), xw.cos(), yw.sin(), yw.cos()], dim=1)[None]  # [1, T, d]
+
+
+def at_resolution(encoder: AIMv2Encoder, img_size: int) -> AIMv2Encoder:
+    """A copy of an ``AIMv2Encoder`` that takes ``img_size`` px images: its position table resampled to the new
+    grid, every other weight shared in value (the original is left as it was). A sin-cos encoder has no table:
+    only its config changes.
+
+    Args:
+        encoder: the encoder to run at another size.
+        img_size: the new input side in pixels, a multiple of the patch size.
+    """
+    cfg = encoder.cfg
+    if img_size % cfg.patch_size or img_size < cfg.patch_size:
+        raise ValueError(f"image size {img_size} is not a positive multiple of the patch size {cfg.patch_size}")
+    if img_size == cfg.img_size:
+        return encoder
+    out = copy.deepcopy(encoder)
+    out.cfg = dataclasses.replace(cfg, img_size=img_size)
+    table = getattr(encoder, "pos_embed", None)
+    if isinstance(table, nn.Parameter):
+        pos = resample_pos_embed(table.detach(), img_size // cfg.patch_size, cfg.grid)
+        out.pos_embed = nn.Parameter(pos, requires_grad=table.requires_grad)
+    return out

@@ -1,0 +1,75 @@
+"""Encoder fusion (aimpre.eval.fusion) and encoders at a resolution they were not trained at (aimpre.model.posemb)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aimpre.eval.fusion import Fuse, align, resample_tokens
+from aimpre.model import AIMv2Encoder, model_config
+from aimpre.model.posemb import at_resolution, resample_pos_embed
+
+
+@pytest.mark.parametrize("new, old", [(16, 8), ((12, 10), 8), (5, 8), ((6, 9), (4, 6))])
+def test_resample_pos_embed_equals_timm(new: int | tuple[int, int], old: int | tuple[int, int]) -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    oh, ow = (old, old) if isinstance(old, int) else old
+    nh, nw = (new, new) if isinstance(new, int) else new
+    pos = torch.randn(1, oh * ow, 24, generator=torch.Generator().manual_seed(0))
+    ours = resample_pos_embed(pos, new, old)
+    theirs = resample_abs_pos_embed(pos, [nh, nw], [oh, ow], num_prefix_tokens=0)
+    assert ours.shape == (1, nh * nw, 24)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_resample_pos_embed_refuses_a_wrong_grid() -> None:
+    with pytest.raises(ValueError, match="not a square grid"):
+        resample_pos_embed(torch.zeros(1, 12, 4), 4)
+    with pytest.raises(ValueError, match="old grid 3x3"):
+        resample_pos_embed(torch.zeros(1, 12, 4), 4, 3)
+
+
+def test_encoder_at_twice_its_trained_grid() -> None:
+    """A tiny encoder (112 px, 8x8 patches) runs at 224 px (16x16): features of every patch, the original untouched;
+    at its own size the copy is the encoder itself."""
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(model_config("tiny", depth=1)).eval()
+    before = enc.pos_embed.detach().clone()
+    big = at_resolution(enc, 224)
+    with torch.no_grad():
+        out = big(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 256, 192) and torch.isfinite(out).all()
+    assert big.cfg.img_size == 224 and enc.cfg.img_size == 112
+    torch.testing.assert_close(enc.pos_embed.detach(), before, rtol=0, atol=0)
+    assert at_resolution(enc, 112) is enc
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        at_resolution(enc, 200)
+
+
+def test_fusion_of_encoders_of_different_widths_and_grids() -> None:
+    """Two real encoders, 192 wide on 8x8 patches and 96 wide on 4x4: concatenated (288) or projected and summed."""
+    torch.manual_seed(0)
+    a = AIMv2Encoder(model_config("tiny", depth=1)).eval()
+    b = AIMv2Encoder(model_config("tiny", depth=1, width=96, heads=2, mlp_hidden=256, patch_size=28)).eval()
+    x = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        ta, tb = a(x), b(x)
+    assert ta.shape == (3, 64, 192) and tb.shape == (3, 16, 96)
+    fa, fb = align([ta, tb])  # onto the first's 8x8 grid
+    assert fa.shape == (3, 64, 192) and fb.shape == (3, 64, 96)
+    assert Fuse([192, 96], "concat")([fa, fb]).shape == (3, 64, 288)
+    summed = Fuse([192, 96], "sum")
+    assert summed([fa, fb]).shape == (3, 64, 192)
+    assert sum(p.numel() for p in summed.parameters()) == 192 * 192 + 192 + 96 * 192 + 192
+    with pytest.raises(ValueError, match="different grids"):
+        Fuse([192, 96])([ta, tb])
+    with pytest.raises(ValueError, match="unknown fusion"):
+        Fuse([192], "max")
+
+
+def test_resample_tokens_pools_exactly_and_keeps_a_constant_map() -> None:
+    t = torch.arange(16.0).view(1, 16, 1)  # a 4x4 map
+    torch.testing.assert_close(resample_tokens(t, 2).flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
+    ones = torch.ones(2, 16, 3)
+    torch.testing.assert_close(resample_tokens(ones, 8), torch.ones(2, 64, 3))
