@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections import Counter
@@ -42,8 +41,9 @@ from aimpre.data import Augment, demo_spec, expand_shards
 from aimpre.data.decode import IMAGE_KEYS, decode_image, sample_label
 from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
+from aimpre.eval import finish_record
 from aimpre.export import load
-from aimpre.files import atomic_path, write_text
+from aimpre.files import atomic_path
 from aimpre.model import AIMv2Encoder
 from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier
 from aimpre.progress import progress
@@ -434,10 +434,5 @@ def run_probe(
         "settings": vars(s),
         "layers": "output" if layers.blocks is None else {"blocks": list(layers.blocks), "merge": layers.merge},
         "results": results,
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": round(time.time() - start, 1),
     }
-    if out is not None:
-        write_text(out, json.dumps(res, indent=2) + "\n")
-    return res
+    return finish_record(res, start, out)

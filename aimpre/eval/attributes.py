@@ -16,8 +16,6 @@ On ``pixels`` the ``patch`` readout is logistic regression on the whole (normali
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aimpre.eval import finish_record
 from aimpre.eval.names import READOUTS
 from aimpre.eval.scenes import ATTRIBUTES, attribute_labels, judged_encoders, render_scenes
 from aimpre.probe import ProbeSettings, train_probe
@@ -118,9 +117,6 @@ def run_attributes(encoder_path: str | Path, out: Path | None = None, **kwargs: 
         out: results JSON.
         **kwargs: ``attribute_rows``'s options.
     """
-    import json
-
-    from aimpre.files import write_text
 
     start = time.time()
     rows = attribute_rows(encoder_path, **kwargs)
@@ -134,10 +130,5 @@ def run_attributes(encoder_path: str | Path, out: Path | None = None, **kwargs: 
         },
         "settings": vars(s),
         "rows": rows,
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": round(time.time() - start, 1),
     }
-    if out is not None:
-        write_text(out, json.dumps(res, indent=2) + "\n")
-    return res
+    return finish_record(res, start, out)

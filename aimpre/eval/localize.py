@@ -19,8 +19,6 @@ The floor is ``mean``: per name, the training set's mean coverage map and mean b
 from __future__ import annotations
 
 import math
-import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aimpre.data.demo import SHAPES
+from aimpre.eval import finish_record
 from aimpre.eval.scenes import judged_encoders, mask_box, patch_coverage, render_scenes, visible_masks
 from aimpre.probe import _device, _lr_at
 
@@ -260,9 +259,6 @@ def run_localize(encoder_path: str | Path, out: Path | None = None, **kwargs: An
         out: results JSON.
         **kwargs: ``localize_rows``'s options.
     """
-    import json
-
-    from aimpre.files import write_text
 
     start = time.time()
     rows = localize_rows(encoder_path, **kwargs)
@@ -271,10 +267,5 @@ def run_localize(encoder_path: str | Path, out: Path | None = None, **kwargs: An
         "scenes": {"train": kwargs.get("n_train", 2000), "test": kwargs.get("n_test", 1000)},
         "settings": vars(kwargs.get("settings") or LocalizeSettings()),
         "rows": rows,
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": round(time.time() - start, 1),
     }
-    if out is not None:
-        write_text(out, json.dumps(res, indent=2) + "\n")
-    return res
+    return finish_record(res, start, out)

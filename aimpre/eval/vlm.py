@@ -24,8 +24,6 @@ so the probe runs in minutes on a 2-core CPU at tiny size.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from torch import Tensor, nn
 
 from aimpre.data import demo
 from aimpre.data.demo import BACKGROUNDS, COLOURS, DIGIT_TEMPLATES, DIGIT_WORDS, ROWS, SHAPES
+from aimpre.eval import finish_record
 from aimpre.eval.fusion import FUSIONS, Fuse, align, token_grid
 from aimpre.model.layers import Block, RMSNorm
 
@@ -502,9 +501,6 @@ def run_vlm_probe(run: VLMRun, out: Path | None = None) -> dict[str, Any]:
     Returns:
         A JSON-able dict: ``results`` maps a row name to ``train_vlm``'s dict, plus the data sizes and settings.
     """
-    import json
-
-    from aimpre.files import write_text
 
     s, start = run.settings, time.time()
     if not run.sources and not run.text_only:
@@ -537,13 +533,8 @@ def run_vlm_probe(run: VLMRun, out: Path | None = None) -> dict[str, Any]:
         "held_out": f"scenes: seed stream [{SCENE_SEED}, 1] (the demo's are 2 and 4); digits: digit_split's test "
         f"part; templates: the third of each type",
         "results": results,
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": round(time.time() - start, 1),
     }
-    if out is not None:
-        write_text(out, json.dumps(res, indent=2) + "\n")
-    return res
+    return finish_record(res, start, out)
 
 
 def vlm_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
