@@ -227,7 +227,7 @@ def test_the_sbatch_script_never_requeues_on_a_marker_this_job_did_not_write(
     requeueing the job): a job whose training crashes before it starts, beside a PREEMPTED marker an earlier
     preemption left, must end with the crash instead of requeueing itself forever."""
     script = _script(tmp_path, capsys, pretrain_spec, 500)
-    run = tmp_path / "submit" / "runs" / "my run"
+    run = tmp_path / "submit" / "runs" / "my-run"
     run.mkdir(parents=True)
     (run / "PREEMPTED").write_text("step 40\nslurm job 4242 restart 0\n")  # this job's, from its previous start
     (run / "config.yaml").write_text("model: {depth: 99}\n")  # the resume crashes: another model
@@ -247,3 +247,30 @@ def test_the_sbatch_script_never_requeues_on_a_marker_this_job_did_not_write(
     assert starts == 1, "the job requeued itself on a marker it did not write"
     assert job.returncode == 2 and "model.depth" in job.stderr, job.stderr[-3000:]
     assert not (run / "PREEMPTED").exists()
+
+
+@pytest.mark.parametrize("preempted", [True, False])
+def test_the_sbatch_script_requeues_a_job_stopped_before_its_ranks_could_save(
+    tmp_path: Path, pretrain_spec: str, capsys: pytest.CaptureFixture[str], preempted: bool
+) -> None:
+    """SLURM's SIGTERM to the job (this shell and the ranks) while the ranks are still starting kills them before
+    they can note it: no marker, srun reports 128 + 15. The job was preempted all the same and requeues; a rank
+    killed by a signal the job was not sent (the OOM killer, say) does not requeue it."""
+    script = _script(tmp_path, capsys, pretrain_spec, 500)
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    env = _slurm_env(shims)
+    # srun stand-in: a task that dies of SIGTERM (status 143) before any handler of ours is installed
+    (shims / "srun").write_text(f'#!/bin/bash\ntouch "{shims}/started"\nsleep 30 &\nwait\nexit 143\n')
+    job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 60
+    while not (shims / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    if preempted:
+        os.killpg(job.pid, signal.SIGTERM)  # SLURM signals every process of the job
+    else:
+        subprocess.run(["pkill", "-TERM", "-f", "sleep 30", "-s", str(os.getpgid(job.pid))], check=False)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 143, err[-2000:]
+    assert (shims / "scontrol.calls").exists() == preempted, err[-2000:]

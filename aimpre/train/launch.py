@@ -49,7 +49,8 @@ marker="$run_dir/PREEMPTED"
 rm -f "$marker"
 # Without a trap, SIGTERM would kill this shell at once and nothing would requeue; with one, `wait` returns early
 # and the loop below waits again until srun (which passes the signal on to the ranks) has finished.
-trap 'echo "aimpre: SIGTERM: waiting for the ranks to save a checkpoint" >&2' TERM
+preempted=0
+trap 'preempted=1; echo "aimpre: SIGTERM: waiting for the ranks to save a checkpoint" >&2' TERM
 # Slurm >= 22.05 no longer passes the job's --cpus-per-task on to srun: without it every rank gets one CPU.
 srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" {python} -m aimpre {train_args} &
 srun_pid=$!
@@ -62,10 +63,19 @@ done
 # Preempted: the ranks exit 75 once the checkpoint and the marker are written. srun reports its tasks' highest
 # status, and 128 + a signal for a task it killed (--kill-on-bad-exit stops the others once one exits 75, and
 # SLURM kills what is left at the end of the grace time), so those count too, but only beside this job's marker.
+# A SIGTERM that reached this shell while the ranks were still starting (before they could note it) kills them
+# with no marker: the job was stopped all the same, so a signal death after one requeues too.
+requeue=0
 if [ "$status" -eq 75 ] || [ "$status" -gt 128 ]; then
     if grep -qxF "slurm job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}" "$marker" 2>/dev/null; then
-        scontrol requeue "$SLURM_JOB_ID"
+        requeue=1
     fi
+fi
+if [ "$preempted" -eq 1 ] && [ "$status" -gt 128 ]; then
+    requeue=1
+fi
+if [ "$requeue" -eq 1 ]; then
+    scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$status"
 """
