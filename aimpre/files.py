@@ -246,7 +246,7 @@ def read_csv(path: str | Path, what: str = "CSV file", max_bytes: int = MAX_CSV_
     skipping rows of it would report numbers it does not hold."""
     p = regular_file(path, what)
     rows: list[dict[str, str]] = []
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: drops the byte-order mark Excel writes
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
             raise UntrustedInputError(f"{what} {p} is {size} bytes, over the {max_bytes} this file may have")

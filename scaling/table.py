@@ -10,12 +10,13 @@ for AIMv2 the per-sample FLOPs are counted exactly (``aimpre.scaling.flops``) an
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from aimpre import files
 
 
 class TableError(ValueError):
@@ -100,12 +101,10 @@ def read_table(path: str | Path, columns: Columns = Columns(), flops_per_param: 
             it only overrides the value stored for compute-optimal allocation (default: the median of C/(N D)).
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"table not found: {p}")
-    with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: drops the byte-order mark Excel writes
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+    rows = files.read_csv(p, "table")  # bounded: size, rows, field length; a FIFO is refused
+    header = list(rows[0]) if rows else []
     if not rows:
         raise TableError(f"{p}: the table has no rows")
     given = {k: getattr(columns, k) for k in ("n", "d", "c") if getattr(columns, k)}
@@ -143,11 +142,8 @@ def varies(path: str | Path, column: str) -> bool:
     p = Path(path)
     if not p.is_file():
         return False
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if column not in (reader.fieldnames or []):
-            return False
-        return len({(r.get(column) or "").strip() for r in reader}) > 1
+    rows = files.read_csv(p, "table")
+    return bool(rows) and column in rows[0] and len({(r.get(column) or "").strip() for r in rows}) > 1
 
 
 def _error(rows: list[dict[str, str]], name: str, path: Path, header: list[str]) -> np.ndarray:
