@@ -118,3 +118,23 @@ def test_bench_step_rows_survive_a_kill(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert rows and rows[0]["build"] == "plain" and rows[0]["step_ms"] > 0
     assert "| plain (eager, SDPA) |" in out.read_text()
+
+
+def test_bench_step_builds_start_from_a_clean_compiler() -> None:
+    """Each build of `bench step` runs in its own process with its own empty Inductor/Triton caches: what this
+    process (or an earlier build) compiled is not there when a build starts."""
+    from aimpre.train.bench import bench_step, compiler_state
+
+    torch._dynamo.reset()
+    torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))  # compiler state the builds must not see
+    here = compiler_state()
+    assert here["graphs"] >= 1
+    rows = bench_step(steps=1, warmup=0, quick=True, builds=("plain", "bf16"), backend="sdpa", size="tiny", fresh=True,
+                      batch=2, model={"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 8})  # fmt: skip
+    starts = [r.start for r in rows]
+    assert all(r.step_ms for r in rows), [r.note for r in rows]
+    assert [s["graphs"] for s in starts] == [0, 0]
+    assert len({here["pid"], *(s["pid"] for s in starts)}) == 3
+    caches = [s["inductor_cache"] for s in starts] + [s["triton_cache"] for s in starts]
+    assert len(set(caches)) == 4 and here["inductor_cache"] not in caches
+    assert all(not Path(c).exists() for c in caches)  # each a temporary folder of its build, removed after it
