@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from aimpre.train.bench import fp8_curves, loss_verdict, run_fp8, window_means
@@ -14,7 +13,6 @@ from aimpre.train.bench import fp8_curves, loss_verdict, run_fp8, window_means
 SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 16}
 
 
-@pytest.mark.gpu
 def test_bench_fp8_quick_trains_both_builds_on_the_same_batches(tmp_path: Path) -> None:
     out, plot = tmp_path / "fp8.md", tmp_path / "fp8.png"
     report = run_fp8(steps=4, quick=True, out=str(out), plot=str(plot), model=SMALL)
@@ -44,7 +42,6 @@ def test_window_means_and_loss_verdict() -> None:
     assert loss_verdict(steps, bf16, [6.0, float("nan"), 4.0]).endswith("NOT met (worst inf% at step 20)")
 
 
-@pytest.mark.gpu
 def test_bench_fp8_trains_with_the_recipe_it_is_given() -> None:
     # the bf16 build is the same whatever the recipe; the fp8 one takes it (rowwise scales round differently)
     runs = {r: fp8_curves("tiny", 2, 4, 1, r, quick=True, model=SMALL).per_step for r in ("tensorwise", "rowwise")}

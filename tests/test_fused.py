@@ -38,6 +38,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_rest
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_liger_linear_cross_entropy_equals_float64(bf16: bool) -> None:
     """Loss and gradients of the chunked head + cross-entropy against float64 eager math; pads do not count."""
@@ -85,6 +86,7 @@ def _losses_and_grads(model: AIMv2, bf16: bool) -> tuple[dict[str, torch.Tensor]
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_rest
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_model_liger_equals_torch(bf16: bool) -> None:
     """A whole AIMv2 under model.fused=liger and =torch (same weights): same losses, same gradients everywhere.
@@ -159,6 +161,7 @@ def test_bench_ops_quick_prints_its_table(tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_rest
 @CUDA_ONLY
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_liger_norm_and_swiglu_equal_float64(dtype: torch.dtype) -> None:
@@ -189,6 +192,7 @@ def test_liger_norm_and_swiglu_equal_float64(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_rest
 @CUDA_ONLY
 @pytest.mark.parametrize("recompute", [False, True])
 def test_compiled_liger_block_equals_eager_torch(recompute: bool) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aimpre.cli import main
-from aimpre.gpucheck import MIN_STEP_S, Step, run_check
+from aimpre.cli import build_parser, main
+from aimpre.gpucheck import BUDGET_S, MARGIN_S, MIN_STEP_S, PLAN_S, STEPS, Step, run_check
 
 # A step that starts a grandchild and hangs: the timeout must take the whole process group down.
 HANG = (
@@ -48,7 +48,7 @@ def test_bench_attention_step_report_is_embedded(tmp_path: Path, capsys: pytest.
     assert list(tmp_path.iterdir()) == [out]  # written atomically: no temporary file left beside it
     for line in ("# GPU check, ", "- commit: ", "- device: ", "- torch ", "- optional packages: liger-kernel "):
         assert f"\n{line}" in "\n" + report
-    assert "| attention | `python -m aimpre bench attention --quick --out attention.md` | ok | 0 |" in report
+    assert "| attention | fast | `python -m aimpre bench attention --quick --out attention.md` | ok | 0 |" in report
     assert "## attention: `python -m aimpre bench attention" in report
     assert "| encoder (tiny) (2, 1, 40, 64) | prefix | triton (ours) |" in report  # the bench's own table
     # its verdicts, collected at the top (the wall-time ones are judged on CPU too, meaningless as they are)
@@ -86,8 +86,8 @@ def test_failures_timeouts_absent_steps_and_the_budget(tmp_path: Path) -> None:
     report, passed = run_check(tmp_path / "b.md", budget_s=MIN_STEP_S + 0.5, allow_cpu=True,
                                steps=[sleepy, Step("later", ("-c", "pass"), 30)])  # fmt: skip
     assert not passed
-    assert "| sleepy | `python -c import time; time.sleep(1)` | ok (timeout 30 -> 20 s) |" in report
-    assert "| later | `python -c pass` | not run |" in report
+    assert "| sleepy | rest | `python -c import time; time.sleep(1)` | ok (timeout 30 -> 20 s) |" in report
+    assert "| later | rest | `python -c pass` | not run |" in report
     assert "Cut by the budget: sleepy (timeout 30 -> 20 s), later (" in report
 
 
@@ -98,3 +98,17 @@ def test_steps_inherit_the_interpreter_and_its_safe_path_flag(tmp_path: Path) ->
     for flags, expected in (([], [sys.executable]), (["-P"], [sys.executable, "-P"])):
         done = subprocess.run([sys.executable, *flags, "-c", code], cwd=tmp_path, capture_output=True, text=True)
         assert done.stdout.strip() == str(expected), done.stderr
+
+
+def test_the_plan_fits_eight_minutes_with_margin() -> None:
+    """`make gpu-check` fits one cold device command by design: the steps' expected seconds (compiles included) add
+    up to at most the budget less a margin, the fast tier comes first and its timeouts fit the budget whole (so the
+    budget can only cut the second tier), and no step is expected to reach its own timeout."""
+    assert BUDGET_S <= 480 and MARGIN_S >= 60 and PLAN_S == BUDGET_S - MARGIN_S
+    assert sum(s.estimate_s for s in STEPS) <= PLAN_S
+    tiers = [s.tier for s in STEPS]
+    assert tiers == sorted(tiers) and set(tiers) == {"fast", "rest"}  # "fast" < "rest": the fast tier first
+    assert sum(s.timeout_s for s in STEPS if s.tier == "fast") <= BUDGET_S
+    assert all(0 < s.estimate_s < s.timeout_s for s in STEPS)
+    assert [s.name for s in STEPS][:3] == ["tests", "attention", "step"]
+    assert build_parser().parse_args(["bench", "gpu"]).budget_s == BUDGET_S
