@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
 import re
@@ -237,6 +238,8 @@ def run_check(out: str | Path, budget_s: float = BUDGET_S, allow_cpu: bool = Fal
                          "each step on CPU as a dry run (benches in their quick mode)")  # fmt: skip
     env = _Env(cpu, quick or cpu, _bench_options())
     start, results = time.monotonic(), []
+    rows = Path(out).with_suffix(".jsonl")  # a step a line, as each ends: a check killed mid-run leaves them
+    write_text(rows, "")
     with tempfile.TemporaryDirectory(prefix="aimpre-gpu-check-") as tmp:
         for i, step in enumerate(steps, 1):
             left = budget_s - (time.monotonic() - start)
@@ -256,6 +259,12 @@ def run_check(out: str | Path, budget_s: float = BUDGET_S, allow_cpu: bool = Fal
             print(f"[gpu-check {i}/{len(steps)}] {step.name}: {r.status} ({r.seconds:.0f} s)", file=sys.stderr,
                   flush=True)  # fmt: skip
             results.append(r)
+            # the report so far (its summary lists the steps still to come) and the step's line
+            write_text(out, _report(results, env, budget_s, time.monotonic() - start, steps[i:]))
+            with rows.open("a") as f:
+                f.write(json.dumps({"step": step.name, "tier": step.tier, "status": r.status_text(),
+                                    "exit_code": r.exit_code, "seconds": round(r.seconds, 1),
+                                    "planned_s": step.estimate_s, "command": r.command}) + "\n")  # fmt: skip
     report = _report(results, env, budget_s, time.monotonic() - start)
     write_text(out, report)
     return report, not any(r.failed for r in results)
@@ -289,7 +298,7 @@ def _run(argv: list[str]) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
+def _header(env: _Env, budget_s: float, seconds: float, running: bool = False) -> list[str]:
     import torch
 
     from aimpre.kernels.bench import dist_version
@@ -310,7 +319,8 @@ def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
         "none: CPU dry run (--allow-cpu); times say nothing about GPUs" if env.cpu else torch.cuda.get_device_name()
     )
     return [
-        f"# GPU check, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        f"# GPU check, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+        + (" (in progress: the steps so far)" if running else ""),
         "",
         f"- commit: {git}; aimpre {__version__} imported from {Path(__file__).parent}",
         f"- device: {device}; {driver}",
@@ -322,16 +332,24 @@ def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
     ]
 
 
-def _report(results: list[Result], env: _Env, budget_s: float, seconds: float) -> str:
-    lines = [*_header(env, budget_s, seconds), "", "| step | tier | command | status | exit | seconds | planned s |",
-             "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
+def _report(results: list[Result], env: _Env, budget_s: float, seconds: float, pending: Sequence[Step] = ()) -> str:
+    """The report; ``pending``: steps not yet started (a report written while the check runs)."""
+    lines = [
+        *_header(env, budget_s, seconds, bool(pending)),
+        "",
+        "| step | tier | command | status | exit | seconds | planned s |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
     for r in results:
         exit_code = "-" if r.exit_code is None else str(r.exit_code)
         lines.append(f"| {r.step.name} | {r.step.tier} | `{r.command}` | {r.status_text()} | {exit_code} | "
                      f"{r.seconds:.0f} | {r.step.estimate_s:.0f} |")  # fmt: skip
+    lines += [f"| {s.name} | {s.tier} | `{' '.join(_shown(s))}` | pending | - | - | {s.estimate_s:.0f} |"
+              for s in pending]  # fmt: skip
     cut = [f"{r.step.name} ({r.cut or r.output})" for r in results if r.cut or r.status == "not run"]
     lines += ["", f"Cut by the budget: {', '.join(cut)}." if cut else "No step was cut by the budget."]
-    planned = {t: sum(r.step.estimate_s for r in results if r.step.tier == t) for t in ("fast", "rest")}
+    plan = [r.step for r in results] + list(pending)
+    planned = {t: sum(s.estimate_s for s in plan if s.tier == t) for t in ("fast", "rest")}
     lines += ["", f"Plan (CPU-side estimates, cold machine): fast tier {planned['fast']:.0f} s, then the rest "
               f"{planned['rest']:.0f} s, {sum(planned.values()):.0f} s of the {budget_s:.0f} s budget."]  # fmt: skip
     verdicts = [v for r in results for v in _verdicts(r)]

@@ -3,6 +3,7 @@ numbers."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -22,6 +23,10 @@ def test_bench_fp8_quick_trains_both_builds_on_the_same_batches(tmp_path: Path) 
     steps = [int(r[0]) for r in rows]
     bf16, fp8 = [float(r[1]) for r in rows], [float(r[2]) for r in rows]
     assert steps == [2, 4] and all(math.isfinite(x) for x in bf16 + fp8)
+    # each window's mean written as it was trained, the same numbers as the final table
+    jsonl = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["build"], r["step"]) for r in jsonl] == [("bf16", 2), ("bf16", 4), ("fp8", 2), ("fp8", 4)]
+    assert [f"{r['loss']:.4f}" for r in jsonl] == [f"{x:.4f}" for x in bf16 + fp8]
     assert bf16[-1] < bf16[0] and fp8[-1] < fp8[0]  # both learn
     assert fp8 != bf16 and all(abs(f - b) < 0.05 * b for b, f in zip(bf16, fp8, strict=True))  # float8 ran, close
     assert loss_verdict(steps, bf16, fp8).split(":")[1].split()[0] in report

@@ -7,6 +7,7 @@ on); liger's RMSNorm and SwiGLU fail in the interpreter, so their tests run only
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -153,6 +154,9 @@ def test_bench_ops_quick_prints_its_table(tmp_path: Path, capsys: pytest.Capture
         assert "these times say nothing about GPU speed" in text
     rows = [line for line in text.splitlines() if line.startswith(("| add_rmsnorm", "| linear_ce"))]
     assert len(rows) == 8  # 2 ops x (eager, compiled, liger, liger compiled)
+    jsonl = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]  # written as measured
+    assert [(r["case"]["op"], r["impl"]) for r in jsonl] == [(c.split("|")[1].strip(), c.split("|")[4].strip())
+                                                            for c in rows]  # fmt: skip
     eager_ce = next(r for r in rows if r.startswith("| linear_ce") and "| eager torch |" in r)
     liger_ce = next(r for r in rows if r.startswith("| linear_ce") and "| liger |" in r)
     assert float(eager_ce.split("|")[5]) > 0 and float(liger_ce.split("|")[5]) > 0  # both timed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,7 +46,9 @@ def test_bench_attention_step_report_is_embedded(tmp_path: Path, capsys: pytest.
     assert main(["bench", "gpu", "--allow-cpu", "--quick", "--steps", "attention", "--out", str(out)]) == 0
     report = out.read_text()
     assert capsys.readouterr().out.strip() == report.strip()
-    assert list(tmp_path.iterdir()) == [out]  # written atomically: no temporary file left beside it
+    # written atomically: no temporary file left beside it, only the steps' JSON lines
+    assert sorted(tmp_path.iterdir()) == [out.with_suffix(".jsonl"), out]
+    assert [json.loads(line)["step"] for line in out.with_suffix(".jsonl").read_text().splitlines()] == ["attention"]
     for line in ("# GPU check, ", "- commit: ", "- device: ", "- torch ", "- optional packages: liger-kernel "):
         assert f"\n{line}" in "\n" + report
     assert "| attention | fast | `python -m aimpre bench attention --quick --out attention.md` | ok | 0 |" in report
@@ -112,3 +115,32 @@ def test_the_plan_fits_eight_minutes_with_margin() -> None:
     assert all(0 < s.estimate_s < s.timeout_s for s in STEPS)
     assert [s.name for s in STEPS][:3] == ["tests", "attention", "step"]
     assert build_parser().parse_args(["bench", "gpu"]).budget_s == BUDGET_S
+
+
+def test_a_check_killed_mid_run_leaves_the_steps_it_ran(tmp_path: Path) -> None:
+    """The report and its JSON lines are written as each step ends: killing the check (as a device command's own
+    time limit would) during its second step leaves the first step's row, and the second listed as pending."""
+    out = tmp_path / "check.md"
+    code = (
+        "import sys; from aimpre.gpucheck import Step, run_check; "
+        "run_check(sys.argv[1], allow_cpu=True, steps=[Step('first', ('-c', 'print(\\'- speed: met\\')'), 30), "
+        "Step('second', ('-c', 'import time; time.sleep(600)'), 900)])"
+    )
+    proc = subprocess.Popen([sys.executable, "-P", "-c", code, str(out)], start_new_session=True)
+    rows_file = out.with_suffix(".jsonl")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, 9)  # the check and its running step
+        proc.wait()
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["step"], r["status"], r["exit_code"]) for r in rows] == [("first", "ok", 0)]
+    report = out.read_text()
+    assert "(in progress: the steps so far)" in report
+    assert "| first | rest | `python -P -c print('- speed: met')` | ok | 0 |" in report
+    assert "| second | rest | `python -P -c import time; time.sleep(600)` | pending |" in report
+    assert "- [first] speed: met" in report

@@ -138,3 +138,28 @@ def test_bench_step_builds_start_from_a_clean_compiler() -> None:
     caches = [s["inductor_cache"] for s in starts] + [s["triton_cache"] for s in starts]
     assert len(set(caches)) == 4 and here["inductor_cache"] not in caches
     assert all(not Path(c).exists() for c in caches)  # each a temporary folder of its build, removed after it
+
+
+def test_bench_attention_rows_survive_a_kill(tmp_path: Path) -> None:
+    """`bench attention` (as ops and fp8, through kernels.bench.RowsSoFar) writes each row as soon as it is
+    measured: killed after its first row, its markdown and JSON lines hold that row."""
+    out = tmp_path / "attention.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "aimpre", "bench", "attention", "--quick", "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+    rows_file = out.with_suffix(".jsonl")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0  # killed, not finished
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert rows[0]["impl"] == "triton (ours)" and rows[0]["case"]["name"] == "encoder (tiny)" and rows[0]["b2b_ms"] > 0
+    report = out.read_text()
+    assert report.startswith("# attention benchmark (in progress: rows so far)")
+    assert "| encoder (tiny) (2, 1, 40, 64) | prefix | triton (ours) |" in report

@@ -46,7 +46,7 @@ from torch import nn
 from aimpre.config import Config, OptimConfig, RunConfig, TrainerConfig
 from aimpre.data.tokenizer import ByteTokenizer
 from aimpre.files import atomic_path, write_text
-from aimpre.kernels.bench import back_to_back_ms, cell, device_line, sync, versions
+from aimpre.kernels.bench import RowsSoFar, back_to_back_ms, cell, device_line, sync, versions
 from aimpre.model import AIMv2, model_config
 from aimpre.model.layers import Attention
 from aimpre.scaling import flops_per_sample
@@ -406,17 +406,9 @@ def run_step(
             backend = "sdpa"
     device = torch.device("cuda" if cuda else "cpu")
 
-    def report_so_far(rows: list[StepRow]) -> None:
-        """Each row as soon as it is measured: the markdown table so far and one JSON line per row."""
-        if not out:
-            return
-        write_text(out, "\n".join(["# training step benchmark (in progress: rows so far)", "", step_table(rows), ""]))
-        with open(Path(out).with_suffix(".jsonl"), "a") as f:
-            f.write(json.dumps(dataclasses.asdict(rows[-1])) + "\n")
-
-    if out:
-        write_text(Path(out).with_suffix(".jsonl"), "")
-    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model, report_so_far)
+    so_far = RowsSoFar(out, "training step benchmark")
+    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model,
+                      lambda rows: so_far.add(rows[-1:], step_table(rows)))  # fmt: skip
     cfg = model_config(size, **(model or {}))
     peak = peak_flops(device)
     precision = "bf16 autocast" if cuda else "float32 (the fp8 build: bf16 autocast), no compile"
@@ -501,6 +493,7 @@ def fp8_curves(
     quick: bool = False,
     seed: int = 0,
     model: dict[str, Any] | None = None,
+    on_window: Callable[[str, int, float], None] | None = None,
 ) -> LossCurves:
     """Trains ``size`` twice for ``steps`` steps, in bf16 and with ``trainer.precision=fp8``, from the same initial
     weights on the same batches, through the trainer's own code: AIMv2Module's model, configure_model
@@ -515,6 +508,8 @@ def fp8_curves(
         quick: no compile (a CPU smoke run).
         seed: weights, data and prefixes.
         model: ModelConfig overrides of the size (tests shrink the tiny model further).
+        on_window: called with (build, logged step, mean loss of its window) as each window ends (one host read
+            per window), so a bench killed by a timeout has reported the windows it trained.
     """
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     if device.type == "cuda":
@@ -565,6 +560,9 @@ def fp8_curves(
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(out["loss"].detach().float())
+            if on_window and ((step + 1) % log_every == 0 or step + 1 == steps):
+                start = (step // log_every) * log_every
+                on_window(build, step + 1, torch.stack(losses[start:]).mean().item())
         sync(device)
         curves.ms_per_step[build] = (time.perf_counter() - t0) / max(1, steps - warm) * 1e3
         curves.per_step[build] = torch.stack(losses).tolist()
@@ -611,8 +609,9 @@ def run_fp8(
     model: dict[str, Any] | None = None,
 ) -> str:
     """Runs ``fp8_curves``, prints and returns the markdown report (``out`` also writes it; ``plot`` draws the
-    curves); arguments as ``fp8_curves``. Without a GPU (or with ``quick``) it is a smoke run of the tiny model,
-    batch 4, at most 6 steps, logged every 2, without compile (float8 GEMMs run on CPU, slowly)."""
+    curves); arguments as ``fp8_curves``; ``out`` is rewritten with the windows so far as each is trained, each
+    also appended to ``out`` with the suffix ``.jsonl``. Without a GPU (or with ``quick``) it is a smoke run of the
+    tiny model, batch 4, at most 6 steps, logged every 2, without compile (float8 GEMMs run on CPU, slowly)."""
     cuda = torch.cuda.is_available() and not quick
     if not cuda:
         size, steps, batch, log_every = "tiny", min(steps, 6), 4, 2
@@ -620,7 +619,17 @@ def run_fp8(
     problem = fp8_problem(device)
     if problem:
         raise ValueError(f"bench fp8: {problem.removeprefix('config key ')}")
-    curves = fp8_curves(size, steps, batch, log_every, recipe, quick=not cuda, model=model)
+    windows: dict[int, dict[str, float]] = {}  # logged step -> build -> mean loss, as they are trained
+    so_far = RowsSoFar(out, "fp8 vs bf16 training loss")
+
+    def add(build: str, step: int, loss: float) -> None:
+        windows.setdefault(step, {})[build] = loss
+        table = ["| step | bf16 loss | fp8 loss |", "|---:|---:|---:|"] + [
+            f"| {s} | {cell(w.get('bf16'), '.4f')} | {cell(w.get('fp8'), '.4f')} |" for s, w in windows.items()
+        ]
+        so_far.add([{"build": build, "step": step, "loss": loss}], "\n".join(table))
+
+    curves = fp8_curves(size, steps, batch, log_every, recipe, quick=not cuda, model=model, on_window=add)
     cfg = model_config(size, **(model or {}))
     opt = OptimConfig(warmup_steps=max(1, steps // 10))  # as fp8_curves
     steps_b, bf16 = curves.windows("bf16")
