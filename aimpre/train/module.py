@@ -51,6 +51,9 @@ class AIMv2Module(pl.LightningModule):
 
     mean: Tensor  # buffers, in 0..255 units
     std: Tensor
+    _bad: Tensor  # buffers of the NaN guard
+    _worst: Tensor
+    _skipped: Tensor
 
     def __init__(self, cfg: Config, tokenizer_identity: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -123,7 +126,7 @@ class AIMv2Module(pl.LightningModule):
         opt = getattr(optimizer, "_optimizer", optimizer)  # (a LightningOptimizer wraps the torch one)
         if opt.defaults.get("fused"):
             # the fused kernel leaves parameters, moments and step counts alone when found_inf is 1
-            opt.found_inf = bad.float()  # type: ignore[attr-defined]
+            setattr(opt, "found_inf", bad.float())  # noqa: B010 (an attribute torch.optim reads, not declared)
         elif bad:  # no fused AdamW (FSDP on CPU): decided on the host, as before
             for p in params:
                 p.grad = None  # AdamW skips parameters without gradients: the step changes nothing
