@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from aimpre.cli import build_parser, main
-from aimpre.gpucheck import BUDGET_S, MARGIN_S, MIN_STEP_S, PLAN_S, STEPS, Step, run_check
+from aimpre.gpucheck import BENCH_OPTIONS, BUDGET_S, MARGIN_S, MIN_STEP_S, PLAN_S, STEPS, Step, run_check
 
 # A step that starts a grandchild and hangs: the timeout must take the whole process group down.
 HANG = (
@@ -144,3 +144,22 @@ def test_a_check_killed_mid_run_leaves_the_steps_it_ran(tmp_path: Path) -> None:
     assert "| first | rest | `python -P -c print('- speed: met')` | ok | 0 |" in report
     assert "| second | rest | `python -P -c import time; time.sleep(600)` | pending |" in report
     assert "- [first] speed: met" in report
+
+
+def test_the_checks_declared_bench_options_are_the_clis() -> None:
+    """The check declares the benches it runs and their options (it does not import the CLI): each declared option
+    and each option a step passes is one the CLI's bench command takes."""
+    import argparse
+
+    def children(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        return next(dict(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    benches = children(children(build_parser())["bench"])
+    takes = {name: {o for a in p._actions for o in a.option_strings} for name, p in benches.items()}
+    for name, options in BENCH_OPTIONS.items():
+        assert options <= takes[name], name
+    for step in STEPS:
+        if step.bench:
+            assert step.bench in BENCH_OPTIONS
+            assert {a for a in step.argv if a.startswith("--")} <= takes[step.bench], step.name
+            build_parser().parse_args(list(step.argv[2:]))  # the step's own command line parses
