@@ -1005,12 +1005,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "mean; single call: their median)")  # fmt: skip
     ba.add_argument("--out", help="also write the report to this markdown file")
     ba.set_defaults(fn=_bench_attention)
-    from aimpre.gpucheck import STEP_NAMES
+    from aimpre.gpucheck import BUDGET_S, STEP_NAMES
 
     bg = bsub.add_parser("gpu", help="the device check: GPU tests, then bench attention, ops, step and fp8, each in a "
                          "subprocess with a timeout, into one markdown report")  # fmt: skip
     bg.add_argument("--out", default="gpu-check.md", help="the report to write")
-    bg.add_argument("--budget-s", type=FLOAT_GT0, default=480, help="seconds for all steps; later steps' timeouts "
+    bg.add_argument("--budget-s", type=FLOAT_GT0, default=BUDGET_S, help="seconds for all steps; later steps' timeouts "
                     "shrink to what is left")  # fmt: skip
     bg.add_argument("--steps", nargs="+", choices=STEP_NAMES, help="run only these steps (default: all, in order)")
     bg.add_argument("--allow-cpu", action="store_true", help="run without CUDA as a dry run (benches in --quick mode)")

@@ -1,10 +1,18 @@
 """``aimpre bench gpu``: the one-command device check (issue 11 point 7), one markdown report.
 
-Runs, in order and each in its own subprocess with a timeout and its output captured: the GPU correctness tests
-(``pytest -m gpu -q``), then ``aimpre bench attention``, ``bench ops``, ``bench step`` and ``bench fp8``, each with
-``--out`` so that its markdown report is embedded. A step whose command this checkout lacks, that fails or that
-times out is reported as such and the check goes on. One total budget (default 480 s, to fit a 10-minute device
-window with start-up to spare) shrinks the timeouts of later steps; the report says which were cut.
+Runs, in order and each in its own subprocess with a timeout and its output captured, a fast tier and then the rest
+in order of value (``STEPS``): first the bf16/fp16 kernel tests (``pytest -m "gpu and not gpu_rest"``, fixed Triton
+tiles, pytest-xdist workers where it is installed), ``aimpre bench attention`` and ``bench step`` plain vs ours bf16;
+then ``bench step``'s fp8 build, the second tier of tests (``-m gpu_rest``: fp32, autotune, sm_90 compiles, fp8,
+liger), ``bench ops`` and ``bench fp8`` (a shortened loss curve). Benches get ``--out`` so that their markdown report
+is embedded. A step whose command this checkout lacks, that fails or that times out is reported as such and the check
+goes on. One total budget (default 480 s, to fit a 10-minute device window with start-up to spare) shrinks the
+timeouts of later steps; the report says which were cut.
+
+The plan: each step's expected seconds on a cold H100/H200 (``estimate_s``: Python and torch start-up, compiling,
+then measuring) add up to ``PLAN_S`` at most, ``MARGIN_S`` under the budget, and the fast tier's timeouts fit the
+budget whole, so that the budget can only cut the second tier (tests/test_gpucheck.py checks both). The estimates
+are reasoned on CPU, not measured (no GPU has run this yet); see docs/benchmarks.md for how each was reached.
 
 The report: a header (date, commit, device, driver, versions, optional packages), a summary table (step, status,
 exit code, seconds), every "met" / "NOT met" verdict line of the benches, then each step's report or output.
@@ -13,9 +21,9 @@ Without CUDA it refuses unless ``allow_cpu`` (tests, dry runs), which runs each 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
 import re
@@ -35,6 +43,10 @@ from aimpre.files import write_text
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (through the link view's symlinks too)
 OPTIONAL = ("liger-kernel", "torchao", "xformers")
 MIN_STEP_S = 20.0  # a step is not started with less of the budget left
+BUDGET_S = 480.0  # one 10-minute device command, less start-up and wheel installs
+MARGIN_S = 60.0  # the plan's estimates leave this much of the budget unused
+PLAN_S = BUDGET_S - MARGIN_S
+WORKERS = 4  # pytest-xdist workers for the test steps (each compiles its own Triton kernels: compiles are CPU-bound)
 # a verdict: the word "met" or "NOT met" on its own (not "metric", "meta", "met_x")
 VERDICT = re.compile(r"(?<![\w-])(NOT met|met)(?![\w-])")
 
@@ -50,27 +62,46 @@ class Step:
         timeout_s: the most this step may take; the remaining budget may cut it.
         bench: the ``aimpre bench`` subcommand it runs (None: not a bench); absent from this checkout's parser,
             the step is reported as absent instead of run.
+        estimate_s: the seconds it is expected to take on a cold H100/H200, compiles included (the plan).
+        tier: "fast" (run first, never cut by the budget) or "rest" (in order of value, cut when time runs out).
     """
 
     name: str
     argv: tuple[str, ...]
     timeout_s: float
     bench: str | None = None
+    estimate_s: float = 0.0
+    tier: str = "rest"
 
 
-def _bench(name: str, timeout_s: float, *args: str) -> Step:
-    return Step(name, ("-m", "aimpre", "bench", name, *args), timeout_s, bench=name)
+def _bench(name: str, timeout_s: float, estimate_s: float, tier: str, *args: str, bench: str = "") -> Step:
+    bench = bench or name
+    return Step(name, ("-m", "aimpre", "bench", bench, *args), timeout_s, bench, estimate_s, tier)
 
 
-# Caps, each what the step should take on an H100/H200 with room to spare; together more than the budget, which
-# cuts the later ones when the earlier ones ran long.
+def _tests(name: str, marks: str, timeout_s: float, estimate_s: float, tier: str) -> Step:
+    return Step(name, ("-m", "pytest", "-m", marks, "-q", "-p", "no:cacheprovider"), timeout_s, None, estimate_s, tier)
+
+
+# Estimates (seconds, cold machine, nothing in Triton's or Inductor's cache) from counting what each step compiles;
+# the reasoning per step is in docs/benchmarks.md. Timeouts are about 1.5x the estimate.
 STEPS = (
-    Step("tests", ("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"), 180),
-    _bench("attention", 180),
-    _bench("ops", 90),
-    _bench("step", 150),
-    # AIMv2-L's first 300 steps at batch 32 (bench fp8's default is 64): about 2 minutes with both compiles
-    _bench("fp8", 180, "--batch", "32"),
+    # 30 tests, 4 workers: ~36 Triton kernel variants (fwd, dq, dkdv x 3 masks x 2 dtypes x 2 head dims) at ~3 s
+    # each = ~110 s of compiling over 4 workers, plus ~15 s start-up per worker
+    _tests("tests", "gpu and not gpu_rest", 90, 50, "fast"),
+    # ours (6 kernels at D=128), Flex compiled fwd+bwd for two masks (~4 x 10 s), SDPA none; 20 reps each
+    _bench("attention", 90, 55, "fast"),
+    # two fresh processes: plain compiles AIMv2-L whole (one fwd+bwd graph, ~45 s), ours one block's graph reused
+    # by the 36 blocks (~25 s) and our kernels (~10 s); 13 steps + 3 profiled each, ~10 s start-up each
+    _bench("step", 190, 115, "fast", "--builds", "plain,bf16"),
+    # the fp8 build alone: per-block compile with float8 linears (~35 s), start-up, 16 steps
+    _bench("step-fp8", 80, 45, "rest", "--builds", "fp8", bench="step"),
+    # 22 tests, 4 workers: fp32 kernels at AIMv2 sizes (the slowest compiles), autotune, sm_90, fp8, liger
+    _tests("tests-rest", "gpu_rest", 110, 65, "rest"),
+    # liger vs torch vs Inductor for 4 ops: 4 small Inductor compiles (~5 s each)
+    _bench("ops", 60, 30, "rest"),
+    # AIMv2-L loss curve, bf16 then fp8 (two per-block compiles, ~20 s each) over 40 steps at batch 32, logged every 5
+    _bench("fp8", 90, 50, "rest", "--batch", "32", "--steps", "40", "--log-every", "5"),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 
@@ -102,16 +133,10 @@ class _Env:
     options: dict[str, set[str]] = field(default_factory=dict)  # bench name -> its option strings
 
 
-def _bench_options() -> dict[str, set[str]]:
-    """Every ``aimpre bench`` subcommand of this checkout and the options it takes."""
-    from aimpre.cli import build_parser
-
-    def children(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-        return next((dict(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
-
-    bench = children(build_parser()).get("bench")
-    benches = children(bench) if bench else {}
-    return {name: {o for a in p._actions for o in a.option_strings} for name, p in benches.items()}
+# The ``aimpre bench`` commands the check runs and the options of theirs it adds (declared here rather than read from
+# the CLI's parser, which would make this module import the CLI that imports it; tests/test_gpucheck.py checks them
+# against the parser, and every option a step passes).
+BENCH_OPTIONS: dict[str, set[str]] = {name: {"--quick", "--out"} for name in ("attention", "ops", "step", "fp8")}
 
 
 def _python() -> list[str]:
@@ -142,9 +167,19 @@ def _absent(step: Step, env: _Env) -> str | None:
     return None
 
 
+def _workers() -> list[str]:
+    """pytest-xdist's worker option where it is installed (the device machine gets it as a carried wheel)."""
+    import importlib.util
+
+    return ["-n", str(WORKERS)] if importlib.util.find_spec("xdist") else []
+
+
 def _run_step(step: Step, timeout_s: float, env: _Env, tmp: Path) -> Result:
     """Runs one step in a new session (so a timeout kills its workers too) with its output in a file."""
     argv, shown = [*_python(), *step.argv], _shown(step)
+    if _is_tests(step) and not env.cpu:  # (a CPU dry run keeps one process: CI's cores are few)
+        argv += _workers()
+        shown += _workers()
     report = tmp / f"{step.name}.md"
     if step.bench is not None:
         extra = (["--quick"] if env.quick and "--quick" in env.options[step.bench] else []) + (
@@ -173,7 +208,7 @@ def _run_step(step: Step, timeout_s: float, env: _Env, tmp: Path) -> Result:
     return r
 
 
-def run_check(out: str | Path, budget_s: float = 480.0, allow_cpu: bool = False, quick: bool = False,
+def run_check(out: str | Path, budget_s: float = BUDGET_S, allow_cpu: bool = False, quick: bool = False,
               steps: Sequence[Step] = STEPS) -> tuple[str, bool]:  # fmt: skip
     """Runs ``steps`` in order within ``budget_s`` and writes the report to ``out`` (atomically).
 
@@ -194,8 +229,10 @@ def run_check(out: str | Path, budget_s: float = 480.0, allow_cpu: bool = False,
     if cpu and not allow_cpu:
         raise ValueError("bench gpu: no CUDA device here (torch.cuda.is_available() is False); --allow-cpu runs "
                          "each step on CPU as a dry run (benches in their quick mode)")  # fmt: skip
-    env = _Env(cpu, quick or cpu, _bench_options())
+    env = _Env(cpu, quick or cpu, BENCH_OPTIONS)
     start, results = time.monotonic(), []
+    rows = Path(out).with_suffix(".jsonl")  # a step a line, as each ends: a check killed mid-run leaves them
+    write_text(rows, "")
     with tempfile.TemporaryDirectory(prefix="aimpre-gpu-check-") as tmp:
         for i, step in enumerate(steps, 1):
             left = budget_s - (time.monotonic() - start)
@@ -215,6 +252,12 @@ def run_check(out: str | Path, budget_s: float = 480.0, allow_cpu: bool = False,
             print(f"[gpu-check {i}/{len(steps)}] {step.name}: {r.status} ({r.seconds:.0f} s)", file=sys.stderr,
                   flush=True)  # fmt: skip
             results.append(r)
+            # the report so far (its summary lists the steps still to come) and the step's line
+            write_text(out, _report(results, env, budget_s, time.monotonic() - start, steps[i:]))
+            with rows.open("a") as f:
+                f.write(json.dumps({"step": step.name, "tier": step.tier, "status": r.status_text(),
+                                    "exit_code": r.exit_code, "seconds": round(r.seconds, 1),
+                                    "planned_s": step.estimate_s, "command": r.command}) + "\n")  # fmt: skip
     report = _report(results, env, budget_s, time.monotonic() - start)
     write_text(out, report)
     return report, not any(r.failed for r in results)
@@ -248,7 +291,7 @@ def _run(argv: list[str]) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
+def _header(env: _Env, budget_s: float, seconds: float, running: bool = False) -> list[str]:
     import torch
 
     from aimpre.kernels.bench import dist_version
@@ -269,7 +312,8 @@ def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
         "none: CPU dry run (--allow-cpu); times say nothing about GPUs" if env.cpu else torch.cuda.get_device_name()
     )
     return [
-        f"# GPU check, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        f"# GPU check, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+        + (" (in progress: the steps so far)" if running else ""),
         "",
         f"- commit: {git}; aimpre {__version__} imported from {Path(__file__).parent}",
         f"- device: {device}; {driver}",
@@ -281,14 +325,26 @@ def _header(env: _Env, budget_s: float, seconds: float) -> list[str]:
     ]
 
 
-def _report(results: list[Result], env: _Env, budget_s: float, seconds: float) -> str:
-    lines = [*_header(env, budget_s, seconds), "", "| step | command | status | exit | seconds |",
-             "|---|---|---|---:|---:|"]  # fmt: skip
+def _report(results: list[Result], env: _Env, budget_s: float, seconds: float, pending: Sequence[Step] = ()) -> str:
+    """The report; ``pending``: steps not yet started (a report written while the check runs)."""
+    lines = [
+        *_header(env, budget_s, seconds, bool(pending)),
+        "",
+        "| step | tier | command | status | exit | seconds | planned s |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
     for r in results:
         exit_code = "-" if r.exit_code is None else str(r.exit_code)
-        lines.append(f"| {r.step.name} | `{r.command}` | {r.status_text()} | {exit_code} | {r.seconds:.0f} |")
+        lines.append(f"| {r.step.name} | {r.step.tier} | `{r.command}` | {r.status_text()} | {exit_code} | "
+                     f"{r.seconds:.0f} | {r.step.estimate_s:.0f} |")  # fmt: skip
+    lines += [f"| {s.name} | {s.tier} | `{' '.join(_shown(s))}` | pending | - | - | {s.estimate_s:.0f} |"
+              for s in pending]  # fmt: skip
     cut = [f"{r.step.name} ({r.cut or r.output})" for r in results if r.cut or r.status == "not run"]
     lines += ["", f"Cut by the budget: {', '.join(cut)}." if cut else "No step was cut by the budget."]
+    plan = [r.step for r in results] + list(pending)
+    planned = {t: sum(s.estimate_s for s in plan if s.tier == t) for t in ("fast", "rest")}
+    lines += ["", f"Plan (CPU-side estimates, cold machine): fast tier {planned['fast']:.0f} s, then the rest "
+              f"{planned['rest']:.0f} s, {sum(planned.values()):.0f} s of the {budget_s:.0f} s budget."]  # fmt: skip
     verdicts = [v for r in results for v in _verdicts(r)]
     lines += ["", "## Verdicts", "", *(verdicts or ["(no verdict line in any report)"]), ""]
     for r in results:

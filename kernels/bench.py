@@ -24,7 +24,9 @@ forward + backward: the convention of ``aimpre.scaling.flops`` (FlashAttention's
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -33,6 +35,8 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +197,32 @@ def back_to_back_ms(fn: Callable[[], object], n: int, device: torch.device) -> f
     return start.elapsed_time(end) / n
 
 
+class RowsSoFar:
+    """A bench's rows written as soon as each is measured, so that a bench killed by a timeout (the GPU check's) still
+    leaves what it measured: ``out`` rewritten with the markdown table so far, and every row appended as one JSON
+    object to ``out`` with the suffix ``.jsonl`` (emptied when the bench starts). Nothing without ``out``."""
+
+    def __init__(self, out: str | Path | None, title: str) -> None:
+        """Args:
+        out: the bench's markdown report (None: write nothing).
+        title: the report's title while it is in progress.
+        """
+        self.out, self.title = out, title
+        self.jsonl = Path(out).with_suffix(".jsonl") if out else None
+        if self.jsonl:
+            write_text(self.jsonl, "")
+
+    def add(self, rows: list[Any], table: str) -> None:
+        """Appends ``rows`` (dataclasses or dicts) to the JSON lines and rewrites the markdown with ``table``."""
+        if not (self.out and self.jsonl):
+            return
+        write_text(self.out, f"# {self.title} (in progress: rows so far)\n\n{table}\n")
+        with self.jsonl.open("a") as f:
+            for r in rows:
+                d = dataclasses.asdict(r) if dataclasses.is_dataclass(r) and not isinstance(r, type) else r
+                f.write(json.dumps(d, default=str) + "\n")
+
+
 def single_call_ms(fn: Callable[[], object], n: int, device: torch.device) -> float:
     """Median wall ms of one call on an idle device: synchronise, host clock around the call and a synchronise."""
     times = []
@@ -268,8 +298,10 @@ def _time_row(row: Row, fn: Callable[..., Tensor], packed: bool, mask: str, P: T
         row.note = "ran eagerly: Dynamo compiled no graph for this shape"
 
 
-def measure(case: Case, dtype: torch.dtype, device: torch.device, warmup: int, reps: int) -> list[Row]:
-    """Times every implementation on one shape; a failing one gets a row that says why."""
+def measure(case: Case, dtype: torch.dtype, device: torch.device, warmup: int, reps: int,
+            on_row: Callable[[Row], None] | None = None) -> list[Row]:  # fmt: skip
+    """Times every implementation on one shape; a failing one gets a row that says why. ``on_row`` is called with
+    each row as soon as it is measured."""
     torch.manual_seed(0)
     q, k, v, dout = (torch.randn(case.B, case.H, case.T, case.D, device=device, dtype=dtype) for _ in range(4))
     P = torch.randint(1, case.T, (case.B,), device=device)  # AIMv2's prefix M ~ U{1..T-1}
@@ -286,6 +318,8 @@ def measure(case: Case, dtype: torch.dtype, device: torch.device, warmup: int, r
                 "compile failed (would have run eagerly): " if label == "flex (compiled)" else ""
             ) + short_error(e)
         rows.append(row)
+        if on_row:
+            on_row(row)
     return rows
 
 
@@ -365,7 +399,8 @@ def run_attention(quick: bool = False, dtype: str = "bf16", reps: int = 20, out:
         quick: tiny shapes, one call per timing (a smoke test; on CPU the Triton kernel runs in the interpreter).
         dtype: "bf16" or "fp16".
         reps: calls per wall-time measurement (back to back: their mean; single call: their median).
-        out: a markdown file to write the report to (atomically).
+        out: a markdown file to write the report to (atomically); rewritten with the rows so far as each is
+            measured, each row also appended to ``out`` with the suffix ``.jsonl`` (``RowsSoFar``).
     """
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cuda = torch.cuda.is_available()
@@ -378,12 +413,18 @@ def run_attention(quick: bool = False, dtype: str = "bf16", reps: int = 20, out:
     warmup, reps = (int(cuda), 1) if quick or not cuda else (WARMUP, reps)
     # FlexAttention warns on every eager call (CPU): the header already says these are not GPU times.
     warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-    rows = []
+    rows: list[Row] = []
+    so_far = RowsSoFar(out, "attention benchmark")
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        so_far.add([row], table(rows))
+
     t0 = time.perf_counter()
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.name}: B={case.B} H={case.H} T={case.T} D={case.D} {case.mask} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
-        rows += measure(case, torch_dtype, device, warmup, reps)
+        measure(case, torch_dtype, device, warmup, reps, add)
     seconds = time.perf_counter() - t0
     head = _header(device, torch_dtype, warmup, reps, seconds)
     tiles = ["Tiles our kernels ran with (the autotuner's pick per shape key, or the fixed tiles):", "", tiles_table()]

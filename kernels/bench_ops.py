@@ -27,7 +27,7 @@ from torch import Tensor
 
 from aimpre.files import write_text
 from aimpre.kernels import fused
-from aimpre.kernels.bench import cell, device_line, short_error, versions
+from aimpre.kernels.bench import RowsSoFar, cell, device_line, short_error, versions
 
 OPS = ("rmsnorm", "add_rmsnorm", "swiglu", "linear_ce")
 IMPLS = ("eager torch", "torch.compile", "liger", "liger in torch.compile")
@@ -274,7 +274,8 @@ def run_ops(shapes: dict[str, int], label: str, quick: bool = False, reps: int =
         label: what the shapes are, for the header (e.g. "AIMv2-large, batch 128").
         quick: a smoke test (tiny shapes, 2 runs, torch.compile with the aot_eager backend); always so on CPU.
         reps: timed runs per measurement (median reported).
-        out: a markdown file to write the report to (atomically).
+        out: a markdown file to write the report to (atomically); rewritten as each case is measured, its rows
+            also appended to ``out`` with the suffix ``.jsonl`` (``RowsSoFar``).
         ops: which of ``OPS`` to measure.
     """
     t0 = time.perf_counter()
@@ -283,10 +284,13 @@ def run_ops(shapes: dict[str, int], label: str, quick: bool = False, reps: int =
     warmup, reps = (3, reps) if gpu else (1, 2)
     backend = "inductor" if gpu else "aot_eager"
     todo = cases(**shapes, ops=ops)
-    rows = []
+    rows: list[Row] = []
+    so_far = RowsSoFar(out, "fused ops benchmark")
     for i, case in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {case.op} {case.where} {case.shape}", file=sys.stderr, flush=True)
-        rows += measure(case, device, warmup, reps, backend)
+        case_rows = measure(case, device, warmup, reps, backend)
+        rows += case_rows
+        so_far.add(case_rows, table(rows))  # a case's rows together: "vs eager" needs the case's eager row
     header = [
         f"fused ops benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {label}",
         device_line(

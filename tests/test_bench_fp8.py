@@ -3,10 +3,10 @@ numbers."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from aimpre.train.bench import fp8_curves, loss_verdict, run_fp8, window_means
@@ -14,7 +14,6 @@ from aimpre.train.bench import fp8_curves, loss_verdict, run_fp8, window_means
 SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 16}
 
 
-@pytest.mark.gpu
 def test_bench_fp8_quick_trains_both_builds_on_the_same_batches(tmp_path: Path) -> None:
     out, plot = tmp_path / "fp8.md", tmp_path / "fp8.png"
     report = run_fp8(steps=4, quick=True, out=str(out), plot=str(plot), model=SMALL)
@@ -24,6 +23,10 @@ def test_bench_fp8_quick_trains_both_builds_on_the_same_batches(tmp_path: Path) 
     steps = [int(r[0]) for r in rows]
     bf16, fp8 = [float(r[1]) for r in rows], [float(r[2]) for r in rows]
     assert steps == [2, 4] and all(math.isfinite(x) for x in bf16 + fp8)
+    # each window's mean written as it was trained, the same numbers as the final table
+    jsonl = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["build"], r["step"]) for r in jsonl] == [("bf16", 2), ("bf16", 4), ("fp8", 2), ("fp8", 4)]
+    assert [f"{r['loss']:.4f}" for r in jsonl] == [f"{x:.4f}" for x in bf16 + fp8]
     assert bf16[-1] < bf16[0] and fp8[-1] < fp8[0]  # both learn
     assert fp8 != bf16 and all(abs(f - b) < 0.05 * b for b, f in zip(bf16, fp8, strict=True))  # float8 ran, close
     assert loss_verdict(steps, bf16, fp8).split(":")[1].split()[0] in report
@@ -44,7 +47,6 @@ def test_window_means_and_loss_verdict() -> None:
     assert loss_verdict(steps, bf16, [6.0, float("nan"), 4.0]).endswith("NOT met (worst inf% at step 20)")
 
 
-@pytest.mark.gpu
 def test_bench_fp8_trains_with_the_recipe_it_is_given() -> None:
     # the bf16 build is the same whatever the recipe; the fp8 one takes it (rowwise scales round differently)
     runs = {r: fp8_curves("tiny", 2, 4, 1, r, quick=True, model=SMALL).per_step for r in ("tensorwise", "rowwise")}

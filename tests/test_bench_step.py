@@ -22,7 +22,6 @@ def _rows(report: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
-@pytest.mark.gpu
 def test_bench_step_quick_measures_plain_bf16_and_fp8(tmp_path: Path) -> None:
     out = tmp_path / "step.md"
     report = run_step(steps=1, warmup=1, quick=True, out=str(out), model=SMALL)

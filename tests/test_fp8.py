@@ -22,7 +22,7 @@ from aimpre.train import train
 from aimpre.train.checkpoint import load_checkpoint, model_state
 from aimpre.train.parallel import convert_fp8, fp8_linears, fp8_problem, parallelize
 
-pytestmark = pytest.mark.gpu  # a GPU code path; CI runs it on CPU
+pytestmark = [pytest.mark.gpu, pytest.mark.gpu_rest]  # a GPU code path; CI runs it on CPU
 
 
 def _model(**kw: int) -> AIMv2:

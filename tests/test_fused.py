@@ -7,6 +7,7 @@ on); liger's RMSNorm and SwiGLU fail in the interpreter, so their tests run only
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_rest
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_liger_linear_cross_entropy_equals_float64(bf16: bool) -> None:
     """Loss and gradients of the chunked head + cross-entropy against float64 eager math; pads do not count."""
@@ -85,6 +87,7 @@ def _losses_and_grads(model: AIMv2, bf16: bool) -> tuple[dict[str, torch.Tensor]
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_rest
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_model_liger_equals_torch(bf16: bool) -> None:
     """A whole AIMv2 under model.fused=liger and =torch (same weights): same losses, same gradients everywhere.
@@ -151,6 +154,9 @@ def test_bench_ops_quick_prints_its_table(tmp_path: Path, capsys: pytest.Capture
         assert "these times say nothing about GPU speed" in text
     rows = [line for line in text.splitlines() if line.startswith(("| add_rmsnorm", "| linear_ce"))]
     assert len(rows) == 8  # 2 ops x (eager, compiled, liger, liger compiled)
+    jsonl = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]  # written as measured
+    assert [(r["case"]["op"], r["impl"]) for r in jsonl] == [(c.split("|")[1].strip(), c.split("|")[4].strip())
+                                                            for c in rows]  # fmt: skip
     eager_ce = next(r for r in rows if r.startswith("| linear_ce") and "| eager torch |" in r)
     liger_ce = next(r for r in rows if r.startswith("| linear_ce") and "| liger |" in r)
     assert float(eager_ce.split("|")[5]) > 0 and float(liger_ce.split("|")[5]) > 0  # both timed
@@ -159,6 +165,7 @@ def test_bench_ops_quick_prints_its_table(tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_rest
 @CUDA_ONLY
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_liger_norm_and_swiglu_equal_float64(dtype: torch.dtype) -> None:
@@ -189,6 +196,7 @@ def test_liger_norm_and_swiglu_equal_float64(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_rest
 @CUDA_ONLY
 @pytest.mark.parametrize("recompute", [False, True])
 def test_compiled_liger_block_equals_eager_torch(recompute: bool) -> None:

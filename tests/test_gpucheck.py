@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aimpre.cli import main
-from aimpre.gpucheck import MIN_STEP_S, Step, run_check
+from aimpre.cli import build_parser, main
+from aimpre.gpucheck import BENCH_OPTIONS, BUDGET_S, MARGIN_S, MIN_STEP_S, PLAN_S, STEPS, Step, run_check
 
 # A step that starts a grandchild and hangs: the timeout must take the whole process group down.
 HANG = (
@@ -45,10 +46,12 @@ def test_bench_attention_step_report_is_embedded(tmp_path: Path, capsys: pytest.
     assert main(["bench", "gpu", "--allow-cpu", "--quick", "--steps", "attention", "--out", str(out)]) == 0
     report = out.read_text()
     assert capsys.readouterr().out.strip() == report.strip()
-    assert list(tmp_path.iterdir()) == [out]  # written atomically: no temporary file left beside it
+    # written atomically: no temporary file left beside it, only the steps' JSON lines
+    assert sorted(tmp_path.iterdir()) == [out.with_suffix(".jsonl"), out]
+    assert [json.loads(line)["step"] for line in out.with_suffix(".jsonl").read_text().splitlines()] == ["attention"]
     for line in ("# GPU check, ", "- commit: ", "- device: ", "- torch ", "- optional packages: liger-kernel "):
         assert f"\n{line}" in "\n" + report
-    assert "| attention | `python -m aimpre bench attention --quick --out attention.md` | ok | 0 |" in report
+    assert "| attention | fast | `python -m aimpre bench attention --quick --out attention.md` | ok | 0 |" in report
     assert "## attention: `python -m aimpre bench attention" in report
     assert "| encoder (tiny) (2, 1, 40, 64) | prefix | triton (ours) |" in report  # the bench's own table
     # its verdicts, collected at the top (the wall-time ones are judged on CPU too, meaningless as they are)
@@ -86,8 +89,8 @@ def test_failures_timeouts_absent_steps_and_the_budget(tmp_path: Path) -> None:
     report, passed = run_check(tmp_path / "b.md", budget_s=MIN_STEP_S + 0.5, allow_cpu=True,
                                steps=[sleepy, Step("later", ("-c", "pass"), 30)])  # fmt: skip
     assert not passed
-    assert "| sleepy | `python -c import time; time.sleep(1)` | ok (timeout 30 -> 20 s) |" in report
-    assert "| later | `python -c pass` | not run |" in report
+    assert "| sleepy | rest | `python -c import time; time.sleep(1)` | ok (timeout 30 -> 20 s) |" in report
+    assert "| later | rest | `python -c pass` | not run |" in report
     assert "Cut by the budget: sleepy (timeout 30 -> 20 s), later (" in report
 
 
@@ -98,3 +101,65 @@ def test_steps_inherit_the_interpreter_and_its_safe_path_flag(tmp_path: Path) ->
     for flags, expected in (([], [sys.executable]), (["-P"], [sys.executable, "-P"])):
         done = subprocess.run([sys.executable, *flags, "-c", code], cwd=tmp_path, capture_output=True, text=True)
         assert done.stdout.strip() == str(expected), done.stderr
+
+
+def test_the_plan_fits_eight_minutes_with_margin() -> None:
+    """`make gpu-check` fits one cold device command by design: the steps' expected seconds (compiles included) add
+    up to at most the budget less a margin, the fast tier comes first and its timeouts fit the budget whole (so the
+    budget can only cut the second tier), and no step is expected to reach its own timeout."""
+    assert BUDGET_S <= 480 and MARGIN_S >= 60 and PLAN_S == BUDGET_S - MARGIN_S
+    assert sum(s.estimate_s for s in STEPS) <= PLAN_S
+    tiers = [s.tier for s in STEPS]
+    assert tiers == sorted(tiers) and set(tiers) == {"fast", "rest"}  # "fast" < "rest": the fast tier first
+    assert sum(s.timeout_s for s in STEPS if s.tier == "fast") <= BUDGET_S
+    assert all(0 < s.estimate_s < s.timeout_s for s in STEPS)
+    assert [s.name for s in STEPS][:3] == ["tests", "attention", "step"]
+    assert build_parser().parse_args(["bench", "gpu"]).budget_s == BUDGET_S
+
+
+def test_a_check_killed_mid_run_leaves_the_steps_it_ran(tmp_path: Path) -> None:
+    """The report and its JSON lines are written as each step ends: killing the check (as a device command's own
+    time limit would) during its second step leaves the first step's row, and the second listed as pending."""
+    out = tmp_path / "check.md"
+    code = (
+        "import sys; from aimpre.gpucheck import Step, run_check; "
+        "run_check(sys.argv[1], allow_cpu=True, steps=[Step('first', ('-c', 'print(\\'- speed: met\\')'), 30), "
+        "Step('second', ('-c', 'import time; time.sleep(600)'), 900)])"
+    )
+    proc = subprocess.Popen([sys.executable, "-P", "-c", code, str(out)], start_new_session=True)
+    rows_file = out.with_suffix(".jsonl")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, 9)  # the check and its running step
+        proc.wait()
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["step"], r["status"], r["exit_code"]) for r in rows] == [("first", "ok", 0)]
+    report = out.read_text()
+    assert "(in progress: the steps so far)" in report
+    assert "| first | rest | `python -P -c print('- speed: met')` | ok | 0 |" in report
+    assert "| second | rest | `python -P -c import time; time.sleep(600)` | pending |" in report
+    assert "- [first] speed: met" in report
+
+
+def test_the_checks_declared_bench_options_are_the_clis() -> None:
+    """The check declares the benches it runs and their options (it does not import the CLI): each declared option
+    and each option a step passes is one the CLI's bench command takes."""
+    import argparse
+
+    def children(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        return next(dict(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    benches = children(children(build_parser())["bench"])
+    takes = {name: {o for a in p._actions for o in a.option_strings} for name, p in benches.items()}
+    for name, options in BENCH_OPTIONS.items():
+        assert options <= takes[name], name
+    for step in STEPS:
+        if step.bench:
+            assert step.bench in BENCH_OPTIONS
+            assert {a for a in step.argv if a.startswith("--")} <= takes[step.bench], step.name
+            build_parser().parse_args(list(step.argv[2:]))  # the step's own command line parses

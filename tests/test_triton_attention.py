@@ -29,7 +29,9 @@ pytestmark = [
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 MASKS = ("full", "causal", "prefix")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp32 in the GPU check's second tier: its Triton compiles at AIMv2 sizes take the longest
+DTYPES = (pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float32, id="fp32", marks=pytest.mark.gpu_rest))  # fmt: skip
 # (B, H, T, D): odd lengths and more than one 16-wide tile under the interpreter; AIMv2 sizes on a GPU (encoder
 # 256 patches, decoder 256 + 77, 448 px encoder 1024; heads and head dims of L/H/1B, and D=64).
 SHAPES = (
@@ -289,6 +291,7 @@ def test_fixed_tiles_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.autotune
+@pytest.mark.gpu_rest
 def test_autotuner_choice_is_cached_per_shape() -> None:
     """The first call of a shape benchmarks the candidates (on CPU: the interpreter, timed by the wall clock); the
     second launches the chosen tiles without the Autotuner, and both match the float64 reference."""
@@ -359,6 +362,7 @@ def sm90(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return done.stdout.splitlines()
 
 
+@pytest.mark.gpu_rest  # a real GPU compiles them in the fast tier anyway
 def test_kernels_compile_for_h100(sm90: list[str]) -> None:
     """The real compiler (Triton IR -> PTX -> ptxas for sm_90), which the interpreter never runs, takes every kernel
     with the fixed tiles (every autotuner candidate: ``python tests/compile_sm90.py bf16 128 --all``, ~40 s)."""
@@ -367,6 +371,7 @@ def test_kernels_compile_for_h100(sm90: list[str]) -> None:
     assert all(0 < int(line.split()[-1]) <= 227 * 1024 for line in lines)  # H100: 227 KiB shared memory per block
 
 
+@pytest.mark.gpu_rest
 def test_compiled_graphs_for_h100(sm90: list[str]) -> None:
     """What Inductor gets on a GPU: forward and backward graphs holding our three kernels, each writing only the
     fresh buffers it fills (Triton's IR analysis, sm_90), and no copy, packed (autotuned) or not (fixed tiles)."""

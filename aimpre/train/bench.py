@@ -19,6 +19,9 @@ achieved TFLOP/s from ``aimpre.scaling.flops_per_sample``, MFU against the dense
 the same yardstick, so MFU compares builds), peak memory (``torch.cuda.max_memory_allocated``, reset per build),
 and the speed-up over plain; then the targets of issue 11: bf16 >= 1.15x plain, fp8 >= 1.3x plain, neither using
 more memory than plain.
+
+Each compiled build runs in a new Python process with empty Inductor and Triton cache folders (``_fresh_build``),
+so none starts with the graphs, kernels, autotuning choices or dynamic-shape decisions of the one before it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ import datetime
 import gc
 import json
 import math
+import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,7 +49,7 @@ from torch import nn
 from aimpre.config import Config, OptimConfig, RunConfig, TrainerConfig
 from aimpre.data.tokenizer import ByteTokenizer
 from aimpre.files import atomic_path, write_text
-from aimpre.kernels.bench import back_to_back_ms, cell, device_line, sync, versions
+from aimpre.kernels.bench import RowsSoFar, back_to_back_ms, cell, device_line, sync, versions
 from aimpre.model import AIMv2, model_config
 from aimpre.model.layers import Attention
 from aimpre.model.moe import grouped_mm_available
@@ -81,6 +87,7 @@ class StepRow:
     peak_gib: float | None = None  # None off CUDA
     note: str = ""
     families: dict[str, float] = field(default_factory=dict)  # GPU ms per step by kernel family (CUDA only)
+    start: dict[str, Any] = field(default_factory=dict)  # compiler_state() when the build began
 
 
 # Kernel families of a step's GPU time by where the kernel comes from, by its name, first match wins. Inductor's
@@ -175,6 +182,118 @@ def _label(build: str, backend: str, compile: bool) -> str:
     }[build]
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What one ``bench step`` build is run with (the same for every build of a run); crosses to the build's own
+    process as JSON."""
+
+    size: str = "large"
+    batch: int = 128
+    steps: int = 10
+    warmup: int = 3
+    backend: str = "triton"
+    quick: bool = False
+    recipe: str = "tensorwise"
+    model: dict[str, Any] | None = None
+
+
+def compiler_state() -> dict[str, Any]:
+    """What this process's compiler has seen so far: Dynamo's graph count and where Inductor and Triton keep their
+    on-disk caches (a build that starts with graphs already compiled, or with a cache another build filled, is not
+    measured from a clean start)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return {
+        "pid": os.getpid(),
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "inductor_cache": cache_dir(),
+        "triton_cache": os.environ.get("TRITON_CACHE_DIR", ""),
+    }
+
+
+def _measure_build(build: str, s: StepSettings) -> StepRow:
+    """Builds, times and (on CUDA) profiles one build in this process; a failure becomes the row's note."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not s.quick else "cpu")
+    compile = not s.quick
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as aimpre train
+    row = StepRow(build, _label(build, s.backend, compile), start=compiler_state())
+    _free(device)
+    try:
+        moe = MOE_BUILD if build == "moe" else {}
+        cfg = model_config(
+            s.size, **{"vocab_size": 258 if s.quick else 32000, **(s.model or {}), **moe, "attn_backend": s.backend}
+        )
+        if build == "plain":  # plain ops (model.fused=auto would take liger's loss on CUDA)
+            cfg = replace(cfg, fused="torch")
+        torch.manual_seed(0)
+        with torch.device(device):
+            net = AIMv2(cfg)
+        if build == "plain":
+            plain_attention(net, compile)
+        run_model: nn.Module = net
+        if build == "plain":
+            run_model = torch.compile(net) if compile else net  # type: ignore[assignment]
+        else:  # the trainer's own call (AIMv2Module.configure_model)
+            parallelize(net, fp8=s.recipe if build == "fp8" else None, compile=compile)
+        if build == "moe":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            how = "grouped GEMM" if grouped_mm_available(torch.empty(0, device=device, dtype=dtype)) else "loop"
+            row.note = f"experts by {how} (torch._grouped_mm or a sorted-token loop); FLOPs of the routed tokens"
+        if build == "fp8":
+            converted, left = fp8_linears(net)
+            row.note = f"{len(converted)} block linears in float8 ({s.recipe}), {len(left)} left in bf16"
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+        g = torch.Generator(device="cpu").manual_seed(0)
+        batch = s.batch
+        data = {
+            "images": torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device),
+            "text": torch.randint(2, cfg.vocab_size or 258, (batch, cfg.text_len), generator=g).to(device),
+            "prefix": torch.randint(1, cfg.num_patches, (batch,), generator=g).to(device),
+        }
+        data["mask"] = torch.ones_like(data["text"], dtype=torch.bool)
+        dtype = torch.bfloat16 if device.type == "cuda" or build == "fp8" else torch.float32
+        step = _step_fn(run_model, opt, data, dtype)
+        seconds = _time(step, device, s.warmup, s.steps)
+        if device.type == "cuda":  # where the time goes: 3 more steps under the profiler
+            row.families = gpu_families(step)
+    except Exception as e:  # a bench reports a broken build and measures the others
+        row.note = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        print(f"bench step: {row.label} failed: {e!r}", file=sys.stderr)
+        return row
+    finally:
+        net = run_model = opt = step = None  # type: ignore[assignment]  # (step holds model and optimizer)
+    row.step_ms = seconds * 1e3
+    row.img_per_s = batch / seconds
+    achieved = row.img_per_s * flops_per_sample(cfg)
+    row.tflops = achieved / 1e12
+    peak = peak_flops(device)  # bf16 for every build
+    row.mfu = achieved / peak if peak else None
+    if device.type == "cuda":
+        row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    _free(device)
+    return row
+
+
+def _python() -> list[str]:
+    # -P (set when this process runs under it): a checkout's own aimpre/ must not shadow a link view on PYTHONPATH
+    return [sys.executable, *(["-P"] if getattr(sys.flags, "safe_path", False) else [])]
+
+
+def _fresh_build(build: str, s: StepSettings) -> StepRow:
+    """``_measure_build`` in a new Python process with empty Inductor and Triton cache folders of its own: no build
+    starts with what an earlier one compiled, autotuned or decided about dynamic shapes (in memory or on disk)."""
+    with tempfile.TemporaryDirectory(prefix=f"aimpre-bench-{build}-") as tmp:
+        out = Path(tmp) / "row.json"
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "TRITON_CACHE_DIR": f"{tmp}/triton"}
+        argv = [*_python(), "-m", "aimpre.train.bench", build, json.dumps(dataclasses.asdict(s)), str(out)]
+        code = subprocess.run(argv, env=env).returncode  # its stderr is ours: a crash shows its traceback
+        if code == 0 and out.exists():
+            return StepRow(**json.loads(out.read_text()))
+    return StepRow(build, _label(build, s.backend, not s.quick), note=f"failed: its process exited with code {code}")
+
+
 def bench_step(
     size: str = "large",
     batch: int = 128,
@@ -186,9 +305,10 @@ def bench_step(
     recipe: str = "tensorwise",
     model: dict[str, Any] | None = None,
     on_row: Callable[[list[StepRow]], None] | None = None,
+    fresh: bool | None = None,
 ) -> list[StepRow]:
-    """Times each build on one device; a build that cannot run (fp8 without torchao or float8 tensor cores) or
-    fails gets a row with a note instead of numbers.
+    """Times each build on one device, each in its own process (``fresh``); a build that cannot run (fp8 without
+    torchao or float8 tensor cores) or fails gets a row with a note instead of numbers.
 
     Args:
         size: a model size.
@@ -201,78 +321,23 @@ def bench_step(
         model: ModelConfig overrides of the size (tests shrink the tiny model further).
         on_row: called with the rows so far as soon as each build is measured (or has failed), so a bench killed by
             a timeout has reported what it measured.
+        fresh: each build in a new process with empty compiler caches (``_fresh_build``); False runs them all in
+            this one, sharing its compiler state; None (default): fresh unless ``quick``, which compiles nothing.
     """
+    s = StepSettings(size, batch, steps, warmup, backend, quick, recipe, model)
+    fresh = not quick if fresh is None else fresh
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
-    compile = not quick
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # as aimpre train
     rows = []
     for build in (b for b in BUILDS if b in builds):
-        row = StepRow(build, _label(build, backend, compile))
-        rows.append(row)
         problem = fp8_problem(device) if build == "fp8" else None
         if problem:
-            row.note = problem.removeprefix("config key 'trainer.precision': ")
-            if on_row:
-                on_row(rows)
-            continue
-        _free(device)
-        try:
-            moe = MOE_BUILD if build == "moe" else {}
-            cfg = model_config(
-                size, **{"vocab_size": 258 if quick else 32000, **(model or {}), **moe, "attn_backend": backend}
-            )
-            if build == "plain":  # plain ops (model.fused=auto would take liger's loss on CUDA)
-                cfg = replace(cfg, fused="torch")
-            torch.manual_seed(0)
-            with torch.device(device):
-                net = AIMv2(cfg)
-            if build == "plain":
-                plain_attention(net, compile)
-            run_model: nn.Module = net
-            if build == "plain":
-                run_model = torch.compile(net) if compile else net  # type: ignore[assignment]
-            else:  # the trainer's own call (AIMv2Module.configure_model)
-                parallelize(net, fp8=recipe if build == "fp8" else None, compile=compile)
-            if build == "moe":
-                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-                how = "grouped GEMM" if grouped_mm_available(torch.empty(0, device=device, dtype=dtype)) else "loop"
-                row.note = f"experts by {how} (torch._grouped_mm or a sorted-token loop); FLOPs of the routed tokens"
-            if build == "fp8":
-                converted, left = fp8_linears(net)
-                row.note = f"{len(converted)} block linears in float8 ({recipe}), {len(left)} left in bf16"
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-            g = torch.Generator(device="cpu").manual_seed(0)
-            data = {
-                "images": torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device),
-                "text": torch.randint(2, cfg.vocab_size or 258, (batch, cfg.text_len), generator=g).to(device),
-                "prefix": torch.randint(1, cfg.num_patches, (batch,), generator=g).to(device),
-            }
-            data["mask"] = torch.ones_like(data["text"], dtype=torch.bool)
-            dtype = torch.bfloat16 if device.type == "cuda" or build == "fp8" else torch.float32
-            step = _step_fn(run_model, opt, data, dtype)
-            seconds = _time(step, device, warmup, steps)
-            if device.type == "cuda":  # where the time goes: 3 more steps under the profiler
-                row.families = gpu_families(step)
-        except Exception as e:  # a bench reports a broken build and measures the others
-            row.note = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            print(f"bench step: {row.label} failed: {e!r}", file=sys.stderr)
-            if on_row:
-                on_row(rows)
-            continue
-        finally:
-            net = run_model = opt = step = None  # type: ignore[assignment]  # (step holds model and optimizer)
-        row.step_ms = seconds * 1e3
-        row.img_per_s = batch / seconds
-        achieved = row.img_per_s * flops_per_sample(cfg)
-        row.tflops = achieved / 1e12
-        peak = peak_flops(device)  # bf16 for every build
-        row.mfu = achieved / peak if peak else None
-        if device.type == "cuda":
-            row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            row = StepRow(build, _label(build, backend, not quick), note=problem.removeprefix(
+                "config key 'trainer.precision': "))  # fmt: skip
+        else:
+            row = _fresh_build(build, s) if fresh else _measure_build(build, s)
+        rows.append(row)
         if on_row:
             on_row(rows)
-    _free(device)
     return rows
 
 
@@ -352,17 +417,9 @@ def run_step(
             backend = "sdpa"
     device = torch.device("cuda" if cuda else "cpu")
 
-    def report_so_far(rows: list[StepRow]) -> None:
-        """Each row as soon as it is measured: the markdown table so far and one JSON line per row."""
-        if not out:
-            return
-        write_text(out, "\n".join(["# training step benchmark (in progress: rows so far)", "", step_table(rows), ""]))
-        with open(Path(out).with_suffix(".jsonl"), "a") as f:
-            f.write(json.dumps(dataclasses.asdict(rows[-1])) + "\n")
-
-    if out:
-        write_text(Path(out).with_suffix(".jsonl"), "")
-    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model, report_so_far)
+    so_far = RowsSoFar(out, "training step benchmark")
+    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model,
+                      lambda rows: so_far.add(rows[-1:], step_table(rows)))  # fmt: skip
     cfg = model_config(size, **(model or {}))
     peak = peak_flops(device)
     precision = "bf16 autocast" if cuda else "float32 (the fp8 build: bf16 autocast), no compile"
@@ -447,6 +504,7 @@ def fp8_curves(
     quick: bool = False,
     seed: int = 0,
     model: dict[str, Any] | None = None,
+    on_window: Callable[[str, int, float], None] | None = None,
 ) -> LossCurves:
     """Trains ``size`` twice for ``steps`` steps, in bf16 and with ``trainer.precision=fp8``, from the same initial
     weights on the same batches, through the trainer's own code: AIMv2Module's model, configure_model
@@ -461,6 +519,8 @@ def fp8_curves(
         quick: no compile (a CPU smoke run).
         seed: weights, data and prefixes.
         model: ModelConfig overrides of the size (tests shrink the tiny model further).
+        on_window: called with (build, logged step, mean loss of its window) as each window ends (one host read
+            per window), so a bench killed by a timeout has reported the windows it trained.
     """
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     if device.type == "cuda":
@@ -511,6 +571,9 @@ def fp8_curves(
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(out["loss"].detach().float())
+            if on_window and ((step + 1) % log_every == 0 or step + 1 == steps):
+                start = (step // log_every) * log_every
+                on_window(build, step + 1, torch.stack(losses[start:]).mean().item())
         sync(device)
         curves.ms_per_step[build] = (time.perf_counter() - t0) / max(1, steps - warm) * 1e3
         curves.per_step[build] = torch.stack(losses).tolist()
@@ -557,8 +620,9 @@ def run_fp8(
     model: dict[str, Any] | None = None,
 ) -> str:
     """Runs ``fp8_curves``, prints and returns the markdown report (``out`` also writes it; ``plot`` draws the
-    curves); arguments as ``fp8_curves``. Without a GPU (or with ``quick``) it is a smoke run of the tiny model,
-    batch 4, at most 6 steps, logged every 2, without compile (float8 GEMMs run on CPU, slowly)."""
+    curves); arguments as ``fp8_curves``; ``out`` is rewritten with the windows so far as each is trained, each
+    also appended to ``out`` with the suffix ``.jsonl``. Without a GPU (or with ``quick``) it is a smoke run of the
+    tiny model, batch 4, at most 6 steps, logged every 2, without compile (float8 GEMMs run on CPU, slowly)."""
     cuda = torch.cuda.is_available() and not quick
     if not cuda:
         size, steps, batch, log_every = "tiny", min(steps, 6), 4, 2
@@ -566,7 +630,17 @@ def run_fp8(
     problem = fp8_problem(device)
     if problem:
         raise ValueError(f"bench fp8: {problem.removeprefix('config key ')}")
-    curves = fp8_curves(size, steps, batch, log_every, recipe, quick=not cuda, model=model)
+    windows: dict[int, dict[str, float]] = {}  # logged step -> build -> mean loss, as they are trained
+    so_far = RowsSoFar(out, "fp8 vs bf16 training loss")
+
+    def add(build: str, step: int, loss: float) -> None:
+        windows.setdefault(step, {})[build] = loss
+        table = ["| step | bf16 loss | fp8 loss |", "|---:|---:|---:|"] + [
+            f"| {s} | {cell(w.get('bf16'), '.4f')} | {cell(w.get('fp8'), '.4f')} |" for s, w in windows.items()
+        ]
+        so_far.add([{"build": build, "step": step, "loss": loss}], "\n".join(table))
+
+    curves = fp8_curves(size, steps, batch, log_every, recipe, quick=not cuda, model=model, on_window=add)
     cfg = model_config(size, **(model or {}))
     opt = OptimConfig(warmup_steps=max(1, steps // 10))  # as fp8_curves
     steps_b, bf16 = curves.windows("bf16")
@@ -602,3 +676,8 @@ def run_fp8(
     if plot:
         plot_curves(curves, plot, f"AIMv2-{size}, batch {batch}: fp8 ({recipe}) vs bf16")
     return report
+
+
+if __name__ == "__main__":  # one build of bench step in its own process (_fresh_build): BUILD SETTINGS_JSON OUT
+    _row = _measure_build(sys.argv[1], StepSettings(**json.loads(sys.argv[2])))
+    write_text(sys.argv[3], json.dumps(dataclasses.asdict(_row)))

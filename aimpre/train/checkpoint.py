@@ -110,8 +110,8 @@ class Checkpointer(pl.Callback):
         if step == self.seen_step:  # gradient accumulation: not a step boundary yet
             return
         self.seen_step = step
-        in_bad_streak = getattr(pl_module, "bad_steps", 0) > 0  # keep the last checkpoint a good step's
-        self.pending = step % self.every == 0 and not in_bad_streak
+        # keep the last checkpoint a good step's (the streak is read only on checkpoint steps: a host sync)
+        self.pending = step % self.every == 0 and not getattr(pl_module, "bad_steps", 0) > 0
         if self.val_every and step % self.val_every == 0:
             return  # validation runs next: on_validation_end saves and acts on a stop signal
         if self.pending:

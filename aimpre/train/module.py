@@ -41,12 +41,19 @@ class AIMv2Module(pl.LightningModule):
     batch, rank): a resumed run draws exactly what the uninterrupted one would have.
 
     Gradients are clipped here rather than by Lightning, because the global norm also decides whether a step is
-    taken: a non-finite norm (from a NaN/inf loss or gradient) drops this step's gradients, so AdamW leaves every
-    parameter and moment untouched; ``trainer.max_bad_steps`` such steps in a row stop the run.
+    taken: a non-finite norm (from a NaN/inf loss or gradient) skips the step, so AdamW leaves every parameter and
+    moment untouched; ``trainer.max_bad_steps`` such steps in a row stop the run. The skip is decided on the device
+    (the norm's non-finite flag is the fused AdamW's ``found_inf``, as GradScaler passes it), and the bad-step
+    counters live there too: the streak is read and checked on the steps that write a metrics row (and the
+    checkpointer's), so a run stops at the first such step after the limit is reached, with no host sync in
+    between. Where the fused AdamW is not used (FSDP on CPU), the old host check decides each step.
     """
 
     mean: Tensor  # buffers, in 0..255 units
     std: Tensor
+    _bad: Tensor  # buffers of the NaN guard
+    _worst: Tensor
+    _skipped: Tensor
 
     def __init__(self, cfg: Config, tokenizer_identity: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -57,8 +64,11 @@ class AIMv2Module(pl.LightningModule):
         self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255, persistent=False)
         self.batches_seen = 0  # micro-batches trained on by this rank; saved in checkpoints
         self.loader_state: dict[int, dict[str, Any]] = {}  # data worker -> its state after its last batch used
-        self.bad_steps = 0  # consecutive
-        self.skipped_steps = 0  # in all
+        # non-finite steps, on the device (moved with the module's buffers): consecutive now, the longest run of
+        # them not yet checked against the limit, and in all
+        self.register_buffer("_bad", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_worst", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_skipped", torch.zeros((), dtype=torch.long), persistent=False)
         self.grad_norm: Tensor | float = float("nan")  # the last step's global norm, on the device
 
     def configure_model(self) -> None:
@@ -92,6 +102,16 @@ class AIMv2Module(pl.LightningModule):
             rank_zero_info(f"trainer.precision=fp8 ({t.fp8_recipe}): {len(converted)} block linears train in "
                            f"float8, {len(skipped)} in bf16{where}")  # fmt: skip
 
+    @property
+    def bad_steps(self) -> int:
+        """Consecutive non-finite steps up to the last one (a host read)."""
+        return int(self._bad)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Non-finite steps skipped in all, this run and the runs it resumes (a host read)."""
+        return int(self._skipped)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip or float("inf")
@@ -99,19 +119,30 @@ class AIMv2Module(pl.LightningModule):
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
             norm = norm.full_tensor()
         self.grad_norm = norm.detach()  # read back (a host sync) only when a metrics row is written
-        # The one read-back left in a step: whether to skip it must be known now. (A sync-free skip would pass
-        # found_inf to a fused AdamW, as GradScaler does, and check the streak on logging steps: not done yet.)
-        if torch.isfinite(norm):
-            self.bad_steps = 0
-            return
-        for p in params:
-            p.grad = None  # AdamW skips parameters without gradients: the step changes nothing
-        self.bad_steps += 1
-        self.skipped_steps += 1
-        if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+        bad = ~torch.isfinite(self.grad_norm)  # the same on every rank: the norm is the global one
+        self._bad.copy_(torch.where(bad, self._bad + 1, 0))
+        self._worst.copy_(torch.maximum(self._worst, self._bad))
+        self._skipped.add_(bad)
+        opt = getattr(optimizer, "_optimizer", optimizer)  # (a LightningOptimizer wraps the torch one)
+        if opt.defaults.get("fused"):
+            # the fused kernel leaves parameters, moments and step counts alone when found_inf is 1
+            setattr(opt, "found_inf", bad.float())  # noqa: B010 (an attribute torch.optim reads, not declared)
+        elif bad:  # no fused AdamW (FSDP on CPU): decided on the host, as before
+            for p in params:
+                p.grad = None  # AdamW skips parameters without gradients: the step changes nothing
+        step, t = self.global_step + 1, self.cfg.trainer
+        if step == 1 or step % t.log_every == 0 or step >= t.max_steps:  # a metrics row reads the device anyway
+            self.check_bad_streak()
+
+    def check_bad_streak(self) -> None:
+        """Stops the run (NonFiniteError) if ``trainer.max_bad_steps`` non-finite steps in a row were seen since the
+        last check; reads the device counters back (a host sync), so it runs only on steps that sync anyway."""
+        limit, worst = self.cfg.trainer.max_bad_steps, int(self._worst)
+        self._worst.zero_()
+        if worst >= limit:
             raise NonFiniteError(
-                f"{self.bad_steps} consecutive steps had non-finite gradients (last at step {self.global_step}); "
-                f"stopping. {self._last_checkpoint()}. Lower optim.lr or check the data."
+                f"{limit} consecutive steps had non-finite gradients ({worst} in a row by step "
+                f"{self.global_step + 1}); stopping. {self._last_checkpoint()}. Lower optim.lr or check the data."
             )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -169,7 +200,10 @@ class AIMv2Module(pl.LightningModule):
             self.log(f"val_{k}", v, sync_dist=True, batch_size=batch["image"].shape[0], logger=False)
 
     def configure_optimizers(self) -> Any:
-        opt = build_optimizer(self.model, self.cfg.optim, fused=self.device.type == "cuda")
+        # fused wherever it takes the NaN guard's found_inf (its CPU kernel too; FSDP's sharded parameters on CPU
+        # keep the foreach AdamW)
+        fused = self.device.type == "cuda" or (self.device.type == "cpu" and self.cfg.trainer.strategy != "fsdp")
+        opt = build_optimizer(self.model, self.cfg.optim, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(self.cfg.optim, self.cfg.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -183,7 +217,7 @@ class AIMv2Module(pl.LightningModule):
         if saved is not None and self.tokenizer_identity is not None and saved != self.tokenizer_identity:
             raise ConfigError(f"data.tokenizer is {self.tokenizer_identity}; the checkpoint was trained with {saved}")
         self.batches_seen = checkpoint.get("batches_seen", 0)
-        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self._skipped.fill_(checkpoint.get("skipped_steps", 0))
 
 
 class AIMv2DataModule(pl.LightningDataModule):
