@@ -20,7 +20,7 @@ import torch
 from aimpre.config import load_config
 from aimpre.export import load_encoder
 from aimpre.train import train
-from aimpre.train.checkpoint import load_checkpoint, model_state
+from aimpre.train.checkpoint import EXIT_PREEMPTED, load_checkpoint, model_state
 from aimpre.train.module import NonFiniteError
 
 JOB = Path(__file__).parent / "dist_job.py"
@@ -121,7 +121,7 @@ def test_preemption_signals_save_and_stop(tmp_path: Path, pretrain_spec: str, si
     proc = _start(args, tmp_path / "log")
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 3, proc)
     proc.send_signal(sig)
-    assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-3000:]
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "log").read_text()[-3000:]
     saved = list(ckpts.glob("step-*.ckpt"))
     assert len(saved) == 1 and (ckpts / "last.ckpt").resolve() == saved[0].resolve()
     step = torch.load(saved[0], weights_only=False)["global_step"]

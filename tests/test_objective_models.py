@@ -164,4 +164,7 @@ def test_model_info_counts_the_configured_objective(tmp_path: Path, capsys: pyte
     assert main(["model-info", str(tmp_path / "c.yaml"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     cfg = model_config("tiny", objective="siglip", vocab_size=ByteTokenizer().vocab_size)
-    assert info == {**param_counts(cfg), "flops_per_sample": flops_per_sample(cfg)} and info["text"] > 0
+    assert (
+        info == {**param_counts(cfg), "img_size": cfg.img_size, "flops_per_sample": flops_per_sample(cfg)}
+        and info["text"] > 0
+    )

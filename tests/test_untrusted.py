@@ -277,19 +277,20 @@ def test_sharded_metadata_claiming_huge_tensors_allocates_nothing(tmp_path: Path
 
 
 def test_claimed_depth_is_checked_before_anything_is_built(tmp_path: Path) -> None:
-    """A 2-block export whose aimpre.json claims 3000 blocks: refused from the header, with no model built."""
+    """A 2-block export whose aimpre.json claims 1000 blocks: refused by comparing the header with the model built
+    on the meta device (no weights allocated); the size limits (depth <= 1024) bound what that can cost."""
     out = _exported(tmp_path, "safetensors")
     info = json.loads((out / "aimpre.json").read_text())
-    info["encoder"]["depth"] = 3000
+    info["encoder"]["depth"] = 1000
     (out / "aimpre.json").write_text(json.dumps(info))
     tracemalloc.start()
     try:
-        with pytest.raises(ExportError, match=r"aimpre\.json says depth 3000, but .* holds 2 blocks"):
+        with pytest.raises(ExportError, match=r"aimpre\.json says depth 1000, but .* holds 2 blocks"):
             load_encoder(out)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 20e6  # building 3000 blocks, even on the meta device, takes over 100 MB
+    assert peak < 150e6  # 1000 meta blocks: module objects only, about 67 MB; no tensor data
 
 
 def _edit_json(file: Path, edit: Callable[[dict], None]) -> None:
@@ -354,7 +355,7 @@ def test_weight_index_names_only_files_beside_it(weight_map: object, tmp_path: P
         load_encoder(out)
 
 
-@pytest.mark.parametrize(("key", "value", "words"), [("depth", 3000, "says depth 3000, but the state dict holds 2"),
+@pytest.mark.parametrize(("key", "value", "words"), [("depth", 1000, "says depth 1000, but the state dict holds 2"),
                                                      ("dec_width", 3072, "the config implies")])  # fmt: skip
 def test_run_config_claims_are_checked_before_the_model_is_built(
     key: str, value: int, words: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -789,7 +790,8 @@ def test_planted_feature_cache_is_one_line_from_the_cli(
     shutil.copy(good, tmp_path / "features" / good.name)
     _code(tmp_path / "features" / good.name, marker)
     for d in Path(os.environ["AIMPRE_CACHE"]).iterdir():  # the demo data: shared, not copied
-        (tmp_path / d.name).symlink_to(d)
+        if d.name != "features":  # (this worker's own feature caches, from other tests: not this one's)
+            (tmp_path / d.name).symlink_to(d)
     monkeypatch.setenv("AIMPRE_CACHE", str(tmp_path))
     argv = ["probe", str(src), "--train", "demo:digits-test", "--test", "none", "--epochs", "1"]
     code, err = _cli(argv, capsys)
