@@ -180,3 +180,29 @@ def test_student_learns_from_a_trained_teacher(
     assert set(enc.state_dict()) == set(model.encoder.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(enc(x), model.encoder.eval()(x))
+
+
+def test_the_teacher_sees_its_own_normalisation(tmp_path: Path) -> None:
+    """A teacher whose export records CLIP's mean/std, a student trained with ImageNet's: the teacher's targets are
+    its features on the image normalised its own way, not the student's (which a released AIMv2, exported with
+    CLIP's statistics, would otherwise get)."""
+    from aimpre.config import IMAGENET_MEAN, IMAGENET_STD
+
+    clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    cfg = model_config("tiny", width=96, heads=3, depth=2, mlp_hidden=128, img_size=84)
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(cfg)
+    enc.init_weights()
+    info = {"preprocessing": {"mean": list(clip_mean), "std": list(clip_std), "img_size": 84}}
+    teacher = write_export(enc, "safetensors", tmp_path / "teacher", info=info)
+    model = build(_student(teacher, img_size=84))  # type: ignore[arg-type]
+    model.distill.set_input_norm(IMAGENET_MEAN, IMAGENET_STD)
+    pixels = torch.rand(2, 3, 84, 84)
+    as_student = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    as_teacher = (pixels - torch.tensor(clip_mean).view(1, 3, 1, 1)) / torch.tensor(clip_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = model.distill.teacher(as_teacher)
+        got = model.distill.targets(as_student)
+        wrong = model.distill.teacher(as_student)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (wrong - want).abs().max() > 1e-2  # the two normalisations differ enough to matter

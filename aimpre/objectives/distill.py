@@ -22,6 +22,7 @@ Its forward FLOPs count in the run's compute (``aimpre.scaling.flops``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def _config_of(path: str) -> ModelConfig:
 
         record = read_json_object(p / "aimpre.json", "export record")
         return encoder_config(record.get("encoder"), str(p))  # type: ignore[arg-type]  # it checks the type
-    return load_teacher(path).cfg  # anything else: built once (small next to the run that will load it anyway)
+    return load_teacher(path)[0].cfg  # anything else: built once (small next to the run that will load it anyway)
 
 
 def teacher_config(cfg: ModelConfig) -> ModelConfig:
@@ -92,17 +93,20 @@ def teacher_config(cfg: ModelConfig) -> ModelConfig:
     return _check_teacher(cfg, teacher)
 
 
-def load_teacher(path: str) -> AIMv2Encoder:
-    """The frozen teacher encoder (float32, eval mode, no gradients) from anything ``load_encoder`` reads.
+def load_teacher(path: str) -> tuple[AIMv2Encoder, tuple[list[float], list[float]] | None]:
+    """The frozen teacher encoder (float32, eval mode, no gradients) from anything ``load_encoder`` reads, and the
+    (mean, std) its source records for its inputs (None where it records none).
 
     Args:
         path: a run, checkpoint, export or timm/HF model directory.
     """
-    from aimpre.export import load_encoder  # here: aimpre.export imports aimpre.objectives' siblings
+    from aimpre.export import load  # here: aimpre.export imports aimpre.objectives' siblings
 
     with torch.device("cpu"):  # real tensors even when the student is built on the meta device
-        teacher = load_encoder(path)
-    return teacher.requires_grad_(False).eval()
+        loaded = load(path)
+    pre = loaded.info.get("preprocessing") or {}
+    norm = (list(pre["mean"]), list(pre["std"])) if pre.get("mean") and pre.get("std") else None
+    return loaded.encoder.requires_grad_(False).eval(), norm
 
 
 def normalize(x: Tensor) -> Tensor:
@@ -132,14 +136,26 @@ class Distiller(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         teacher_config(cfg)  # the key named if the teacher is missing, broken or of another patch size
-        teacher = load_teacher(_teacher_path(cfg))
+        teacher, self.teacher_norm = load_teacher(_teacher_path(cfg))
         object.__setattr__(self, "teacher", teacher)  # outside the module tree: not saved, trained or exported
+        self.renorm: tuple[Tensor, Tensor] | None = None  # student-normalised -> teacher-normalised (set_input_norm)
         self.cfg = cfg
         self.proj = nn.Linear(cfg.width, teacher.cfg.width, bias=False)
         self.init_weights()
 
     def init_weights(self) -> None:
         nn.init.xavier_uniform_(self.proj.weight)
+
+    def set_input_norm(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The per-channel mean/std the student's images are normalised with (the trainer's ``data.mean/std``):
+        the teacher then sees its images normalised with the mean/std its source records (a released AIMv2 says
+        CLIP's, our runs ImageNet's), x_t = (x * std + mean - mean_t) / std_t. A teacher that records none is fed
+        the student's normalisation."""
+        if self.teacher_norm is None:
+            return
+        m_s, s_s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        m_t, s_t = (torch.tensor(v).view(1, 3, 1, 1) for v in self.teacher_norm)
+        self.renorm = (s_s / s_t, (m_s - m_t) / s_t)
 
     def targets(self, images: Tensor) -> Tensor:
         """The teacher's final-layer patch tokens [B, N_student, teacher width] for normalised ``images``."""
@@ -150,6 +166,9 @@ class Distiller(nn.Module):
         size = t.cfg.img_size
         with torch.no_grad():
             x = images.to(dtype)
+            if self.renorm is not None:
+                scale, shift = (v.to(device=x.device, dtype=dtype) for v in self.renorm)
+                x = x * scale + shift
             if x.shape[-1] != size or x.shape[-2] != size:
                 x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
             feats = t(x)  # [B, Nt, Dt], full attention

@@ -60,6 +60,9 @@ class AIMv2Module(pl.LightningModule):
         self.cfg = cfg
         self.tokenizer_identity = tokenizer_identity
         self.model = build(cfg.model)
+        distiller = getattr(self.model, "distill", None)  # a distilled objective: its teacher's own normalisation
+        if distiller is not None:
+            distiller.set_input_norm(cfg.data.mean, cfg.data.std)
         self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255, persistent=False)
         self.batches_seen = 0  # micro-batches trained on by this rank; saved in checkpoints
