@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import webdataset as wds
@@ -42,3 +46,18 @@ def write_tar(path: Path, samples: list[dict]) -> Path:
 def good_samples(prefix: str, n: int) -> list[dict]:
     return [{"__key__": f"{prefix}{i:05d}", "jpg": jpeg(((i * 37) % 256, 80, 160)), "txt": f"{prefix} {i}"}
             for i in range(n)]  # fmt: skip
+
+
+def rows_when_killed(proc: subprocess.Popen, rows_file: Path, kill: Callable[[], None], timeout: float = 120) -> list:
+    """The JSON lines a bench process wrote to ``rows_file`` once it has written its first one, read after
+    ``kill()`` stopped it (or it ended, or ``timeout`` passed): what a bench cut by a time limit leaves behind."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.1)
+    finally:
+        kill()
+        proc.wait()
+    return [json.loads(line) for line in rows_file.read_text().splitlines()]

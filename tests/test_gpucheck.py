@@ -14,6 +14,7 @@ import torch
 
 from aimpre.cli import build_parser, main
 from aimpre.gpucheck import BENCH_OPTIONS, BUDGET_S, MARGIN_S, MIN_STEP_S, PLAN_S, STEPS, Step, run_check
+from helpers import rows_when_killed
 
 # A step that starts a grandchild and hangs: the timeout must take the whole process group down.
 HANG = (
@@ -127,17 +128,8 @@ def test_a_check_killed_mid_run_leaves_the_steps_it_ran(tmp_path: Path) -> None:
         "Step('second', ('-c', 'import time; time.sleep(600)'), 900)])"
     )
     proc = subprocess.Popen([sys.executable, "-P", "-c", code, str(out)], start_new_session=True)
-    rows_file = out.with_suffix(".jsonl")
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
-                break
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, 9)  # the check and its running step
-        proc.wait()
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    # kill the check and its running step
+    rows = rows_when_killed(proc, out.with_suffix(".jsonl"), lambda: os.killpg(proc.pid, 9))
     assert [(r["step"], r["status"], r["exit_code"]) for r in rows] == [("first", "ok", 0)]
     report = out.read_text()
     assert "(in progress: the steps so far)" in report

@@ -3,11 +3,9 @@ graph, and training steps between logging steps read nothing back from the devic
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 
 from aimpre.model import AIMv2, model_config
 from aimpre.train.bench import plain_attention
+from helpers import rows_when_killed
 
 # The tiny model as `bench step` builds it for plain (torch's own fused ops), at a small image for speed.
 TINY = {"vocab_size": 258, "img_size": 56, "text_len": 16, "fused": "torch"}
@@ -107,17 +106,7 @@ def test_bench_step_rows_survive_a_kill(tmp_path: Path) -> None:
         "model={'img_size': 28, 'depth': 1, 'dec_depth': 1, 'text_len': 8}); time.sleep(600)"
     )
     proc = subprocess.Popen([sys.executable, "-P", "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    rows_file = out.with_suffix(".jsonl")
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
-                break
-            time.sleep(0.2)
-    finally:
-        proc.kill()
-        proc.wait()
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    rows = rows_when_killed(proc, out.with_suffix(".jsonl"), proc.kill)
     assert rows and rows[0]["build"] == "plain" and rows[0]["step_ms"] > 0
     assert "| plain (eager, SDPA) |" in out.read_text()
 
@@ -149,18 +138,8 @@ def test_bench_attention_rows_survive_a_kill(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     proc = subprocess.Popen([sys.executable, "-P", "-m", "aimpre", "bench", "attention", "--quick", "--out", str(out)],
                             env=env, stdout=subprocess.DEVNULL)  # fmt: skip
-    rows_file = out.with_suffix(".jsonl")
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
-                break
-            time.sleep(0.1)
-    finally:
-        proc.kill()
-        proc.wait()
+    rows = rows_when_killed(proc, out.with_suffix(".jsonl"), proc.kill)
     assert proc.returncode != 0  # killed, not finished
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert rows[0]["impl"] == "triton (ours)" and rows[0]["case"]["name"] == "encoder (tiny)" and rows[0]["b2b_ms"] > 0
     report = out.read_text()
     assert report.startswith("# attention benchmark (in progress: rows so far)")
