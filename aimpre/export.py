@@ -40,6 +40,7 @@ from aimpre.files import (
 from aimpre.formats import (
     ENCODER_FIELDS,
     MOE_FIELDS,
+    POS_FIELDS,
     ExportError,
     State,
     config_from_hf,
@@ -484,11 +485,17 @@ def write_export(
         raise ExportError(f"{'timm' if fmt == 'timm' else 'Hugging Face transformers'} has no MoE AIMv2 (this encoder "
                           f"has {cfg.moe_experts} experts per MoE block): export with --format safetensors, which "
                           "aimpre.export.load_encoder reads")  # fmt: skip
+    if fmt == "timm" and cfg.pos_embed == "sincos2d":
+        # checked against timm 1.0.31 (timm is not a dependency of ours: no import here)
+        raise ExportError("timm has no native-resolution AIMv2 (its VisionTransformer takes a learned position "
+                          "table or none, not 2D sin-cos for any grid; checked in timm 1.0.31): export this sincos2d "
+                          "encoder with --format hf (Aimv2VisionModel, is_native) or --format safetensors")  # fmt: skip
     if fmt == "timm" and cfg.norm_eps != 1e-5:
         raise ExportError(f"norm_eps={cfg.norm_eps}, but timm's aimv2 models fix RMSNorm eps at 1e-5")
     record = {
         "format": fmt, "dtype": dtype,
-        "encoder": {k: getattr(cfg, k) for k in ENCODER_FIELDS + (MOE_FIELDS if cfg.moe_experts else ())},
+        "encoder": {k: getattr(cfg, k) for k in ENCODER_FIELDS + (MOE_FIELDS if cfg.moe_experts else ())
+                    + (POS_FIELDS if cfg.pos_embed != "learned" else ())},
         "preprocessing": pre,
         **{k: given.get(k) for k in ("run", "objective", "step", "config_hash", "exported_from")},
         "aimpre_version": __version__, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -31,6 +31,9 @@ State = dict[str, Tensor]
 ENCODER_FIELDS = ("size", "img_size", "patch_size", "width", "depth", "heads", "mlp_hidden", "norm_eps")
 # recorded too when the encoder has MoE blocks (model.moe_experts > 0): the shape of its feed-forwards
 MOE_FIELDS = ("moe_experts", "moe_top_k", "moe_blocks", "moe_hidden")
+# recorded too when the positions are not a learned table (model.pos_embed=sincos2d: the native-resolution AIMv2)
+POS_FIELDS = ("pos_embed",)
+POS_EMBEDS = ("learned", "sincos2d")
 # timm's SwiGLU width is int(embed_dim * mlp_ratio); these are the ratios its aimv2_* entry points pass.
 TIMM_MLP_RATIO = {"large": 2.75, "huge": 2.6667, "1b": 2.75, "3b": 2.6667}
 TIMM_NAME = re.compile(r"aimv2_(large|huge|1b|3b)_patch(\d+)_(\d+)")
@@ -189,6 +192,10 @@ def encoder_config(values: dict[str, Any], where: str) -> ModelConfig:
         raise ExportError(f"{where}: width {cfg.width} is not divisible by heads {cfg.heads}")
     if cfg.img_size % cfg.patch_size:
         raise ExportError(f"{where}: img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+    if cfg.pos_embed not in POS_EMBEDS:
+        raise ExportError(f"{where}: encoder field 'pos_embed' {short(cfg.pos_embed, 40)} is not one of {POS_EMBEDS}")
+    if cfg.pos_embed == "sincos2d" and cfg.width % 4:
+        raise ExportError(f"{where}: a sincos2d encoder needs a width divisible by 4, got {cfg.width}")
     if cfg.moe_experts and not 1 <= cfg.moe_top_k <= cfg.moe_experts:
         raise ExportError(f"{where}: encoder field 'moe_top_k' {cfg.moe_top_k} must be in 1..moe_experts")
     if cfg.moe_experts and any(not -cfg.depth <= b < cfg.depth for b in cfg.moe_blocks or []):
@@ -248,13 +255,18 @@ def timm_config(cfg: ModelConfig, pre: dict[str, Any]) -> dict[str, Any]:
 
 
 def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """``config.json`` of an ``Aimv2VisionModel`` (Aimv2VisionConfig's field names); dtype "fp32" or "bf16"."""
+    """``config.json`` of an ``Aimv2VisionModel`` (Aimv2VisionConfig's field names); dtype "fp32" or "bf16".
+
+    A sincos2d encoder is ``is_native``: transformers then has no position table and computes the 2D sin-cos
+    embedding of each input's grid (``build_2d_sinusoidal_position_embedding``, rotated to ml-aim's
+    ``[sin_w | cos_w | sin_h | cos_h]``: ours), so it takes any image whose sides are multiples of the patch.
+    """
     return {
         "architectures": ["Aimv2VisionModel"], "model_type": "aimv2_vision_model",
         "hidden_size": cfg.width, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.heads, "num_channels": 3, "image_size": cfg.img_size,
         "patch_size": cfg.patch_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "qkv_bias": False,
-        "mlp_bias": False, "use_head": True, "is_native": False, "attention_dropout": 0.0,
+        "mlp_bias": False, "use_head": True, "is_native": cfg.pos_embed == "sincos2d", "attention_dropout": 0.0,
         "initializer_range": 0.02, "dtype": "bfloat16" if dtype == "bf16" else "float32",
     }  # fmt: skip
 
@@ -276,8 +288,9 @@ def config_from_hf(conf: dict[str, Any], where: str) -> ModelConfig:
         conf = conf["vision_config"] or {}
         if not isinstance(conf, dict):
             raise ExportError(f"{where}: vision_config must be an object, got {short(conf, 60)}")
-    if conf.get("is_native"):
-        raise ExportError(f"{where}: is_native checkpoints use sinusoidal positions; this encoder learns them")
+    native = conf.get("is_native", False)
+    if not isinstance(native, bool):
+        raise ExportError(f"{where}: is_native must be true or false, got {short(native, 60)}")
     for key, want in (("qkv_bias", False), ("mlp_bias", False), ("hidden_act", "silu"), ("num_channels", 3)):
         if conf.get(key, want) != want:
             raise ExportError(f"{where}: {key}={short(conf[key], 60)} is not supported (AIMv2 has {want!r})")
@@ -287,7 +300,8 @@ def config_from_hf(conf: dict[str, Any], where: str) -> ModelConfig:
              "rms_norm_eps": "norm_eps"}  # fmt: skip
     hints = get_type_hints(ModelConfig)  # checked under HF's names, the ones the file has
     values = {ours: _field(where, hf, conf.get(hf, getattr(d, ours)), hints[ours]) for hf, ours in names.items()}
-    return encoder_config(values, where)
+    # is_native: no position table, 2D sin-cos of each input's grid (the native-resolution AIMv2-L)
+    return encoder_config({**values, **({"pos_embed": "sincos2d"} if native else {})}, where)
 
 
 def config_from_timm(conf: dict[str, Any], where: str) -> ModelConfig:

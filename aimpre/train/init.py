@@ -4,7 +4,9 @@ SOURCE is anything ``aimpre.export.load`` reads: a run directory or one of its c
 released AIMv2 encoder in timm or Hugging Face layout (``config.json`` + safetensors). The new run takes:
 
 - the encoder, every tensor, with ``pos_embed`` resampled bicubically to the new grid when the resolution differs
-  (``aimpre.model.posemb``, as timm does when it loads an AIMv2 at 336 or 448 px);
+  (``aimpre.model.posemb``, as timm does when it loads an AIMv2 at 336 or 448 px); a 2D sin-cos (native) source
+  has no table: into a sincos2d run it needs none, into a learned one the table starts as the sin-cos values of the
+  run's grid (same features at step 0); a learned table into a sincos2d run is refused (it would be dropped);
 - from a run of the same objective (and tokenizer), the decoder and heads wherever a tensor's name and shape match;
   the rest keep their fresh initialisation, and the record lists what was dropped (an export has no decoder);
 
@@ -26,7 +28,7 @@ from aimpre.config import Config, ConfigError, config_hash
 from aimpre.export import load, read_run, run_encoder
 from aimpre.files import read_json
 from aimpre.model import AIMv2Encoder
-from aimpre.model.posemb import resample_pos_embed
+from aimpre.model.posemb import resample_pos_embed, sincos_2d
 
 RECORD = "init.json"
 # encoder fields that must agree between SOURCE and the run: they fix tensor shapes or the function computed
@@ -116,7 +118,20 @@ def init_from(model: nn.Module, cfg: Config, tokenizer: dict[str, Any] | None = 
             )
     state = src.state_dict()
     old, new = s.grid, m.grid
-    state["pos_embed"] = resample_pos_embed(state["pos_embed"], new, old)
+    if s.pos_embed == "learned" and m.pos_embed == "sincos2d":
+        raise ConfigError(
+            f"run.init {path}: its encoder learned a position table, which model.pos_embed=sincos2d (fixed 2D "
+            "sin-cos, no table) would drop; set model.pos_embed=learned to start from it"
+        )
+    if s.pos_embed == "sincos2d" and m.pos_embed == "learned":
+        # the table starts as the sin-cos values of the run's grid: the same features at step 0, then it learns
+        state["pos_embed"] = sincos_2d(new, new, m.width)
+        how = f"a learned table initialised to the source's 2D sin-cos at {new}x{new}"
+    elif m.pos_embed == "sincos2d":
+        how = "2D sin-cos, computed for each input's grid (no table)"
+    else:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], new, old)
+        how = f"resampled {old}x{old} -> {new}x{new} (bicubic, antialiased)" if old != new else "as is"
     target: nn.Module = model.encoder  # type: ignore[assignment]
     with torch.no_grad():
         target.load_state_dict(state, strict=True)
@@ -133,8 +148,7 @@ def init_from(model: nn.Module, cfg: Config, tokenizer: dict[str, Any] | None = 
         "sha256": None, "files": None,
         "source_info": {k: info.get(k) for k in ("format", "run", "step", "config_hash", "objective") if k in info},
         "encoder": {"tensors": len(state), "from_img_size": s.img_size, "img_size": m.img_size,
-                    "pos_embed": f"resampled {old}x{old} -> {new}x{new} (bicubic, antialiased)" if old != new
-                    else "as is"},
+                    "pos_embed": how},
         "loaded": loaded, "fresh": fresh, "dropped": dropped,
         "not_reused": no_rest or None,
         "optimizer": "fresh", "step": 0,

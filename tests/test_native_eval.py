@@ -1,0 +1,139 @@
+"""Native-resolution (2D sin-cos) encoders outside training (issue 20 point 3): export to Hugging Face ``is_native``
+and back, timm's refusal, ``--init`` between sin-cos and learned positions, probes and ``visualize`` on non-square
+images, and the attention backends and ``torch.compile`` over the native canvases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from aimpre.cli import main
+from aimpre.export import load, load_encoder, preprocessing_info, write_export
+from aimpre.formats import ExportError
+from aimpre.model import AIMv2Encoder, model_config
+
+# three aspect ratios, (H, W) in pixels at patch 14: square, wide, tall
+ASPECTS = [(56, 56), (56, 84), (84, 42)]
+PRE = {"preprocessing": preprocessing_info((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 56)}
+
+
+def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter moved off its init (norm weights off 1, conv bias off 0) so a wrong mapping shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def _native(**over: object) -> AIMv2Encoder:
+    torch.manual_seed(0)
+    cfg = model_config("tiny", depth=2, width=64, heads=2, mlp_hidden=128, img_size=56, pos_embed="sincos2d",
+                       vocab_size=258, **over)  # fmt: skip
+    return _perturbed(AIMv2Encoder(cfg))
+
+
+def _image(h: int, w: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_hf_is_native_export_gives_our_features_at_three_aspects(tmp_path: Path) -> None:
+    enc = _native()
+    out = write_export(enc, "hf", tmp_path / "hf", info=PRE)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["is_native"] is True
+    hf = transformers.Aimv2VisionModel.from_pretrained(out).eval()
+    assert not hasattr(hf.embeddings, "position_embedding")  # transformers computes the positions per grid
+    back = load_encoder(out)  # and our loader reads the native export back as sincos2d
+    assert back.cfg.pos_embed == "sincos2d" and back.pos_embed is None
+    for h, w in ASPECTS:
+        x = _image(h, w)
+        ours = enc(x)
+        assert ours.shape == (2, (h // 14) * (w // 14), 64)
+        assert float((hf(pixel_values=x).last_hidden_state - ours).abs().max()) <= 1e-5, (h, w)
+        assert float((back(x) - ours).abs().max()) == 0.0, (h, w)
+    # a safetensors export records pos_embed too, and loads as the same native encoder
+    st = load(write_export(enc, "safetensors", tmp_path / "st", info=PRE))
+    assert st.encoder.cfg.pos_embed == "sincos2d"
+    assert float((st.encoder(_image(84, 42)) - enc(_image(84, 42))).abs().max()) == 0.0
+
+
+@torch.no_grad()
+def test_a_released_format_native_hf_model_loads(tmp_path: Path) -> None:
+    """A transformers-written ``is_native`` checkpoint (apple/aimv2-large-patch14-native's layout) at a tiny size."""
+    conf = transformers.Aimv2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=56, is_native=True)  # fmt: skip
+    hf = _perturbed(transformers.Aimv2VisionModel(conf))
+    hf.save_pretrained(tmp_path / "hf")
+    enc = load_encoder(tmp_path / "hf")
+    assert enc.cfg.pos_embed == "sincos2d"
+    for h, w in ASPECTS:
+        x = _image(h, w)
+        assert float((enc(x) - hf(pixel_values=x).last_hidden_state).abs().max()) <= 1e-5, (h, w)
+
+
+def test_timm_export_of_a_native_encoder_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="timm has no native-resolution AIMv2") as e:
+        write_export(_native(), "timm", tmp_path / "t", info=PRE)
+    assert "\n" not in str(e.value) and "--format hf" in str(e.value)
+    assert not (tmp_path / "t").exists()
+
+
+def test_learned_exports_still_say_not_native(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(model_config("tiny", depth=1, width=64, heads=1, mlp_hidden=128, img_size=56, vocab_size=258))
+    out = write_export(enc.eval(), "hf", tmp_path / "hf", info=PRE)
+    assert json.loads((out / "config.json").read_text())["is_native"] is False
+    assert "pos_embed" not in json.loads((out / "aimpre.json").read_text())["encoder"]  # old records unchanged
+    assert load_encoder(out).cfg.pos_embed == "learned"
+
+
+# ---- --init from a native encoder ------------------------------------------------------------------------------
+
+SHAPE = ["model.width=96", "model.depth=2", "model.heads=2", "model.mlp_hidden=264", "model.dec_depth=1"]
+
+
+def _first_features(source: Path, *extra: str) -> tuple[torch.Tensor, dict]:
+    """A fresh 112 px run model's encoder features after ``--init`` loaded ``source`` into it, and the record
+    (``init_from`` as the trainer calls it before step 0; tests/test_init.py runs it through a Trainer)."""
+    from aimpre.config import load_config
+    from aimpre.objectives import build
+    from aimpre.train.init import init_from
+
+    cfg = load_config(None, [f"run.init={source}", "model.img_size=112", "model.vocab_size=258", *SHAPE, *extra])
+    model = build(cfg.model)
+    record = init_from(model, cfg, digest=False)
+    return model.encoder.eval()(_image(112, 112)), record
+
+
+@torch.no_grad()
+def test_init_from_a_native_export(tmp_path: Path, pretrain_spec: str, capsys: pytest.CaptureFixture) -> None:
+    torch.manual_seed(0)
+    cfg = model_config("tiny", width=96, depth=2, heads=2, mlp_hidden=264, img_size=56, pos_embed="sincos2d",
+                       vocab_size=258)  # fmt: skip
+    src = _perturbed(AIMv2Encoder(cfg))
+    out = write_export(src, "safetensors", tmp_path / "native", info=PRE)
+    want = src(_image(112, 112))  # sin-cos: the source runs at the new grid as it is
+    # into a sincos2d run: the same function, no table
+    got, record = _first_features(out, "model.pos_embed=sincos2d")
+    assert float((got - want).abs().max()) <= 1e-5
+    assert record["encoder"]["pos_embed"].startswith("2D sin-cos")
+    # into a learned run: the table starts as the sin-cos values of the run's 8 x 8 grid, so step 0 is the same
+    got, record = _first_features(out, "model.pos_embed=learned")
+    assert float((got - want).abs().max()) <= 1e-5
+    assert record["encoder"]["pos_embed"].startswith("a learned table initialised")
+    # a learned table into a sincos2d run would be dropped: refused in one line naming model.pos_embed
+    learned = write_export(_perturbed(AIMv2Encoder(model_config("tiny", width=96, depth=2, heads=2, mlp_hidden=264,
+                                                                img_size=112, vocab_size=258))),
+                           "safetensors", tmp_path / "learned", info=PRE)  # fmt: skip
+    capsys.readouterr()
+    rc = main(["train", f"run.out_dir={tmp_path}", "run.name=bad", f"data.train_shards={pretrain_spec}",
+               "data.num_workers=0", "trainer.max_steps=1", f"run.init={learned}", "model.img_size=112", *SHAPE,
+               "model.pos_embed=sincos2d"])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "model.pos_embed=learned" in err[0], err
