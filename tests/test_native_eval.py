@@ -32,8 +32,8 @@ def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def _native(**over: object) -> AIMv2Encoder:
     torch.manual_seed(0)
-    cfg = model_config("tiny", depth=2, width=64, heads=2, mlp_hidden=128, img_size=56, pos_embed="sincos2d",
-                       vocab_size=258, **over)  # fmt: skip
+    shape: dict[str, object] = {"depth": 2, "width": 64, "heads": 2, "mlp_hidden": 128, "img_size": 56}
+    cfg = model_config("tiny", pos_embed="sincos2d", vocab_size=258, **{**shape, **over})  # type: ignore[arg-type]
     return _perturbed(AIMv2Encoder(cfg))
 
 
@@ -137,3 +137,99 @@ def test_init_from_a_native_export(tmp_path: Path, pretrain_spec: str, capsys: p
                "model.pos_embed=sincos2d"])  # fmt: skip
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and "model.pos_embed=learned" in err[0], err
+
+
+# ---- attention backends and torch.compile over the native canvases -------------------------------------------
+
+GRIDS = [(4, 8), (8, 4), (4, 4), (2, 8)]  # native canvases (rows x cols in patches) and a 2 x 8 strip
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])  # flex: through the encoder below (no CPU backward)
+def test_backends_run_the_variable_length_of_native_canvases(backend: str) -> None:
+    """Each backend against the float64 reference at every canvas length, with per-sample prefix masks, output
+    and gradients within twice torch's own float32 error (tests/test_triton_attention.py's bound)."""
+    from test_triton_attention import _assert_within_bound, _out_and_grads, _torch_in_dtype
+
+    from aimpre.kernels import HAS_TRITON, attention
+
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("no triton in this torch build")
+    for rows, cols in GRIDS:
+        T = rows * cols
+        torch.manual_seed(T)
+        q, k, v, g = (torch.randn(3, 2, T, 16, dtype=torch.float64) for _ in range(4))
+        P = torch.tensor([1, T - 1, T // 3])
+        ref = _out_and_grads(lambda *a: attention(*a, mask="prefix", prefix_len=P, backend="reference"), q, k, v, g)
+        low = [x.float() for x in (q, k, v, g)]
+        yardstick = _out_and_grads(lambda *a: _torch_in_dtype(*a, "prefix", P), *low)
+        ours = _out_and_grads(lambda *a: attention(*a, mask="prefix", prefix_len=P, backend=backend), *low)
+        _assert_within_bound(("out", "dq", "dk", "dv"), ours, yardstick, ref, torch.float32)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "triton"])
+def test_native_encoder_runs_every_canvas_on_each_backend(backend: str) -> None:
+    """The whole sincos2d encoder (mask built once per forward for its grid) on each backend equals the reference
+    backend's at every canvas, prefix-causal as in training and full as exported."""
+    from aimpre.kernels import HAS_TRITON
+
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("no triton in this torch build")
+    ref = _native(attn_backend="reference", depth=1)
+    enc = _native(attn_backend=backend, depth=1)
+    enc.load_state_dict(ref.state_dict())
+    for rows, cols in GRIDS[:2] + GRIDS[3:]:  # two lengths, both orientations
+        x = _image(rows * 14, cols * 14)
+        P = torch.tensor([1, rows * cols - 1])
+        for prefix in (P, None):
+            torch.testing.assert_close(enc(x, prefix), ref(x, prefix), atol=1e-5, rtol=1e-5)
+
+
+def native_canvases(lo: int, hi: int) -> set[tuple[int, int]]:
+    """Every canvas ``aimpre.data.native.draw_area`` can draw for n in lo..hi, from the sampler itself."""
+    from aimpre.data.native import draw_area
+
+    return {(a.rows, a.cols) for i in range(400) for a in [draw_area(0, 0, i, lo, hi)]}
+
+
+def test_the_paper_range_has_nine_canvases_of_six_lengths() -> None:
+    canvases = native_canvases(7, 12)
+    assert len(canvases) == 9 and len({r * c for r, c in canvases}) == 6  # <= 12 shapes; 6 block input lengths
+    assert all(max(r, c) == 2 * min(r, c) or r == c for r, c in canvases)
+
+
+def test_compiled_blocks_make_one_graph_per_area_and_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling the native AIMv2 over every canvas of n in 2..4 (3 areas, 4 canvases; encoder and decoder blocks:
+    6 graphs, past a recompile limit of 4 set here as dynamo's 8 is below the paper's 12) makes exactly one static
+    graph per area and kind of block, training forward and backward, and none on a second pass."""
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.testing import CompileCounter
+
+    from aimpre.model import AIMv2
+    from aimpre.train.parallel import compile_blocks
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 4)  # restored after
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = model_config("tiny", depth=2, width=32, heads=2, mlp_hidden=64, img_size=16, patch_size=2,
+                       pos_embed="sincos2d", dec_depth=1, dec_width=32, dec_heads=2, dec_mlp_hidden=64,
+                       vocab_size=50, text_len=4)  # fmt: skip
+    model = AIMv2(cfg)
+    lo, hi = 2, 4
+    counter = CompileCounter()
+    compile_blocks(model, hi - lo + 1, backend=counter)
+    canvases = sorted(native_canvases(lo, hi))
+    counts = []
+    try:
+        for _ in range(2):
+            for rows, cols in canvases:
+                B = 32 // (rows * cols)  # constant tokens per step
+                images = torch.randn(B, 3, rows * 2, cols * 2)
+                text = torch.randint(0, 50, (B, 4))
+                out = model(images, text, torch.ones(B, 4, dtype=torch.bool), torch.randint(1, rows * cols, (B,)))
+                out["loss"].backward()
+            counts.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    assert counts == [2 * (hi - lo + 1)] * 2, counts

@@ -98,6 +98,9 @@ class AIMv2Module(pl.LightningModule):
             compile=t.compile,
             mesh=mesh,
             param_dtype=torch.bfloat16 if mesh is not None and bf16 else None,
+            compile_areas=self.cfg.data.native_log2_area[1] - self.cfg.data.native_log2_area[0] + 1
+            if self.cfg.data.native
+            else None,
         )
         if fp8:
             converted, skipped = fp8_linears(self.model)

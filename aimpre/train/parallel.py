@@ -39,6 +39,37 @@ def blocks(model: nn.Module) -> list[Block]:
     return [b for b in model.modules() if isinstance(b, Block)]
 
 
+def compile_blocks(model: nn.Module, areas: int | None = None, backend: object = "inductor") -> None:
+    """``torch.compile`` each block; with ``areas`` (native resolution), one static graph per area.
+
+    A native batch has one of ``areas`` sequence lengths (2^n patches, n in ``data.native_log2_area``; a canvas and
+    its transpose give the same [B, T, C] block input, B = tokens per step / T). Left to its default, dynamo
+    compiles the first length static and the second as one dynamic-shape graph (``automatic_dynamic_shapes``):
+    2 graphs per kind of block, but kernels for symbolic shapes. Here every length gets its own specialised graph
+    (``dynamic=False``), so each area runs kernels tuned for it, and the count is bounded by the areas: per kind
+    of block (encoder, decoder, text tower) one graph per area, compiled once, none again on a repeat
+    (``tests/test_native_eval.py`` counts them). All blocks share ``Block.forward``'s code object and its
+    recompile limit (8 by default, fewer than the paper's 6 areas x encoder and decoder = 12), so the limit is
+    raised to the graphs expected: past it dynamo would run the remaining lengths eagerly.
+
+    Args:
+        model: any objective's model, in place.
+        areas: the number of distinct sequence lengths; None: a fixed resolution (the default behaviour).
+        backend: ``torch.compile``'s backend (tests count graphs with ``torch._dynamo.testing.CompileCounter``).
+    """
+    owned = blocks(model)
+    if areas is None:
+        for block in owned:
+            block.compile(backend=backend)
+        return
+    kinds = {name.split(".")[0] for name, m in model.named_modules() if isinstance(m, Block)}  # encoder, decoder
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, areas * max(1, len(kinds)))
+    for block in owned:
+        block.compile(backend=backend, dynamic=False)
+
+
 def fp8_problem(device: torch.device) -> str | None:
     """Why float8 training cannot run on ``device`` (a one-line error naming ``trainer.precision``), or None.
 
@@ -123,6 +154,7 @@ def parallelize(
     compile: bool = False,
     mesh: DeviceMesh | None = None,
     param_dtype: torch.dtype | None = None,
+    compile_areas: int | None = None,
 ) -> M:
     """Applies, in order: activation checkpointing, float8 linears, compile, then FSDP2 ``fully_shard`` of every
     block and of the whole model (the embeddings, norms and heads) over ``mesh``.
@@ -134,14 +166,14 @@ def parallelize(
         compile: ``torch.compile`` each block.
         mesh: the data-parallel device mesh to shard over; None: no sharding (DDP or one device).
         param_dtype: FSDP2 compute dtype of parameters (bf16 for bf16 training); gradients reduce in fp32.
+        compile_areas: native resolution: how many areas (sequence lengths) the batches take (``compile_blocks``).
     """
     for block in blocks(model):
         block.recompute = recompute
     if fp8 is not None:
         convert_fp8(model, fp8)
     if compile:
-        for block in blocks(model):
-            block.compile()
+        compile_blocks(model, compile_areas)
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
