@@ -144,26 +144,25 @@ def test_init_from_a_native_export(tmp_path: Path, pretrain_spec: str, capsys: p
 GRIDS = [(4, 8), (8, 4), (4, 4), (2, 8)]  # native canvases (rows x cols in patches) and a 2 x 8 strip
 
 
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])  # flex: through the encoder below (no CPU backward)
-def test_backends_run_the_variable_length_of_native_canvases(backend: str) -> None:
-    """Each backend against the float64 reference at every canvas length, with per-sample prefix masks, output
-    and gradients within twice torch's own float32 error (tests/test_triton_attention.py's bound)."""
-    from test_triton_attention import _assert_within_bound, _out_and_grads, _torch_in_dtype
-
+def test_backends_run_the_variable_length_of_native_canvases(backend: str, grid: tuple[int, int]) -> None:
+    """Each backend against the float64 reference at a canvas's length, with per-sample prefix masks, output and
+    gradients within twice torch's own float32 error (tests/test_triton_attention.py's bound)."""
     from aimpre.kernels import HAS_TRITON, attention
+    from test_triton_attention import _assert_within_bound, _out_and_grads, _torch_in_dtype
 
     if backend == "triton" and not HAS_TRITON:
         pytest.skip("no triton in this torch build")
-    for rows, cols in GRIDS:
-        T = rows * cols
-        torch.manual_seed(T)
-        q, k, v, g = (torch.randn(3, 2, T, 16, dtype=torch.float64) for _ in range(4))
-        P = torch.tensor([1, T - 1, T // 3])
-        ref = _out_and_grads(lambda *a: attention(*a, mask="prefix", prefix_len=P, backend="reference"), q, k, v, g)
-        low = [x.float() for x in (q, k, v, g)]
-        yardstick = _out_and_grads(lambda *a: _torch_in_dtype(*a, "prefix", P), *low)
-        ours = _out_and_grads(lambda *a: attention(*a, mask="prefix", prefix_len=P, backend=backend), *low)
-        _assert_within_bound(("out", "dq", "dk", "dv"), ours, yardstick, ref, torch.float32)
+    T = grid[0] * grid[1]
+    torch.manual_seed(T)
+    q, k, v, g = (torch.randn(3, 2, T, 16, dtype=torch.float64) for _ in range(4))
+    P = torch.tensor([1, T - 1, T // 3])
+    ref = _out_and_grads(lambda *a: attention(*a, mask="prefix", prefix_len=P, backend="reference"), q, k, v, g)
+    low = [x.float() for x in (q, k, v, g)]
+    yardstick = _out_and_grads(lambda *a: _torch_in_dtype(*a, "prefix", P), *low)
+    ours = _out_and_grads(lambda *a: attention(*a, mask="prefix", prefix_len=P, backend=backend), *low)
+    _assert_within_bound(("out", "dq", "dk", "dv"), ours, yardstick, ref, torch.float32)
 
 
 @torch.no_grad()
