@@ -639,7 +639,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from aimpre.probe import Layers, ProbeSettings, run_probe
+    from aimpre.probe import Layers, ProbeSettings, parse_size, run_probe
 
     given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
     settings = ProbeSettings(**{k: v for k, v in given.items() if v is not None})
@@ -648,7 +648,8 @@ def _probe(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (encoder if encoder.is_dir() else encoder.parent) / "probe.json"
     layers = Layers(None if args.layers is None else tuple(args.layers), args.merge)
     res = run_probe(args.encoder, args.train, test, tuple(args.kind), settings, args.compare_random,
-                    not args.no_cache, out, layers, args.raw_pixels)  # fmt: skip
+                    not args.no_cache, out, layers, args.raw_pixels,
+                    None if args.img_size is None else parse_size(args.img_size))  # fmt: skip
     what = "output" if args.layers is None else f"{args.merge} of blocks {', '.join(map(str, args.layers))}"
     print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; features: {what}; "
           f"top-1 on {res['test']} (and on the probe's own training images):")  # fmt: skip
@@ -1063,6 +1064,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--layers", type=int, nargs="+", help="probe these blocks (0-based; -1 the last) instead of the "
                     "output, each through the final norm (default: the encoder's output)")  # fmt: skip
     pr.add_argument("--merge", choices=("mean", "concat"), default="mean", help="how --layers' blocks combine")
+    pr.add_argument("--img-size", help="probe at S or HxW pixels (e.g. 224x336: a sincos2d encoder runs any grid; "
+                    "the centre HxW of the centre square); default: the encoder's own size")  # fmt: skip
     pr.set_defaults(fn=_probe)
 
     from aimpre.eval.names import ATTRIBUTE_NAMES, READOUTS

@@ -93,13 +93,40 @@ def label_of(sample: dict[str, Any]) -> int | None:
     return sample_label(sample)[0]
 
 
-def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Counter[str]]:
-    """Images uint8 [N, 3, S, S] (centre square crop), labels int64 [N], and skipped samples by reason.
+def parse_size(text: str) -> int | tuple[int, int]:
+    """``--img-size``: ``S`` (square) or ``HxW`` in pixels, e.g. ``224x336`` (rows x columns, as a grid is given).
+
+    Args:
+        text: the option's value.
+    """
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ProbeError(f"--img-size {text[:40]!r}: give S or HxW in pixels (e.g. 224 or 224x336)")
+    h, w = (int(p) for p in (parts * 2)[:2])
+    return h if h == w else (h, w)
+
+
+def check_size(encoder: AIMv2Encoder, size: int | tuple[int, int]) -> None:
+    """``size`` must be whole patches, and non-square (or another grid) only for an encoder without a fixed grid."""
+    cfg = encoder.cfg
+    h, w = (size, size) if isinstance(size, int) else size
+    if h % cfg.patch_size or w % cfg.patch_size:
+        raise ProbeError(f"--img-size {h}x{w} is not a multiple of the encoder's patch size {cfg.patch_size}")
+    if cfg.pos_embed != "sincos2d" and (h, w) != (cfg.img_size, cfg.img_size):
+        raise ProbeError(f"--img-size {h}x{w}: this encoder learned its positions for {cfg.img_size} px "
+                         "(model.pos_embed=learned); only a sincos2d (native) encoder takes other grids")  # fmt: skip
+
+
+def read_labelled(urls: list[str], img_size: int | tuple[int, int]) -> tuple[Tensor, Tensor, Counter[str]]:
+    """Images uint8 [N, 3, H, W], labels int64 [N], and skipped samples by reason.
 
     Shards are read as training reads them: damage is skipped and counted by reason (with ``samples_lost``),
-    and reading goes on after it.
+    and reading goes on after it. A square size is the centre square crop, resized; a non-square ``(H, W)`` (a
+    native encoder) is the centre H x W of the centre square resized to max(H, W): no image is stretched, and
+    the decoder (``aimpre.data.decode``, bounded against hostile files) stays the one training uses.
     """
-    aug, rng = Augment(img_size, train=False), np.random.default_rng(0)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    aug, rng = Augment(max(h, w), train=False), np.random.default_rng(0)
     images, labels, skipped = [], [], Counter[str]()
     errors = ReadErrors()
     for s in (s for u in urls for s in shard_samples(u, errors)):
@@ -112,7 +139,8 @@ def read_labelled(urls: list[str], img_size: int) -> tuple[Tensor, Tensor, Count
         if isinstance(image, str):  # the reason it cannot be used
             skipped[image] += 1
             continue
-        images.append(image)
+        top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
+        images.append(image[:, top : top + h, left : left + w])  # [3, S, S] -> [3, H, W], the centre
         labels.append(label)
     skipped.update({k: n for k, n in errors.counts.items() if k != "samples_recovered"})
     if not images:
@@ -371,6 +399,7 @@ def run_probe(
     out: Path | None = None,
     layers: Layers = Layers(),
     raw_pixels: bool = False,
+    img_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Probes a frozen encoder (and, if asked, the same architecture at random initialisation, and raw pixels).
 
@@ -386,6 +415,8 @@ def run_probe(
         layers: the blocks to probe and how to merge them (default: the encoder's output).
         raw_pixels: also train the linear probe on the raw normalised pixels (``raw_pixel_probe``), as
             ``raw_pixels`` (when ``kinds`` has it).
+        img_size: probe at this size (S, or (H, W) for a sincos2d encoder, which runs any grid); None: the size
+            the encoder was trained at.
 
     Returns:
         A JSON-able dict with top-1 and train top-1 per encoder and probe, the data sizes and the settings.
@@ -396,6 +427,9 @@ def run_probe(
     pre = loaded.info.get("preprocessing") or {}
     if pre.get("mean") is None or pre.get("std") is None:
         raise ProbeError(f"{encoder_path}: its normalisation (mean/std) is unknown; probing needs it")
+    if img_size is not None:
+        check_size(loaded.encoder, img_size)
+        pre = {**pre, "img_size": list(img_size) if isinstance(img_size, tuple) else img_size}  # in the cache key
     if layers.blocks is not None:
         from aimpre.model.vit import block_indices
 
@@ -432,6 +466,7 @@ def run_probe(
         "n_test": len(test_set[1]),
         "classes": int(max(train_set[1].max(), test_set[1].max())) + 1,
         "settings": vars(s),
+        "img_size": pre["img_size"],
         "layers": "output" if layers.blocks is None else {"blocks": list(layers.blocks), "merge": layers.merge},
         "results": results,
     }

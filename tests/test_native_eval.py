@@ -232,3 +232,42 @@ def test_compiled_blocks_make_one_graph_per_area_and_kind(monkeypatch: pytest.Mo
     finally:
         torch._dynamo.reset()
     assert counts == [2 * (hi - lo + 1)] * 2, counts
+
+
+# ---- probes at native resolution ------------------------------------------------------------------------------
+
+
+def test_probe_runs_a_native_encoder_on_non_square_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``aimpre probe --img-size 28x56`` on a sincos2d export: 2 x 4 patches per image; a learned encoder at a
+    non-square size, or a size not in patches, is one line and exit 2."""
+    from helpers import jpeg, write_tar
+
+    colours = [(200, 30, 30), (30, 200, 30)]
+    for split, n in (("train", 8), ("test", 4)):
+        write_tar(tmp_path / f"{split}.tar", [{"__key__": f"{split}{i}", "jpg": jpeg(colours[i % 2], (70, 50)),
+                                              "cls": str(i % 2).encode()} for i in range(n)])  # fmt: skip
+    enc = _native(img_size=28, depth=1)
+    native = write_export(enc, "safetensors", tmp_path / "native", info=PRE)
+    args = ["--train", str(tmp_path / "train.tar"), "--test", str(tmp_path / "test.tar"), "--kind", "linear",
+            "--epochs", "1", "--no-cache"]  # fmt: skip
+    assert main(["probe", str(native), *args, "--img-size", "28x56", "--out", str(tmp_path / "p.json")]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["img_size"] == [28, 56] and 0 <= res["results"]["encoder"]["linear"]["top1"] <= 1
+    learned = write_export(
+        AIMv2Encoder(model_config("tiny", depth=1, width=64, heads=2, mlp_hidden=128, img_size=28, vocab_size=258)),
+        "safetensors", tmp_path / "learned", info=PRE)  # fmt: skip
+    for path, size, words in ((learned, "28x56", "model.pos_embed=learned"), (native, "28x50", "patch size 14"),
+                              (native, "28y5", "give S or HxW")):  # fmt: skip
+        capsys.readouterr()
+        assert main(["probe", str(path), *args, "--img-size", size]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("aimpre")]
+        assert len(err) == 1 and words in err[0], err
+
+
+def test_read_labelled_crops_the_centre_without_stretching(tmp_path: Path) -> None:
+    from aimpre.probe import read_labelled
+    from helpers import jpeg, write_tar
+
+    tar = write_tar(tmp_path / "s.tar", [{"__key__": "a", "jpg": jpeg((10, 200, 30), (80, 60)), "cls": b"1"}])
+    images, labels, _ = read_labelled([str(tar)], (28, 56))
+    assert images.shape == (1, 3, 28, 56) and labels.tolist() == [1]
