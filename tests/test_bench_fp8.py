@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from aimpre.train.bench import fp8_curves, loss_verdict, run_fp8, window_means
+from aimpre.bench.fp8 import fp8_curves, loss_verdict, run_fp8, window_means
 
 SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 16}
 

@@ -11,7 +11,7 @@ import torch
 
 from aimpre.cli import BENCH_BUILDS, FP8_RECIPES, build_parser
 from aimpre.config import FP8_RECIPES as CONFIG_RECIPES
-from aimpre.train.bench import BUILDS, StepRow, families_table, kernel_family, run_step, step_targets
+from aimpre.bench.step import BUILDS, StepRow, families_table, kernel_family, run_step, step_targets
 
 SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 8}  # the tiny model, shrunk for the smoke run
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from aimpre.model import AIMv2, model_config
-from aimpre.train.bench import plain_attention
+from aimpre.bench.step import plain_attention
 from helpers import rows_when_killed
 
 # The tiny model as `bench step` builds it for plain (torch's own fused ops), at a small image for speed.
@@ -101,7 +101,7 @@ def test_bench_step_rows_survive_a_kill(tmp_path: Path) -> None:
     mid-run (as the GPU check's timeout does) leaves what it measured."""
     out = tmp_path / "step.md"
     code = (
-        "from aimpre.train.bench import run_step; import time; "
+        "from aimpre.bench.step import run_step; import time; "
         f"run_step(steps=1, warmup=0, quick=True, out={str(out)!r}, builds=('plain', 'bf16'), "
         "model={'img_size': 28, 'depth': 1, 'dec_depth': 1, 'text_len': 8}); time.sleep(600)"
     )
@@ -114,7 +114,7 @@ def test_bench_step_rows_survive_a_kill(tmp_path: Path) -> None:
 def test_bench_step_builds_start_from_a_clean_compiler() -> None:
     """Each build of `bench step` runs in its own process with its own empty Inductor/Triton caches: what this
     process (or an earlier build) compiled is not there when a build starts."""
-    from aimpre.train.bench import bench_step, compiler_state
+    from aimpre.bench.step import bench_step, compiler_state
 
     torch._dynamo.reset()
     torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))  # compiler state the builds must not see
@@ -132,7 +132,7 @@ def test_bench_step_builds_start_from_a_clean_compiler() -> None:
 
 
 def test_bench_attention_rows_survive_a_kill(tmp_path: Path) -> None:
-    """`bench attention` (as ops and fp8, through kernels.bench.RowsSoFar) writes each row as soon as it is
+    """`bench attention` (as ops and fp8, through aimpre.bench.timing.RowsSoFar) writes each row as soon as it is
     measured: killed after its first row, its markdown and JSON lines hold that row."""
     out = tmp_path / "attention.md"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
