@@ -266,25 +266,26 @@ def _bench_size(size: str, command: str) -> None:
 def _bench_step(args: argparse.Namespace) -> int:
     import torch
 
-    from aimpre.bench.step import run_step
+    from aimpre.bench.step import StepSettings, run_step
 
     _bench_size(args.size, "step")
     if not args.quick and not torch.cuda.is_available():
         print("no GPU: running the CPU smoke version (--quick); the targets are judged on a GPU", file=sys.stderr)
-    run_step(args.size, args.batch, args.steps, args.warmup, args.backend, args.quick, tuple(args.builds),
-             args.recipe, args.out)  # fmt: skip
+    s = StepSettings(args.size, args.batch, args.steps, args.warmup, args.backend, args.quick, args.recipe)
+    run_step(s, tuple(args.builds), args.out)
     return 0
 
 
 def _bench_fp8(args: argparse.Namespace) -> int:
     import torch
 
-    from aimpre.bench.fp8 import run_fp8
+    from aimpre.bench.fp8 import Fp8Settings, run_fp8
 
     _bench_size(args.size, "fp8")
     if not args.quick and not torch.cuda.is_available():
         print("no GPU: running the CPU smoke version (--quick); the target is judged on a GPU", file=sys.stderr)
-    run_fp8(args.size, args.steps, args.batch, args.log_every, args.recipe, args.quick, args.out, args.plot)
+    s = Fp8Settings(args.size, args.steps, args.batch, args.log_every, args.recipe, args.quick)
+    run_fp8(s, args.out, args.plot)
     return 0
 
 

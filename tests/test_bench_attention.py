@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from aimpre.cli import main
-from aimpre.kernels import HAS_TRITON
 from aimpre.bench.attention import PACKED, Case, Row, table, targets
 from aimpre.bench.timing import back_to_back_ms, single_call_ms
+from aimpre.cli import main
+from aimpre.kernels import HAS_TRITON
 
 COLUMNS = ("shape", "mask", "impl", "fwd", "gpu", "b2b", "single", "tflops", "err", "note")
 

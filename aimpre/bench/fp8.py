@@ -75,22 +75,9 @@ def _scenes(n: int, img_size: int, text_len: int, seed: int) -> dict[str, torch.
     return {"image": torch.from_numpy(np.stack(images)), "text": text, "text_mask": mask}
 
 
-def fp8_curves(
-    size: str = "large",
-    steps: int = 300,
-    batch: int = 64,
-    log_every: int = 10,
-    recipe: str = "tensorwise",
-    quick: bool = False,
-    seed: int = 0,
-    model: dict[str, Any] | None = None,
-    on_window: Callable[[str, int, float], None] | None = None,
-) -> LossCurves:
-    """Trains ``size`` twice for ``steps`` steps, in bf16 and with ``trainer.precision=fp8``, from the same initial
-    weights on the same batches, through the trainer's own code: AIMv2Module's model, configure_model
-    (``parallelize``: per-block compile, the float8 conversion), configure_optimizers (AdamW, the recipe's warm-up
-    and cosine schedule), the gradient clipping of on_before_optimizer_step, and its loss with the same prefix
-    draws; bf16 autocast as Lightning's bf16-mixed.
+@dataclass(frozen=True)
+class Fp8Settings:
+    """What ``bench fp8`` trains, the same for both builds.
 
     Args:
         size: a model size.
@@ -99,13 +86,36 @@ def fp8_curves(
         quick: no compile (a CPU smoke run).
         seed: weights, data and prefixes.
         model: ModelConfig overrides of the size (tests shrink the tiny model further).
+    """
+
+    size: str = "large"
+    steps: int = 300
+    batch: int = 64
+    log_every: int = 10
+    recipe: str = "tensorwise"
+    quick: bool = False
+    seed: int = 0
+    model: dict[str, Any] | None = None
+
+
+def fp8_curves(s: Fp8Settings, on_window: Callable[[str, int, float], None] | None = None) -> LossCurves:
+    """Trains ``size`` twice for ``steps`` steps, in bf16 and with ``trainer.precision=fp8``, from the same initial
+    weights on the same batches, through the trainer's own code: AIMv2Module's model, configure_model
+    (``parallelize``: per-block compile, the float8 conversion), configure_optimizers (AdamW, the recipe's warm-up
+    and cosine schedule), the gradient clipping of on_before_optimizer_step, and its loss with the same prefix
+    draws; bf16 autocast as Lightning's bf16-mixed.
+
+    Args:
+        s: what to train (``Fp8Settings``).
         on_window: called with (build, logged step, mean loss of its window) as each window ends (one host read
             per window), so a bench killed by a timeout has reported the windows it trained.
     """
+    size, steps, batch, log_every, recipe, quick, seed = (s.size, s.steps, s.batch, s.log_every, s.recipe, s.quick,
+                                                          s.seed)  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as aimpre train
-    model_cfg = model_config(size, **{"vocab_size": ByteTokenizer.vocab_size, **(model or {})})
+    model_cfg = model_config(size, **{"vocab_size": ByteTokenizer.vocab_size, **(s.model or {})})
     base = Config(
         run=RunConfig(name="bench-fp8", seed=seed),
         model=model_cfg,
@@ -188,24 +198,21 @@ def plot_curves(curves: LossCurves, path: str, title: str) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def run_fp8(
-    size: str = "large",
-    steps: int = 300,
-    batch: int = 64,
-    log_every: int = 10,
-    recipe: str = "tensorwise",
-    quick: bool = False,
-    out: str | None = None,
-    plot: str | None = None,
-    model: dict[str, Any] | None = None,
-) -> str:
+def run_fp8(s: Fp8Settings, out: str | None = None, plot: str | None = None) -> str:
     """Runs ``fp8_curves``, prints and returns the markdown report (``out`` also writes it; ``plot`` draws the
-    curves); arguments as ``fp8_curves``; ``out`` is rewritten with the windows so far as each is trained, each
-    also appended to ``out`` with the suffix ``.jsonl``. Without a GPU (or with ``quick``) it is a smoke run of the
-    tiny model, batch 4, at most 6 steps, logged every 2, without compile (float8 GEMMs run on CPU, slowly)."""
-    cuda = torch.cuda.is_available() and not quick
+    curves); ``out`` is rewritten with the windows so far as each is trained, each also appended to ``out`` with
+    the suffix ``.jsonl``. Without a GPU (or with ``s.quick``) it is a smoke run of the tiny model, batch 4, at
+    most 6 steps, logged every 2, without compile (float8 GEMMs run on CPU, slowly).
+
+    Args:
+        s: what to train (``Fp8Settings``; its seed and model overrides too).
+        out: a markdown file for the report.
+        plot: a PNG file for the loss curves.
+    """
+    cuda = torch.cuda.is_available() and not s.quick
     if not cuda:
-        size, steps, batch, log_every = "tiny", min(steps, 6), 4, 2
+        s = replace(s, size="tiny", steps=min(s.steps, 6), batch=4, log_every=2, quick=True)
+    size, steps, batch, recipe = s.size, s.steps, s.batch, s.recipe
     device = torch.device("cuda" if cuda else "cpu")
     problem = fp8_problem(device)
     if problem:
@@ -216,12 +223,12 @@ def run_fp8(
     def add(build: str, step: int, loss: float) -> None:
         windows.setdefault(step, {})[build] = loss
         table = ["| step | bf16 loss | fp8 loss |", "|---:|---:|---:|"] + [
-            f"| {s} | {cell(w.get('bf16'), '.4f')} | {cell(w.get('fp8'), '.4f')} |" for s, w in windows.items()
+            f"| {at} | {cell(w.get('bf16'), '.4f')} | {cell(w.get('fp8'), '.4f')} |" for at, w in windows.items()
         ]
         so_far.add([{"build": build, "step": step, "loss": loss}], "\n".join(table))
 
-    curves = fp8_curves(size, steps, batch, log_every, recipe, quick=not cuda, model=model, on_window=add)
-    cfg = model_config(size, **(model or {}))
+    curves = fp8_curves(s, on_window=add)
+    cfg = model_config(size, **(s.model or {}))
     opt = OptimConfig(warmup_steps=max(1, steps // 10))  # as fp8_curves
     steps_b, bf16 = curves.windows("bf16")
     _, fp8 = curves.windows("fp8")
@@ -244,8 +251,8 @@ def run_fp8(
         f"({ms['bf16'] / ms['fp8']:.2f}x; `aimpre bench step` is the speed benchmark).",
     ]
     table = ["| step | bf16 loss | fp8 loss | fp8 vs bf16 |", "|---:|---:|---:|---:|"]
-    for s, b, f in zip(steps_b, bf16, fp8, strict=True):
-        table.append(f"| {s} | {b:.4f} | {f:.4f} | {100 * (f - b) / b:+.2f}% |")
+    for at, b, f in zip(steps_b, bf16, fp8, strict=True):
+        table.append(f"| {at} | {b:.4f} | {f:.4f} | {100 * (f - b) / b:+.2f}% |")
     verdict = loss_verdict(steps_b, bf16, fp8)
     if not cuda:
         verdict += " (a CPU smoke run: the target is judged on a GPU at AIMv2-L)"

@@ -169,7 +169,17 @@ def _label(build: str, backend: str, compile: bool) -> str:
 @dataclass(frozen=True)
 class StepSettings:
     """What one ``bench step`` build is run with (the same for every build of a run); crosses to the build's own
-    process as JSON."""
+    process as JSON.
+
+    Args:
+        size: a model size.
+        batch: images per step (one device).
+        steps, warmup: timed and untimed steps (the warm-up holds compilation and autotuning).
+        backend: our attention backend.
+        quick: a CPU smoke run (no compile; float32, the fp8 build in bf16 autocast as the trainer runs it).
+        recipe: the fp8 build's float8 recipe (``trainer.fp8_recipe``).
+        model: ModelConfig overrides of the size (tests shrink the tiny model further).
+    """
 
     size: str = "large"
     batch: int = 128
@@ -279,15 +289,8 @@ def _fresh_build(build: str, s: StepSettings) -> StepRow:
 
 
 def bench_step(
-    size: str = "large",
-    batch: int = 128,
-    steps: int = 10,
-    warmup: int = 3,
-    backend: str = "triton",
-    quick: bool = False,
+    s: StepSettings,
     builds: tuple[str, ...] = BUILDS,
-    recipe: str = "tensorwise",
-    model: dict[str, Any] | None = None,
     on_row: Callable[[list[StepRow]], None] | None = None,
     fresh: bool | None = None,
 ) -> list[StepRow]:
@@ -295,27 +298,20 @@ def bench_step(
     torchao or float8 tensor cores) or fails gets a row with a note instead of numbers.
 
     Args:
-        size: a model size.
-        batch: images per step (one device).
-        steps, warmup: timed and untimed steps (the warm-up holds compilation and autotuning).
-        backend: our attention backend.
-        quick: a CPU smoke run (no compile; float32, the fp8 build in bf16 autocast as the trainer runs it).
+        s: what every build runs with (``StepSettings``).
         builds: which of ``BUILDS`` to run, in that order.
-        recipe: the fp8 build's float8 recipe (``trainer.fp8_recipe``).
-        model: ModelConfig overrides of the size (tests shrink the tiny model further).
         on_row: called with the rows so far as soon as each build is measured (or has failed), so a bench killed by
             a timeout has reported what it measured.
         fresh: each build in a new process with empty compiler caches (``_fresh_build``); False runs them all in
             this one, sharing its compiler state; None (default): fresh unless ``quick``, which compiles nothing.
     """
-    s = StepSettings(size, batch, steps, warmup, backend, quick, recipe, model)
-    fresh = not quick if fresh is None else fresh
-    device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    fresh = not s.quick if fresh is None else fresh
+    device = torch.device("cuda" if torch.cuda.is_available() and not s.quick else "cpu")
     rows = []
     for build in (b for b in BUILDS if b in builds):
         problem = fp8_problem(device) if build == "fp8" else None
         if problem:
-            row = StepRow(build, _label(build, backend, not quick), note=problem.removeprefix(
+            row = StepRow(build, _label(build, s.backend, not s.quick), note=problem.removeprefix(
                 "config key 'trainer.precision': "))  # fmt: skip
         else:
             row = _fresh_build(build, s) if fresh else _measure_build(build, s)
@@ -375,36 +371,26 @@ def step_table(rows: list[StepRow]) -> str:
     return "\n".join(lines)
 
 
-def run_step(
-    size: str = "large",
-    batch: int = 128,
-    steps: int = 10,
-    warmup: int = 3,
-    backend: str = "triton",
-    quick: bool = False,
-    builds: tuple[str, ...] = BUILDS,
-    recipe: str = "tensorwise",
-    out: str | None = None,
-    model: dict[str, Any] | None = None,
-) -> str:
+def run_step(s: StepSettings, builds: tuple[str, ...] = BUILDS, out: str | None = None) -> str:
     """Measures, prints and returns the markdown report; ``out`` also writes it (atomically). Without a GPU (or
     with ``quick``) it is a smoke run of the tiny model, batch 4, on CPU, with the sdpa backend where ``triton``
     was asked (the Triton kernel needs CUDA outside the test interpreter).
 
-    Args: as ``bench_step``, and ``out``: a markdown file for the report, rewritten as each build is measured
-        (the table so far), with its rows also in ``out`` with the suffix ``.jsonl``, one JSON object a row.
+    Args:
+        s: what every build runs with (``StepSettings``).
+        builds: which of ``BUILDS`` to run, in that order.
+        out: a markdown file for the report, rewritten as each build is measured (the table so far), with its rows
+            also in ``out`` with the suffix ``.jsonl``, one JSON object a row.
     """
-    cuda = torch.cuda.is_available() and not quick
+    cuda = torch.cuda.is_available() and not s.quick
     if not cuda:
-        size, batch = "tiny", 4
-        if backend == "triton":
-            backend = "sdpa"
+        s = replace(s, size="tiny", batch=4, quick=True, backend="sdpa" if s.backend == "triton" else s.backend)
+    size, batch, steps, warmup = s.size, s.batch, s.steps, s.warmup
     device = torch.device("cuda" if cuda else "cpu")
 
     so_far = RowsSoFar(out, "training step benchmark")
-    rows = bench_step(size, batch, steps, warmup, backend, not cuda, builds, recipe, model,
-                      lambda rows: so_far.add(rows[-1:], step_table(rows)))  # fmt: skip
-    cfg = model_config(size, **(model or {}))
+    rows = bench_step(s, builds, lambda rows: so_far.add(rows[-1:], step_table(rows)))
+    cfg = model_config(size, **(s.model or {}))
     peak = peak_flops(device)
     precision = "bf16 autocast" if cuda else "float32 (the fp8 build: bf16 autocast), no compile"
     head = [
