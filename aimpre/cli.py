@@ -43,7 +43,7 @@ FLOAT_GT0 = _checked(float, lambda v: v > 0, "a positive number")
 PERCENT = _checked(float, lambda v: 0 < v < 100, "a percentage in (0, 100)")
 FACTOR = _checked(float, lambda v: v >= 1, "a factor >= 1")
 INT_GE2 = _checked(int, lambda v: v >= 2, "an integer >= 2")
-# bench step's builds (aimpre.train.bench.BUILDS), the float8 recipes (aimpre.config.FP8_RECIPES) and the objectives,
+# bench step's builds (aimpre.bench.step.BUILDS), the float8 recipes (aimpre.config.FP8_RECIPES) and the objectives,
 # here so that parsing the command line (and so `--help`) imports no torch: importing aimpre.model takes seconds
 BENCH_BUILDS = ("plain", "bf16", "fp8", "moe")
 FP8_RECIPES = ("tensorwise", "rowwise")
@@ -219,7 +219,7 @@ def _bench_loader(args: argparse.Namespace) -> int:
 
     import torch
 
-    from aimpre.data.bench import bench_loader, synthetic_shards
+    from aimpre.bench.loader import bench_loader, synthetic_shards
 
     spec = args.shards
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,25 +266,26 @@ def _bench_size(size: str, command: str) -> None:
 def _bench_step(args: argparse.Namespace) -> int:
     import torch
 
-    from aimpre.train.bench import run_step
+    from aimpre.bench.step import StepSettings, run_step
 
     _bench_size(args.size, "step")
     if not args.quick and not torch.cuda.is_available():
         print("no GPU: running the CPU smoke version (--quick); the targets are judged on a GPU", file=sys.stderr)
-    run_step(args.size, args.batch, args.steps, args.warmup, args.backend, args.quick, tuple(args.builds),
-             args.recipe, args.out)  # fmt: skip
+    s = StepSettings(args.size, args.batch, args.steps, args.warmup, args.backend, args.quick, args.recipe)
+    run_step(s, tuple(args.builds), args.out)
     return 0
 
 
 def _bench_fp8(args: argparse.Namespace) -> int:
     import torch
 
-    from aimpre.train.bench import run_fp8
+    from aimpre.bench.fp8 import Fp8Settings, run_fp8
 
     _bench_size(args.size, "fp8")
     if not args.quick and not torch.cuda.is_available():
         print("no GPU: running the CPU smoke version (--quick); the target is judged on a GPU", file=sys.stderr)
-    run_fp8(args.size, args.steps, args.batch, args.log_every, args.recipe, args.quick, args.out, args.plot)
+    s = Fp8Settings(args.size, args.steps, args.batch, args.log_every, args.recipe, args.quick)
+    run_fp8(s, args.out, args.plot)
     return 0
 
 
@@ -344,7 +345,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
-    from aimpre.kernels.bench import run_attention
+    from aimpre.bench.attention import run_attention
 
     run_attention(quick=args.quick, dtype=args.dtype, reps=args.reps, out=args.out)
     return 0
@@ -365,7 +366,7 @@ def _bench_ops(args: argparse.Namespace) -> int:
 
     import torch
 
-    from aimpre.kernels.bench_ops import run_ops
+    from aimpre.bench.ops import run_ops
     from aimpre.model import model_config
 
     _bench_size(args.size, "ops")
@@ -483,7 +484,7 @@ def _scaling_fit(args: argparse.Namespace) -> int:
 
     table = read_table(args.table, _columns(args), args.flops_per_param)
     if args.bench:
-        from aimpre.scaling.bench import bench_fit
+        from aimpre.bench.fit import bench_fit
 
         print(bench_fit(drop_highest(table, args.drop_highest), args.scipy_every, args.numeric))
         return 0
@@ -1021,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--size", default="large", help="the model size whose shapes to use (default large)")
     bo.add_argument("--batch", type=INT_GT0, default=128, help="images per step (default 128)")
     bo.add_argument("--reps", type=INT_GT0, default=20, help="timed runs per measurement (median reported)")
-    ops = ("rmsnorm", "add_rmsnorm", "swiglu", "linear_ce")  # aimpre.kernels.bench_ops.OPS (not imported here)
+    ops = ("rmsnorm", "add_rmsnorm", "swiglu", "linear_ce")  # aimpre.bench.ops.OPS (not imported here)
     bo.add_argument("--ops", nargs="+", choices=ops, default=list(ops), help="which ops (default all)")
     bo.add_argument("--quick", action="store_true", help="tiny shapes, 2 runs: a smoke test (always so without a GPU)")
     bo.add_argument("--out", help="also write the report to this markdown file")

@@ -294,7 +294,7 @@ def _run(argv: list[str]) -> str | None:
 def _header(env: _Env, budget_s: float, seconds: float, running: bool = False) -> list[str]:
     import torch
 
-    from aimpre.kernels.bench import dist_version
+    from aimpre.bench.timing import dist_version
 
     commit = _run(["git", "rev-parse", "--short=12", "HEAD"])
     if commit is None:

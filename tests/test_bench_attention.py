@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from aimpre.bench.attention import PACKED, Case, Row, table, targets
+from aimpre.bench.timing import back_to_back_ms, single_call_ms
 from aimpre.cli import main
 from aimpre.kernels import HAS_TRITON
-from aimpre.kernels.bench import PACKED, Case, Row, back_to_back_ms, single_call_ms, table, targets
 
 COLUMNS = ("shape", "mask", "impl", "fwd", "gpu", "b2b", "single", "tflops", "err", "note")
 

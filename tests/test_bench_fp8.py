@@ -9,14 +9,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from aimpre.train.bench import fp8_curves, loss_verdict, run_fp8, window_means
+from aimpre.bench.fp8 import Fp8Settings, fp8_curves, loss_verdict, run_fp8, window_means
 
 SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 16}
 
 
 def test_bench_fp8_quick_trains_both_builds_on_the_same_batches(tmp_path: Path) -> None:
     out, plot = tmp_path / "fp8.md", tmp_path / "fp8.png"
-    report = run_fp8(steps=4, quick=True, out=str(out), plot=str(plot), model=SMALL)
+    report = run_fp8(Fp8Settings(steps=4, quick=True, model=SMALL), out=str(out), plot=str(plot))
     assert out.read_text() == report and "NO GPU" in report
     assert "10 block linears in float8, 0 left in bf16" in report and "render_scene" in report
     rows = [line.strip("|").split("|") for line in report.splitlines() if line.startswith("| ") and "%" in line]
@@ -49,6 +49,7 @@ def test_window_means_and_loss_verdict() -> None:
 
 def test_bench_fp8_trains_with_the_recipe_it_is_given() -> None:
     # the bf16 build is the same whatever the recipe; the fp8 one takes it (rowwise scales round differently)
-    runs = {r: fp8_curves("tiny", 2, 4, 1, r, quick=True, model=SMALL).per_step for r in ("tensorwise", "rowwise")}
+    settings = {r: Fp8Settings("tiny", 2, 4, 1, r, quick=True, model=SMALL) for r in ("tensorwise", "rowwise")}
+    runs = {r: fp8_curves(s).per_step for r, s in settings.items()}
     assert runs["tensorwise"]["bf16"] == runs["rowwise"]["bf16"]
     assert runs["tensorwise"]["fp8"] != runs["rowwise"]["fp8"]

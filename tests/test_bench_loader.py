@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from aimpre.bench.loader import synthetic_shards
 from aimpre.cli import main
-from aimpre.data.bench import synthetic_shards
 
 
 def test_bench_loader_prints_both_pipelines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from aimpre.bench.step import BUILDS, StepRow, StepSettings, families_table, kernel_family, run_step, step_targets
 from aimpre.cli import BENCH_BUILDS, FP8_RECIPES, build_parser
 from aimpre.config import FP8_RECIPES as CONFIG_RECIPES
-from aimpre.train.bench import BUILDS, StepRow, families_table, kernel_family, run_step, step_targets
 
 SMALL = {"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 8}  # the tiny model, shrunk for the smoke run
 
@@ -24,7 +24,7 @@ def _rows(report: str) -> dict[str, list[str]]:
 
 def test_bench_step_quick_measures_plain_bf16_and_fp8(tmp_path: Path) -> None:
     out = tmp_path / "step.md"
-    report = run_step(steps=1, warmup=1, quick=True, out=str(out), model=SMALL)
+    report = run_step(StepSettings(steps=1, warmup=1, quick=True, model=SMALL), out=str(out))
     assert out.read_text() == report
     assert "NO GPU" in report and "say nothing about GPU speed" in report
     rows = _rows(report)
@@ -42,7 +42,7 @@ def test_bench_step_quick_runs_the_moe_build() -> None:
     TFLOP/s count the routed tokens' FLOPs, the dense build's FLOPs plus the router's."""
     from aimpre.model.moe import grouped_mm_available
 
-    rows = _rows(run_step(steps=1, warmup=0, quick=True, builds=("bf16", "moe"), model=SMALL))
+    rows = _rows(run_step(StepSettings(steps=1, warmup=0, quick=True, model=SMALL), builds=("bf16", "moe")))
     moe = rows["ours bf16 MoE (sdpa, eager, 4 experts top-1)"]
     assert float(moe[0]) > 0 and float(moe[1]) > 0  # ms/step, img/s
     how = "grouped GEMM" if grouped_mm_available(torch.zeros(1)) else "loop"
@@ -53,7 +53,7 @@ def test_bench_step_fp8_row_says_torchao_is_missing(monkeypatch: pytest.MonkeyPa
     for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "torchao", None)
-    rows = _rows(run_step(steps=1, warmup=0, quick=True, builds=("bf16", "fp8"), model=SMALL))
+    rows = _rows(run_step(StepSettings(steps=1, warmup=0, quick=True, model=SMALL), builds=("bf16", "fp8")))
     assert float(rows["ours bf16 (sdpa, eager)"][1]) > 0
     fp8 = rows["ours fp8 (sdpa, eager, float8 linears)"]
     assert fp8[:5] == ["-"] * 5 and fp8[-1] == "fp8 needs torchao, which is not installed: pip install 'aimpre[fp8]'"

@@ -13,8 +13,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from aimpre.bench.step import plain_attention
 from aimpre.model import AIMv2, model_config
-from aimpre.train.bench import plain_attention
 from helpers import rows_when_killed
 
 # The tiny model as `bench step` builds it for plain (torch's own fused ops), at a small image for speed.
@@ -101,9 +101,10 @@ def test_bench_step_rows_survive_a_kill(tmp_path: Path) -> None:
     mid-run (as the GPU check's timeout does) leaves what it measured."""
     out = tmp_path / "step.md"
     code = (
-        "from aimpre.train.bench import run_step; import time; "
-        f"run_step(steps=1, warmup=0, quick=True, out={str(out)!r}, builds=('plain', 'bf16'), "
-        "model={'img_size': 28, 'depth': 1, 'dec_depth': 1, 'text_len': 8}); time.sleep(600)"
+        "from aimpre.bench.step import StepSettings, run_step; import time; "
+        "s = StepSettings(steps=1, warmup=0, quick=True, "
+        "model={'img_size': 28, 'depth': 1, 'dec_depth': 1, 'text_len': 8}); "
+        f"run_step(s, builds=('plain', 'bf16'), out={str(out)!r}); time.sleep(600)"
     )
     proc = subprocess.Popen([sys.executable, "-P", "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = rows_when_killed(proc, out.with_suffix(".jsonl"), proc.kill)
@@ -114,14 +115,15 @@ def test_bench_step_rows_survive_a_kill(tmp_path: Path) -> None:
 def test_bench_step_builds_start_from_a_clean_compiler() -> None:
     """Each build of `bench step` runs in its own process with its own empty Inductor/Triton caches: what this
     process (or an earlier build) compiled is not there when a build starts."""
-    from aimpre.train.bench import bench_step, compiler_state
+    from aimpre.bench.step import StepSettings, bench_step, compiler_state
 
     torch._dynamo.reset()
     torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))  # compiler state the builds must not see
     here = compiler_state()
     assert here["graphs"] >= 1
-    rows = bench_step(steps=1, warmup=0, quick=True, builds=("plain", "bf16"), backend="sdpa", size="tiny", fresh=True,
-                      batch=2, model={"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 8})  # fmt: skip
+    s = StepSettings("tiny", batch=2, steps=1, warmup=0, backend="sdpa", quick=True,
+                     model={"img_size": 28, "depth": 1, "dec_depth": 1, "text_len": 8})  # fmt: skip
+    rows = bench_step(s, builds=("plain", "bf16"), fresh=True)
     starts = [r.start for r in rows]
     assert all(r.step_ms for r in rows), [r.note for r in rows]
     assert [s["graphs"] for s in starts] == [0, 0]
@@ -132,7 +134,7 @@ def test_bench_step_builds_start_from_a_clean_compiler() -> None:
 
 
 def test_bench_attention_rows_survive_a_kill(tmp_path: Path) -> None:
-    """`bench attention` (as ops and fp8, through kernels.bench.RowsSoFar) writes each row as soon as it is
+    """`bench attention` (as ops and fp8, through aimpre.bench.timing.RowsSoFar) writes each row as soon as it is
     measured: killed after its first row, its markdown and JSON lines hold that row."""
     out = tmp_path / "attention.md"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}

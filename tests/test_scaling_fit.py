@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
+from aimpre.bench.fit import plain_objective
 from aimpre.cli import main
 from aimpre.scaling import law as lw
-from aimpre.scaling.bench import plain_objective
 from aimpre.scaling.fit import fit_chinchilla, fit_isoflop, fit_power
 from aimpre.scaling.predict import predict
 from aimpre.scaling.report import fit_table, read_json, write_json

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aimpre.bench.timing import RowsSoFar, cell, device_line, short_error, versions
 from aimpre.files import write_text
 from aimpre.kernels import fused
-from aimpre.kernels.bench import RowsSoFar, cell, device_line, short_error, versions
 
 OPS = ("rmsnorm", "add_rmsnorm", "swiglu", "linear_ce")
 IMPLS = ("eager torch", "torch.compile", "liger", "liger in torch.compile")
