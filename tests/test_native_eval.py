@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from aimpre.cli import main
 from aimpre.export import load, load_encoder, preprocessing_info, write_export
@@ -271,3 +272,34 @@ def test_read_labelled_crops_the_centre_without_stretching(tmp_path: Path) -> No
     tar = write_tar(tmp_path / "s.tar", [{"__key__": "a", "jpg": jpeg((10, 200, 30), (80, 60)), "cls": b"1"}])
     images, labels, _ = read_labelled([str(tar)], (28, 56))
     assert images.shape == (1, 3, 28, 56) and labels.tolist() == [1]
+
+
+# ---- Preprocess: non-square and aspect kept ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_preprocess_fits_a_non_square_image_with_its_aspect_kept() -> None:
+    """``Preprocess.fit`` = ``fit_to_canvas`` then the normalisation (padding included, as training feeds it);
+    the grid it returns marks the padding; the encoder's tokens of the image part are what callers keep."""
+    from aimpre.data.native import fit_to_canvas
+    from aimpre.export import Preprocess, canvas
+
+    pre = Preprocess(56, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randint(0, 256, (3, 30, 90), generator=g, dtype=torch.uint8)  # 1 : 3
+    area = canvas(5)  # 4 x 8 patches
+    assert area.rows == 4 and area.cols == 8
+    x, grid = pre.fit(wide, area, 14)
+    assert x.shape == (3, 56, 112) and grid == (3, 8)  # 112 px wide -> 37.3 px high: 3 patch rows of 4
+    u8, _ = fit_to_canvas(wide, area, 14)
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    assert torch.equal(x, (u8.float() / 255 - mean) / std)
+    assert torch.equal(x[:, 38:], ((0 - mean) / std).expand(3, 18, 112))  # zero-padded below the image
+    tall, grid = pre.fit(Image.fromarray(wide.permute(2, 1, 0).numpy()), area, 14)  # 90 x 30, a PIL image
+    assert tall.shape == (3, 56, 112) and grid == (4, 2)
+    enc = _native()
+    tokens = enc(x[None])  # [1, 32, C]
+    assert tokens.shape == (1, 32, 64)
+    # a non-square img_size is the centre H x W of the centre square, resized to max(H, W): not stretched
+    sq = Preprocess(84, pre.mean, pre.std)(wide)
+    assert torch.equal(Preprocess((56, 84), pre.mean, pre.std)(wide), sq[:, 14:70])
