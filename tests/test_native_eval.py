@@ -303,3 +303,42 @@ def test_preprocess_fits_a_non_square_image_with_its_aspect_kept() -> None:
     # a non-square img_size is the centre H x W of the centre square, resized to max(H, W): not stretched
     sq = Preprocess(84, pre.mean, pre.std)(wide)
     assert torch.equal(Preprocess((56, 84), pre.mean, pre.std)(wide), sq[:, 14:70])
+
+
+# ---- visualize at a non-square grid ------------------------------------------------------------------------------
+
+
+def test_visualize_draws_a_sincos2d_run_on_a_non_square_grid(
+    tmp_path: Path, pretrain_spec: str, val_spec: str, tiny_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A real 2-step sincos2d run drawn at 56x84 (4 x 6 patches): predictions and attention on that grid; a learned
+    run at a non-square size is one line, exit 2."""
+    import numpy as np
+
+    from aimpre.config import load_config
+    from aimpre.export import read_run, run_model
+    from aimpre.train import train
+    from aimpre.visualize import plot_attention, predicted_images
+
+    over = [f"run.out_dir={tmp_path}", f"data.train_shards={pretrain_spec}", f"data.val_shards={val_spec}",
+            "data.batch_size=2", "data.num_workers=0", "model.img_size=56", "model.depth=1", "model.dec_depth=1",
+            "trainer.max_steps=2", "trainer.ckpt_every=2", "trainer.val_every=100"]  # fmt: skip
+    run = train(load_config(None, ["run.name=sc", "model.pos_embed=sincos2d", *over]))
+    capsys.readouterr()
+    assert main(["visualize", str(run), "--out", str(tmp_path / "fig"), "-n", "2", "--img-size", "56x84"]) == 0
+    written = [p for p in capsys.readouterr().out.split() if p.endswith(".png")]
+    assert sorted(Path(p).name for p in written) == ["attention.png", "losses.png", "predictions.png"]
+    for p in written:
+        img = np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)
+        assert img.std() > 10, p  # a real, non-blank picture
+    model = run_model(read_run(run)).eval()
+    images = _image(56, 84)
+    pred = predicted_images(model, images, torch.zeros(2, model.cfg.text_len, dtype=torch.long), 5)
+    assert pred.shape == (2, 3, 56, 84) and torch.equal(pred[..., :14, :70], images[..., :14, :70])  # the prefix
+    fig = plot_attention(model.encoder, torch.zeros(1, 3, 84, 42, dtype=torch.uint8), torch.zeros(1, 3, 1, 1),
+                         torch.ones(1, 3, 1, 1))  # fmt: skip
+    assert fig.axes[1].images[1].get_array().shape == (84, 42)  # the heat map covers the tall 6 x 3 grid
+    capsys.readouterr()
+    assert main(["visualize", str(tiny_run), "--out", str(tmp_path / "f2"), "--img-size", "56x84"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("aimpre")]
+    assert len(err) == 1 and "model.pos_embed=learned" in err[0], err
