@@ -775,9 +775,11 @@ def _zero_shot(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
+    from aimpre.probe import parse_size
     from aimpre.visualize import visualize
 
-    for path in visualize(args.run, args.out, args.n, args.data):
+    size = None if args.img_size is None else parse_size(args.img_size)
+    for path in visualize(args.run, args.out, args.n, args.data, size):
         print(path)
     return 0
 
@@ -1157,6 +1159,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="output directory (default RUN/figures)")
     v.add_argument("-n", type=INT_GT0, default=6, help="images per figure")
     v.add_argument("--data", help="shards to draw images from (default: the run's validation shards)")
+    v.add_argument("--img-size", help="draw at S or HxW pixels (e.g. 56x84: a sincos2d run draws any grid; the "
+                   "centre HxW of the centre square); default: the run's model.img_size")  # fmt: skip
     v.set_defaults(fn=_visualize)
 
     c = sub.add_parser("compare", help="train one encoder per objective at equal training FLOPs; probe, zero-shot, "

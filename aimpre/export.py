@@ -28,6 +28,7 @@ from safetensors import safe_open
 from aimpre import __version__
 from aimpre.config import Config, config_hash, load_config, short
 from aimpre.data.decode import Augment, crop_box
+from aimpre.data.native import Area, fit_to_canvas
 from aimpre.files import (
     UntrustedInputError,
     atomic_path,
@@ -65,25 +66,68 @@ M = TypeVar("M", AIMv2Encoder, AIMv2)
 
 @dataclass(frozen=True)
 class Preprocess:
-    """An image -> the normalised [3, img_size, img_size] float tensor the encoder takes, as aimpre evaluates it:
-    centre square crop, antialiased bicubic resize in uint8 (``aimpre.data.decode``'s eval path), then
-    (x / 255 - mean) / std per channel."""
+    """An image -> the normalised float tensor the encoder takes, as aimpre evaluates it: centre square crop,
+    antialiased bicubic resize in uint8 (``aimpre.data.decode``'s eval path), then (x / 255 - mean) / std per
+    channel. A non-square ``img_size`` (H, W) (a sincos2d encoder runs any grid) is the centre H x W of the centre
+    square resized to max(H, W), as ``aimpre probe --img-size HxW`` reads it: never stretched.
 
-    img_size: int
+    ``fit`` is the native model's way instead (aspect kept, zero-padded to a canvas of patches, as it trained)."""
+
+    img_size: int | tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
-        """A PIL image (any mode; alpha is dropped) or a uint8 [3, H, W] tensor -> float32 [3, S, S]."""
-        if isinstance(image, Image.Image):
-            image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
-        _, H, W = image.shape
-        x0, y0, x1, y1 = crop_box(W, H, Augment(self.img_size, train=False), np.random.default_rng(0))
-        top, left, bottom, right = round(y0), round(x0), round(y1), round(x1)  # rounded as the decoder rounds
-        x = image[None, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)  # [1, 3, h, w]
-        x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", antialias=True)[0]
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (self.mean, self.std))
         return (x.float() / 255 - mean) / std
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """A PIL image (any mode; alpha is dropped) or a uint8 [3, H, W] tensor -> float32 [3, H, W] (img_size)."""
+        image = _uint8_chw(image)
+        h, w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        S = max(h, w)
+        _, H, W = image.shape
+        x0, y0, x1, y1 = crop_box(W, H, Augment(S, train=False), np.random.default_rng(0))
+        top, left, bottom, right = round(y0), round(x0), round(y1), round(x1)  # rounded as the decoder rounds
+        x = image[None, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)  # [1, 3, h, w]
+        x = F.interpolate(x, size=(S, S), mode="bicubic", antialias=True)[0]
+        top, left = (S - h) // 2, (S - w) // 2
+        return self._normalise(x[:, top : top + h, left : left + w])  # [3, S, S] -> [3, h, w], the centre
+
+    def fit(self, image: Image.Image | torch.Tensor, area: Area, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The native model's preprocessing: ``image`` resized with its aspect kept to fit ``area``'s canvas,
+        zero-padded at the bottom and right (``aimpre.data.native.fit_to_canvas``, as native training does), then
+        normalised (the padding too, as in training: it is uint8 0 before normalisation).
+
+        Args:
+            image: a PIL image or a uint8 [3, H, W] tensor.
+            area: the canvas in patches (``canvas(n)`` for one of 2^n patches).
+            patch: the encoder's patch size in pixels.
+
+        Returns:
+            float32 [3, rows * patch, cols * patch] and the image's own (rows, cols) in patches: the tokens of
+            row r, column c (raster index r * area.cols + c) with r >= rows or c >= cols are padding.
+        """
+        x, grid = fit_to_canvas(_uint8_chw(image), area, patch)
+        return self._normalise(x), grid
+
+
+def canvas(n: int) -> Area:
+    """The canvas of 2^n patches that native training draws for n, wide side across: 2^floor(n/2) rows x
+    2^ceil(n/2) columns (``aimpre.data.native.draw_area`` before its coin for the transpose).
+
+    Args:
+        n: log2 of the patch count (``data.native_log2_area``'s unit; the paper's 7..12 is 128..4096 patches).
+    """
+    if not 1 <= n <= 16:
+        raise ValueError(f"native area 2^{n} patches: n must be 1..16")
+    return Area(n, 1 << (n // 2), 1 << (n - n // 2))
+
+
+def _uint8_chw(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+    return image
 
 
 @dataclass

@@ -63,13 +63,13 @@ def denormalize_predictions(pred: Tensor, images: Tensor, patch: int, prefix: in
         patch: patch size.
         prefix: prefix length M: patches 0..M-1 (not targets) are copied from ``images``.
     """
-    target = patchify(images, patch)  # [B, N, P]
+    target = patchify(images, patch)  # [B, N, P], N = rows x cols of any grid (a sincos2d model's non-square)
     mean = target.mean(-1, keepdim=True)
     std = (target.var(-1, keepdim=True) + 1e-6).sqrt()  # what ``normalize_patches`` divided the target by
     out = target.clone()
     out[:, 1:] = pred * std[:, 1:] + mean[:, 1:]
     out[:, :prefix] = target[:, :prefix]
-    return unpatchify(out, patch)
+    return unpatchify(out, patch, grid=(images.shape[-2] // patch, images.shape[-1] // patch))
 
 
 @torch.no_grad()
@@ -92,18 +92,20 @@ def plot_predictions(model: AIMv2, batch: dict[str, Any], mean: Tensor, std: Ten
 
     Args:
         model: the pretraining model.
-        batch: a pipeline batch (``image`` uint8 [B, 3, S, S], ``text`` ids).
+        batch: a pipeline batch (``image`` uint8 [B, 3, H, W], any grid the model runs; ``text`` ids).
         mean, std: the data normalisation, [1, 3, 1, 1] in 0..1 units.
         prefix: prefix length M (the first M patches are input, drawn faded).
     """
     images = (batch["image"].float() / 255 - mean) / std
     pred = predicted_images(model, images, batch["text"], prefix)
     orig, shown = _to_pixels(images, mean, std), _to_pixels(pred, mean, std)
-    g, p = model.cfg.grid, model.cfg.patch_size
-    rows = prefix // g  # fade the prefix (whole rows, plus the part of the next one)
-    fade = torch.zeros(g * p, g * p, 1)
+    p = model.cfg.patch_size
+    H, W = images.shape[-2:]
+    gw = W // p  # patches per row: raster order runs along rows of the images' own grid
+    rows = prefix // gw  # fade the prefix (whole rows, plus the part of the next one)
+    fade = torch.zeros(H, W, 1)
     fade[: rows * p] = 1
-    fade[rows * p : (rows + 1) * p, : (prefix % g) * p] = 1
+    fade[rows * p : (rows + 1) * p, : (prefix % gw) * p] = 1
     shown = shown * (1 - 0.6 * fade) + 0.6 * fade  # blend the prefix towards white
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.4), squeeze=False, layout="constrained")
@@ -208,25 +210,26 @@ def plot_attention(encoder: AIMv2Encoder, images_u8: Tensor, mean: Tensor, std: 
 
     Args:
         encoder: the exported encoder.
-        images_u8: uint8 images [B, 3, S, S].
+        images_u8: uint8 images [B, 3, H, W] (a non-square grid for a sincos2d encoder).
         mean, std: the normalisation it was trained with, [1, 3, 1, 1] in 0..1 units.
     """
-    g, p = encoder.cfg.grid, encoder.cfg.patch_size
+    p = encoder.cfg.patch_size
+    gh, gw = images_u8.shape[-2] // p, images_u8.shape[-1] // p  # the images' grid, not the config's square
     images = (images_u8.float() / 255 - mean) / std
     attn = attention_maps(encoder, images)  # [B, N, N]
-    queries = {"centre": (g // 2) * g + g // 2, "top left": 0, "bottom right": g * g - 1}  # patch indices
+    queries = {"centre": (gh // 2) * gw + gw // 2, "top left": 0, "bottom right": gh * gw - 1}  # patch indices
     n = len(images)
     fig, axes = plt.subplots(n, 2 + len(queries), figsize=(2.2 * (2 + len(queries)), 2.2 * n), squeeze=False,
                              layout="constrained")  # fmt: skip
     pixels = _to_pixels(images, mean, std)
-    up = lambda m: m.view(g, g).repeat_interleave(p, 0).repeat_interleave(p, 1).numpy()  # [N] -> [H, W]
+    up = lambda m: m.view(gh, gw).repeat_interleave(p, 0).repeat_interleave(p, 1).numpy()  # [N] -> [H, W]
     for i in range(n):
         axes[i, 0].imshow(pixels[i].numpy())
         gray = pixels[i].mean(-1).numpy()  # heat over a grey copy: image colours would mix with the colour map
         for j, (name, qi) in enumerate(queries.items(), start=1):
             axes[i, j].imshow(gray, cmap="gray", vmin=0, vmax=1)
             axes[i, j].imshow(up(attn[i, qi]), cmap="inferno", alpha=0.6)
-            r, c = divmod(qi, g)
+            r, c = divmod(qi, gw)
             axes[i, j].add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, ec="cyan", lw=1.5))
             axes[0, j].set_title(f"query: {name}", fontsize=9)
         axes[i, -1].imshow(up(attn[i].mean(0)), cmap="inferno")
@@ -267,7 +270,13 @@ def saved_shards(cfg: Config, cfg_file: Path) -> str | list[str]:
     return spec
 
 
-def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: str | None = None) -> list[Path]:
+def visualize(
+    run: str | Path,
+    out: str | Path | None = None,
+    n: int = 6,
+    data: str | None = None,
+    img_size: int | tuple[int, int] | None = None,
+) -> list[Path]:
     """Writes ``predictions.png``, ``losses.png``, ``attention.png`` and (MoE encoders) ``experts.png`` for a run.
 
     Args:
@@ -276,7 +285,11 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
         n: images per figure.
         data: shard spec of the images to show (default: the run's validation shards, if they are local files:
             see ``saved_shards``).
+        img_size: draw at S or (H, W) pixels (a sincos2d run draws any grid: the centre H x W of the centre
+            square, as ``aimpre probe --img-size``); None: the run's ``model.img_size``.
     """
+    from aimpre.probe import check_size  # the same size checks and one-line messages as the probe
+
     run = Path(run)
     ckpt = read_run(run)
     cfg = ckpt.cfg
@@ -284,18 +297,21 @@ def visualize(run: str | Path, out: str | Path | None = None, n: int = 6, data: 
     # built on the meta device and checked against the checkpoint before any allocation
     model = run_model(ckpt) if cfg.model.objective == "aimv2" else None
     encoder = model.encoder if model is not None else run_encoder(ckpt)
+    h, w = (cfg.model.img_size,) * 2 if img_size is None else (img_size,) * 2 if isinstance(img_size, int) else img_size
+    check_size(encoder, (h, w))
     tok = build_tokenizer(cfg.data.tokenizer, cfg.data.lowercase)
     shards = sources(spec, "val", need_counts=True, index=cfg.data.index)
-    stream = ImageTextStream(shards, tok, cfg.model.text_len, n, Augment(cfg.model.img_size, train=False), shuffle=0)
+    stream = ImageTextStream(shards, tok, cfg.model.text_len, n, Augment(max(h, w), train=False), shuffle=0)
     batch = next(iter(stream))
+    top, left = (max(h, w) - h) // 2, (max(h, w) - w) // 2
+    batch["image"] = batch["image"][..., top : top + h, left : left + w]  # [B, 3, S, S] -> [B, 3, H, W], the centre
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.data.mean, cfg.data.std))
     out = Path(out) if out else run / "figures"
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if model is not None:
-        written.append(
-            _save(plot_predictions(model, batch, mean, std, cfg.model.num_patches // 4), out / "predictions.png")
-        )
+        prefix = (h // cfg.model.patch_size) * (w // cfg.model.patch_size) // 4
+        written.append(_save(plot_predictions(model, batch, mean, std, prefix), out / "predictions.png"))
     else:
         print(f"no predictions.png: a {cfg.model.objective} run has no AIMv2 decoder to predict patches with")
     if file_present(run / "metrics.csv", "metrics file"):

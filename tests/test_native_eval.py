@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from aimpre.cli import main
 from aimpre.export import load, load_encoder, preprocessing_info, write_export
@@ -271,3 +272,73 @@ def test_read_labelled_crops_the_centre_without_stretching(tmp_path: Path) -> No
     tar = write_tar(tmp_path / "s.tar", [{"__key__": "a", "jpg": jpeg((10, 200, 30), (80, 60)), "cls": b"1"}])
     images, labels, _ = read_labelled([str(tar)], (28, 56))
     assert images.shape == (1, 3, 28, 56) and labels.tolist() == [1]
+
+
+# ---- Preprocess: non-square and aspect kept ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_preprocess_fits_a_non_square_image_with_its_aspect_kept() -> None:
+    """``Preprocess.fit`` = ``fit_to_canvas`` then the normalisation (padding included, as training feeds it);
+    the grid it returns marks the padding; the encoder's tokens of the image part are what callers keep."""
+    from aimpre.data.native import fit_to_canvas
+    from aimpre.export import Preprocess, canvas
+
+    pre = Preprocess(56, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randint(0, 256, (3, 30, 90), generator=g, dtype=torch.uint8)  # 1 : 3
+    area = canvas(5)  # 4 x 8 patches
+    assert area.rows == 4 and area.cols == 8
+    x, grid = pre.fit(wide, area, 14)
+    assert x.shape == (3, 56, 112) and grid == (3, 8)  # 112 px wide -> 37.3 px high: 3 patch rows of 4
+    u8, _ = fit_to_canvas(wide, area, 14)
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    assert torch.equal(x, (u8.float() / 255 - mean) / std)
+    assert torch.equal(x[:, 38:], ((0 - mean) / std).expand(3, 18, 112))  # zero-padded below the image
+    tall, grid = pre.fit(Image.fromarray(wide.permute(2, 1, 0).numpy()), area, 14)  # 90 x 30, a PIL image
+    assert tall.shape == (3, 56, 112) and grid == (4, 2)
+    enc = _native()
+    tokens = enc(x[None])  # [1, 32, C]
+    assert tokens.shape == (1, 32, 64)
+    # a non-square img_size is the centre H x W of the centre square, resized to max(H, W): not stretched
+    sq = Preprocess(84, pre.mean, pre.std)(wide)
+    assert torch.equal(Preprocess((56, 84), pre.mean, pre.std)(wide), sq[:, 14:70])
+
+
+# ---- visualize at a non-square grid ------------------------------------------------------------------------------
+
+
+def test_visualize_draws_a_sincos2d_run_on_a_non_square_grid(
+    tmp_path: Path, pretrain_spec: str, val_spec: str, tiny_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A real 2-step sincos2d run drawn at 56x84 (4 x 6 patches): predictions and attention on that grid; a learned
+    run at a non-square size is one line, exit 2."""
+    import numpy as np
+
+    from aimpre.config import load_config
+    from aimpre.export import read_run, run_model
+    from aimpre.train import train
+    from aimpre.visualize import plot_attention, predicted_images
+
+    over = [f"run.out_dir={tmp_path}", f"data.train_shards={pretrain_spec}", f"data.val_shards={val_spec}",
+            "data.batch_size=2", "data.num_workers=0", "model.img_size=56", "model.depth=1", "model.dec_depth=1",
+            "trainer.max_steps=2", "trainer.ckpt_every=2", "trainer.val_every=100"]  # fmt: skip
+    run = train(load_config(None, ["run.name=sc", "model.pos_embed=sincos2d", *over]))
+    capsys.readouterr()
+    assert main(["visualize", str(run), "--out", str(tmp_path / "fig"), "-n", "2", "--img-size", "56x84"]) == 0
+    written = [p for p in capsys.readouterr().out.split() if p.endswith(".png")]
+    assert sorted(Path(p).name for p in written) == ["attention.png", "losses.png", "predictions.png"]
+    for p in written:
+        img = np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)
+        assert img.std() > 10, p  # a real, non-blank picture
+    model = run_model(read_run(run)).eval()
+    images = _image(56, 84)
+    pred = predicted_images(model, images, torch.zeros(2, model.cfg.text_len, dtype=torch.long), 5)
+    assert pred.shape == (2, 3, 56, 84) and torch.equal(pred[..., :14, :70], images[..., :14, :70])  # the prefix
+    fig = plot_attention(model.encoder, torch.zeros(1, 3, 84, 42, dtype=torch.uint8), torch.zeros(1, 3, 1, 1),
+                         torch.ones(1, 3, 1, 1))  # fmt: skip
+    assert fig.axes[1].images[1].get_array().shape == (84, 42)  # the heat map covers the tall 6 x 3 grid
+    capsys.readouterr()
+    assert main(["visualize", str(tiny_run), "--out", str(tmp_path / "f2"), "--img-size", "56x84"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("aimpre")]
+    assert len(err) == 1 and "model.pos_embed=learned" in err[0], err

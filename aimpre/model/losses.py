@@ -31,12 +31,12 @@ def patchify(images: Tensor, patch: int) -> Tensor:
     return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
-def unpatchify(patches: Tensor, patch: int, channels: int = 3) -> Tensor:
-    """Inverse of ``patchify`` for square images: [B, N, p*p*C] -> [B, C, H, W]."""
+def unpatchify(patches: Tensor, patch: int, channels: int = 3, grid: tuple[int, int] | None = None) -> Tensor:
+    """Inverse of ``patchify``: [B, N, p*p*C] -> [B, C, H, W]; ``grid`` (rows, cols) in patches, None: square."""
     B, N, _ = patches.shape
-    g = round(N**0.5)
-    x = patches.reshape(B, g, g, patch, patch, channels)  # [B, h, w, p, p, C]
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, g * patch, g * patch)
+    gh, gw = grid or (round(N**0.5),) * 2
+    x = patches.reshape(B, gh, gw, patch, patch, channels)  # [B, h, w, p, p, C]
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, gh * patch, gw * patch)
 
 
 def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
