@@ -670,17 +670,19 @@ def _probe_attributes(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
     settings = ProbeSettings(**{"epochs": 30, **{k: v for k, v in given.items() if v is not None}})
     out = _eval_out(args, "attributes.json")
-    res = run_attributes(args.encoder, out, n_train=args.train_scenes, n_test=args.test_scenes,
+    res = run_attributes(args.encoder[0], out, n_train=args.train_scenes, n_test=args.test_scenes,
                          readouts=tuple(args.readout), attributes=tuple(args.attribute), settings=settings,
-                         baselines=not args.no_baselines)  # fmt: skip
+                         baselines=not args.no_baselines, fuse=tuple(args.encoder[1:]),
+                         fusion=args.fuse)  # fmt: skip
     print(f"top-1 on {args.test_scenes} held-out scenes (probes trained on {args.train_scenes} others), "
           f"encoder / readout per row:")  # fmt: skip
-    print(f"{'':24}" + "".join(f"{a:>11}" for a in args.attribute))
     table: dict[tuple[str, str], dict[str, float]] = {}
     for r in res["rows"]:
         table.setdefault((r["encoder"], r["readout"]), {})[r["attribute"]] = r["top1"]
+    width = max(24, *(len(e) + len(r) + 2 for e, r in table))
+    print(f"{'':{width}}" + "".join(f"{a:>11}" for a in args.attribute))
     for (enc, readout), by_attr in table.items():
-        print(f"{enc + ' ' + readout:24}" + "".join(f"{by_attr[a]:>11.1%}" for a in args.attribute))
+        print(f"{enc + ' ' + readout:{width}}" + "".join(f"{by_attr[a]:>11.1%}" for a in args.attribute))
     print(f"results: {out}")
     return 0
 
@@ -725,20 +727,21 @@ def _localize(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
     settings = LocalizeSettings(**{k: v for k, v in given.items() if v is not None})
     out = _eval_out(args, "localize.json")
-    res = run_localize(args.encoder, out, n_train=args.train_scenes, n_test=args.test_scenes, settings=settings,
-                       baselines=not args.no_baselines)  # fmt: skip
+    res = run_localize(args.encoder[0], out, n_train=args.train_scenes, n_test=args.test_scenes, settings=settings,
+                       baselines=not args.no_baselines, fuse=tuple(args.encoder[1:]), fusion=args.fuse)  # fmt: skip
     keys = ("patch_iou", "patch_acc", "soft_iou", "box_iou", "box_acc50", "reg_box_iou")
     print(f"localizing a named shape in {args.test_scenes} held-out scenes (heads trained on {args.train_scenes}):")
-    print(f"{'':14}" + "".join(f"{k:>11}" for k in keys))
+    width = max(14, *(len(r["encoder"]) + 1 for r in res["rows"]))
+    print(f"{'':{width}}" + "".join(f"{k:>11}" for k in keys))
     for r in res["rows"]:
-        print(f"{r['encoder']:14}" + "".join(f"{r[k]:>11.3f}" for k in keys))
+        print(f"{r['encoder']:{width}}" + "".join(f"{r[k]:>11.3f}" for k in keys))
     print(f"results: {out}")
     return 0
 
 
 def _eval_out(args: argparse.Namespace, name: str) -> Path:
-    """--out, else ``name`` beside the encoder (in it, for a directory)."""
-    encoder = Path(args.encoder)
+    """--out, else ``name`` beside the (first) encoder (in it, for a directory)."""
+    encoder = Path(args.encoder[0] if isinstance(args.encoder, list) else args.encoder)
     return Path(args.out) if args.out else (encoder if encoder.is_dir() else encoder.parent) / name
 
 
@@ -1082,7 +1085,10 @@ def build_parser() -> argparse.ArgumentParser:
             "random init, raw pixels and the mean prediction"
         )
         ev = sub.add_parser(command, help=help_)
-        ev.add_argument("encoder", help="a run, checkpoint, export, or timm/HF AIMv2 model directory")
+        ev.add_argument("encoder", nargs="+", help="a run, checkpoint, export, or timm/HF AIMv2 model directory; more "
+                        "(or 'pixels') are probed each alone and fused with the first")  # fmt: skip
+        ev.add_argument("--fuse", choices=("concat", "sum"), default="concat", help="how several encoders' tokens "
+                        "combine (concatenated, or projected to one width and summed; default concat)")  # fmt: skip
         ev.add_argument("--train-scenes", type=INT_GT0, default=2000, help="held-out scenes the heads train on")
         ev.add_argument("--test-scenes", type=INT_GT0, default=1000, help="other held-out scenes they are scored on")
         ev.add_argument("--epochs", type=INT_GT0, help="head training epochs (default 30)")

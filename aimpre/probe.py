@@ -297,7 +297,14 @@ def _top1(head: nn.Module, tokens: Tensor, labels: Tensor, batch_size: int = 256
     return hits / len(tokens)
 
 
-def train_probe(kind: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], s: ProbeSettings) -> dict:
+def train_probe(
+    kind: str,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    s: ProbeSettings,
+    widths: list[int] | None = None,
+    fusion: str = "concat",
+) -> dict:
     """Trains one probe head on cached tokens and reports top-1 on ``test``.
 
     Args:
@@ -305,8 +312,16 @@ def train_probe(kind: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Ten
         train: tokens [N, T, C] and labels [N].
         test: held-out tokens and labels.
         s: optimisation settings.
+        widths: when the tokens are several encoders' concatenated (``aimpre.eval.fusion``), each one's width.
+        fusion: with ``widths``, "concat" (the head reads the concatenation) or "sum" (each encoder's part is
+            projected to the widest width and the projections summed, trained with the head; mean pooling
+            commutes with them, so the linear probe pools first as ever).
     """
-    (x, y), dim = train, train[0].shape[-1]
+    from aimpre.eval.attributes import probe_heads
+    from aimpre.eval.fusion import FuseConcatenated
+
+    fuse = None if widths is None else FuseConcatenated(widths, fusion)  # refuses an unknown fusion
+    (x, y), dim = train, train[0].shape[-1] if fuse is None else fuse.out_dim
     if kind == "linear":  # the head mean-pools; pooling once here makes its mean over one token a no-op
         x, test = x.float().mean(1, keepdim=True), (test[0].float().mean(1, keepdim=True), test[1])  # [N, 1, C]
     classes = int(max(y.max(), test[1].max())) + 1
@@ -319,11 +334,14 @@ def train_probe(kind: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Ten
         )
     torch.manual_seed(s.seed)
     if kind == "attentive":
-        head: nn.Module = AttentionPoolingClassifier(dim, classes, s.heads or max(1, dim // 64))
+        head: nn.Module = AttentionPoolingClassifier(dim, classes, s.heads or probe_heads(dim))
     elif kind == "linear":
         head = MeanPoolingClassifier(dim, classes)
     else:
         raise ValueError(f"unknown probe {kind!r}; probes: {', '.join(KINDS)}")
+    if widths is not None and fusion == "sum":
+        torch.manual_seed(s.seed + 1)  # the projections, after the head's own seeded init (unchanged by fusion)
+        head = nn.Sequential(FuseConcatenated(widths, fusion), head)
     dev = _device()
     head.to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)

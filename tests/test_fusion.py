@@ -1,13 +1,22 @@
-"""Encoder fusion (aimpre.eval.fusion) and encoders at a resolution they were not trained at (aimpre.model.posemb)."""
+"""Encoder fusion (aimpre.eval.fusion, and in the scene probes) and encoders at a resolution they were not trained
+at (aimpre.model.posemb)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from aimpre.eval.fusion import Fuse, align, resample_tokens
+from aimpre.cli import main
+from aimpre.eval.attributes import attribute_rows
+from aimpre.eval.fusion import Fuse, align, fused_name, resample_tokens
+from aimpre.export import preprocessing_info, write_export
 from aimpre.model import AIMv2Encoder, model_config
 from aimpre.model.posemb import at_resolution, resample_pos_embed
+from aimpre.probe import ProbeSettings
 
 
 @pytest.mark.parametrize("new, old", [(16, 8), ((12, 10), 8), (5, 8), ((6, 9), (4, 6))])
@@ -73,3 +82,53 @@ def test_resample_tokens_pools_exactly_and_keeps_a_constant_map() -> None:
     torch.testing.assert_close(resample_tokens(t, 2).flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
     ones = torch.ones(2, 16, 3)
     torch.testing.assert_close(resample_tokens(ones, 8), torch.ones(2, 64, 3))
+
+
+def _export(tmp: Path, name: str, blind: bool = False, **sizes: Any) -> Path:
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(model_config("tiny", depth=1, **sizes))
+    if blind:  # every weight zero: the same tokens (zeros) whatever the picture
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.zero_()
+    pre = preprocessing_info((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 112)
+    return write_export(enc, "safetensors", tmp / name, info={"preprocessing": pre})
+
+
+def test_attribute_probe_fuses_a_blind_encoder_with_what_sees(tmp_path: Path) -> None:
+    """Three sources of different widths and grids: a blind encoder (96 wide, 4x4 patches, all weights zero), a
+    192-wide one on 8x8 patches and the raw pixels. Each is probed alone and fused, in one table; the fused probe
+    reads the background as well as the best of them (the pixels' mean colour says it) and far better than the
+    blind one, so the fusion carries every source's tokens, aligned with the right pictures. Projected and summed
+    (the mode with parameters of its own); the CLI test below concatenates."""
+    fusion = "sum"
+    blind = _export(tmp_path, "blind", blind=True, width=96, heads=2, mlp_hidden=256, patch_size=28)
+    tiny = _export(tmp_path, "tiny")
+    rows = attribute_rows(blind, n_train=120, n_test=80, readouts=("linear",), attributes=("background",),
+                          settings=ProbeSettings(epochs=15), baselines=False, fuse=(str(tiny), "pixels"),
+                          fusion=fusion)  # fmt: skip
+    top1 = {r["encoder"]: r["top1"] for r in rows}
+    fused = fused_name(["encoder", str(tiny), "pixels"], fusion)
+    assert set(top1) == {"encoder", str(tiny), "pixels", fused}
+    assert top1["encoder"] < 0.5 < top1["pixels"]  # 4 backgrounds: the blind one guesses
+    assert top1[fused] >= max(top1[n] for n in top1 if n != fused) - 0.05, top1
+    assert top1[fused] > top1["encoder"] + 0.3, top1
+
+
+def test_cli_probes_fuse_several_encoders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`aimpre localize A B` (B narrower, on another grid) and `aimpre probe-attributes A pixels --fuse sum`: one
+    row per encoder alone and one fused, each a finished record; a missing second encoder is one line and exit 2."""
+    a = _export(tmp_path, "a")
+    b = _export(tmp_path, "b", width=96, heads=2, mlp_hidden=256, patch_size=28)
+    small = ["--train-scenes", "12", "--test-scenes", "6", "--epochs", "1"]
+    assert main(["localize", str(a), str(b), *small, "--no-baselines", "--out", str(tmp_path / "l.json")]) == 0
+    res = json.loads((tmp_path / "l.json").read_text())
+    assert [r["encoder"] for r in res["rows"]] == ["encoder", str(b), f"encoder + {b}"]
+    assert res["fusion"] == "concat" and res["fuse"] == [str(b)] and "machine" in res
+    assert f"encoder + {b}" in capsys.readouterr().out
+    argv = ["probe-attributes", str(a), "pixels", *small, "--attribute", "count", "--readout", "attentive"]
+    assert main([*argv, "--fuse", "sum", "--no-baselines"]) == 0
+    assert "encoder (+) pixels attentive" in capsys.readouterr().out
+    assert main(["localize", str(a), str(tmp_path / "nothing"), *small]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing" in err

@@ -14,12 +14,15 @@ from aimpre.cli import main
 from aimpre.data import demo
 from aimpre.eval.vlm import (
     TEMPLATES,
+    TEXT_SCALE,
     Source,
     VLMRun,
     VLMSettings,
     make_split,
+    render_text_scene,
     run_vlm_probe,
     scene_facts,
+    text_font,
     vlm_rows,
     vocabulary,
     words,
@@ -27,7 +30,8 @@ from aimpre.eval.vlm import (
 from aimpre.export import write_export
 from aimpre.model import AIMv2Encoder, model_config
 
-TINY: dict[str, Any] = dict(train_scenes=150, test_scenes=40, train_digits=60, test_digits=30, dim=64, heads=2, depth=1)
+TINY: dict[str, Any] = dict(train_scenes=150, test_scenes=40, train_digits=60, test_digits=30, dim=64, heads=2, depth=1,
+                            train_text=60, test_text=20)  # fmt: skip
 
 
 def test_facts_are_the_rendered_scene() -> None:
@@ -91,7 +95,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fused_encoders_at_twice_the_grid(tiny_export: Path) -> None:
     """A 192-wide encoder at 224 px (16x16 patches, trained at 8x8) fused with 768-wide pixel patches: each alone
     and together, through the cross-attention adapter, projected and summed."""
-    small = dict(TINY, train_scenes=30, test_scenes=10, train_digits=10, test_digits=10)
+    small = dict(TINY, train_scenes=30, test_scenes=10, train_digits=10, test_digits=10, train_text=5, test_text=5)
     s = VLMSettings(steps=3, connector="xattn", fuse="sum", queries=4, **small)
     sources = [Source("enc@224", str(tiny_export), 224), Source("pixels", "pixels", 64)]
     res = run_vlm_probe(VLMRun(sources, s, text_only=False))
@@ -114,3 +118,42 @@ def test_cli_runs_and_refuses_bad_input(tiny_export: Path, tmp_path: Path, capsy
     assert main([*argv, "--connector", "linear", "--compare-random"]) == 0
     printed = capsys.readouterr().out
     assert "text_only" in printed and f"random_init({tiny_export})" in printed and out.is_file()
+
+
+def _label(number: str) -> np.ndarray:
+    """``number`` as render_text_scene writes it, drawn here on its own: the label's pixels."""
+    from PIL import Image, ImageDraw
+
+    font = text_font()
+    _, _, x1, y1 = font.getbbox(number)
+    glyphs = Image.new("L", (int(x1) + 2, int(y1) + 2), 255)
+    ImageDraw.Draw(glyphs).text((1, 1), number, font=font, fill=0)
+    size = (glyphs.width * TEXT_SCALE, glyphs.height * TEXT_SCALE)
+    return np.asarray(glyphs.resize(size, Image.Resampling.NEAREST).convert("RGB"))
+
+
+def test_read_the_text_items_say_what_is_drawn() -> None:
+    """Each "read the text" picture holds, inside its box, exactly its answer's digits drawn with the bundled font
+    (and not another number's); the same seed gives the same pictures and questions; the test split asks the
+    held-out template too, with training words only, and its scenes are not the training ones."""
+    rng = np.random.default_rng(3)
+    lengths = set()
+    for _ in range(30):
+        img, number, (x0, y0, x1, y1) = render_text_scene(rng)
+        lengths.add(len(number))
+        crop = np.asarray(img)[y0:y1, x0:x1]
+        assert np.array_equal(crop, _label(number)), number
+        other = str(int(number) + 1) if len(str(int(number) + 1)) == len(number) else str(int(number) - 1)
+        assert not np.array_equal(crop, _label(other))
+        ink = crop.min(-1) < 128
+        assert 0.05 < ink.mean() < 0.6  # some ink, on paper
+    assert lengths == {2, 3}
+    a, b = make_split("test", 0, 0, 128, n_text=12), make_split("test", 0, 0, 128, n_text=12)
+    assert torch.equal(a.images, b.images) and [it.answer for it in a.items] == [it.answer for it in b.items]
+    assert all(it.kind == "text" and it.answer == list("".join(it.answer)) for it in a.items)
+    assert sum(it.new_template for it in a.items) == 12 and set(w for it in a.items for w in it.question) <= set(
+        vocabulary()
+    )
+    train = make_split("train", 0, 0, 128, n_text=12)
+    assert not any(it.new_template for it in train.items)
+    assert not torch.equal(train.images, a.images)

@@ -38,7 +38,12 @@ def probe_heads(dim: int) -> int:
 
 
 def readout_probe(
-    readout: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], s: ProbeSettings
+    readout: str,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    s: ProbeSettings,
+    widths: list[int] | None = None,
+    fusion: str = "concat",
 ) -> dict[str, Any]:
     """One probe of ``readout`` (in READOUTS) trained on ``train`` tokens [N, T, C] and labels, scored on ``test``.
 
@@ -47,13 +52,19 @@ def readout_probe(
         train: tokens [N, T, C] and labels [N].
         test: held-out tokens and labels.
         s: probe training settings.
+        widths: for fused tokens (several encoders' concatenated), each one's width; ``fusion`` "sum" then
+            projects and sums them with the head (``train_probe``). The patch readout always reads the
+            concatenation: a linear layer on all tokens contains any projection and sum of them.
+        fusion: "concat" or "sum".
     """
     if readout not in READOUTS:
         raise ValueError(f"unknown readout {readout!r}; readouts: {', '.join(READOUTS)}")
     if readout == "patch":  # one token of T x C features: the linear probe's mean over it is the identity
         train, test = ((x.flatten(1)[:, None], y) for x, y in (train, test))
-    s = replace(s, heads=s.heads or probe_heads(train[0].shape[-1]))
-    return train_probe("linear" if readout == "patch" else readout, train, test, s)
+        widths = None
+    dim = train[0].shape[-1] if widths is None or fusion == "concat" else max(widths)
+    s = replace(s, heads=s.heads or probe_heads(dim))
+    return train_probe("linear" if readout == "patch" else readout, train, test, s, widths, fusion)
 
 
 def majority(train: Tensor, test: Tensor) -> float:
@@ -69,6 +80,8 @@ def attribute_rows(
     attributes: tuple[str, ...] = tuple(ATTRIBUTES),
     settings: ProbeSettings | None = None,
     baselines: bool = True,
+    fuse: tuple[str, ...] = (),
+    fusion: str = "concat",
 ) -> list[dict[str, Any]]:
     """Rows of the attribute table: one per encoder, attribute and readout (``aimpre compare`` can add them).
 
@@ -80,9 +93,13 @@ def attribute_rows(
         attributes: from ``aimpre.eval.scenes.ATTRIBUTES``.
         settings: probe training (default: ``ProbeSettings(epochs=30)``).
         baselines: add the random-init and raw-pixel encoders and the majority class.
+        fuse: more encoders (paths, or "pixels"), each probed alone and fused with the encoder
+            (``aimpre.eval.scenes.judged_encoders``).
+        fusion: how the fused row combines them: "concat" or "sum".
 
     Returns:
-        Dicts with ``encoder`` ("encoder", "random_init", "pixels", "majority"), ``attribute``, ``readout``,
+        Dicts with ``encoder`` ("encoder", "random_init", "pixels", each ``fuse`` path, the fused row "encoder + ..."
+        or "encoder (+) ...", "majority"), ``attribute``, ``readout``,
         ``top1`` and ``train_top1`` (None for the majority class).
     """
     unknown = [a for a in attributes if a not in ATTRIBUTES] + [r for r in readouts if r not in READOUTS]
@@ -90,7 +107,7 @@ def attribute_rows(
         raise ValueError(f"unknown attribute or readout {unknown[0]!r}; attributes: {', '.join(ATTRIBUTES)}; "
                          f"readouts: {', '.join(READOUTS)}")  # fmt: skip
     s = settings or ProbeSettings(epochs=30)
-    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines)
+    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines, fuse=fuse, fusion=fusion)
     train, test = render_scenes(n_train, judged.img_size, "train"), render_scenes(n_test, judged.img_size, "test")
     y, yt = attribute_labels(train.facts), attribute_labels(test.facts)
     rows: list[dict[str, Any]] = []
@@ -98,7 +115,7 @@ def attribute_rows(
         x, xt = tokens(train.images), tokens(test.images)
         for a in attributes:
             for r in readouts:
-                res = readout_probe(r, (x, y[a]), (xt, yt[a]), s)
+                res = readout_probe(r, (x, y[a]), (xt, yt[a]), s, judged.widths.get(name), fusion)
                 rows.append({"encoder": name, "attribute": a, "readout": r, "top1": res["top1"],
                              "train_top1": res["train_top1"]})  # fmt: skip
     if baselines:
@@ -129,6 +146,8 @@ def run_attributes(encoder_path: str | Path, out: Path | None = None, **kwargs: 
             "held_out": "aimpre.eval.scenes: streams seeded (19, split), disjoint from the demo's",
         },
         "settings": vars(s),
+        "fuse": list(kwargs.get("fuse", ())),
+        "fusion": kwargs.get("fusion", "concat"),
         "rows": rows,
     }
     return finish_record(res, start, out)

@@ -84,3 +84,27 @@ def align(tokens: list[Tensor], grid: int | None = None) -> list[Tensor]:
     """
     target = token_grid(tokens[0]) if grid is None else grid
     return [resample_tokens(t, target) for t in tokens]
+
+
+class FuseConcatenated(nn.Module):
+    """``Fuse`` for probes that get their sources already concatenated: tokens [..., sum of widths] are split back
+    into the sources and fused, so one cached tensor serves both modes ("concat" then returns it unchanged; "sum"
+    trains its projections with the head after it).
+
+    Args:
+        widths: each source's width, in the order they were concatenated.
+        mode: "concat" or "sum", as ``Fuse``.
+    """
+
+    def __init__(self, widths: list[int], mode: str = "concat") -> None:
+        super().__init__()
+        self.fuse = Fuse(widths, mode)
+        self.out_dim = self.fuse.out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fuse(list(x.split(self.fuse.widths, dim=-1)))
+
+
+def fused_name(names: list[str], mode: str) -> str:
+    """A fused row's name: "a + b" (concatenated) or "a (+) b" (projected and summed), as the VLM probe names it."""
+    return (" + " if mode == "concat" else " (+) ").join(names)

@@ -66,8 +66,9 @@ class LocalizationHead(nn.Module):
     """Per-name patch mask logits and box from frozen tokens: ``forward(tokens [B, T, C], name [B])`` ->
     (mask logits [B, T], box [B, 4] as x0, y0, x1, y1 in 0..1)."""
 
-    def __init__(self, dim: int, names: int, heads: int) -> None:
+    def __init__(self, dim: int, names: int, heads: int, fuse: nn.Module | None = None) -> None:
         super().__init__()
+        self.fuse = fuse  # several encoders' concatenated tokens projected and summed (aimpre.eval.fusion), or None
         if dim % heads:
             raise ValueError(f"probe width {dim} is not divisible by {heads} heads")
         self.heads = heads
@@ -84,6 +85,8 @@ class LocalizationHead(nn.Module):
             self.box.bias.copy_(torch.tensor([0.25, 0.25, 0.75, 0.75]))  # start from the middle of the picture
 
     def forward(self, tokens: Tensor, name: Tensor) -> tuple[Tensor, Tensor]:
+        if self.fuse is not None:
+            tokens = self.fuse(tokens)
         B, N, C = tokens.shape
         H, D = self.heads, C // self.heads
         x = self.norm(tokens.transpose(1, 2)).transpose(1, 2)  # BatchNorm1d normalises dim 1: [B, C, N] and back
@@ -164,7 +167,13 @@ class LocalizeSettings:
 
 
 def train_localizer(
-    tokens: Tensor, train: Queries, test_tokens: Tensor, test: Queries, s: LocalizeSettings
+    tokens: Tensor,
+    train: Queries,
+    test_tokens: Tensor,
+    test: Queries,
+    s: LocalizeSettings,
+    widths: list[int] | None = None,
+    fusion: str = "concat",
 ) -> dict[str, Any]:
     """Trains a ``LocalizationHead`` on frozen ``tokens`` [N, T, C] for ``train``'s queries; scores on ``test``.
 
@@ -174,15 +183,21 @@ def train_localizer(
         test_tokens: the test scenes' tokens.
         test: their queries.
         s: training settings.
+        widths: for fused tokens (several encoders' concatenated), each one's width; with ``fusion`` "sum" the
+            head projects each to the widest and sums them first, trained with it.
+        fusion: "concat" or "sum".
 
     Returns:
         ``scores`` on the test queries, and ``train_patch_iou`` / ``train_box_iou`` (fit vs generalisation).
     """
     from aimpre.eval.attributes import probe_heads
+    from aimpre.eval.fusion import FuseConcatenated
 
     torch.manual_seed(s.seed)
     dev = _device()
-    head = LocalizationHead(tokens.shape[-1], len(SHAPES), probe_heads(tokens.shape[-1])).to(dev)
+    fuse = None if widths is None or fusion == "concat" else FuseConcatenated(widths, fusion)
+    dim = tokens.shape[-1] if fuse is None else fuse.out_dim
+    head = LocalizationHead(dim, len(SHAPES), probe_heads(dim), fuse).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     steps_per_epoch = math.ceil(len(train.scene) / s.batch_size)
     total, warmup = s.epochs * steps_per_epoch, s.warmup_epochs * steps_per_epoch
@@ -224,6 +239,8 @@ def localize_rows(
     n_test: int = 1000,
     settings: LocalizeSettings | None = None,
     baselines: bool = True,
+    fuse: tuple[str, ...] = (),
+    fusion: str = "concat",
 ) -> list[dict[str, Any]]:
     """Rows of the localization table, one per encoder (``aimpre compare`` can add them).
 
@@ -233,19 +250,23 @@ def localize_rows(
         n_test: other held-out scenes it is scored on.
         settings: head training.
         baselines: add the random-init and raw-pixel encoders and the mean prediction.
+        fuse: more encoders (paths, or "pixels"), each alone and fused with the encoder
+            (``aimpre.eval.scenes.judged_encoders``).
+        fusion: how the fused row combines them: "concat" or "sum".
 
     Returns:
-        Dicts with ``encoder`` ("encoder", "random_init", "pixels", "mean") and the ``scores`` keys (plus
+        Dicts with ``encoder`` ("encoder", "random_init", "pixels", each ``fuse`` path, the fused row, "mean") and
+        the ``scores`` keys (plus
         ``train_patch_iou`` / ``train_box_iou`` for trained heads).
     """
     s = settings or LocalizeSettings()
-    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines)
+    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines, fuse=fuse, fusion=fusion)
     train, test = render_scenes(n_train, judged.img_size, "train"), render_scenes(n_test, judged.img_size, "test")
     q, qt = queries(train.facts, judged.grid), queries(test.facts, judged.grid)
-    rows = [
-        {"encoder": name, **train_localizer(tokens(train.images), q, tokens(test.images), qt, s)}
-        for name, tokens in judged.tokens.items()
-    ]
+    rows = []
+    for name, tokens in judged.tokens.items():
+        fit = train_localizer(tokens(train.images), q, tokens(test.images), qt, s, judged.widths.get(name), fusion)
+        rows.append({"encoder": name, **fit})
     if baselines:
         rows.append({"encoder": "mean", **mean_baseline(q, qt)})
     return rows
@@ -266,6 +287,8 @@ def run_localize(encoder_path: str | Path, out: Path | None = None, **kwargs: An
         "encoder_path": str(encoder_path),
         "scenes": {"train": kwargs.get("n_train", 2000), "test": kwargs.get("n_test", 1000)},
         "settings": vars(kwargs.get("settings") or LocalizeSettings()),
+        "fuse": list(kwargs.get("fuse", ())),
+        "fusion": kwargs.get("fusion", "concat"),
         "rows": rows,
     }
     return finish_record(res, start, out)

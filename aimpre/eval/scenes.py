@@ -14,7 +14,7 @@ them (the identity encoder: whatever a probe reads from it was in the pixels wit
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +128,15 @@ Tokens = Callable[[Tensor], Tensor]  # uint8 images [N, 3, S, S] -> tokens [N, T
 
 @dataclass
 class Judged:
-    """The encoders a scene probe compares: name -> tokens function, and the input size and patch grid they share."""
+    """The encoders a scene probe compares: name -> tokens function, and the input size and patch grid they share.
+
+    ``widths`` names the fused rows: their tokens are their sources' concatenated (each resampled to ``grid``), and
+    ``widths[name]`` is each source's width, for a probe that projects and sums them (``aimpre.eval.fusion``)."""
 
     tokens: dict[str, Tokens]
     img_size: int
     grid: int
+    widths: dict[str, list[int]] = field(default_factory=dict)
 
 
 def pixel_tokens(images: Tensor, patch: int, mean: Tensor, std: Tensor) -> Tensor:
@@ -142,7 +146,37 @@ def pixel_tokens(images: Tensor, patch: int, mean: Tensor, std: Tensor) -> Tenso
     return patchify((images.float() / 255 - mean) / std, patch)
 
 
-def judged_encoders(encoder_path: str | Path, seed: int = 0, random_init: bool = True, pixels: bool = True) -> Judged:
+def _encoder_tokens(path: str | Path, grid: int) -> tuple[Tokens, Any]:
+    """A loaded encoder's tokens function and config: pictures resized to its input size when they are not, its
+    tokens resampled to ``grid`` x ``grid`` (``aimpre.eval.fusion.resample_tokens``)."""
+    from aimpre.eval.fusion import resample_tokens
+    from aimpre.export import load
+    from aimpre.probe import ProbeError, _device, extract
+
+    loaded = load(path)
+    pre = loaded.info.get("preprocessing") or {}
+    if pre.get("mean") is None or pre.get("std") is None:
+        raise ProbeError(f"{path}: its normalisation (mean/std) is unknown; probing needs it")
+    mean, std = (torch.tensor(pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    encoder, size = loaded.encoder.to(_device()), loaded.encoder.cfg.img_size
+
+    def tokens(images: Tensor) -> Tensor:
+        if images.shape[-1] != size:  # another encoder's size: resized as render_scenes resizes
+            x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
+            images = x.clamp(0, 255).round().to(torch.uint8)
+        return resample_tokens(extract(encoder, images, mean, std), grid)
+
+    return tokens, loaded.encoder.cfg
+
+
+def judged_encoders(
+    encoder_path: str | Path,
+    seed: int = 0,
+    random_init: bool = True,
+    pixels: bool = True,
+    fuse: tuple[str, ...] = (),
+    fusion: str = "concat",
+) -> Judged:
     """The encoder at ``encoder_path`` and the baselines it is judged against, as tokens functions.
 
     Args:
@@ -150,11 +184,18 @@ def judged_encoders(encoder_path: str | Path, seed: int = 0, random_init: bool =
         seed: seeds the random-init twin (as ``aimpre probe --compare-random`` does).
         random_init: add "random_init", the same architecture re-initialised.
         pixels: add "pixels", the raw patchified pixels.
+        fuse: more encoders (paths, or "pixels") to judge alone, each a row named by its path, and fused with the
+            encoder in one more row (``aimpre.eval.fusion.fused_name``); each sees the pictures at its own input
+            size and its tokens are resampled to the encoder's grid.
+        fusion: how the fused row's probes combine the sources: "concat" or "sum" (projected and summed).
     """
+    from aimpre.eval.fusion import FUSIONS, align, fused_name
     from aimpre.export import load
     from aimpre.model import AIMv2Encoder
     from aimpre.probe import ProbeError, _device, extract
 
+    if fusion not in FUSIONS:
+        raise ProbeError(f"unknown fusion {fusion!r}; fusions: {', '.join(FUSIONS)}")
     loaded = load(encoder_path)
     pre = loaded.info.get("preprocessing") or {}
     if pre.get("mean") is None or pre.get("std") is None:
@@ -172,6 +213,43 @@ def judged_encoders(encoder_path: str | Path, seed: int = 0, random_init: bool =
         return lambda images: extract(e, images, mean, std).float()
 
     tokens = {name: encoded(e) for name, e in encoders.items()}
+
+    def raw(images: Tensor) -> Tensor:
+        return pixel_tokens(images, cfg.patch_size, mean, std)
+
     if pixels:
-        tokens["pixels"] = lambda images: pixel_tokens(images, cfg.patch_size, mean, std)
-    return Judged(tokens, cfg.img_size, cfg.img_size // cfg.patch_size)
+        tokens["pixels"] = raw
+    if len(set(fuse)) != len(fuse) or "encoder" in fuse:
+        raise ProbeError(f"--fuse names an encoder twice: {' '.join(map(str, fuse))}")
+    # the fused row's sources, each computed once per picture set (the rows alone reuse them)
+    parts: dict[str, tuple[Tokens, int]] = {"encoder": (tokens["encoder"], cfg.width)}
+    for path in fuse:
+        if path == "pixels":
+            parts["pixels"] = (raw, cfg.patch_size**2 * 3)
+        else:  # on the encoder's grid, alone too: the localization targets are drawn on it
+            fn, other = _encoder_tokens(path, cfg.img_size // cfg.patch_size)
+            parts[str(path)] = (fn, other.width)
+    memo: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+
+    def once(name: str, fn: Tokens) -> Tokens:
+        def tokens_of(images: Tensor) -> Tensor:
+            key = (name, id(images))
+            if key not in memo:
+                memo[key] = (images, fn(images))  # the images kept too: their id stays theirs
+            return memo[key][1]
+
+        return tokens_of
+
+    for name, (fn, _) in parts.items():
+        tokens[name] = once(name, fn)
+    judged = Judged(tokens, cfg.img_size, cfg.img_size // cfg.patch_size)
+    if fuse:
+        names = list(parts)
+
+        def fused(images: Tensor) -> Tensor:
+            return torch.cat(align([tokens[n](images) for n in names], judged.grid), dim=-1)
+
+        name = fused_name(names, fusion)
+        tokens[name] = fused
+        judged.widths[name] = [w for _, w in parts.values()]
+    return judged

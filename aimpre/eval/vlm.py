@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from aimpre.data import demo
@@ -55,6 +55,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "background": ("what colour is the background ?", "which colour is the background ?",
                    "the background is what colour ?"),
     "digit": ("which digit is this ?", "what digit is written here ?", "what digit is this ?"),
+    "text": ("what number is written ?", "which number is written here ?", "what number is written here ?"),
 }  # fmt: skip
 CAPTION_PROMPT = "describe the image ."
 SPECIALS = ("<pad>", "<bos>", "<answer>", "<eos>")
@@ -123,6 +124,39 @@ def scene_questions(facts: dict[str, Any]) -> list[tuple[str, dict[str, str], st
     return out
 
 
+TEXT_SCALE = 3  # the bitmap font's glyphs (~6 x 11 px) upscaled 3x (nearest): ~18 px wide, legible to 14 px patches
+
+
+def text_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's bundled bitmap font (nothing downloaded): ``load_default_imagefont`` (Pillow >= 10.1, where
+    ``load_default`` became a scalable one), else ``load_default``."""
+    bitmap = getattr(ImageFont, "load_default_imagefont", None)
+    return bitmap() if bitmap is not None else ImageFont.load_default()
+
+
+def render_text_scene(rng: np.random.Generator, size: int = demo.IMAGE_SIZE) -> tuple[Image.Image, str, tuple]:
+    """A demo scene with a 2- or 3-digit number written on a white label over it ("read the text" items): the
+    picture, the number and the label's box (x0, y0, x1, y1) in pixels of the IMAGE_SIZE rendering.
+
+    Args:
+        rng: draws the scene, the number and where the label goes.
+        size: the picture's side; drawn at IMAGE_SIZE and resized (bicubic), as the held-out scenes are.
+    """
+    img, _, _ = demo.render_scene(rng)
+    number = str(int(rng.integers(10, 1000)))  # 10..999: two or three digits
+    font = text_font()
+    _, _, x1, y1 = font.getbbox(number)
+    glyphs = Image.new("L", (int(x1) + 2, int(y1) + 2), 255)  # a 1 px margin of paper around the ink
+    ImageDraw.Draw(glyphs).text((1, 1), number, font=font, fill=0)
+    glyphs = glyphs.resize((glyphs.width * TEXT_SCALE, glyphs.height * TEXT_SCALE), Image.Resampling.NEAREST)
+    x = int(rng.integers(0, demo.IMAGE_SIZE - glyphs.width + 1))
+    y = int(rng.integers(0, demo.IMAGE_SIZE - glyphs.height + 1))
+    img.paste(glyphs.convert("RGB"), (x, y))
+    if size != demo.IMAGE_SIZE:
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return img, number, (x, y, x + glyphs.width, y + glyphs.height)
+
+
 @dataclass
 class ProbeData:
     """Images (uint8 [N, 3, S, S]) and the questions about them, for one split."""
@@ -132,7 +166,7 @@ class ProbeData:
     captions: list[Item]
 
 
-def make_split(split: str, n_scenes: int, n_digits: int | None, size: int, seed: int = 0) -> ProbeData:
+def make_split(split: str, n_scenes: int, n_digits: int | None, size: int, seed: int = 0, n_text: int = 0) -> ProbeData:
     """Renders a split's scenes and digits and writes its questions.
 
     Args:
@@ -142,6 +176,8 @@ def make_split(split: str, n_scenes: int, n_digits: int | None, size: int, seed:
         n_digits: digits from the split's part of ``digit_split`` (None: all of it).
         size: side in pixels of the rendered images.
         seed: template choice.
+        n_text: scenes with a number written on them (``render_text_scene``; seed stream [SCENE_SEED, 4 or 5]),
+            each asked what the number is; the answer is its digits, one word each ("4 7").
     """
     from sklearn.datasets import load_digits
 
@@ -174,6 +210,15 @@ def make_split(split: str, n_scenes: int, n_digits: int | None, size: int, seed:
         ask(i, "digit", {}, DIGIT_WORDS[d])
         caption = str(DIGIT_TEMPLATES[int(pick.integers(0, len(DIGIT_TEMPLATES)))]).format(w=DIGIT_WORDS[d], d=d)
         captions.append(Item(i, "caption", words(CAPTION_PROMPT), words(caption)))
+    text_rng = np.random.default_rng([SCENE_SEED, 4 + int(test)])
+    for _ in range(n_text):
+        img, number, _box = render_text_scene(text_rng, size)
+        i = len(images)
+        images.append(img)
+        t = TEMPLATES["text"]
+        items.append(Item(i, "text", words(t[int(pick.integers(0, 2))]), list(number)))
+        if test:
+            items.append(Item(i, "text", words(t[2]), list(number), new_template=True))
     pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
     return ProbeData(pixels.contiguous(), items, captions)
 
@@ -349,6 +394,8 @@ class VLMSettings:
     test_scenes: int = 300
     train_digits: int | None = None  # None: all 1258 of the digits' train split
     test_digits: int | None = 300
+    train_text: int = 600  # "read the text" scenes (render_text_scene)
+    test_text: int = 150
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -507,8 +554,8 @@ def run_vlm_probe(run: VLMRun, out: Path | None = None) -> dict[str, Any]:
         raise ValueError("nothing to probe: no encoder and no text-only row")
     sizes = [src.img_size or 0 for src in run.sources]
     render = max([128, *sizes])  # rendered once, at least at the largest input size asked
-    train = make_split("train", s.train_scenes, s.train_digits, render, s.seed)
-    test = make_split("test", s.test_scenes, s.test_digits, render, s.seed)
+    train = make_split("train", s.train_scenes, s.train_digits, render, s.seed, s.train_text)
+    test = make_split("test", s.test_scenes, s.test_digits, render, s.seed, s.test_text)
     cached = {src.name: (src.tokens(train.images), src.tokens(test.images)) for src in run.sources}
     grids = {name: token_grid(tr) for name, (tr, _) in cached.items()}
     results: dict[str, Any] = {}
@@ -530,8 +577,8 @@ def run_vlm_probe(run: VLMRun, out: Path | None = None) -> dict[str, Any]:
         "settings": asdict(s),
         "n_train_items": len(train.items),
         "n_test_items": len(test.items),
-        "held_out": f"scenes: seed stream [{SCENE_SEED}, 1] (the demo's are 2 and 4); digits: digit_split's test "
-        f"part; templates: the third of each type",
+        "held_out": f"scenes: seed stream [{SCENE_SEED}, 1] (the demo's are 2 and 4); text scenes: [{SCENE_SEED}, 5]; "
+        f"digits: digit_split's test part; templates: the third of each type",
         "results": results,
     }
     return finish_record(res, start, out)
