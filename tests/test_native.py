@@ -139,3 +139,83 @@ def test_a_complete_native_config_is_refused_until_the_loader_batches_by_area(ca
     assert main(["train", "--config", "configs/tiny.yaml", "trainer.max_steps=1", *args]) == 2
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("aimpre")]
     assert len(ours) == 1 and "data.native" in ours[0] and "not wired" in ours[0], ours
+
+
+# -- the loader ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """Two real shards of 50 and 30 JPEGs of four aspect ratios (wide, tall, square, very wide), one colour each."""
+    from aimpre.data import shard_set
+    from helpers import jpeg, write_tar
+
+    d = tmp_path_factory.mktemp("native")
+    sizes = [(96, 48), (40, 80), (64, 64), (120, 30)]
+    for s, n in enumerate((50, 30)):
+        samples = [{"__key__": f"s{s}-{i:03d}", "jpg": jpeg((200, 40 + i, 90), sizes[i % 4]), "txt": f"shape {i}"}
+                   for i in range(n)]  # fmt: skip
+        write_tar(d / f"n-{s}.tar", samples)
+    return shard_set(f"{d}/n-{{0..1}}.tar")
+
+
+def _stream(sources: list, **kw):
+    from aimpre.data import Augment, ByteTokenizer, ImageTextStream
+    from aimpre.data.native import Native
+
+    args = dict(tokenizer=ByteTokenizer(), text_len=16, batch_size=999, aug=Augment(64), seed=0, shuffle=8,
+                native=Native(4, 6, 256, 8))  # fmt: skip
+    return ImageTextStream(sources, **{**args, **kw})
+
+
+def _take(ds, n: int, workers: int = 0) -> list[dict]:
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    return [b for b, _ in zip(loader, range(n), strict=False)]
+
+
+def test_native_stream_draws_areas_keeps_aspect_and_tokens_per_step(shapes: list) -> None:
+    """Real shards through the stream: each batch's canvas is draw_area(seed, worker, index) at 2^4..2^6 patches,
+    tokens per step constant, every image whole with its aspect kept (within a patch) at the top left of the
+    canvas, zeros outside its grid; both ranks of a 2-rank run get the same canvas at every step."""
+    from aimpre.data.native import draw_area
+
+    batches = _take(_stream([shapes], world=2, rank=0), 12, workers=2)
+    other = _take(_stream([shapes], world=2, rank=1), 12, workers=2)
+    assert [b["image"].shape for b in batches] == [b["image"].shape for b in other]  # DDP: same step, same shape
+    assert not {k for b in batches for k in b["key"]} & {k for b in other for k in b["key"]}
+    seen = set()
+    for step, b in enumerate(batches):
+        area = draw_area(0, step % 2, step // 2, 4, 6)  # worker step % 2, its (step // 2)-th batch
+        B, _, H, W = b["image"].shape
+        assert (area.rows, area.cols) == (H // 8, W // 8) and B * area.patches * 2 == 256
+        assert b["state"]["index"] == step // 2 + 1 and b["grid"].shape == (B, 2)
+        seen.add(area.n)
+        for img, (r, c) in zip(b["image"], b["grid"].tolist(), strict=True):
+            rows = img.abs_().sum(dim=(0, 2)).nonzero().max().item() + 1  # pixel rows and columns with content
+            cols = img.sum(dim=(0, 1)).nonzero().max().item() + 1
+            assert (-(-rows // 8), -(-cols // 8)) == (r, c) and (rows == H or cols == W)  # fits, touches an edge
+    assert len(seen) > 1
+    aspects = {round(c / r, 1) for b in batches for r, c in b["grid"].tolist() if r == 8 or c == 8}
+    assert {0.5, 1.0, 2.0} <= aspects  # tall, square and wide images on a canvas 8 patches across
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("resampled", [False, True])
+def test_native_stream_resumes_exactly_across_epochs(shapes: list, workers: int, resampled: bool) -> None:
+    """Restarted from the states of its last batches, the stream continues bit for bit (areas, keys, pixels),
+    across epoch ends; an epoch reads no sample twice and drops less than one batch per reader."""
+    full = _take(_stream([shapes], resampled=resampled), 30, workers)
+    cut = 17
+    last = {b["worker"]: b["state"] for b in full[:cut]}
+    states = [last.get(k) for k in range(max(1, workers))]
+    resumed = _take(_stream([shapes], resampled=resampled, resume=states, first_worker=cut % max(1, workers)),
+                    30 - cut, workers)  # fmt: skip
+    for a, b in zip(full[cut:], resumed, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["grid"], b["grid"])
+    if not resampled:
+        epochs: dict[tuple[int, int], list[str]] = {}
+        for b in full:
+            epochs.setdefault((b["worker"], b["state"]["epoch"]), []).extend(b["key"])
+        readers = max(1, workers)
+        done = [keys for (w, e), keys in epochs.items() if (w, e + 1) in epochs]
+        assert done and all(len(k) == len(set(k)) and 80 // readers - len(k) < 16 for k in done)
