@@ -3,6 +3,8 @@ padded patches out of the pixel loss, native batches of constant tokens that res
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -133,14 +135,6 @@ def test_native_batch_keeps_aspect_and_pads_with_zeros() -> None:
     assert (batch["image"][1, :, :, :28] == 100).all() and (batch["image"][1, :, :, 28:] == 0).all()
 
 
-def test_a_complete_native_config_is_refused_until_the_loader_batches_by_area(capsys: pytest.CaptureFixture) -> None:
-    capsys.readouterr()
-    args = ["data.native=true", "model.pos_embed=sincos2d", "data.tokens_per_batch=256", "data.native_log2_area=[4,6]"]
-    assert main(["train", "--config", "configs/tiny.yaml", "trainer.max_steps=1", *args]) == 2
-    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("aimpre")]
-    assert len(ours) == 1 and "data.native" in ours[0] and "not wired" in ours[0], ours
-
-
 # -- the loader ------------------------------------------------------------------------------------------------
 
 
@@ -219,3 +213,59 @@ def test_native_stream_resumes_exactly_across_epochs(shapes: list, workers: int,
         readers = max(1, workers)
         done = [keys for (w, e), keys in epochs.items() if (w, e + 1) in epochs]
         assert done and all(len(k) == len(set(k)) and 80 // readers - len(k) < 16 for k in done)
+
+
+def _native_cfg(tmp_path, spec: str, name: str, *extra: str):
+    from aimpre.config import load_config
+
+    return load_config(
+        "configs/native_tiny.yaml",
+        [
+            f"run.out_dir={tmp_path}", f"run.name={name}", f"data.train_shards={spec}", "data.val_shards=null",
+            "data.num_workers=2", "data.native_log2_area=[4,5]", "data.tokens_per_batch=128", "model.depth=2",
+            "model.dec_depth=1", "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1",
+            "trainer.deterministic=true", "optim.warmup_steps=2", *extra,
+        ],
+    )  # fmt: skip
+
+
+def _rows(run) -> dict[int, dict[str, str]]:
+    import csv
+
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
+
+
+@pytest.mark.slow  # three short Lightning runs with 2 data workers each: ~45 s on a busy 2-core machine
+def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(tmp_path, pretrain_spec: str) -> None:
+    """A real Lightning run of configs/native_tiny.yaml (shrunk): stopped at step 2 and resumed, steps 3-4 have the
+    uninterrupted run's losses bit for bit; samples and FLOPs add each step's own batch at its own T."""
+    import json
+
+    from aimpre.config import load_config
+    from aimpre.data.native import draw_area
+    from aimpre.scaling import flops_per_sample
+    from aimpre.train import train
+    from test_train import StopAt
+
+    cfg = _native_cfg(tmp_path, pretrain_spec, "full")
+    full = train(cfg)
+    part = train(_native_cfg(tmp_path, pretrain_spec, "part"), callbacks=(StopAt(2),))
+    assert max(_rows(part)) == 2
+    train(_native_cfg(tmp_path, pretrain_spec, "part"), resume=True)
+    a, b = _rows(full), _rows(part)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for k in ("loss", "loss_image", "loss_text", "samples", "flops"):
+            assert float(a[step][k]) == float(b[step][k]), (step, k)
+    # step s takes worker (s - 1) % 2's ((s - 1) // 2)-th batch: 128 tokens over 2^n-patch images
+    areas = [draw_area(cfg.run.seed, s % 2, s // 2, 4, 5).patches for s in range(4)]
+    model = load_config(full / "config.yaml", []).model  # its vocab_size resolved from the tokenizer
+    assert len(set(areas)) == 2, areas  # both sizes occur, so a fixed count would be wrong
+    samples = list(itertools.accumulate(128 // t for t in areas))
+    flops = list(itertools.accumulate(128 // t * flops_per_sample(model, tokens=t) for t in areas))
+    assert [int(a[s]["samples"]) for s in range(1, 5)] == samples
+    assert [float(a[s]["flops"]) for s in range(1, 5)] == pytest.approx(flops, rel=1e-12)
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["samples"] == samples[-1] and summary["tokens"] == 4 * 128
+    assert json.loads((part / "summary.json").read_text())["samples"] == samples[-1]
