@@ -50,12 +50,18 @@ def test_sincos_encoder_has_no_table_and_runs_any_grid() -> None:
         torch.testing.assert_close(enc.embed(images), enc.patch_embed(images) + sincos_2d(h, w, cfg.width))
 
 
+NATIVE = ("data.native=true", "model.pos_embed=sincos2d", "data.tokens_per_batch=256", "data.native_log2_area=[4,6]")
+
+
 def test_native_with_a_learned_table_is_one_line_exit_2(capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
     bad = {
         ("data.native=true", "data.tokens_per_batch=256", "data.native_log2_area=[4,6]"): "model.pos_embed",
         ("data.native=true", "model.pos_embed=sincos2d", "data.tokens_per_batch=100"): "data.tokens_per_batch",
         ("model.pos_embed=rope",): "model.pos_embed",
+        (*NATIVE, "trainer.global_batch_size=64"): "trainer.global_batch_size",
+        (*NATIVE, "model.objective=clip"): "data.native",
+        ("data.native=true", "model.pos_embed=sincos2d", "data.native_log2_area=[4,6]"): "data.tokens_per_batch",
     }
     for overrides, key in bad.items():
         assert main(["train", "--config", "configs/tiny.yaml", "trainer.max_steps=1", *overrides]) == 2
@@ -269,3 +275,23 @@ def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(tmp
     summary = json.loads((full / "summary.json").read_text())
     assert summary["samples"] == samples[-1] and summary["tokens"] == 4 * 128
     assert json.loads((part / "summary.json").read_text())["samples"] == samples[-1]
+
+
+def test_model_info_counts_flops_per_native_area(capsys: pytest.CaptureFixture) -> None:
+    """FLOPs per sample grow with the area (not the fixed img_size); at the config's own grid they equal the fixed
+    count; a native config lists each area of its range; --area asks for one."""
+    import json
+
+    from aimpre.config import load_config
+    from aimpre.scaling import flops_per_sample
+
+    capsys.readouterr()
+    assert main(["model-info", "configs/native_tiny.yaml", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    by_area = {int(a): f for a, f in info["flops_per_sample_by_area"].items()}
+    assert sorted(by_area) == [16, 32, 64] and by_area[16] < by_area[32] < by_area[64]
+    assert by_area[64] == pytest.approx(info["flops_per_sample"], rel=1e-12)  # 64 patches = 112 px at patch 14
+    assert main(["model-info", "configs/native_tiny.yaml", "--json", "--area", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops_per_sample_by_area"] == {"32": by_area[32]}
+    cfg = load_config("configs/native_tiny.yaml", ["model.vocab_size=300"]).model
+    assert flops_per_sample(cfg, tokens=cfg.num_patches) == flops_per_sample(cfg)
