@@ -372,8 +372,8 @@ class MetricsCSV(pl.Callback):
         # native batches (count_batches): per-sample FLOPs at T patches, the patch side, and running sums
         self.flops_at: Callable[[int], float] | None = None
         self.patch = 0
-        self.totals = {"samples": 0, "flops": 0.0, "tokens": 0}  # the whole run's, over all ranks
-        self.in_row = {"samples": 0, "flops": 0.0, "tokens": 0}  # since the last train row
+        self.totals: dict[str, Any] = {"samples": 0, "flops": 0.0, "tokens": 0}  # the whole run's, over all ranks
+        self.in_row: dict[str, Any] = {"samples": 0, "flops": 0.0, "tokens": 0}  # since the last train row
 
     def count_batches(self, flops_at: Callable[[int], float], patch: int) -> None:
         """Counts samples, tokens and FLOPs batch by batch (native resolution) instead of steps x a fixed batch.
@@ -537,7 +537,7 @@ class MetricsCSV(pl.Callback):
         """The run's (samples, FLOPs) by ``step``."""
         if self.flops_at is None:
             return step * self.samples_per_step, step * self.samples_per_step * self.flops_per_sample
-        return self.totals["samples"], self.totals["flops"]
+        return int(self.totals["samples"]), float(self.totals["flops"])
 
     def _shares(self, trainer: pl.Trainer) -> dict[tuple[int, int], float]:
         """(block, expert) -> share of the routed tokens, the interval's mean over steps and ranks (read back here,
