@@ -136,7 +136,8 @@ class DataConfig:
     # n from a normal truncated to [-1, 1] mapped linearly onto native_log2_area (the paper: 7..12, 128..4096
     # patches) and rounded; every image is resized, aspect kept, to fit that step's grid (2^floor(n/2) x
     # 2^ceil(n/2) patches, or its transpose) and zero-padded; the batch holds tokens_per_batch / A images over all
-    # ranks, so tokens per step stay constant. Needs model.pos_embed=sincos2d; data.batch_size is then unused.
+    # ranks, so tokens per step stay constant. Needs model.pos_embed=sincos2d; data.batch_size is then the
+    # validation batch only (validation stays square at model.img_size). aimpre.data.pipeline says when an epoch ends.
     native: bool = False
     native_log2_area: tuple[int, int] = (7, 12)  # lo, hi of n (areas 2^lo .. 2^hi patches)
     tokens_per_batch: int | None = None  # native: image tokens per step over all ranks; a multiple of 2^hi x ranks

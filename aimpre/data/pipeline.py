@@ -9,6 +9,9 @@ Batch: ``image`` uint8 [B, 3, S, S], ``key`` list[str], ``worker`` int, ``state`
 counts of skips by reason and of read errors); with what the objective needs (``need``, as
 ``aimpre.objectives.needs`` says): ``text`` int64 [B, L] and ``text_mask`` bool [B, L] for "text", ``label``
 int64 [B] for "label". A sample lacking a needed field is skipped and counted; one lacking an unneeded one is kept.
+With ``native`` (``data.native``), each batch has its own canvas: ``image`` uint8 [B, 3, rows*p, cols*p], whole
+images with their aspect kept, zero-padded, and ``grid`` int64 [B, 2] each image's own rows and columns; B and the
+canvas come from the worker's batch index (``_native_batches``).
 
 ``StreamLoader`` is the DataLoader for it: its workers stack images into a few reused shared-memory buffers
 instead of fresh ones for every batch.
