@@ -221,13 +221,14 @@ def test_native_stream_resumes_exactly_across_epochs(shapes: list, workers: int,
         assert done and all(len(k) == len(set(k)) and 80 // readers - len(k) < 16 for k in done)
 
 
-def _native_cfg(tmp_path, spec: str, name: str, *extra: str):
+def _native_cfg(tmp_path, spec: str, val: str, name: str, *extra: str):
     from aimpre.config import load_config
 
     return load_config(
         "configs/native_tiny.yaml",
         [
-            f"run.out_dir={tmp_path}", f"run.name={name}", f"data.train_shards={spec}", "data.val_shards=null",
+            f"run.out_dir={tmp_path}", f"run.name={name}", f"data.train_shards={spec}", f"data.val_shards={val}",
+            "data.batch_size=8", "trainer.val_batches=1", "trainer.val_every=4",
             "data.num_workers=2", "data.native_log2_area=[4,5]", "data.tokens_per_batch=128", "model.depth=2",
             "model.dec_depth=1", "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1",
             "trainer.deterministic=true", "optim.warmup_steps=2", *extra,
@@ -243,7 +244,9 @@ def _rows(run) -> dict[int, dict[str, str]]:
 
 
 @pytest.mark.slow  # three short Lightning runs with 2 data workers each: ~45 s on a busy 2-core machine
-def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(tmp_path, pretrain_spec: str) -> None:
+def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(
+    tmp_path, pretrain_spec: str, val_spec: str
+) -> None:
     """A real Lightning run of configs/native_tiny.yaml (shrunk): stopped at step 2 and resumed, steps 3-4 have the
     uninterrupted run's losses bit for bit; samples and FLOPs add each step's own batch at its own T."""
     import json
@@ -254,11 +257,11 @@ def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(tmp
     from aimpre.train import train
     from test_train import StopAt
 
-    cfg = _native_cfg(tmp_path, pretrain_spec, "full")
+    cfg = _native_cfg(tmp_path, pretrain_spec, val_spec, "full")
     full = train(cfg)
-    part = train(_native_cfg(tmp_path, pretrain_spec, "part"), callbacks=(StopAt(2),))
+    part = train(_native_cfg(tmp_path, pretrain_spec, val_spec, "part"), callbacks=(StopAt(2),))
     assert max(_rows(part)) == 2
-    train(_native_cfg(tmp_path, pretrain_spec, "part"), resume=True)
+    train(_native_cfg(tmp_path, pretrain_spec, val_spec, "part"), resume=True)
     a, b = _rows(full), _rows(part)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
@@ -275,6 +278,8 @@ def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(tmp
     summary = json.loads((full / "summary.json").read_text())
     assert summary["samples"] == samples[-1] and summary["tokens"] == 4 * 128
     assert json.loads((part / "summary.json").read_text())["samples"] == samples[-1]
+    # validation (square, at model.img_size) and its baselines, fitted on square training crops
+    assert summary["val"]["loss"] > 0 and summary["baselines"]["loss_image_mean_patch"] > 0
 
 
 def test_model_info_counts_flops_per_native_area(capsys: pytest.CaptureFixture) -> None:

@@ -260,14 +260,16 @@ class AIMv2DataModule(pl.LightningDataModule):
         return module
 
     def stream(
-        self, spec: str | list[str], demo_split: str, train: bool, resume: list | None = None
+        self, spec: str | list[str], demo_split: str, train: bool, resume: list | None = None, square: bool = False
     ) -> ImageTextStream:
+        """The train or validation stream of ``spec``; ``square``: training crops at model.img_size even under
+        data.native (what the mean-patch baseline fits on, to compare with the square validation)."""
         d, m = self.cfg.data, self.cfg.model
         rank, world = self._where()
         resampled = d.resampled and train
         # native batches in training; validation stays square at model.img_size, so val losses compare across runs
         native = None
-        if d.native and train:
+        if d.native and train and not square:
             lo, hi = d.native_log2_area
             native = Native(lo, hi, d.tokens_per_batch or 0, m.patch_size)
             try:  # every area must split over the ranks; the largest area is the strictest

@@ -419,7 +419,7 @@ def _write_summary(
         and uses_prefix(cfg.model.objective)
     ):
         n = cfg.trainer.val_batches
-        train_batches = itertools.islice(iter(data.stream(cfg.data.train_shards, "pretrain", True)), 4 * n)
+        train_batches = itertools.islice(iter(data.stream(cfg.data.train_shards, "pretrain", True, square=True)), 4 * n)
         val_batches = itertools.islice(iter(data.stream(cfg.data.val_shards, "val", False)), n)
         seed = cfg.run.seed
         summary["baselines"] = baselines(
