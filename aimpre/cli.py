@@ -311,6 +311,13 @@ def _model_info(args: argparse.Namespace) -> int:
         model = build(cfg.model)
     parts = model.param_counts()  # the parts of model.objective's model: encoder, decoder, heads, text, total
     info: dict = {**parts, "img_size": cfg.model.img_size, "flops_per_sample": training_flops(cfg.model).total}
+    # native resolution: T varies per batch, so FLOPs per sample are per area (patches, padding included)
+    areas = [args.area] if args.area else []
+    if cfg.data.native and not areas:
+        lo, hi = cfg.data.native_log2_area
+        areas = [1 << n for n in range(lo, hi + 1)]
+    if areas:
+        info["flops_per_sample_by_area"] = {str(a): training_flops(cfg.model, tokens=a).total for a in areas}
     if cfg.model.moe_experts:  # MoE: what one token uses (the flops are already those of the routed tokens)
         from aimpre.scaling.flops import param_counts
 
@@ -330,6 +337,10 @@ def _model_info(args: argparse.Namespace) -> int:
             f"  training FLOPs per sample: {info['flops_per_sample'] / 1e9:.1f} GFLOP"
             + (" (routed tokens: top-k experts)" if m.moe_experts else "")
         )
+        for a, f in info.get("flops_per_sample_by_area", {}).items():
+            print(
+                f"  at {a:>5} patches (native area): {f / 1e9:.1f} GFLOP per sample, {f / int(a) / 1e9:.3f} per token"
+            )
     return 0
 
 
@@ -1037,6 +1048,8 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("name", help="a size (tiny, large, huge, 1b, 3b) or a YAML config file")
     mi.add_argument("--json", action="store_true", help="print one JSON object")
     mi.add_argument("--img-size", type=INT_GT0, help="count FLOPs per sample at this resolution (model.img_size)")
+    mi.add_argument("--area", type=INT_GT0, help="also count FLOPs per sample at an image of this many patches, any "
+                    "grid (native resolution; a native config lists its areas 2^lo..2^hi without it)")  # fmt: skip
     mi.set_defaults(fn=_model_info)
     cf = sub.add_parser("config", help="show the resolved configuration")
     csub = cf.add_subparsers(dest="config_command", required=True)

@@ -136,7 +136,8 @@ class DataConfig:
     # n from a normal truncated to [-1, 1] mapped linearly onto native_log2_area (the paper: 7..12, 128..4096
     # patches) and rounded; every image is resized, aspect kept, to fit that step's grid (2^floor(n/2) x
     # 2^ceil(n/2) patches, or its transpose) and zero-padded; the batch holds tokens_per_batch / A images over all
-    # ranks, so tokens per step stay constant. Needs model.pos_embed=sincos2d; data.batch_size is then unused.
+    # ranks, so tokens per step stay constant. Needs model.pos_embed=sincos2d; data.batch_size is then the
+    # validation batch only (validation stays square at model.img_size). aimpre.data.pipeline says when an epoch ends.
     native: bool = False
     native_log2_area: tuple[int, int] = (7, 12)  # lo, hi of n (areas 2^lo .. 2^hi patches)
     tokens_per_batch: int | None = None  # native: image tokens per step over all ranks; a multiple of 2^hi x ranks
@@ -478,9 +479,8 @@ def validate(cfg: Config) -> Config:
         tpb = d.tokens_per_batch
         _check(tpb is not None and tpb > 0 and tpb % (1 << hi) == 0, "data.tokens_per_batch",
                f"{tpb} must be a positive multiple of the largest area 2^{hi} = {1 << hi} patches")  # fmt: skip
-        # aimpre.data.native draws the areas and fits the images, but the loader does not batch by area yet:
-        # refused rather than silently training square crops
-        _check(False, "data.native", "native batches are not wired into the training loader yet (issue 20 point 3)")
+        _check(t.global_batch_size is None, "trainer.global_batch_size",
+               "native batches vary in images per step: data.tokens_per_batch sets the global batch")  # fmt: skip
     _check(m.attn_backend in backends, "model.attn_backend", f"{m.attn_backend!r} is not one of {', '.join(backends)}")
     _check(m.fused in fused.MODES, "model.fused", f"{short(m.fused)} is not one of {', '.join(fused.MODES)}")
     _check(m.fused != "liger" or fused.liger_installed(), "model.fused", f"needs liger-kernel: {fused.INSTALL_HINT}")

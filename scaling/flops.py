@@ -99,10 +99,11 @@ def _moe_hidden(cfg: ModelConfig) -> int:
     return cfg.mlp_hidden if cfg.moe_hidden is None else cfg.moe_hidden
 
 
-def _encoder_blocks_macs(cfg: ModelConfig, pairs: float) -> float:
-    """The encoder blocks' forward multiply-adds. A MoE block: the router (width x experts) and the top-k experts
-    each token is routed to (dropless: exactly k SwiGLUs per token), not every expert."""
-    N, d = cfg.num_patches, cfg.width
+def _encoder_blocks_macs(cfg: ModelConfig, pairs: float, tokens: int | None = None) -> float:
+    """The encoder blocks' forward multiply-adds (over ``tokens`` patches; None: ``cfg.num_patches``). A MoE block:
+    the router (width x experts) and the top-k experts each token is routed to (dropless: exactly k SwiGLUs per
+    token), not every expert."""
+    N, d = tokens or cfg.num_patches, cfg.width
     sparse = _moe_count(cfg)
     dense = (cfg.depth - sparse) * _block_macs(N, d, cfg.mlp_hidden, pairs)
     moe = N * (4 * d * d + d * cfg.moe_experts + 3 * d * _moe_hidden(cfg) * cfg.moe_top_k) + 2 * pairs * d
@@ -130,20 +131,28 @@ def _teacher_macs(cfg: ModelConfig) -> tuple[float, int]:
     return N * t.patch_dim * t.width + _encoder_blocks_macs(t, float(N * N)), t.width
 
 
-def _macs(cfg: ModelConfig, V: int, prefix: bool, attention: str) -> tuple[float, float, float, float, float, float]:
-    """Forward multiply-adds: (patch embedding, rest of the encoder, decoder, heads, text tower, teacher)."""
+def _macs(
+    cfg: ModelConfig, V: int, prefix: bool, attention: str, tokens: int | None = None
+) -> tuple[float, float, float, float, float, float]:
+    """Forward multiply-adds: (patch embedding, rest of the encoder, decoder, heads, text tower, teacher).
+
+    ``tokens``: the image's patches when they are not ``cfg.num_patches`` (a native batch's canvas, zero padding
+    included: the model processes it); the prefix is then drawn from min(prefix_min, N - 1)..N - 1, as training does.
+    """
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-    N, L, d, D = cfg.num_patches, cfg.text_len, cfg.width, cfg.dec_width
-    T = cfg.dec_seq_len
+    N, L, d, D = tokens or cfg.num_patches, cfg.text_len, cfg.width, cfg.dec_width
+    T = cfg.dec_seq_len - cfg.num_patches + N
     lo, hi = cfg.prefix_range
+    if tokens is not None:
+        lo, hi = min(lo, N - 1), N - 1
     if attention == "dense":
         enc_pairs, dec_pairs, text_pairs = float(N * N), float(T * T), float(L * L)
     else:
         enc_pairs = mean_prefix_pairs(N, lo, hi) if prefix else N * N
         dec_pairs, text_pairs = causal_pairs(T), causal_pairs(L)
     patch = N * cfg.patch_dim * d
-    enc = _encoder_blocks_macs(cfg, enc_pairs)
+    enc = _encoder_blocks_macs(cfg, enc_pairs, N)
     dec, text = 0.0, 0.0
     teacher, teacher_width = _teacher_macs(cfg)
     if cfg.objective in ("aimv2", "aimv2_distill"):
@@ -189,10 +198,15 @@ def forward_flops(
 
 
 def training_flops(
-    cfg: ModelConfig, vocab_size: int | None = None, prefix: bool | None = None, attention: str = "masked"
+    cfg: ModelConfig,
+    vocab_size: int | None = None,
+    prefix: bool | None = None,
+    attention: str = "masked",
+    tokens: int | None = None,
 ) -> Flops:
-    """Forward + backward FLOPs per sample (arguments as ``forward_flops``)."""
-    patch, enc, dec, heads, text, teacher = _macs(cfg, *_args(cfg, vocab_size, prefix), attention)
+    """Forward + backward FLOPs per sample (arguments as ``forward_flops``; ``tokens``: the image's patches, e.g.
+    a native batch's rows x cols, when not ``cfg.num_patches``)."""
+    patch, enc, dec, heads, text, teacher = _macs(cfg, *_args(cfg, vocab_size, prefix), attention, tokens)
     # backward = 2 x forward (input + weight gradients); the patch conv has no input gradient to compute; the frozen
     # teacher runs forward only
     return Flops(
@@ -200,9 +214,15 @@ def training_flops(
     )
 
 
-def flops_per_sample(cfg: ModelConfig, vocab_size: int | None = None) -> float:
-    """Training FLOPs of one sample (forward + backward), the number MFU and the scaling laws use."""
-    return training_flops(cfg, vocab_size).total
+def flops_per_sample(cfg: ModelConfig, vocab_size: int | None = None, tokens: int | None = None) -> float:
+    """Training FLOPs of one sample (forward + backward), the number MFU and the scaling laws use.
+
+    Args:
+        cfg: the model config.
+        vocab_size: as ``forward_flops``.
+        tokens: the image's patches when not ``cfg.num_patches`` (native resolution: each batch's canvas).
+    """
+    return training_flops(cfg, vocab_size, tokens=tokens).total
 
 
 def _pool_params(cfg: ModelConfig, width: int, mlp_hidden: int) -> int:

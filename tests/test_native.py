@@ -3,6 +3,8 @@ padded patches out of the pixel loss, native batches of constant tokens that res
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -48,12 +50,18 @@ def test_sincos_encoder_has_no_table_and_runs_any_grid() -> None:
         torch.testing.assert_close(enc.embed(images), enc.patch_embed(images) + sincos_2d(h, w, cfg.width))
 
 
+NATIVE = ("data.native=true", "model.pos_embed=sincos2d", "data.tokens_per_batch=256", "data.native_log2_area=[4,6]")
+
+
 def test_native_with_a_learned_table_is_one_line_exit_2(capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
     bad = {
         ("data.native=true", "data.tokens_per_batch=256", "data.native_log2_area=[4,6]"): "model.pos_embed",
         ("data.native=true", "model.pos_embed=sincos2d", "data.tokens_per_batch=100"): "data.tokens_per_batch",
         ("model.pos_embed=rope",): "model.pos_embed",
+        (*NATIVE, "trainer.global_batch_size=64"): "trainer.global_batch_size",
+        (*NATIVE, "model.objective=clip"): "data.native",
+        ("data.native=true", "model.pos_embed=sincos2d", "data.native_log2_area=[4,6]"): "data.tokens_per_batch",
     }
     for overrides, key in bad.items():
         assert main(["train", "--config", "configs/tiny.yaml", "trainer.max_steps=1", *overrides]) == 2
@@ -133,9 +141,162 @@ def test_native_batch_keeps_aspect_and_pads_with_zeros() -> None:
     assert (batch["image"][1, :, :, :28] == 100).all() and (batch["image"][1, :, :, 28:] == 0).all()
 
 
-def test_a_complete_native_config_is_refused_until_the_loader_batches_by_area(capsys: pytest.CaptureFixture) -> None:
+# -- the loader ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """Two real shards of 50 and 30 JPEGs of four aspect ratios (wide, tall, square, very wide), one colour each."""
+    from aimpre.data import shard_set
+    from helpers import jpeg, write_tar
+
+    d = tmp_path_factory.mktemp("native")
+    sizes = [(96, 48), (40, 80), (64, 64), (120, 30)]
+    for s, n in enumerate((50, 30)):
+        samples = [{"__key__": f"s{s}-{i:03d}", "jpg": jpeg((200, 40 + i, 90), sizes[i % 4]), "txt": f"shape {i}"}
+                   for i in range(n)]  # fmt: skip
+        write_tar(d / f"n-{s}.tar", samples)
+    return shard_set(f"{d}/n-{{0..1}}.tar")
+
+
+def _stream(sources: list, **kw):
+    from aimpre.data import Augment, ByteTokenizer, ImageTextStream
+    from aimpre.data.native import Native
+
+    args = dict(tokenizer=ByteTokenizer(), text_len=16, batch_size=999, aug=Augment(64), seed=0, shuffle=8,
+                native=Native(4, 6, 256, 8))  # fmt: skip
+    return ImageTextStream(sources, **{**args, **kw})
+
+
+def _take(ds, n: int, workers: int = 0) -> list[dict]:
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    return [b for b, _ in zip(loader, range(n), strict=False)]
+
+
+def test_native_stream_draws_areas_keeps_aspect_and_tokens_per_step(shapes: list) -> None:
+    """Real shards through the stream: each batch's canvas is draw_area(seed, worker, index) at 2^4..2^6 patches,
+    tokens per step constant, every image whole with its aspect kept (within a patch) at the top left of the
+    canvas, zeros outside its grid; both ranks of a 2-rank run get the same canvas at every step."""
+    from aimpre.data.native import draw_area
+
+    batches = _take(_stream([shapes], world=2, rank=0), 12, workers=2)
+    other = _take(_stream([shapes], world=2, rank=1), 12, workers=2)
+    assert [b["image"].shape for b in batches] == [b["image"].shape for b in other]  # DDP: same step, same shape
+    assert not {k for b in batches for k in b["key"]} & {k for b in other for k in b["key"]}
+    seen = set()
+    for step, b in enumerate(batches):
+        area = draw_area(0, step % 2, step // 2, 4, 6)  # worker step % 2, its (step // 2)-th batch
+        B, _, H, W = b["image"].shape
+        assert (area.rows, area.cols) == (H // 8, W // 8) and B * area.patches * 2 == 256
+        assert b["state"]["index"] == step // 2 + 1 and b["grid"].shape == (B, 2)
+        seen.add(area.n)
+        for img, (r, c) in zip(b["image"], b["grid"].tolist(), strict=True):
+            rows = img.abs_().sum(dim=(0, 2)).nonzero().max().item() + 1  # pixel rows and columns with content
+            cols = img.sum(dim=(0, 1)).nonzero().max().item() + 1
+            assert (-(-rows // 8), -(-cols // 8)) == (r, c) and (rows == H or cols == W)  # fits, touches an edge
+    assert len(seen) > 1
+    aspects = {round(c / r, 1) for b in batches for r, c in b["grid"].tolist() if r == 8 or c == 8}
+    assert {0.5, 1.0, 2.0} <= aspects  # tall, square and wide images on a canvas 8 patches across
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("resampled", [False, True])
+def test_native_stream_resumes_exactly_across_epochs(shapes: list, workers: int, resampled: bool) -> None:
+    """Restarted from the states of its last batches, the stream continues bit for bit (areas, keys, pixels),
+    across epoch ends; an epoch reads no sample twice and drops less than one batch per reader."""
+    full = _take(_stream([shapes], resampled=resampled), 30, workers)
+    cut = 17
+    last = {b["worker"]: b["state"] for b in full[:cut]}
+    states = [last.get(k) for k in range(max(1, workers))]
+    resumed = _take(_stream([shapes], resampled=resampled, resume=states, first_worker=cut % max(1, workers)),
+                    30 - cut, workers)  # fmt: skip
+    for a, b in zip(full[cut:], resumed, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["grid"], b["grid"])
+    if not resampled:
+        epochs: dict[tuple[int, int], list[str]] = {}
+        for b in full:
+            epochs.setdefault((b["worker"], b["state"]["epoch"]), []).extend(b["key"])
+        readers = max(1, workers)
+        done = [keys for (w, e), keys in epochs.items() if (w, e + 1) in epochs]
+        assert done and all(len(k) == len(set(k)) and 80 // readers - len(k) < 16 for k in done)
+
+
+def _native_cfg(tmp_path, spec: str, val: str, name: str, *extra: str):
+    from aimpre.config import load_config
+
+    return load_config(
+        "configs/native_tiny.yaml",
+        [
+            f"run.out_dir={tmp_path}", f"run.name={name}", f"data.train_shards={spec}", f"data.val_shards={val}",
+            "data.batch_size=8", "trainer.val_batches=1", "trainer.val_every=4",
+            "data.num_workers=2", "data.native_log2_area=[4,5]", "data.tokens_per_batch=128", "model.depth=2",
+            "model.dec_depth=1", "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1",
+            "trainer.deterministic=true", "optim.warmup_steps=2", *extra,
+        ],
+    )  # fmt: skip
+
+
+def _rows(run) -> dict[int, dict[str, str]]:
+    import csv
+
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
+
+
+@pytest.mark.slow  # three short Lightning runs with 2 data workers each: ~45 s on a busy 2-core machine
+def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(
+    tmp_path, pretrain_spec: str, val_spec: str
+) -> None:
+    """A real Lightning run of configs/native_tiny.yaml (shrunk): stopped at step 2 and resumed, steps 3-4 have the
+    uninterrupted run's losses bit for bit; samples and FLOPs add each step's own batch at its own T."""
+    import json
+
+    from aimpre.config import load_config
+    from aimpre.data.native import draw_area
+    from aimpre.scaling import flops_per_sample
+    from aimpre.train import train
+    from test_train import StopAt
+
+    cfg = _native_cfg(tmp_path, pretrain_spec, val_spec, "full")
+    full = train(cfg)
+    part = train(_native_cfg(tmp_path, pretrain_spec, val_spec, "part"), callbacks=(StopAt(2),))
+    assert max(_rows(part)) == 2
+    train(_native_cfg(tmp_path, pretrain_spec, val_spec, "part"), resume=True)
+    a, b = _rows(full), _rows(part)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for k in ("loss", "loss_image", "loss_text", "samples", "flops"):
+            assert float(a[step][k]) == float(b[step][k]), (step, k)
+    # step s takes worker (s - 1) % 2's ((s - 1) // 2)-th batch: 128 tokens over 2^n-patch images
+    areas = [draw_area(cfg.run.seed, s % 2, s // 2, 4, 5).patches for s in range(4)]
+    model = load_config(full / "config.yaml", []).model  # its vocab_size resolved from the tokenizer
+    assert len(set(areas)) == 2, areas  # both sizes occur, so a fixed count would be wrong
+    samples = list(itertools.accumulate(128 // t for t in areas))
+    flops = list(itertools.accumulate(128 // t * flops_per_sample(model, tokens=t) for t in areas))
+    assert [int(a[s]["samples"]) for s in range(1, 5)] == samples
+    assert [float(a[s]["flops"]) for s in range(1, 5)] == pytest.approx(flops, rel=1e-12)
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["samples"] == samples[-1] and summary["tokens"] == 4 * 128
+    assert json.loads((part / "summary.json").read_text())["samples"] == samples[-1]
+    # validation (square, at model.img_size) and its baselines, fitted on square training crops
+    assert summary["val"]["loss"] > 0 and summary["baselines"]["loss_image_mean_patch"] > 0
+
+
+def test_model_info_counts_flops_per_native_area(capsys: pytest.CaptureFixture) -> None:
+    """FLOPs per sample grow with the area (not the fixed img_size); at the config's own grid they equal the fixed
+    count; a native config lists each area of its range; --area asks for one."""
+    import json
+
+    from aimpre.config import load_config
+    from aimpre.scaling import flops_per_sample
+
     capsys.readouterr()
-    args = ["data.native=true", "model.pos_embed=sincos2d", "data.tokens_per_batch=256", "data.native_log2_area=[4,6]"]
-    assert main(["train", "--config", "configs/tiny.yaml", "trainer.max_steps=1", *args]) == 2
-    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("aimpre")]
-    assert len(ours) == 1 and "data.native" in ours[0] and "not wired" in ours[0], ours
+    assert main(["model-info", "configs/native_tiny.yaml", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    by_area = {int(a): f for a, f in info["flops_per_sample_by_area"].items()}
+    assert sorted(by_area) == [16, 32, 64] and by_area[16] < by_area[32] < by_area[64]
+    assert by_area[64] == pytest.approx(info["flops_per_sample"], rel=1e-12)  # 64 patches = 112 px at patch 14
+    assert main(["model-info", "configs/native_tiny.yaml", "--json", "--area", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops_per_sample_by_area"] == {"32": by_area[32]}
+    cfg = load_config("configs/native_tiny.yaml", ["model.vocab_size=300"]).model
+    assert flops_per_sample(cfg, tokens=cfg.num_patches) == flops_per_sample(cfg)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from aimpre.data.native import fit_size
 from aimpre.files import parse_json
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
@@ -53,6 +54,9 @@ class Augment:
     train: bool = True  # False: centre square crop, no flip
     max_pixels: int = 100_000_000
     max_bytes: int = 512 << 20  # memory one image's decoding may take (see decode_bytes)
+    # native resolution: (height, width) in pixels of the batch's canvas; the whole image is resized, aspect kept,
+    # to the largest size that fits it (no crop, so no square), flipped as ``hflip`` says; ``size`` is unused
+    canvas: tuple[int, int] | None = None
 
 
 def crop_box(W: int, H: int, aug: Augment, rng: np.random.Generator) -> tuple[float, float, float, float]:
@@ -145,7 +149,8 @@ def _jpeg_rgbx(data: bytes, size: tuple[int, int], scale: int, rows: int | None 
 
 
 def decode_image(data: bytes, aug: Augment, rng: np.random.Generator) -> Tensor | str:
-    """Bytes -> uint8 [3, S, S] (channels-last in memory, possibly a view of 4 channels), or a skip reason."""
+    """Bytes -> uint8 [3, S, S] (channels-last in memory, possibly a view of 4 channels), or a skip reason; with
+    ``aug.canvas`` [3, h, w], the image's aspect kept inside the canvas."""
     if not data:
         return "empty_image"
     if len(data) > aug.max_bytes:
@@ -162,9 +167,14 @@ def decode_image(data: bytes, aug: Augment, rng: np.random.Generator) -> Tensor 
                 W, H = img.size
             if aug.max_pixels < W * H:
                 return "too_large"
-            x0, y0, x1, y1 = crop_box(W, H, aug, rng)
-            # JPEG decodes at 1/2, 1/4, 1/8 scale: take the smallest that keeps the crop at >= size pixels
-            need = (math.ceil(W * aug.size / (x1 - x0)), math.ceil(H * aug.size / (y1 - y0)))
+            if aug.canvas is None:
+                x0, y0, x1, y1 = crop_box(W, H, aug, rng)
+                oh = ow = aug.size
+            else:  # native: the whole image, aspect kept
+                x0, y0, x1, y1 = 0, 0, W, H
+                oh, ow = fit_size(H, W, *aug.canvas)
+            # JPEG decodes at 1/2, 1/4, 1/8 scale: take the smallest that keeps the crop at >= its output size
+            need = (math.ceil(W * ow / (x1 - x0)), math.ceil(H * oh / (y1 - y0)))
             if img is None:  # Pillow's draft scale, computed as Pillow does
                 most = min(W // need[0], H // need[1])
                 scale = next((s for s in (8, 4, 2) if most >= s), 1)
@@ -186,7 +196,7 @@ def decode_image(data: bytes, aug: Augment, rng: np.random.Generator) -> Tensor 
     except Exception:  # PIL raises many types on corrupt or truncated data: every one is a bad sample
         return "bad_image"
     x = torch.from_numpy(pixels[top:bottom, left:right]).permute(2, 0, 1)[None]  # [1, C, h, w], channels-last:
-    out = F.interpolate(x, size=(aug.size, aug.size), mode="bicubic", antialias=True)[0, :3]  # torch's fast path
+    out = F.interpolate(x, size=(oh, ow), mode="bicubic", antialias=True)[0, :3]  # torch's fast path
     if aug.train and aug.hflip and rng.random() < 0.5:
         out = out.flip(-1)
     return out

@@ -55,6 +55,36 @@ def draw_area(seed: int, worker: int, index: int, lo: int, hi: int) -> Area:
     return Area(n, rows, cols)
 
 
+class Native(NamedTuple):
+    """A stream's native-resolution settings (``data.native_log2_area``, ``data.tokens_per_batch``, the patch)."""
+
+    lo: int
+    hi: int
+    tokens_per_batch: int
+    patch: int
+
+    def largest_batch(self, world: int) -> int:
+        """Images per rank at the smallest area: the most one batch ever needs."""
+        return batch_size_for(Area(self.lo, 1, 1 << self.lo), self.tokens_per_batch, world)
+
+
+def native_span(total: int, native: Native, world: int, readers: int) -> int:
+    """Samples of each reader's range per epoch: all of them, evenly split (the remainder < readers is dropped).
+
+    Raises:
+        ValueError: a range cannot hold the largest batch (smallest area) once.
+    """
+    span, most = total // readers, native.largest_batch(world)
+    if span < most:
+        raise ValueError(
+            f"{total} samples cannot fill one batch of {most} images (area 2^{native.lo} patches at "
+            f"data.tokens_per_batch {native.tokens_per_batch}) for each of {readers} readers (ranks x "
+            "data.num_workers): raise data.native_log2_area's low end, lower data.tokens_per_batch or "
+            "data.num_workers, or add data"
+        )
+    return span
+
+
 def batch_size_for(area: Area, tokens_per_batch: int, world: int) -> int:
     """Images per rank at this area: ``tokens_per_batch`` image tokens per step over ``world`` ranks."""
     b = tokens_per_batch // (area.patches * world)
@@ -63,6 +93,33 @@ def batch_size_for(area: Area, tokens_per_batch: int, world: int) -> int:
             f"data.tokens_per_batch {tokens_per_batch} is not a multiple of {area.patches} patches x {world} ranks"
         )
     return b
+
+
+def fit_size(h: int, w: int, H: int, W: int) -> tuple[int, int]:
+    """The largest (height, width) with the aspect of ``h`` x ``w`` that fits ``H`` x ``W`` pixels (at least 1)."""
+    scale = min(H / h, W / w)
+    return max(1, min(H, round(h * scale))), max(1, min(W, round(w * scale)))
+
+
+def pad_to_canvas(images: list[Tensor], rows: int, cols: int, patch: int, out: Tensor | None = None) -> Tensor:
+    """uint8 [B, 3, rows*patch, cols*patch]: each image at the top left, zeros elsewhere.
+
+    Args:
+        images: uint8 [3, h, w] each, no larger than the canvas.
+        rows, cols: the canvas in patches.
+        patch: patch side in pixels.
+        out: a buffer of that shape to write into (a shared-memory one), or None for a new tensor.
+    """
+    shape = (len(images), 3, rows * patch, cols * patch)
+    canvas = torch.zeros(shape, dtype=torch.uint8) if out is None else out.zero_()
+    for i, im in enumerate(images):
+        canvas[i, :, : im.shape[-2], : im.shape[-1]] = im
+    return canvas
+
+
+def grid_of(image: Tensor, patch: int) -> tuple[int, int]:
+    """An image's own (rows, cols) in patches, rounded up: a patch the image only partly covers is image."""
+    return math.ceil(image.shape[-2] / patch), math.ceil(image.shape[-1] / patch)
 
 
 def fit_to_canvas(image: Tensor, area: Area, patch: int) -> tuple[Tensor, tuple[int, int]]:
@@ -77,14 +134,9 @@ def fit_to_canvas(image: Tensor, area: Area, patch: int) -> tuple[Tensor, tuple[
         uint8 [3, rows * patch, cols * patch] and the image's own (rows, cols) in patches (rounded up: a patch
         the image only partly covers is image, not padding).
     """
-    H, W = area.rows * patch, area.cols * patch
-    h, w = image.shape[-2:]
-    scale = min(H / h, W / w)
-    nh, nw = max(1, min(H, round(h * scale))), max(1, min(W, round(w * scale)))
+    nh, nw = fit_size(image.shape[-2], image.shape[-1], area.rows * patch, area.cols * patch)
     x = F.interpolate(image[None], size=(nh, nw), mode="bicubic", antialias=True)[0]  # uint8 in, uint8 out
-    out = torch.zeros(3, H, W, dtype=torch.uint8)
-    out[:, :nh, :nw] = x
-    return out, (math.ceil(nh / patch), math.ceil(nw / patch))
+    return pad_to_canvas([x], area.rows, area.cols, patch)[0], grid_of(x, patch)
 
 
 def native_batch(images: list[Tensor], area: Area, patch: int) -> dict[str, Tensor]:

@@ -9,6 +9,9 @@ Batch: ``image`` uint8 [B, 3, S, S], ``key`` list[str], ``worker`` int, ``state`
 counts of skips by reason and of read errors); with what the objective needs (``need``, as
 ``aimpre.objectives.needs`` says): ``text`` int64 [B, L] and ``text_mask`` bool [B, L] for "text", ``label``
 int64 [B] for "label". A sample lacking a needed field is skipped and counted; one lacking an unneeded one is kept.
+With ``native`` (``data.native``), each batch has its own canvas: ``image`` uint8 [B, 3, rows*p, cols*p], whole
+images with their aspect kept, zero-padded, and ``grid`` int64 [B, 2] each image's own rows and columns; B and the
+canvas come from the worker's batch index (``_native_batches``).
 
 ``StreamLoader`` is the DataLoader for it: its workers stack images into a few reused shared-memory buffers
 instead of fresh ones for every batch.
@@ -17,11 +20,13 @@ instead of fresh ones for every batch.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aimpre.data.decode import FIELDS, SKIP_REASONS, Augment, decode_fields
+from aimpre.data.native import Native, batch_size_for, draw_area, grid_of, native_span, pad_to_canvas
 from aimpre.data.reader import ReadErrors, chunk_shuffled, epoch_plan, resampled_draw, source_choices
 from aimpre.data.shardset import Shard
 from aimpre.data.tokenizer import Tokenizer, encode_captions
@@ -71,6 +77,9 @@ class ImageTextStream(IterableDataset):
             {"text", "label"} (``aimpre.objectives.needs(objective)``).
         num_classes: with "label" needed, labels must lie in 0..num_classes-1 (others are skipped as
             "bad_label"); None: any non-negative label.
+        native: native-resolution batches (``aimpre.data.native``): each batch draws its area from (seed, worker,
+            the worker's batch index), holds ``batch_size_for`` images fitted to its canvas, aspect kept, and
+            carries ``grid``; ``batch_size`` is then unused. None: square crops of ``aug.size``.
     """
 
     def __init__(
@@ -91,6 +100,7 @@ class ImageTextStream(IterableDataset):
         first_worker: int = 0,
         need: frozenset[str] = frozenset({"text"}),
         num_classes: int | None = None,
+        native: Native | None = None,
     ) -> None:
         super().__init__()
         if not resampled and weights is not None:
@@ -103,6 +113,7 @@ class ImageTextStream(IterableDataset):
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
         self.resume = resume or []
         self.first_worker = first_worker
+        self.native = native
         # set by StreamLoader: per worker, how many of its shared image buffers the consumer has released
         self.released: torch.Tensor | None = None
         self.buffers = 0
@@ -150,16 +161,24 @@ class ImageTextStream(IterableDataset):
             pos = pos - p + span
 
     def _fill(
-        self, samples: Iterator[tuple[dict[str, Any], Any]], reader: int, tally: _Tally, span: int
+        self,
+        samples: Iterator[tuple[dict[str, Any], Any]],
+        reader: int,
+        tally: _Tally,
+        span: int,
+        aug: Augment | None = None,
+        size: int | None = None,
     ) -> tuple[_Kept, dict[str, Any]]:
-        """Decodes samples until a batch is full; returns what was kept and the state after the last."""
+        """Decodes samples until a batch is full (``size`` images, with ``aug``; None: the stream's); returns what
+        was kept and the state after the last."""
+        aug, size = aug or self.aug, size or self.batch_size
         kept = _Kept([], [], [], [])
         keys, images, captions, labels = kept
         since_kept = 0
         for st, sample in samples:
             # augmentation depends on the position only, so a resumed reader crops exactly as before
             rng = np.random.default_rng([self.seed, reader, st.get("epoch", 0), st["pos"]])
-            out = decode_fields(sample, self.aug, rng, self.need, self.num_classes, self.text_len)
+            out = decode_fields(sample, aug, rng, self.need, self.num_classes, self.text_len)
             if isinstance(out, str):
                 tally.skipped[out] += 1
                 since_kept += 1
@@ -172,13 +191,26 @@ class ImageTextStream(IterableDataset):
             images.append(out[0])
             captions += [out[1]] if out[1] is not None else []  # present exactly when needed
             labels += [out[2]] if out[2] is not None else []
-            if len(images) == self.batch_size:
+            if len(images) == size:
                 return kept, st
         raise RuntimeError("sample stream ended")  # streams are endless
 
-    def _batch(self, kept: _Kept, tally: _Tally, shm: _SharedBuffers | None) -> dict:
-        out = shm.take((len(kept.images), *kept.images[0].shape)) if shm is not None else None
-        batch: dict[str, Any] = {"image": torch.stack(kept.images, out=out), "key": kept.keys}  # [B, 3, S, S] uint8
+    def _batch(
+        self, kept: _Kept, tally: _Tally, shm: _SharedBuffers | None, canvas: tuple[int, int] | None = None
+    ) -> dict:
+        """The batch of ``kept``; with ``canvas`` (rows, cols in patches) the images zero-padded to it, and ``grid``."""
+        if canvas is None:
+            out = shm.take((len(kept.images), *kept.images[0].shape)) if shm is not None else None
+            batch: dict[str, Any] = {"image": torch.stack(kept.images, out=out), "key": kept.keys}  # [B, 3, S, S]
+        else:
+            assert self.native is not None
+            p = self.native.patch
+            out = shm.take((len(kept.images), 3, canvas[0] * p, canvas[1] * p)) if shm is not None else None
+            batch = {
+                "image": pad_to_canvas(kept.images, *canvas, p, out=out),  # [B, 3, rows*p, cols*p] uint8
+                "grid": torch.tensor([grid_of(im, p) for im in kept.images], dtype=torch.int64),  # [B, 2]
+                "key": kept.keys,
+            }
         if "text" in self.need:
             text, mask = encode_captions(self.tokenizer, kept.captions, self.text_len)
             tally.truncated += int((mask.all(dim=1) & (text[:, -1] != self.tokenizer.eos_id)).sum())
@@ -197,6 +229,8 @@ class ImageTextStream(IterableDataset):
         shm = None
         if info is not None and self.released is not None:  # a StreamLoader worker
             shm = _SharedBuffers(self.released, worker, self.buffers)
+        if self.native is not None:
+            yield from self._native_batches(worker, reader, readers, state, tally, shm)
         if self.resampled:
             samples = self._resampled_samples(reader, state, tally.errors)
             while True:
@@ -215,6 +249,40 @@ class ImageTextStream(IterableDataset):
                 batch = self._batch(kept, tally, shm)
                 yield {**batch, "worker": worker, "state": {**after, **tally.state()}}
             epoch, pos, done = epoch + 1, 0, 0
+
+    def _native_batches(
+        self, worker: int, reader: int, readers: int, state: dict[str, Any], tally: _Tally, shm: _SharedBuffers | None
+    ) -> Iterator[dict[str, Any]]:
+        """Native batches, forever. The area of a worker's i-th batch is ``draw_area(seed, worker, i)``: the same on
+        every rank (ranks have the same workers and the DataLoader takes them in turn), so all ranks run the same
+        batch size and grid at every step. The state after a batch adds ``index`` (i + 1) to the reader's position.
+
+        Epochs: each reader's range is its share of all samples (``native_span``); a batch that needs more samples
+        than the range has left ends the epoch, the tail is dropped (fewer than one batch of the largest size) and
+        that batch, with the area already drawn for it, starts the next epoch. Ranks may end epochs at different
+        batches (bad samples are skipped where they are): areas depend on the batch index alone, never the epoch.
+        """
+        nat = self.native
+        assert nat is not None
+        index = state.get("index", 0)
+        epoch, pos, span = state.get("epoch", 0), state.get("pos", 0), 0
+        if self.resampled:
+            samples = self._resampled_samples(reader, state, tally.errors)
+        else:
+            total = sum(s.samples or 0 for shards in self.sources for s in shards)
+            span = native_span(total, nat, self.world, readers)
+            samples = self._epoch_range(reader, span, epoch, pos, tally.errors)
+        while True:
+            area = draw_area(self.seed, worker, index, nat.lo, nat.hi)
+            size = batch_size_for(area, nat.tokens_per_batch, self.world)
+            if not self.resampled and span - pos < size:  # epoch end: drop the short tail
+                epoch, pos = epoch + 1, 0
+                samples = self._epoch_range(reader, span, epoch, pos, tally.errors)
+            aug = replace(self.aug, canvas=(area.rows * nat.patch, area.cols * nat.patch))
+            kept, st = self._fill(samples, reader, tally, span, aug, size)
+            pos, index = st["pos"], index + 1
+            batch = self._batch(kept, tally, shm, (area.rows, area.cols))
+            yield {**batch, "worker": worker, "state": {**st, "index": index, **tally.state()}}
 
 
 class _Kept(NamedTuple):
@@ -320,10 +388,11 @@ class _SharedBuffers:
         i = self.taken % self.size
         if i == len(self.tensors):
             self.tensors.append(torch.empty(shape, dtype=torch.uint8).share_memory_())
-        if self.tensors[i].shape != shape:
+        # native batches change shape but not size (tokens per step are constant): a buffer is reshaped
+        if self.tensors[i].numel() != math.prod(shape):
             return None
         self.taken += 1
-        return self.tensors[i]
+        return self.tensors[i].view(shape)
 
 
 class _Tally:

@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -338,6 +338,11 @@ class MetricsCSV(pl.Callback):
     world size, needs the FLOPs per batch as a module attribute (ours come from aimpre.scaling.flops_per_sample),
     logs under its own names at Lightning's cadence rather than in these rows, and synchronises CUDA every batch.
 
+    Native resolution (``count_batches``): every batch has its own images and patches per image, so ``samples``,
+    ``flops``, ``img_per_s``, ``tflops`` and ``mfu`` add up each batch's own count and FLOPs at its own T (all ranks
+    run the same shape at a step, so a rank's count times the world size is the global one), and the text line adds
+    ``tok/s``; the running totals travel in checkpoints (this callback's state).
+
     ``mfu`` is the achieved FLOP/s over the chip's dense peak in the dtype of the matmuls' precision (bf16 for
     bf16-mixed), and over the bf16 peak for ``trainer.precision=fp8`` too (Lightning runs it as bf16-mixed): the
     float8 GEMMs count against the bf16 peak, not float8's twice-higher one, so MFU compares precisions directly.
@@ -363,6 +368,39 @@ class MetricsCSV(pl.Callback):
         self.last_row: dict[str, Any] = {}  # the latest train row, for the progress bar
         self.t_start, self.start_step = 0.0, 0
         self.peak: float | None = None
+        self.tok_s = 0.0  # native: tokens per second of the latest train row
+        # native batches (count_batches): per-sample FLOPs at T patches, the patch side, and running sums
+        self.flops_at: Callable[[int], float] | None = None
+        self.patch = 0
+        self.totals: dict[str, Any] = {"samples": 0, "flops": 0.0, "tokens": 0}  # the whole run's, over all ranks
+        self.in_row: dict[str, Any] = {"samples": 0, "flops": 0.0, "tokens": 0}  # since the last train row
+
+    def count_batches(self, flops_at: Callable[[int], float], patch: int) -> None:
+        """Counts samples, tokens and FLOPs batch by batch (native resolution) instead of steps x a fixed batch.
+
+        Args:
+            flops_at: training FLOPs of one sample whose image has T patches (``scaling.flops_per_sample``).
+            patch: patch side in pixels, to read T off a batch's images.
+        """
+        cache: dict[int, float] = {}
+        self.flops_at = lambda t: cache[t] if t in cache else cache.setdefault(t, flops_at(t))
+        self.patch = patch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": dict(self.totals)} if self.flops_at is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.totals.update(state_dict.get("totals", {}))
+
+    def _add_batch(self, trainer: pl.Trainer, batch: Any) -> None:
+        assert self.flops_at is not None
+        n, _, h, w = batch["image"].shape
+        n *= trainer.world_size
+        t = (h // self.patch) * (w // self.patch)
+        for sums in (self.totals, self.in_row):
+            sums["samples"] += n
+            sums["tokens"] += n * t
+            sums["flops"] += n * self.flops_at(t)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after a resume's restore, so global_step is the restored step
@@ -412,6 +450,8 @@ class MetricsCSV(pl.Callback):
                 self.share_sum if self.share_sum is not None else 0
             )
         self.count += 1
+        if self.flops_at is not None:
+            self._add_batch(trainer, batch)
         if "state" in batch:  # batches from our stream carry their reader's counters
             self.data_state[batch["worker"]] = batch["state"]
         self.t_batch_end = time.perf_counter()
@@ -462,19 +502,26 @@ class MetricsCSV(pl.Callback):
         losses = dict(zip(parts, self._reduce(trainer, [self.sums[k] / self.count for k in parts]), strict=True))
         (skipped,) = self._reduce(trainer, [float(sum(self._counts("skipped").values()))], "sum")
         step = trainer.global_step
-        img_s = self.steps_in_row * self.samples_per_step / max(elapsed, 1e-9)
+        samples, flops = self.progress_at(step)
+        if self.flops_at is None:
+            img_s = self.steps_in_row * self.samples_per_step / max(elapsed, 1e-9)
+            flops_s = img_s * self.flops_per_sample
+        else:  # this interval's own samples and FLOPs
+            img_s, flops_s = self.in_row["samples"] / max(elapsed, 1e-9), self.in_row["flops"] / max(elapsed, 1e-9)
+            self.tok_s = self.in_row["tokens"] / max(elapsed, 1e-9)
+            self.in_row = {"samples": 0, "flops": 0.0, "tokens": 0}
         peak = self.peak
         row = {
             "step": step,
-            "samples": step * self.samples_per_step,
-            "flops": step * self.samples_per_step * self.flops_per_sample,
+            "samples": samples,
+            "flops": flops,
             **{k: losses.get(k, "") for k in LOSSES},
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "grad_norm": _host(getattr(pl_module, "grad_norm", "")),  # kept on the device between rows
             "img_per_s": img_s,
             "img_per_s_device": img_s / trainer.world_size,
-            "tflops": img_s * self.flops_per_sample / 1e12,  # achieved, all devices together
-            "mfu": img_s * self.flops_per_sample / (peak * trainer.world_size) if peak else "",
+            "tflops": flops_s / 1e12,  # achieved, all devices together
+            "mfu": flops_s / (peak * trainer.world_size) if peak else "",
             "data_time": self.data_time / max(self.count, 1),
             "step_time": elapsed / max(self.steps_in_row, 1),
             "skipped": int(skipped),
@@ -485,6 +532,12 @@ class MetricsCSV(pl.Callback):
         self.sums.clear()
         self.share_sum = None
         self.count, self.data_time, self.steps_in_row, self.t_row = 0, 0.0, 0, None
+
+    def progress_at(self, step: int) -> tuple[int, float]:
+        """The run's (samples, FLOPs) by ``step``."""
+        if self.flops_at is None:
+            return step * self.samples_per_step, step * self.samples_per_step * self.flops_per_sample
+        return int(self.totals["samples"]), float(self.totals["flops"])
 
     def _shares(self, trainer: pl.Trainer) -> dict[tuple[int, int], float]:
         """(block, expert) -> share of the routed tokens, the interval's mean over steps and ranks (read back here,
@@ -498,8 +551,8 @@ class MetricsCSV(pl.Callback):
         if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
             return
         step = trainer.global_step
-        row: dict[str, Any] = {"step": step, "samples": step * self.samples_per_step}
-        row["flops"] = row["samples"] * self.flops_per_sample
+        samples, flops = self.progress_at(step)
+        row: dict[str, Any] = {"step": step, "samples": samples, "flops": flops}
         for k in LOSSES:
             if f"val_{k}" in trainer.callback_metrics:
                 row[f"val_{k}"] = float(trainer.callback_metrics[f"val_{k}"])
@@ -543,7 +596,8 @@ class MetricsCSV(pl.Callback):
             per_step = (time.perf_counter() - self.t_start) / max(step - self.start_step, 1)
             eta = datetime.timedelta(seconds=round(per_step * max(trainer.max_steps - step, 0)))
             losses = " ".join(f"{k} {row[k]:.4f}" for k in LOSSES if k in row)
-            line = f"{head} {losses} lr {row['lr']:.2e} img/s {row['img_per_s']:.1f} eta {eta}"
+            tok = f" tok/s {self.tok_s:.0f}" if self.flops_at is not None else ""
+            line = f"{head} {losses} lr {row['lr']:.2e} img/s {row['img_per_s']:.1f}{tok} eta {eta}"
         else:
             line = f"{head} val " + " ".join(f"{k} {row['val_' + k]:.4f}" for k in LOSSES if "val_" + k in row)
         self._log_line(line)

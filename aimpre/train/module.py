@@ -21,6 +21,7 @@ from aimpre.data import (
     sources,
     spec_urls,
 )
+from aimpre.data.native import Area, Native, batch_size_for, native_span
 from aimpre.data.scan import check_fields
 from aimpre.objectives import build, needs, uses_prefix
 from aimpre.objectives.contrastive import clamp_temperatures
@@ -262,11 +263,22 @@ class AIMv2DataModule(pl.LightningDataModule):
         return module
 
     def stream(
-        self, spec: str | list[str], demo_split: str, train: bool, resume: list | None = None
+        self, spec: str | list[str], demo_split: str, train: bool, resume: list | None = None, square: bool = False
     ) -> ImageTextStream:
+        """The train or validation stream of ``spec``; ``square``: training crops at model.img_size even under
+        data.native (what the mean-patch baseline fits on, to compare with the square validation)."""
         d, m = self.cfg.data, self.cfg.model
         rank, world = self._where()
         resampled = d.resampled and train
+        # native batches in training; validation stays square at model.img_size, so val losses compare across runs
+        native = None
+        if d.native and train and not square:
+            lo, hi = d.native_log2_area
+            native = Native(lo, hi, d.tokens_per_batch or 0, m.patch_size)
+            try:  # every area must split over the ranks; the largest area is the strictest
+                batch_size_for(Area(hi, 1, 1 << hi), native.tokens_per_batch, world)
+            except ValueError as e:
+                raise ConfigError(f"config key 'data.tokens_per_batch': {e}") from e
         stream = ImageTextStream(
             sources(spec, demo_split, need_counts=not resampled, index=d.index),
             self.tokenizer,
@@ -289,10 +301,15 @@ class AIMv2DataModule(pl.LightningDataModule):
             resume=resume,
             need=needs(m.objective),
             num_classes=m.num_classes,
+            native=native,
         )
         if not resampled:  # fail here, naming the shards, rather than in a data worker with its traceback
+            readers = world * (max(1, d.num_workers) if train else 1)
             try:
-                batches_per_epoch(stream.sources, d.batch_size, world * (max(1, d.num_workers) if train else 1))
+                if native is not None:
+                    native_span(sum(s.samples or 0 for src in stream.sources for s in src), native, world, readers)
+                else:
+                    batches_per_epoch(stream.sources, d.batch_size, readers)
             except ValueError as e:
                 raise ConfigError(f"config key 'data.{'train' if train else 'val'}_shards': {e}") from e
         return stream
@@ -305,15 +322,16 @@ class AIMv2DataModule(pl.LightningDataModule):
             return None
         rank, world = self._where()
         d = self.cfg.data
-        layout = (world, d.num_workers, d.batch_size, d.resampled)
+        layout = (world, d.num_workers, d.batch_size, d.resampled, self._native_layout())
         saved = self.saved
-        if (saved["world"], saved["workers"], saved["batch_size"], saved.get("resampled", False)) == layout:
+        was = (saved["world"], saved["workers"], saved["batch_size"], saved.get("resampled", False),
+               saved.get("native"))  # fmt: skip
+        if was == layout:
             mine = {int(k): v for k, v in saved["readers"][rank].items()}
         else:  # another layout: restart the epoch the run was in (some samples repeat); say so
             epoch = max((s.get("epoch", 0) for r in saved["readers"] for s in r.values()), default=0)
             rank_zero_warn(
-                f"resuming with (world, workers, batch, resampled) = {layout} instead of "
-                f"{(saved['world'], saved['workers'], saved['batch_size'], saved.get('resampled', False))}: "
+                f"resuming with (world, workers, batch, resampled, native) = {layout} instead of {was}: "
                 f"the data order cannot continue exactly, restarting epoch {epoch}"
             )
             mine = {k: {"epoch": epoch} for k in range(max(1, d.num_workers))}
@@ -341,7 +359,12 @@ class AIMv2DataModule(pl.LightningDataModule):
             dist.all_gather_object(readers, mine)
         d = self.cfg.data
         return {"world": world, "workers": d.num_workers, "batch_size": d.batch_size, "resampled": d.resampled,
-                "readers": readers}  # fmt: skip
+                "native": self._native_layout(), "readers": readers}  # fmt: skip
+
+    def _native_layout(self) -> list[int] | None:
+        """What native batching a reader state belongs to: (lo, hi, tokens per batch), None for square batches."""
+        d = self.cfg.data
+        return [*d.native_log2_area, d.tokens_per_batch or 0] if d.native else None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.saved = state if "readers" in state else None

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +335,8 @@ def _train_locked(
         callbacks=[metrics, Checkpointer(ckpt_dir, t.ckpt_every, t.keep_last, val_every, stop), *bar, *callbacks],
     )
     metrics.samples_per_step = cfg.data.batch_size * trainer.world_size * accumulate
+    if cfg.data.native:  # each batch its own images and patches: counted batch by batch
+        metrics.count_batches(partial(flops_per_sample, cfg.model, None), cfg.model.patch_size)
     if trainer.is_global_zero:
         action = "resuming" if resume and last.exists() else "starting"
         where = f"aimpre: {action} run {cfg.run.name} ({cfg.model.size}) in {run_dir}"
@@ -387,7 +390,9 @@ def _write_summary(
     train_rows = [r for r in rows if r["loss"]]
     val_rows = [r for r in rows if r["val_loss"]]
     tail = train_rows[-max(1, len(train_rows) // 10) :]
-    samples = trainer.global_step * metrics.samples_per_step
+    samples, flops = metrics.progress_at(trainer.global_step)
+    if cfg.data.native:  # the mean over the run's batches (variable T)
+        fps = flops / max(samples, 1)
     summary: dict[str, Any] = {
         "run": cfg.run.name,
         "size": cfg.model.size,
@@ -395,7 +400,8 @@ def _write_summary(
         "flops_per_sample": fps,
         "steps": trainer.global_step,
         "samples": samples,
-        "flops": samples * fps,
+        "flops": flops,
+        **({"tokens": metrics.totals["tokens"]} if cfg.data.native else {}),
         "initial": _mean_rows(train_rows[:1], LOSSES) if train_rows and train_rows[0]["step"] == "1" else {},
         "final": _mean_rows(tail, LOSSES),
         "val": {k[4:]: v for k, v in _mean_rows(val_rows[-1:], tuple(f"val_{k}" for k in LOSSES)).items()},
@@ -413,7 +419,7 @@ def _write_summary(
         and uses_prefix(cfg.model.objective)
     ):
         n = cfg.trainer.val_batches
-        train_batches = itertools.islice(iter(data.stream(cfg.data.train_shards, "pretrain", True)), 4 * n)
+        train_batches = itertools.islice(iter(data.stream(cfg.data.train_shards, "pretrain", True, square=True)), 4 * n)
         val_batches = itertools.islice(iter(data.stream(cfg.data.val_shards, "val", False)), n)
         seed = cfg.run.seed
         summary["baselines"] = baselines(
