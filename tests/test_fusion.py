@@ -151,10 +151,10 @@ def test_digits_probe_fuses_a_blind_encoder_with_one_that_sees(
 
     def shard(name: str, n: int) -> str:  # three classes: a reddish, greenish or bluish picture, brightness varies
         samples = []
-        for i in range(n):
-            colour = [int(v) for v in torch.randint(0, 90, (3,), generator=rng)]
-            colour[i % 3] += 120
-            samples.append({"__key__": f"k{i:03d}", "jpg": jpeg(tuple(colour)), "cls": str(i % 3)})  # type: ignore[arg-type]
+        for i in range(n):  # classes drawn at random: a source shifted by a sample would not predict them
+            label, colour = int(torch.randint(0, 3, (), generator=rng)), torch.randint(0, 90, (3,), generator=rng)
+            colour[label] += 120
+            samples.append({"__key__": f"k{i:03d}", "jpg": jpeg(tuple(colour.tolist())), "cls": str(label)})
         return str(write_tar(tmp_path / name, samples))
 
     train, test = shard("train.tar", 60), shard("test.tar", 60)
