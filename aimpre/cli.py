@@ -656,20 +656,22 @@ def _probe(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
     settings = ProbeSettings(**{k: v for k, v in given.items() if v is not None})
     test = None if args.test == "none" else args.test
-    encoder = Path(args.encoder)
+    encoder = Path(args.encoder[0])
     out = Path(args.out) if args.out else (encoder if encoder.is_dir() else encoder.parent) / "probe.json"
     layers = Layers(None if args.layers is None else tuple(args.layers), args.merge)
-    res = run_probe(args.encoder, args.train, test, tuple(args.kind), settings, args.compare_random,
+    res = run_probe(args.encoder[0], args.train, test, tuple(args.kind), settings, args.compare_random,
                     not args.no_cache, out, layers, args.raw_pixels,
-                    None if args.img_size is None else parse_size(args.img_size))  # fmt: skip
+                    None if args.img_size is None else parse_size(args.img_size), tuple(args.encoder[1:]),
+                    args.fuse)  # fmt: skip
     what = "output" if args.layers is None else f"{args.merge} of blocks {', '.join(map(str, args.layers))}"
     print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; features: {what}; "
           f"top-1 on {res['test']} (and on the probe's own training images):")  # fmt: skip
-    print(f"{'':14}" + "".join(f"{k + ' (train)':>22}" for k in args.kind))
+    width = max(14, *(len(n) + 1 for n in res["results"]))
+    print(f"{'':{width}}" + "".join(f"{k + ' (train)':>22}" for k in args.kind))
     for name, by_kind in res["results"].items():
         cells = (f"{by_kind[k]['top1']:.1%} ({by_kind[k]['train_top1']:.1%})" if k in by_kind else "-"
                  for k in args.kind)  # fmt: skip
-        print(f"{name:14}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{name:{width}}" + "".join(f"{c:>22}" for c in cells))
     print(f"results: {out}")
     return 0
 
@@ -1067,7 +1069,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_export)
 
     pr = sub.add_parser("probe", help="frozen-trunk attentive and linear probes on labelled shards")
-    pr.add_argument("encoder", help="a run, checkpoint, export, or timm/HF AIMv2 model directory")
+    pr.add_argument("encoder", nargs="+", help="a run, checkpoint, export, or timm/HF AIMv2 model directory; more "
+                    "(or 'pixels') are probed each alone and fused with the first, on its token grid")  # fmt: skip
+    pr.add_argument("--fuse", choices=("concat", "sum"), default="concat", help="how several encoders' tokens "
+                    "combine (concatenated, or projected to one width and summed; default concat)")  # fmt: skip
     pr.add_argument("--train", default="demo:digits-train", help="labelled shards (demo:SPLIT or a shard spec)")
     pr.add_argument("--test", default="demo:digits-test", help="held-out labelled shards; 'none': 20%% of --train")
     pr.add_argument("--kind", nargs="+", default=["attentive", "linear"], choices=("attentive", "linear"))

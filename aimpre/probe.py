@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from aimpre.data.decode import IMAGE_KEYS, decode_image, sample_label
 from aimpre.data.demo import cache_root
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.eval import finish_record
+from aimpre.eval.fusion import fused_name
 from aimpre.export import load
 from aimpre.files import atomic_path
 from aimpre.model import AIMv2Encoder
@@ -418,6 +420,8 @@ def run_probe(
     layers: Layers = Layers(),
     raw_pixels: bool = False,
     img_size: int | tuple[int, int] | None = None,
+    fuse: tuple[str, ...] = (),
+    fusion: str = "concat",
 ) -> dict[str, Any]:
     """Probes a frozen encoder (and, if asked, the same architecture at random initialisation, and raw pixels).
 
@@ -435,6 +439,11 @@ def run_probe(
             ``raw_pixels`` (when ``kinds`` has it).
         img_size: probe at this size (S, or (H, W) for a sincos2d encoder, which runs any grid); None: the size
             the encoder was trained at.
+        fuse: more encoders (paths, or "pixels": the normalised pixels patchified as the encoder patchifies them),
+            each probed alone (a row named by its path) and fused with the encoder in one more row
+            (``aimpre.eval.fusion.fused_name``). Each reads the images with its own preprocessing (size, mean/std),
+            its output tokens (cached as the encoder's) resampled to the encoder's token grid.
+        fusion: how the fused row combines its sources: "concat" or "sum" (projected to one width and summed).
 
     Returns:
         A JSON-able dict with top-1 and train top-1 per encoder and probe, the data sizes and the settings.
@@ -455,6 +464,7 @@ def run_probe(
             block_indices(list(layers.blocks), loaded.encoder.cfg.depth)
         except ValueError as e:
             raise ProbeError(f"--layers: {e}") from None
+    partners = _partners(fuse, fusion, pre, loaded.encoder.cfg.patch_size)  # before any work: refusals come first
     encoders = {"encoder": loaded.encoder.to(_device())}
     if compare_random:
         twin = AIMv2Encoder(loaded.encoder.cfg).eval()
@@ -463,16 +473,29 @@ def run_probe(
         encoders["random_init"] = twin.to(_device())
     cache_dir = cache_root() / "features" if cache else None
     train_urls, test_urls = shard_urls(train), None if test is None else shard_urls(test)
-    results: dict[str, dict[str, Any]] = {}
+    sources: dict[str, list[tuple[Tensor, Tensor] | None]] = {}  # name -> [train features, test features or None]
     for name, encoder in encoders.items():
         weights = _weights_hash(encoder, pre) if cache_dir else None  # once for both shard sets
-        x, y = features(encoder, pre, train_urls, cache_dir, weights, layers)
-        if test_urls is None:
-            tr, te = _split(y, 0.2, s.seed)
-            train_set, test_set = (x[tr], y[tr]), (x[te], y[te])
+        sources[name] = [features(encoder, pre, u, cache_dir, weights, layers) if u else None
+                         for u in (train_urls, test_urls)]  # fmt: skip
+    widths: dict[str, list[int]] = {}
+    if partners:
+        names = ["encoder", *partners]
+        for name, (tokens_of, _) in partners.items():
+            sources[name] = [tokens_of(u, cache_dir) if u else None for u in (train_urls, test_urls)]
+        own = sources["encoder"][0]
+        assert own is not None
+        sources[fused_name(names, fusion)] = [_fused([sources[n][i] for n in names], names) for i in (0, 1)]
+        widths[fused_name(names, fusion)] = [own[0].shape[-1], *(w for _, w in partners.values())]  # --layers widen
+    results: dict[str, dict[str, Any]] = {}
+    for name, (train_f, test_f) in sources.items():
+        assert train_f is not None
+        if test_f is None:
+            tr, te = _split(train_f[1], 0.2, s.seed)
+            train_set, test_set = (train_f[0][tr], train_f[1][tr]), (train_f[0][te], train_f[1][te])
         else:
-            train_set, test_set = (x, y), features(encoder, pre, test_urls, cache_dir, weights, layers)
-        results[name] = {kind: train_probe(kind, train_set, test_set, s) for kind in kinds}
+            train_set, test_set = train_f, test_f
+        results[name] = {kind: train_probe(kind, train_set, test_set, s, widths.get(name), fusion) for kind in kinds}
     if raw_pixels and "linear" in kinds:
         results["raw_pixels"] = raw_pixel_probe(pre, train, test, s)
     res = {
@@ -486,6 +509,76 @@ def run_probe(
         "settings": vars(s),
         "img_size": pre["img_size"],
         "layers": "output" if layers.blocks is None else {"blocks": list(layers.blocks), "merge": layers.merge},
+        "fuse": list(fuse),
+        "fusion": fusion,
         "results": results,
     }
     return finish_record(res, start, out)
+
+
+PartnerTokens = Callable[[list[str], Path | None], tuple[Tensor, Tensor]]  # (urls, cache) -> tokens, labels
+
+
+def _partners(
+    fuse: tuple[str, ...], fusion: str, pre: dict[str, Any], patch: int
+) -> dict[str, tuple[PartnerTokens, int]]:
+    """The encoders ``run_probe`` fuses with its own: name -> (tokens function, token width). Each is loaded here,
+    so a missing or unusable one is refused before any features are computed.
+
+    Args:
+        fuse: paths, or "pixels".
+        fusion: "concat" or "sum".
+        pre: the probed encoder's preprocessing (the pixels partner uses it).
+        patch: the probed encoder's patch size.
+    """
+    from aimpre.eval.fusion import FUSIONS, resample_tokens
+    from aimpre.eval.scenes import pixel_tokens
+
+    if not fuse:
+        return {}
+    if fusion not in FUSIONS:
+        raise ProbeError(f"unknown fusion {fusion!r}; fusions: {', '.join(FUSIONS)}")
+    if len(set(fuse)) != len(fuse) or {"encoder", "random_init", "raw_pixels"} & set(fuse):
+        raise ProbeError(f"the encoders to fuse name one twice or a reserved name: {' '.join(fuse)}")
+    if not isinstance(pre["img_size"], int):
+        raise ProbeError(f"--img-size {pre['img_size']}: fusing encoders needs a square grid")
+    grid = pre["img_size"] // patch  # every partner's tokens are resampled onto the encoder's grid
+    partners: dict[str, tuple[PartnerTokens, int]] = {}
+    for path in fuse:
+        if path == "pixels":
+            mean, std = (torch.tensor(pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+
+            def pixels(urls: list[str], cache: Path | None, mean: Tensor = mean, std: Tensor = std) -> Any:
+                images, labels, _ = read_labelled(urls, pre["img_size"])
+                return pixel_tokens(images, patch, mean, std).half(), labels  # [N, T, patch * patch * 3]
+
+            partners[path] = (pixels, patch * patch * 3)
+            continue
+        loaded = load(path)
+        own = loaded.info.get("preprocessing") or {}
+        if own.get("mean") is None or own.get("std") is None:
+            raise ProbeError(f"{path}: its normalisation (mean/std) is unknown; probing needs it")
+        own = {**own, "img_size": own.get("img_size") or loaded.encoder.cfg.img_size}  # its own size, as trained
+        encoder = loaded.encoder.to(_device())
+
+        def tokens(urls: list[str], cache: Path | None, encoder: AIMv2Encoder = encoder, own: dict = own) -> Any:
+            x, y = features(encoder, own, urls, cache)  # cached under its own weights and preprocessing
+            return resample_tokens(x, grid).half(), y
+
+        partners[path] = (tokens, loaded.encoder.cfg.width)
+    return partners
+
+
+def _fused(parts: list[tuple[Tensor, Tensor] | None], names: list[str]) -> tuple[Tensor, Tensor] | None:
+    """Several sources' (tokens, labels) of one shard set as one: tokens concatenated along channels. Every source
+    read the same shards with the same reader, so they hold the same samples in the same order; a label that
+    differs says they do not (one skipped a sample another decoded), which would pair the wrong images."""
+    if parts[0] is None:
+        return None
+    labels = parts[0][1]
+    for name, part in zip(names, parts, strict=True):
+        assert part is not None
+        if not torch.equal(part[1], labels):
+            raise ProbeError(f"{name} read other samples than the encoder ({len(part[1])} vs {len(labels)}); "
+                             "cannot fuse them")  # fmt: skip
+    return torch.cat([p[0] for p in parts if p is not None], dim=-1), labels

@@ -132,3 +132,52 @@ def test_cli_probes_fuse_several_encoders(tmp_path: Path, capsys: pytest.Capture
     assert main(["localize", str(a), str(tmp_path / "nothing"), *small]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing" in err
+
+
+def test_digits_probe_fuses_a_blind_encoder_with_one_that_sees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`aimpre probe BLIND TINY pixels`: the first encoder is blind (96 wide on a 4x4 grid, every weight zero),
+    the second 192 wide on 8x8 (pooled onto 4x4), the third the raw pixels. Each is probed alone and fused, in one
+    table and JSON; the fused probe is as good as the best single source and far better than the blind one, so it
+    carries the other sources' tokens paired with the right samples. Each partner's features are cached under its
+    own key; a missing partner is one line and exit 2."""
+    from helpers import jpeg, write_tar
+
+    monkeypatch.setenv("AIMPRE_CACHE", str(tmp_path / "cache"))
+    blind = _export(tmp_path, "blind", blind=True, width=96, heads=2, mlp_hidden=256, patch_size=28)
+    tiny = _export(tmp_path, "tiny")
+    rng = torch.Generator().manual_seed(0)
+
+    def shard(name: str, n: int) -> str:  # three classes: a reddish, greenish or bluish picture, brightness varies
+        samples = []
+        for i in range(n):  # classes drawn at random: a source shifted by a sample would not predict them
+            label, colour = int(torch.randint(0, 3, (), generator=rng)), torch.randint(0, 90, (3,), generator=rng)
+            colour[label] += 120
+            samples.append({"__key__": f"k{i:03d}", "jpg": jpeg(tuple(colour.tolist())), "cls": str(label)})
+        return str(write_tar(tmp_path / name, samples))
+
+    train, test = shard("train.tar", 60), shard("test.tar", 60)
+    args = ["probe", str(blind), str(tiny), "--train", train, "--test", test, "--epochs", "10"]
+    assert main([*args, "--fuse", "sum", "--out", str(tmp_path / "p.json")]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    fused = fused_name(["encoder", str(tiny)], "sum")
+    assert list(res["results"]) == ["encoder", str(tiny), fused]
+    assert res["fuse"] == [str(tiny)] and res["fusion"] == "sum" and res["n_test"] == 60
+    assert fused in capsys.readouterr().out
+    for kind in ("attentive", "linear"):
+        top1 = {name: r[kind]["top1"] for name, r in res["results"].items()}
+        assert top1["encoder"] < 0.5, top1  # blind: it guesses among 3
+        assert top1[fused] >= top1[str(tiny)] - 0.1, (kind, top1)
+        assert top1[fused] > top1["encoder"] + 0.3, (kind, top1)
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 4  # two encoders x two shard sets
+    out = tmp_path / "c.json"  # concatenated, with the pixels, on a held-out 20%
+    assert main(["probe", str(blind), str(tiny), "pixels", "--train", train, "--test", "none", "--kind", "linear",
+                 "--epochs", "10", "--out", str(out)]) == 0  # fmt: skip
+    top1 = {name: r["linear"]["top1"] for name, r in json.loads(out.read_text())["results"].items()}
+    assert list(top1) == ["encoder", str(tiny), "pixels", f"encoder + {tiny} + pixels"]
+    assert top1[f"encoder + {tiny} + pixels"] >= max(top1[str(tiny)], top1["pixels"]) - 0.1, top1
+    capsys.readouterr()
+    assert main(["probe", str(blind), str(tmp_path / "nothing"), "--train", train]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing" in err
