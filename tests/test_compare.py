@@ -21,9 +21,9 @@ SMALL = (
 )  # fmt: skip
 
 
-# the scene tasks at toy size: every stage runs, on a few dozen scenes, two seeds each
-TINY_EVAL = tuple(a for kv in ("train_scenes=24", "test_scenes=12", "train_digits=6", "test_digits=6", "attr_epochs=2",
-                               "attr_seeds=2", "loc_epochs=2", "loc_seeds=2", "vlm_steps=3", "vlm_seeds=2")
+# the scene tasks at toy size: every stage runs, on a few scenes; two seeds where cheap (not the VLM)
+TINY_EVAL = tuple(a for kv in ("train_scenes=16", "test_scenes=8", "train_digits=4", "test_digits=4", "attr_epochs=2",
+                               "attr_seeds=2", "loc_epochs=2", "loc_seeds=2", "vlm_steps=2", "vlm_seeds=1")
                   for a in ("--eval", kv))  # fmt: skip
 
 
@@ -124,15 +124,15 @@ def _scene_tasks_reported(res: dict, table: str, out: Path) -> None:
         assert rows["aimv1"]["result"] != rows["random init"]["result"]
         for name, r in rows.items():
             values = headline(task, r["result"])
-            assert len(values) == (1 if name == free and task != "vlm" else 2), (task, name)
+            assert len(values) == (1 if task == "vlm" or name == free else 2), (task, name)
             assert all(0 <= v <= 1 for v in values) and r["seconds"] >= 0
-        assert f"Against random init ({mean_std(headline(task, rows['random init']['result']))[0]:.1f}) on {task}: "
+        floor = mean_std(headline(task, rows["random init"]["result"]))[0]
+        assert f"Against random init ({floor:.1f}) on {task}: " in table
         assert f"| {free} |" in table
     assert "### Scene attributes" in table and "### Localization" in table and "### VLM probe" in table
     assert "| count | shape | colour | size | row | column |" in table and "| text only |" in table
     assert "aimv1 beats it" in table or "aimv1 does not beat it" in table
     assert (out / "compare-tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert all(len(rows := r["result"]["vlm_all"]) == 2 for r in tasks["vlm"]["rows"]), rows
 
 
 def test_compare_runs_a_subset_of_tasks(tmp_path: Path, pretrain_spec: str) -> None:
