@@ -49,6 +49,7 @@ BENCH_BUILDS = ("plain", "bf16", "fp8", "moe")
 FP8_RECIPES = ("tensorwise", "rowwise")
 OBJECTIVES = ("aimv2", "aimv1", "siglip", "clip", "classification", "distill", "aimv2_distill")  # model.sizes'
 COMPARE_ROWS = (*OBJECTIVES, "aimv2-moe")  # aimpre.compare.ROWS
+COMPARE_TASKS = ("digits", "zero-shot", "attributes", "localize", "vlm")  # aimpre.compare_tasks.TASKS
 COMPARE_DEFAULT = OBJECTIVES[:5]  # the distilled rows need --teacher
 
 
@@ -802,6 +803,9 @@ def _visualize(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from aimpre.compare import compare, format_table, plan, warnings
+    from aimpre.compare_tasks import parse_settings
+
+    evals = parse_settings(args.eval)  # before anything is trained: a bad --eval is one line and exit 2
 
     out = Path(args.out)
     # --img-size: every objective trains and is probed at that resolution (FLOPs per sample follow it)
@@ -823,11 +827,13 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{p.objective:16}{p.flops_per_sample:>14.3g}{p.steps:>8}{p.samples:>10}{p.flops:>13.3g}")
     epochs = {} if args.probe_epochs is None else {"epochs": args.probe_epochs}
     lit = None if args.no_lit else {"shards": args.lit_shards, "steps": args.lit_steps}
-    res = compare(planned, out, tuple(range(args.seeds)), lit, args.probe_train, args.probe_test, epochs)
+    res = compare(planned, out, tuple(range(args.seeds)), lit, args.probe_train, args.probe_test, epochs,
+                  tuple(args.tasks), evals)  # fmt: skip
     print(format_table(res))
     for warning in warnings(res):  # in the table's notes too; here for a reader of the log's stderr
         print(f"aimpre: warning: compare: {warning}", file=sys.stderr)
-    print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
+    tasks_png = f", {out / 'compare-tasks.png'}" if res["scene_tasks"] else ""
+    print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}{tasks_png}")
     return 0
 
 
@@ -1211,6 +1217,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lit-steps", type=INT_GT0, default=600, help="LiT training steps")
     c.add_argument("--probe-train", default="demo:digits-train", help="labelled shards the probes train on")
     c.add_argument("--probe-test", default="demo:digits-test", help="labelled shards for probe and zero-shot top-1")
+    c.add_argument("--tasks", nargs="+", default=list(COMPARE_TASKS), choices=COMPARE_TASKS,
+                   help="evaluations: the digit probes, zero-shot, and the held-out scene attributes, localization "
+                   "and VLM probe (default: all)")  # fmt: skip
+    c.add_argument("--eval", action="append", default=[], metavar="KEY=VALUE", help="the scene probes' budget "
+                   "(aimpre.compare_tasks.EvalSettings), once per key, e.g. --eval vlm_steps=300")  # fmt: skip
     c.add_argument("--out", default="compare", help="folder of the runs and results (reused when present)")
     c.add_argument("--shared-recipe", action="store_true", help="train every objective with the shared config, "
                    "without its own lr, batch and augmentation (aimpre.compare.RECIPES)")  # fmt: skip

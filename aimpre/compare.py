@@ -26,13 +26,27 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from aimpre.compare_tasks import (
+    ATTRS,
+    LOC_METRICS,
+    PICTURE_FREE,
+    SCENE_TASKS,
+    TASKS,
+    EvalSettings,
+    Row,
+    cell,
+    headline,
+    mean_std,
+    scene_tasks,
+    versus_random,
+)
 from aimpre.config import Config, ConfigError, load_config
 from aimpre.data import build_tokenizer
 from aimpre.files import atomic_path, read_json_object, write_text
@@ -272,19 +286,26 @@ def compare(
     probe_train: str = PROBE_TRAIN,
     probe_test: str = PROBE_TEST,
     probe: dict[str, Any] | None = None,
+    tasks: tuple[str, ...] = TASKS,
+    evals: EvalSettings | None = None,
 ) -> dict[str, Any]:
-    """Trains, probes and zero-shot-evaluates every planned run (reusing what ``out`` holds); writes the results.
+    """Trains every planned run and judges it on ``tasks`` (reusing what ``out`` holds); writes the results.
 
     ``lit``: LiT for the non-contrastive encoders, ``{"shards": SPEC, "steps": N}``; None: none.
     ``probe``: ``ProbeSettings`` fields other than the seed (default: its defaults).
+    ``tasks``: which of ``aimpre.compare_tasks.TASKS``; ``evals``: the scene probes' budget (default: its defaults).
     """
     start = time.time()
+    evals = evals or EvalSettings()
     rows = []
+    no_probe: dict[str, list[float]] = {"attentive": [], "linear": []}
     for p in planned:
         t0 = time.time()
         run = _train(p)
-        probes, probes_train = _probe(p, seeds, probe_train, probe_test, probe or {})
-        zs = _zero_shot(p, run, out, lit, probe_test)
+        probes, probes_train = no_probe, no_probe
+        if "digits" in tasks:
+            probes, probes_train = _probe(p, seeds, probe_train, probe_test, probe or {})
+        zs = _zero_shot(p, run, out, lit, probe_test) if "zero-shot" in tasks else None
         summary = _json(run / "summary.json") or {}
         rows.append({
             "objective": p.objective, "img_size": p.cfg.model.img_size, "steps": p.steps, "samples": p.samples,
@@ -299,7 +320,9 @@ def compare(
     if planned:  # the same encoder architecture untrained, and no encoder at all: what pretraining has to beat
         for name, params in (("random init", rows[0]["params_encoder"]), ("raw pixels", 0)):
             t0 = time.time()
-            if name == "random init":
+            if "digits" not in tasks:
+                top1, train_top1 = no_probe, no_probe
+            elif name == "random init":
                 top1, train_top1 = _probe(planned[0], seeds, probe_train, probe_test, probe or {}, random_init=True)
             else:
                 top1, train_top1 = _raw_pixels(planned[0], seeds, probe_train, probe_test, probe or {}, out)
@@ -309,8 +332,15 @@ def compare(
                 "probe_train_top1": train_top1, "zero_shot_top1": None, "zero_shot_via": None,
                 "seconds": round(time.time() - t0, 1),
             })  # fmt: skip
+    scene = {}
+    if planned and any(t in tasks for t in SCENE_TASKS):
+        m = planned[0].cfg.model
+        scene = scene_tasks(_scene_rows(planned), out, m.img_size, m.img_size // m.patch_size, evals, tasks)
     res = {
         "rows": rows,
+        "tasks": list(tasks),
+        "scene_tasks": scene,
+        "eval_settings": asdict(evals),
         "seeds": list(seeds),
         # the resolution every run trained and was probed at (compare --img-size, or model.img_size)
         "img_size": planned[0].cfg.model.img_size if planned else None,
@@ -322,29 +352,45 @@ def compare(
     write_text(out / "compare.json", json.dumps(res, indent=2) + "\n")
     write_text(out / "compare.md", format_table(res) + "\n")
     plot(res, out / "compare.png")
+    if scene:
+        plot_tasks(res, out / "compare-tasks.png")
     return res
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample std in %; the std is None for one value (there is no spread to show, not a spread of 0)."""
-    if not values:  # a probe the row has not got (raw pixels: attentive)
-        return math.nan, None
-    a = np.asarray(values, dtype=float) * 100
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None
+def _scene_rows(planned: list[Planned]) -> list[Row]:
+    """The scene probes' rows: each trained encoder, then its architecture at random init and the raw pixels."""
+    from aimpre.eval.scenes import judged_encoders
+
+    def tokens(run: Path, which: str) -> Any:
+        def make() -> Any:  # loaded only when some result is missing
+            return judged_encoders(run, 0, random_init=which == "random_init", pixels=which == "pixels").tokens[which]
+
+        return make
+
+    first = planned[0]
+    d = first.cfg.data
+    rows = [Row(p.objective, {"run": str(p.run), "steps": p.steps, "model": asdict(p.cfg.model)},
+                tokens(p.run, "encoder")) for p in planned]  # fmt: skip
+    rows.append(Row("random init", {"random_init": 0, "model": asdict(first.cfg.model)},
+                    tokens(first.run, "random_init")))  # fmt: skip
+    pixels = {"pixels": first.cfg.model.patch_size, "mean": list(d.mean), "std": list(d.std)}
+    rows.append(Row("raw pixels", pixels, tokens(first.run, "pixels")))
+    return rows
 
 
 def _cell(values: list[float], train: list[float] | None = None) -> str:
     if not values:
         return "-"
-    m, s = _mean_std(values)
+    m, s = mean_std(values)
     cell = f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
-    return cell if not train else f"{cell} (train {_mean_std(train)[0]:.1f})"
+    return cell if not train else f"{cell} (train {mean_std(train)[0]:.1f})"
 
 
 def warnings(res: dict[str, Any]) -> list[str]:
     """What makes the comparison's numbers mean less than they seem: the untrained architecture probing at least as
-    well as every objective (nothing the probe can use was learnt: too few steps, or data unlike the probe's), and
-    zero-shot results that are degenerate (``aimpre.lit.degenerate``).
+    well as every objective (nothing the probe can use was learnt: too few steps, or data unlike the probe's), per
+    task; a scene task's picture-free row (majority class, mean map, text only) as good as every encoder (the probe
+    reads nothing from any picture); and zero-shot results that are degenerate (``aimpre.lit.degenerate``).
 
     Args:
         res: ``compare``'s results (compare.json).
@@ -355,15 +401,28 @@ def warnings(res: dict[str, Any]) -> list[str]:
     for kind in ("attentive", "linear"):
         if floor is None or not trained or not floor["probe_top1"][kind]:
             continue
-        rand = _mean_std(floor["probe_top1"][kind])[0]
-        best = max(trained, key=lambda r: _mean_std(r["probe_top1"][kind])[0])
-        if rand >= _mean_std(best["probe_top1"][kind])[0]:
+        rand = mean_std(floor["probe_top1"][kind])[0]
+        best = max(trained, key=lambda r: mean_std(r["probe_top1"][kind])[0])
+        if rand >= mean_std(best["probe_top1"][kind])[0]:
             out.append(f"random init does as well as every objective on the {kind} probe ({rand:.1f}% vs the best, "
-                       f"{best['objective']}, {_mean_std(best['probe_top1'][kind])[0]:.1f}%): pretraining gave the "
+                       f"{best['objective']}, {mean_std(best['probe_top1'][kind])[0]:.1f}%): pretraining gave the "
                        "probe nothing; train longer (--steps, --flops) or on data nearer the probe's")  # fmt: skip
     for r in trained:
         for w in r.get("zero_shot_warnings") or []:
             out.append(f"{r['objective']} zero-shot: {w}")
+    for task, table in (res.get("scene_tasks") or {}).items():
+        score = {r["objective"]: mean_std(headline(task, r["result"]))[0] for r in table["rows"]}
+        objectives = [n for n in score if n not in (*BASELINES, PICTURE_FREE[task])]
+        if objectives and "random init" in score and score["random init"] >= max(score[n] for n in objectives):
+            best = max(objectives, key=lambda n: score[n])
+            out.append(f"random init does as well as every objective on {task} ({score['random init']:.1f} vs the "
+                       f"best, {best}, {score[best]:.1f}): pretraining gave this probe nothing")  # fmt: skip
+        seen = [n for n in score if n != PICTURE_FREE[task]]
+        if seen and PICTURE_FREE[task] in score and score[PICTURE_FREE[task]] >= max(score[n] for n in seen):
+            out.append(
+                f"{task}: '{PICTURE_FREE[task]}', which never sees the picture, does as well as every row "
+                f"({score[PICTURE_FREE[task]]:.1f}): the probe is too small or too short to read the tokens"
+            )
     return out
 
 
@@ -391,8 +450,111 @@ def format_table(res: dict[str, Any]) -> str:
                  f"are {spread}, with the mean top-1 on the probe's own training images in brackets. Raw pixels: the "
                  f"probes on the normalised pixels themselves. {res['machine']}, {res['date']}, "
                  f"{res['seconds'] / 60:.1f} min in all.")  # fmt: skip
+    if not {"digits", "zero-shot"} & set(res.get("tasks", TASKS)):
+        lines = []  # neither probe ran: the table would be all dashes
+    elif "digits" in res.get("tasks", TASKS):
+        trained = [r["objective"] for r in res["rows"] if r["objective"] not in BASELINES]
+        attentive = lambda r: r["probe_top1"]["attentive"]
+        line = versus_random("the digits (attentive probe)", res["rows"], trained, attentive)
+        lines.extend(["", line] if line else [])
+    for task, table in (res.get("scene_tasks") or {}).items():
+        lines.extend(["", *_task_table(task, table, res)])
     lines.extend(f"\n**Warning:** {w}." for w in warnings(res))
     return "\n".join(lines)
+
+
+_VLM_EXTRA = ("vlm_all", "vlm_new_templates", "vlm_train_all", "vlm_caption_ppl")
+
+
+def _task_table(task: str, table: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    """One scene task's Markdown: its table (per readout for the attributes), the line against random init, and
+    what it was measured on."""
+    rows, st = table["rows"], table["settings"]
+    scenes = f"{st['train_scenes']} held-out training scenes, scored on {st['test_scenes']} others"
+    seeds = f"mean ± std over {st['seeds']} seeds" if st["seeds"] > 1 else "one seed (no spread)"
+    out: list[str] = []
+    if task == "attributes":
+        out.append(f"### Scene attributes (top-1 %, {seeds}; probes on {scenes}, {st['epochs']} epochs)")
+        for readout in st["readouts"]:
+            out += [
+                "",
+                f"{readout} readout:",
+                "",
+                "| row | " + " | ".join(ATTRS) + " | mean | train mean |",
+                "|---|" + "---:|" * (len(ATTRS) + 2),
+            ]
+            for r in rows:
+                by = r["result"].get(readout) or r["result"].get("-") or {}
+                cells = [cell(by[a]["top1"]) for a in ATTRS]
+                mean = headline("attributes", {readout: by})
+                train = [x for a in ATTRS for x in by[a]["train_top1"]]
+                train_cell = f"{100 * float(np.mean(train)):.1f}" if train else "-"
+                out.append(f"| {r['objective']} | " + " | ".join(cells) + f" | {cell(mean)} | {train_cell} |")
+        note = ("majority: the most common training answer. mean: over the attributes; train mean: the probes' "
+                "top-1 on their own training scenes.")  # fmt: skip
+    elif task == "localize":
+        out += [f"### Localization ({seeds}; heads on {scenes}, {st['epochs']} epochs)", "",
+                "| row | patch IoU | box IoU | box IoU ≥ 0.5 (%) | regressed box IoU | train patch IoU |",
+                "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in rows:
+            x = r["result"]
+            out.append(f"| {r['objective']} | " + " | ".join(cell(x.get(k, [])) for k in LOC_METRICS)
+                       + f" | {cell(x.get('train_patch_iou', []))} |")  # fmt: skip
+        note = ("IoU in %. mean: the training set's mean coverage map and box for the named shape, whatever the "
+                "picture (the floor).")  # fmt: skip
+    else:
+        kinds = sorted({k for r in rows for k in r["result"]} - set(_VLM_EXTRA))
+        out += [f"### VLM probe (exact match %, {seeds}; {st['connector']} connector, {st['steps']} steps, "
+                f"{scenes} and {st['train_digits']} / {st['test_digits']} digits)", "",
+                "| row | " + " | ".join(k.removeprefix("vlm_") for k in kinds)
+                + " | all | new templates | train | caption ppl |", "|---|" + "---:|" * (len(kinds) + 4)]  # fmt: skip
+        for r in rows:
+            x = r["result"]
+            cells = [cell(x.get(k, [])) for k in (*kinds, *_VLM_EXTRA[:3])] + [cell(x["vlm_caption_ppl"], 1, 2)]
+            out.append(f"| {r['objective']} | " + " | ".join(cells) + " |")
+        note = ("text only: the same language model never shown the picture (what the questions give away). "
+                "new templates: held-out question wordings; caption ppl: per word, lower is better.")  # fmt: skip
+    trained = [r["objective"] for r in rows if r["objective"] not in (*BASELINES, PICTURE_FREE[task])]
+    line = versus_random(task, rows, trained, lambda r: headline(task, r["result"]))
+    secs = ", ".join(f"{r['objective']} {r['seconds'] + r['tokens_s']:.0f}" for r in rows)
+    out += ["", note, "", line, "", f"Seconds per row (tokens, shared by the scene tasks, + this task): {secs}."]
+    return out
+
+
+def plot_tasks(res: dict[str, Any], path: Path) -> Path:
+    """One panel per scene task: each row's headline score (``aimpre.compare_tasks.headline``; error bars: std over
+    seeds), the random-init level dashed across it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aimpre.scaling.plots import DPI
+
+    tasks = res["scene_tasks"]
+    titles = {"attributes": "scene attributes: mean top-1 (%)", "localize": "localization: patch IoU (%)",
+              "vlm": "VLM probe: exact match (%)"}  # fmt: skip
+    n = max(len(t["rows"]) for t in tasks.values())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 0.7 * n + 1.5) * len(tasks), 4), squeeze=False)
+    for ax, (task, table) in zip(axes[0], tasks.items(), strict=True):
+        stats = [mean_std(headline(task, r["result"])) for r in table["rows"]]
+        names = [r["objective"] for r in table["rows"]]
+        colours = ["tab:gray" if m in (*BASELINES, PICTURE_FREE[task]) else "tab:blue" for m in names]
+        ax.bar(range(len(names)), [m for m, _ in stats], yerr=[sd or 0.0 for _, sd in stats], capsize=3,
+               color=colours)  # fmt: skip
+        if "random init" in names:
+            ax.axhline(stats[names.index("random init")][0], ls="--", color="k", lw=0.8, label="random init")
+            ax.legend(loc="upper right", fontsize=8, frameon=False)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_title(titles[task], fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Held-out scene tasks, objectives at equal training compute (grey: baselines)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def plot(res: dict[str, Any], path: Path) -> Path:
@@ -409,7 +571,7 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     width = 0.27
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
     for i, kind in enumerate(("attentive", "linear")):
-        stats = [_mean_std(r["probe_top1"][kind]) for r in rows]
+        stats = [mean_std(r["probe_top1"][kind]) for r in rows]
         yerr = None if len(res["seeds"]) < 2 else [s or 0.0 for _, s in stats]  # no error bar from one seed
         ax.bar(x + (i - 1) * width, [m for m, _ in stats], width, yerr=yerr, capsize=3, label=f"{kind} probe")
     zs = [math.nan if r["zero_shot_top1"] is None else 100 * r["zero_shot_top1"] for r in rows]

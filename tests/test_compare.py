@@ -11,6 +11,7 @@ import pytest
 
 from aimpre.cli import main
 from aimpre.compare import plan, warnings
+from aimpre.compare_tasks import TASKS, headline, mean_std
 from aimpre.data.demo import DIGIT_WORDS
 from helpers import good_samples, write_tar
 
@@ -18,6 +19,12 @@ SMALL = (
     "data.batch_size=4", "data.num_workers=0", "data.val_shards=null", "model.depth=1", "model.dec_depth=1",
     "model.text_depth=1", "model.head_depth=1", "trainer.log_every=1", "optim.warmup_steps=1",
 )  # fmt: skip
+
+
+# the scene tasks at toy size: every stage runs, on a few scenes; two seeds where cheap (not the VLM)
+TINY_EVAL = tuple(a for kv in ("train_scenes=16", "test_scenes=8", "train_digits=4", "test_digits=4", "attr_epochs=2",
+                               "attr_seeds=2", "loc_epochs=2", "loc_seeds=2", "vlm_steps=2", "vlm_seeds=1")
+                  for a in ("--eval", kv))  # fmt: skip
 
 
 def test_plan_gives_every_objective_the_same_training_flops(tmp_path: Path, pretrain_spec: str) -> None:
@@ -60,7 +67,7 @@ def test_compare_trains_probes_and_zero_shots_then_reuses(tmp_path: Path, pretra
     out = tmp_path / "cmp"
     args = ["compare", "--objectives", "aimv1", "siglip", "--steps", "3", "--seeds", "2", "--probe-epochs", "2",
             "--lit-steps", "5", "--lit-shards", train, "--probe-train", train, "--probe-test", test, "--out", str(out),
-            f"data.train_shards={pretrain_spec}", *SMALL]  # fmt: skip
+            *TINY_EVAL, f"data.train_shards={pretrain_spec}", *SMALL]  # fmt: skip
     assert main(args) == 0
     res = json.loads((out / "compare.json").read_text())
     rows = {r["objective"]: r for r in res["rows"]}
@@ -95,12 +102,51 @@ def test_compare_trains_probes_and_zero_shots_then_reuses(tmp_path: Path, pretra
         flagged = [w for w in warnings(res) if w.startswith(f"{r['objective']} zero-shot: ")]
         assert len(flagged) == len(r["zero_shot_warnings"]) and ("(degenerate)" in table) >= bool(flagged)
 
-    # a second call finds every run, probe and zero-shot result in place and recomputes nothing
+    _scene_tasks_reported(res, table, out)
+
+    # a second call finds every run, probe, zero-shot and scene-task result in place and recomputes nothing
     made = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "compare.json"}
+    assert len([p for p in made if p.parent.name == "eval"]) == 3 * 4 + 3  # 3 tasks x 4 rows, + picture-free rows
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in made} == made
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(json.loads((out / "compare.json").read_text())["rows"]) == drop(res["rows"])
+
+
+def _scene_tasks_reported(res: dict, table: str, out: Path) -> None:
+    """Every scene task has every row (the trained ones, random init, raw pixels, its picture-free row) with a
+    value per seed, a table and a line against random init in compare.md, and a panel in compare-tasks.png."""
+    tasks = res["scene_tasks"]
+    assert list(tasks) == ["attributes", "localize", "vlm"] and res["tasks"] == list(TASKS)
+    for task, free in (("attributes", "majority"), ("localize", "mean"), ("vlm", "text only")):
+        rows = {r["objective"]: r for r in tasks[task]["rows"]}
+        assert list(rows) == ["aimv1", "siglip", "random init", "raw pixels", free], task
+        assert rows["aimv1"]["result"] != rows["random init"]["result"]
+        for name, r in rows.items():
+            values = headline(task, r["result"])
+            assert len(values) == (1 if task == "vlm" or name == free else 2), (task, name)
+            assert all(0 <= v <= 1 for v in values) and r["seconds"] >= 0
+        floor = mean_std(headline(task, rows["random init"]["result"]))[0]
+        assert f"Against random init ({floor:.1f}) on {task}: " in table
+        assert f"| {free} |" in table
+    assert "### Scene attributes" in table and "### Localization" in table and "### VLM probe" in table
+    assert "| count | shape | colour | size | row | column |" in table and "| text only |" in table
+    assert "aimv1 beats it" in table or "aimv1 does not beat it" in table
+    assert (out / "compare-tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_a_subset_of_tasks(tmp_path: Path, pretrain_spec: str) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--objectives", "aimv2", "--steps", "1", "--tasks", "localize", "--out", str(out),
+            *TINY_EVAL, "--eval", "loc_seeds=1", f"data.train_shards={pretrain_spec}", *SMALL]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert list(res["scene_tasks"]) == ["localize"] and res["eval_settings"]["loc_seeds"] == 1
+    assert not res["rows"][0]["probe_top1"]["attentive"] and res["rows"][0]["zero_shot_top1"] is None
+    table = (out / "compare.md").read_text()
+    assert table.startswith("\n### Localization") or table.startswith("### Localization"), table[:80]
+    assert "one seed (no spread)" in table and "one seed, no spread" in table
+    assert not list(out.glob("runs/aimv2/probe-*.json"))  # no digit probe was run
 
 
 def _exit_code(args: list[str]) -> int | str | None:
@@ -117,6 +163,9 @@ def _exit_code(args: list[str]) -> int | str | None:
         (["--flops", "1e12", "--steps", "3"], "not allowed with argument"),
         (["--objectives", "mae"], "invalid choice"),
         (["--objectives", "clip", "clip"], "names one twice"),
+        (["--eval", "vlm_steps=0"], "--eval: vlm_steps=0: must be at least 1"),
+        (["--eval", "scenes=3"], "--eval: 'scenes=3' is not KEY=VALUE"),
+        (["--tasks", "imagenet"], "invalid choice"),
         (["data.train_shards=/nowhere/x.tar", "--objectives", "classification"], "shard not found: /nowhere/x.tar"),
     ],
 )

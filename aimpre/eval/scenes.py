@@ -50,6 +50,7 @@ class Scenes:
 
     images: Tensor
     facts: list[dict[str, Any]]
+    captions: list[str] = field(default_factory=list)  # the demo's sentence for each (the VLM probe asks about it)
 
 
 def render_scenes(n: int, img_size: int, split: str) -> Scenes:
@@ -64,14 +65,15 @@ def render_scenes(n: int, img_size: int, split: str) -> Scenes:
     if split not in SPLITS:
         raise ValueError(f"unknown scene split {split!r}; splits: {', '.join(SPLITS)}")
     rng = np.random.default_rng([HELD_OUT, SPLITS[split]])
-    images, facts = [], []
+    images, facts, captions = [], [], []
     for _ in range(n):
-        img, _, _, f = render_scene_facts(rng)
+        img, caption, _, f = render_scene_facts(rng)
         if img_size != IMAGE_SIZE:
             img = img.resize((img_size, img_size), Image.Resampling.BICUBIC)
         images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))  # [S, S, 3] -> [3, S, S]
         facts.append(f)
-    return Scenes(torch.stack(images), facts)
+        captions.append(caption)
+    return Scenes(torch.stack(images), facts, captions)
 
 
 def upper(facts: dict[str, Any]) -> dict[str, Any]:

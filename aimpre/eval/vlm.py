@@ -166,7 +166,15 @@ class ProbeData:
     captions: list[Item]
 
 
-def make_split(split: str, n_scenes: int, n_digits: int | None, size: int, seed: int = 0, n_text: int = 0) -> ProbeData:
+def make_split(
+    split: str,
+    n_scenes: int,
+    n_digits: int | None,
+    size: int,
+    seed: int = 0,
+    n_text: int = 0,
+    scenes: list[tuple[Image.Image, str]] | None = None,
+) -> ProbeData:
     """Renders a split's scenes and digits and writes its questions.
 
     Args:
@@ -178,6 +186,8 @@ def make_split(split: str, n_scenes: int, n_digits: int | None, size: int, seed:
         seed: template choice.
         n_text: scenes with a number written on them (``render_text_scene``; seed stream [SCENE_SEED, 4 or 5]),
             each asked what the number is; the answer is its digits, one word each ("4 7").
+        scenes: pictures (at ``size``) and their demo captions to ask about instead of rendering ``n_scenes``
+            (``aimpre compare`` shares its held-out scenes between this and the other scene probes).
     """
     from sklearn.datasets import load_digits
 
@@ -194,8 +204,8 @@ def make_split(split: str, n_scenes: int, n_digits: int | None, size: int, seed:
         if test:
             items.append(Item(i, kind, words(t[2].format(**fields)), [answer], new_template=True))
 
-    for _ in range(n_scenes):
-        img, caption, _label = demo.render_scene(scene_rng, size)
+    for n in range(n_scenes):
+        img, caption = scenes[n] if scenes is not None else demo.render_scene(scene_rng, size)[:2]
         i = len(images)
         images.append(img)
         for kind, fields, answer in scene_questions(scene_facts(caption)):
