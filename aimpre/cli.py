@@ -663,8 +663,10 @@ def _probe(args: argparse.Namespace) -> int:
     res = run_probe(args.encoder[0], args.train, test, tuple(args.kind), settings, args.compare_random,
                     not args.no_cache, out, layers, args.raw_pixels,
                     None if args.img_size is None else parse_size(args.img_size), tuple(args.encoder[1:]),
-                    args.fuse)  # fmt: skip
+                    args.fuse, args.native)  # fmt: skip
     what = "output" if args.layers is None else f"{args.merge} of blocks {', '.join(map(str, args.layers))}"
+    if res["native"]:
+        what += " at native resolution, canvas {} x {} patches or its transpose".format(*res["native"]["canvas"])
     print(f"{res['n_train']} train / {res['n_test']} test images, {res['classes']} classes; features: {what}; "
           f"top-1 on {res['test']} (and on the probe's own training images):")  # fmt: skip
     width = max(14, *(len(n) + 1 for n in res["results"]))
@@ -1096,6 +1098,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--merge", choices=("mean", "concat"), default="mean", help="how --layers' blocks combine")
     pr.add_argument("--img-size", help="probe at S or HxW pixels (e.g. 224x336: a sincos2d encoder runs any grid; "
                     "the centre HxW of the centre square); default: the encoder's own size")  # fmt: skip
+    pr.add_argument("--native", type=INT_GT0, metavar="N", help="a sincos2d encoder at native resolution: each image "
+                    "whole, aspect kept, zero-padded on a canvas of 2^N patches (wide, or its transpose for a tall "
+                    "image); the heads skip the padding")  # fmt: skip
     pr.set_defaults(fn=_probe)
 
     from aimpre.eval.names import ATTRIBUTE_NAMES, READOUTS

@@ -15,6 +15,14 @@ lost information the pixels held. Every result carries the probe's top-1 on its 
 held-out one: a low train top-1 means the features do not hold what the labels need; a high one with a low test
 top-1 means the head overfits.
 
+``native`` (a sincos2d encoder) probes at native resolution instead: each image keeps its aspect on a canvas of
+2^n patches, wide (2^floor(n/2) rows x 2^ceil(n/2) columns, ``aimpre.export.canvas``) or its transpose, whichever
+the image's own aspect fits (training draws both, a coin per step): both hold the same 2^n tokens, so one probe's
+features stack, and a tall image is not shrunk onto a wide canvas. Images are decoded whole through training's
+bounded decoder straight onto the canvas (``Augment(canvas=...)``) and zero-padded at the bottom and right as
+training pads; the tokens' valid mask (``aimpre.model.losses.valid_patches``) is cached with them, and the heads
+pool over the image's tokens only.
+
 Labels come from ``KEY.cls`` (an integer) or the ``label``/``cls`` field of ``KEY.json``. ``demo:SPLIT`` names a
 split of the embedded demo data (e.g. ``demo:digits-train``).
 """
@@ -22,6 +30,7 @@ split of the embedded demo data (e.g. ``demo:digits-train``).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -36,18 +45,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from aimpre.data import Augment, demo_spec, expand_shards
-from aimpre.data.decode import IMAGE_KEYS, decode_image, sample_label
+from aimpre.data.decode import IMAGE_KEYS, decode_image, jpeg_frame, sample_label
 from aimpre.data.demo import cache_root
+from aimpre.data.native import Area, grid_of, pad_to_canvas
 from aimpre.data.reader import ReadErrors, shard_samples
 from aimpre.eval import finish_record
 from aimpre.eval.fusion import fused_name
-from aimpre.export import load
+from aimpre.export import canvas, load
 from aimpre.files import atomic_path
 from aimpre.model import AIMv2Encoder
-from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier
+from aimpre.model.losses import valid_patches
+from aimpre.model.pooling import AttentionPoolingClassifier, MeanPoolingClassifier, masked_mean
 from aimpre.progress import progress
 
 KINDS = ("attentive", "linear")
@@ -119,6 +131,25 @@ def check_size(encoder: AIMv2Encoder, size: int | tuple[int, int]) -> None:
                          "(model.pos_embed=learned); only a sincos2d (native) encoder takes other grids")  # fmt: skip
 
 
+def check_native(encoder: AIMv2Encoder, n: int, img_size: bool = False, raw_pixels: bool = False) -> None:
+    """``--native n`` needs a sincos2d encoder, a canvas ``aimpre.export.canvas`` knows, and no square crop beside.
+
+    Args:
+        encoder: the encoder to probe.
+        n: log2 of the canvas's patches.
+        img_size: whether ``--img-size`` was given too.
+        raw_pixels: whether the raw-pixel baseline was asked for (it reads square crops).
+    """
+    if encoder.cfg.pos_embed != "sincos2d":
+        raise ProbeError(f"--native {n}: this encoder learned its positions for {encoder.cfg.img_size} px "
+                         "(model.pos_embed=learned); only a sincos2d (native) encoder runs canvases")  # fmt: skip
+    if not 1 <= n <= 16:
+        raise ProbeError(f"--native {n}: the canvas holds 2^n patches, n in 1..16 (the paper's range is 7..12)")
+    if img_size or raw_pixels:
+        raise ProbeError(f"--native {n} fits whole images to a canvas: not with " +
+                         ("--img-size (a centre crop)" if img_size else "--raw-pixels (square crops)"))  # fmt: skip
+
+
 def read_labelled(urls: list[str], img_size: int | tuple[int, int]) -> tuple[Tensor, Tensor, Counter[str]]:
     """Images uint8 [N, 3, H, W], labels int64 [N], and skipped samples by reason.
 
@@ -129,25 +160,86 @@ def read_labelled(urls: list[str], img_size: int | tuple[int, int]) -> tuple[Ten
     """
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     aug, rng = Augment(max(h, w), train=False), np.random.default_rng(0)
-    images, labels, skipped = [], [], Counter[str]()
+
+    def centre(data: bytes) -> Tensor | str:
+        image = decode_image(data, aug, rng)
+        if isinstance(image, str):
+            return image
+        top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
+        return image[:, top : top + h, left : left + w]  # [3, S, S] -> [3, H, W], the centre
+
+    images, labels, skipped = _decoded(urls, centre)
+    return torch.stack(images), torch.tensor(labels), skipped
+
+
+def _decoded(urls: list[str], decode: Callable[[bytes], Tensor | str]) -> tuple[list[Tensor], list[int], Counter[str]]:
+    """Each labelled sample's ``decode(image bytes)`` (a tensor, or the reason it cannot be used), its label, and
+    skipped samples by reason; refuses shards that hold no usable one."""
+    images: list[Tensor] = []
+    labels: list[int] = []
+    skipped = Counter[str]()
     errors = ReadErrors()
     for s in (s for u in urls for s in shard_samples(u, errors)):
         label, reason = sample_label(s)
         image_key = next((k for k in IMAGE_KEYS if k in s), None)
-        if reason is not None or image_key is None:
+        if label is None or image_key is None:  # sample_label gives a reason with every None
             skipped[reason or "no_image"] += 1
             continue
-        image = decode_image(s[image_key], aug, rng)
+        image = decode(s[image_key])
         if isinstance(image, str):  # the reason it cannot be used
             skipped[image] += 1
             continue
-        top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
-        images.append(image[:, top : top + h, left : left + w])  # [3, S, S] -> [3, H, W], the centre
+        images.append(image)
         labels.append(label)
     skipped.update({k: n for k, n in errors.counts.items() if k != "samples_recovered"})
     if not images:
         raise ProbeError(f"no labelled images in {urls[:3]}{'...' if len(urls) > 3 else ''} (skipped: {dict(skipped)})")
-    return torch.stack(images), torch.tensor(labels), skipped
+    return images, labels, skipped
+
+
+def native_canvas(data: bytes, n: int) -> Area:
+    """The canvas of 2^n patches an image is probed on: wide (``aimpre.export.canvas``), or its transpose for an
+    image taller than wide. Only the header is read (the decoder reads the file again, bounded); an unreadable
+    header gets the wide canvas, and the decoder then names what is wrong with the file."""
+    wide = canvas(n)
+    size = jpeg_frame(data)
+    if size is None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # lazy: the header, no pixels
+                size = (*img.size, 0)
+        except Exception:  # PIL raises many types on junk; decode_image gives the reason
+            return wide
+    return Area(n, wide.cols, wide.rows) if size[1] > size[0] else wide
+
+
+def read_native(urls: list[str], n: int, patch: int) -> tuple[list[Tensor], Tensor, Tensor, Counter[str]]:
+    """Images at native resolution: uint8 [3, rows * patch, cols * patch] each (two shapes at most, the canvas of
+    2^n patches and its transpose, ``native_canvas``), valid masks [N, 2^n] bool (raster order of each one's own
+    canvas), labels int64 [N] and skipped samples by reason.
+
+    Args:
+        urls: labelled shards.
+        n: log2 of the canvas's patches (``data.native_log2_area``'s unit).
+        patch: the encoder's patch size in pixels.
+    """
+    rng = np.random.default_rng(0)
+    areas: list[Area] = []
+
+    def fitted(data: bytes) -> Tensor | str:
+        area = native_canvas(data, n)
+        aug = Augment(area.cols * patch, train=False, canvas=(area.rows * patch, area.cols * patch))
+        image = decode_image(data, aug, rng)  # the whole image, aspect kept, fitted to the canvas
+        if isinstance(image, str):
+            return image
+        areas.append(Area(n, *grid_of(image, patch)))  # its own rows, cols (rounded up)
+        return pad_to_canvas([image], area.rows, area.cols, patch)[0]
+
+    images, labels, skipped = _decoded(urls, fitted)
+    valid = torch.stack([
+        valid_patches(torch.tensor([[a.rows, a.cols]]), im.shape[-2] // patch, im.shape[-1] // patch)[0]
+        for a, im in zip(areas, images, strict=True)
+    ])  # fmt: skip
+    return images, valid, torch.tensor(labels), skipped
 
 
 MERGES = ("mean", "concat")
@@ -190,9 +282,26 @@ def extract(
     return torch.cat(out)
 
 
+def extract_shapes(
+    encoder: AIMv2Encoder, images: list[Tensor], mean: Tensor, std: Tensor, layers: Layers = Layers()
+) -> Tensor:
+    """``extract`` of images of a few shapes (native canvases, each of the same number of patches): tokens
+    [N, T, C] in the images' order, each shape run in batches of its own."""
+    out: Tensor | None = None
+    for shape in sorted({tuple(im.shape) for im in images}):
+        idx = [i for i, im in enumerate(images) if tuple(im.shape) == shape]
+        tokens = extract(encoder, torch.stack([images[i] for i in idx]), mean, std, layers=layers)
+        if out is None:
+            out = tokens.new_empty((len(images), *tokens.shape[1:]))
+        out[idx] = tokens
+    assert out is not None  # _decoded refuses shards without images
+    return out
+
+
 def _weights_hash(encoder: AIMv2Encoder, pre: dict[str, Any]) -> Any:
     """A sha256 object fed the preprocessing and every weight: the encoder's part of a feature-cache key."""
-    h = hashlib.sha256(json.dumps([pre["mean"], pre["std"], pre["img_size"]]).encode())
+    native = [pre["native"]] if pre.get("native") is not None else []  # the square keys stay as they were
+    h = hashlib.sha256(json.dumps([pre["mean"], pre["std"], pre["img_size"], *native]).encode())
     for k, v in sorted(encoder.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
@@ -228,21 +337,51 @@ def features(
     ``weights``: the encoder's ``_weights_hash``, when the caller has it already (hashing a large encoder takes
     seconds).
     """
+    if pre.get("native") is not None:
+        raise ProbeError("features: a native probe's tokens come with their valid mask (native_features)")
+    saved = _features(encoder, pre, urls, cache, weights, layers)
+    return saved["tokens"], saved["labels"]
+
+
+def native_features(
+    encoder: AIMv2Encoder,
+    pre: dict[str, Any],
+    urls: list[str],
+    cache: Path | None,
+    weights: Any = None,
+    layers: Layers = Layers(),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``features`` at native resolution (``pre["native"]``: n, canvases of 2^n patches): tokens [N, 2^n, C],
+    labels [N] and the valid mask [N, 2^n] (False on padding), cached together."""
+    saved = _features(encoder, pre, urls, cache, weights, layers)
+    return saved["tokens"], saved["labels"], saved["valid"]
+
+
+def _features(
+    encoder: AIMv2Encoder, pre: dict[str, Any], urls: list[str], cache: Path | None, weights: Any, layers: Layers
+) -> dict[str, Tensor]:
+    """``tokens`` and ``labels`` (and ``valid`` when ``pre`` has ``native``), from the cache when it has them."""
+    native = pre.get("native")
+    fields: dict[str, type] = {"tokens": Tensor, "labels": Tensor, **({"valid": Tensor} if native is not None else {})}
     if cache is not None and weights is None:
         weights = _weights_hash(encoder, pre)
     file = None if cache is None else cache / f"{_digest(weights, urls, layers)}.pt"
-    saved = None if file is None else read_cache(file, {"tokens": Tensor, "labels": Tensor})
+    saved = None if file is None else read_cache(file, fields)
     if saved is not None:
-        return saved["tokens"], saved["labels"]
-    images, labels, skipped = read_labelled(urls, pre["img_size"])
+        return saved
+    mean, std = (torch.tensor(pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    if native is None:
+        images, labels, skipped = read_labelled(urls, pre["img_size"])
+        saved = {"tokens": extract(encoder, images, mean, std, layers=layers), "labels": labels}
+    else:
+        shaped, valid, labels, skipped = read_native(urls, native, encoder.cfg.patch_size)
+        saved = {"tokens": extract_shapes(encoder, shaped, mean, std, layers), "labels": labels, "valid": valid}
     if skipped:
         print(f"probe: skipped {dict(skipped)} samples in {urls[0]}...", flush=True)
-    mean, std = (torch.tensor(pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-    tokens = extract(encoder, images, mean, std, layers=layers)
     if file is not None:
         with atomic_path(file) as tmp:
-            torch.save({"tokens": tokens, "labels": labels}, tmp)
-    return tokens, labels
+            torch.save(saved, tmp)
+    return saved
 
 
 def read_cache(file: Path, fields: dict[str, type]) -> dict[str, Any] | None:
@@ -288,14 +427,20 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _logits(head: nn.Module, tokens: Tensor, valid: Tensor | None) -> Tensor:
+    """The head's logits of a batch on the training device; ``valid`` (native tokens) masks the padding."""
+    x = tokens.to(_device()).float()
+    return head(x) if valid is None else head(x, valid.to(x.device))
+
+
 @torch.no_grad()
-def _top1(head: nn.Module, tokens: Tensor, labels: Tensor, batch_size: int = 256) -> float:
+def _top1(head: nn.Module, tokens: Tensor, labels: Tensor, batch_size: int = 256, valid: Tensor | None = None) -> float:
     head.eval()
-    dev = _device()
     hits = sum(
-        int((head(tokens[i : i + batch_size].to(dev).float()).argmax(-1).cpu() == labels[i : i + batch_size]).sum())
+        int((_logits(head, tokens[i : i + batch_size], None if valid is None else valid[i : i + batch_size])
+             .argmax(-1).cpu() == labels[i : i + batch_size]).sum())
         for i in range(0, len(tokens), batch_size)
-    )
+    )  # fmt: skip
     return hits / len(tokens)
 
 
@@ -306,6 +451,7 @@ def train_probe(
     s: ProbeSettings,
     widths: list[int] | None = None,
     fusion: str = "concat",
+    valid: tuple[Tensor, Tensor] | None = None,
 ) -> dict:
     """Trains one probe head on cached tokens and reports top-1 on ``test``.
 
@@ -318,14 +464,20 @@ def train_probe(
         fusion: with ``widths``, "concat" (the head reads the concatenation) or "sum" (each encoder's part is
             projected to the widest width and the projections summed, trained with the head; mean pooling
             commutes with them, so the linear probe pools first as ever).
+        valid: native tokens' masks [N, T] of ``train`` and ``test`` (False on padding): the heads pool over the
+            image's tokens only.
     """
+    if valid is not None and widths is not None and fusion == "sum":
+        raise ProbeError("a native probe's padded tokens are masked in the head; fusion 'sum' projects before it")
     from aimpre.eval.attributes import probe_heads
     from aimpre.eval.fusion import FuseConcatenated
 
     fuse = None if widths is None else FuseConcatenated(widths, fusion)  # refuses an unknown fusion
     (x, y), dim = train, train[0].shape[-1] if fuse is None else fuse.out_dim
+    vx, vt = (None, None) if valid is None else valid
     if kind == "linear":  # the head mean-pools; pooling once here makes its mean over one token a no-op
-        x, test = x.float().mean(1, keepdim=True), (test[0].float().mean(1, keepdim=True), test[1])  # [N, 1, C]
+        x, test = masked_mean(x.float(), vx)[:, None], (masked_mean(test[0].float(), vt)[:, None], test[1])  # [N, 1, C]
+        vx = vt = None
     classes = int(max(y.max(), test[1].max())) + 1
     # the head is sized by the largest label: check what it would take before allocating it
     head_bytes = classes * dim * 16  # float32 weights, their gradients and AdamW's two moments
@@ -359,15 +511,15 @@ def train_probe(
             idx = order[i : i + s.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            loss = F.cross_entropy(head(x[idx].to(dev).float()), y[idx].to(dev))
+            loss = F.cross_entropy(_logits(head, x[idx], None if vx is None else vx[idx]), y[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return {
-        "top1": _top1(head, *test),
-        "train_top1": _top1(head, x, y),
+        "top1": _top1(head, *test, valid=vt),
+        "train_top1": _top1(head, x, y, valid=vx),
         "params": sum(p.numel() for p in head.parameters()),
     }
 
@@ -422,6 +574,7 @@ def run_probe(
     img_size: int | tuple[int, int] | None = None,
     fuse: tuple[str, ...] = (),
     fusion: str = "concat",
+    native: int | None = None,
 ) -> dict[str, Any]:
     """Probes a frozen encoder (and, if asked, the same architecture at random initialisation, and raw pixels).
 
@@ -444,6 +597,8 @@ def run_probe(
             (``aimpre.eval.fusion.fused_name``). Each reads the images with its own preprocessing (size, mean/std),
             its output tokens (cached as the encoder's) resampled to the encoder's token grid.
         fusion: how the fused row combines its sources: "concat" or "sum" (projected to one width and summed).
+        native: probe a sincos2d encoder at native resolution on canvases of 2^n patches (module docstring),
+            instead of a square or ``img_size`` crop.
 
     Returns:
         A JSON-able dict with top-1 and train top-1 per encoder and probe, the data sizes and the settings.
@@ -457,6 +612,11 @@ def run_probe(
     if img_size is not None:
         check_size(loaded.encoder, img_size)
         pre = {**pre, "img_size": list(img_size) if isinstance(img_size, tuple) else img_size}  # in the cache key
+    if native is not None:
+        check_native(loaded.encoder, native, img_size is not None, raw_pixels)
+        if fuse:  # partners' tokens are resampled onto one square grid; a native probe has two canvases
+            raise ProbeError("--native N with more than one encoder: fusion needs one square token grid")
+        pre = {**pre, "native": native}  # in the cache key
     if layers.blocks is not None:
         from aimpre.model.vit import block_indices
 
@@ -474,10 +634,12 @@ def run_probe(
     cache_dir = cache_root() / "features" if cache else None
     train_urls, test_urls = shard_urls(train), None if test is None else shard_urls(test)
     sources: dict[str, list[tuple[Tensor, Tensor] | None]] = {}  # name -> [train features, test features or None]
+    masks: dict[str, list[Tensor | None]] = {}  # name -> valid-token masks (native probes), as sources
     for name, encoder in encoders.items():
         weights = _weights_hash(encoder, pre) if cache_dir else None  # once for both shard sets
-        sources[name] = [features(encoder, pre, u, cache_dir, weights, layers) if u else None
-                         for u in (train_urls, test_urls)]  # fmt: skip
+        got = [_features(encoder, pre, u, cache_dir, weights, layers) if u else None for u in (train_urls, test_urls)]
+        sources[name] = [None if g is None else (g["tokens"], g["labels"]) for g in got]
+        masks[name] = [None if g is None else g.get("valid") for g in got]
     widths: dict[str, list[int]] = {}
     if partners:
         names = ["encoder", *partners]
@@ -490,12 +652,17 @@ def run_probe(
     results: dict[str, dict[str, Any]] = {}
     for name, (train_f, test_f) in sources.items():
         assert train_f is not None
+        v_train, v_test = masks.get(name, [None, None])
+        valid = None
         if test_f is None:
             tr, te = _split(train_f[1], 0.2, s.seed)
             train_set, test_set = (train_f[0][tr], train_f[1][tr]), (train_f[0][te], train_f[1][te])
+            valid = None if v_train is None else (v_train[tr], v_train[te])
         else:
             train_set, test_set = train_f, test_f
-        results[name] = {kind: train_probe(kind, train_set, test_set, s, widths.get(name), fusion) for kind in kinds}
+            valid = None if v_train is None or v_test is None else (v_train, v_test)
+        results[name] = {kind: train_probe(kind, train_set, test_set, s, widths.get(name), fusion, valid=valid)
+                         for kind in kinds}  # fmt: skip
     if raw_pixels and "linear" in kinds:
         results["raw_pixels"] = raw_pixel_probe(pre, train, test, s)
     res = {
@@ -508,6 +675,7 @@ def run_probe(
         "classes": int(max(train_set[1].max(), test_set[1].max())) + 1,
         "settings": vars(s),
         "img_size": pre["img_size"],
+        "native": None if native is None else {"log2_area": native, "canvas": list(canvas(native)[1:])},
         "layers": "output" if layers.blocks is None else {"blocks": list(layers.blocks), "merge": layers.merge},
         "fuse": list(fuse),
         "fusion": fusion,
