@@ -104,6 +104,21 @@ def test_teacher_with_another_patch_size_is_refused(tmp_path: Path) -> None:
         training_flops(_student(teacher))  # type: ignore[arg-type]
 
 
+def test_unreadable_teachers_name_the_key(tmp_path: Path) -> None:
+    """A teacher that is a damaged safetensors file, an empty folder or a checkpoint outside its run: a
+    ConfigError naming model.distill_teacher and what is wrong, at build and at counting time."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "t.safetensors").write_text("garbage")
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "last.ckpt").write_text("x")
+    cases = {"t.safetensors": "safetensors", "empty": "not a run", "ckpts/last.ckpt": "config"}
+    for name, words in cases.items():
+        cfg = _student(tmp_path / name)
+        for make in (build, training_flops):
+            with pytest.raises(ConfigError, match=rf"model\.distill_teacher.*{words}"):
+                make(cfg)  # type: ignore[arg-type]
+
+
 @pytest.mark.slow  # two subprocesses that import torch
 def test_cli_bad_teacher_is_one_line_exit_2(tmp_path: Path) -> None:
     cfg = tmp_path / "d.yaml"

@@ -236,7 +236,9 @@ def _rows(run: Path) -> dict[int, dict[str, str]]:
 
 
 @pytest.mark.slow  # three short Lightning runs: ~30 s on an idle 2-core machine
-def test_moe_run_resumes_exactly_and_exports(tmp_path: Path, pretrain_spec: str) -> None:
+def test_moe_run_resumes_exactly_and_exports(
+    tmp_path: Path, pretrain_spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A real Lightning run with MoE blocks: loss_balance logged per step; stopped at step 2 and resumed, the
     losses of steps 3-4 equal an uninterrupted run's; the safetensors export loads back with equal features."""
     full = train(_moe_cfg(tmp_path, pretrain_spec, "full"))  # type: ignore[arg-type]
@@ -278,6 +280,12 @@ def test_moe_run_resumes_exactly_and_exports(tmp_path: Path, pretrain_spec: str)
     for fmt in ("timm", "hf"):
         with pytest.raises(ExportError, match="no MoE AIMv2"):
             export_encoder(full, fmt, tmp_path / fmt)
+    # on the command line: one line naming the missing MoE AIMv2, exit 2, no traceback
+    from aimpre.cli import main
+
+    assert main(["export", str(full), "--format", "timm", "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "timm has no MoE AIMv2" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("impl", ["grouped", "loop"])
