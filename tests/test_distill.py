@@ -104,6 +104,21 @@ def test_teacher_with_another_patch_size_is_refused(tmp_path: Path) -> None:
         training_flops(_student(teacher))  # type: ignore[arg-type]
 
 
+def test_unreadable_teachers_name_the_key(tmp_path: Path) -> None:
+    """A teacher that is a damaged safetensors file, an empty folder or a checkpoint outside its run: a
+    ConfigError naming model.distill_teacher and what is wrong, at build and at counting time."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "t.safetensors").write_text("garbage")
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "last.ckpt").write_text("x")
+    cases = {"t.safetensors": "safetensors", "empty": "not a run", "ckpts/last.ckpt": "config"}
+    for name, words in cases.items():
+        cfg = _student(tmp_path / name)
+        for make in (build, training_flops):
+            with pytest.raises(ConfigError, match=rf"model\.distill_teacher.*{words}"):
+                make(cfg)  # type: ignore[arg-type]
+
+
 @pytest.mark.slow  # two subprocesses that import torch
 def test_cli_bad_teacher_is_one_line_exit_2(tmp_path: Path) -> None:
     cfg = tmp_path / "d.yaml"
@@ -206,3 +221,33 @@ def test_the_teacher_sees_its_own_normalisation(tmp_path: Path) -> None:
         wrong = model.distill.teacher(as_student)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (wrong - want).abs().max() > 1e-2  # the two normalisations differ enough to matter
+
+
+def test_teacher_runs_in_training_precision_and_is_resampled(tmp_path: Path) -> None:
+    """Under the trainer's bf16 autocast the teacher's forward runs in bf16 and builds no graph; a whole-model bf16
+    cast takes the teacher along; a teacher at 84 px (a 6 x 6 grid) gives targets on the 112 px student's 8 x 8
+    grid: its features on the image resized to 84 px, resampled bilinearly on the patch grid."""
+    import torch.nn.functional as F
+
+    teacher = _teacher(tmp_path)  # 84 px, width 96
+    model = build(_student(teacher))  # type: ignore[arg-type]
+    t = model.distill.teacher
+    seen: list[torch.dtype] = []  # the output dtype of every linear layer of the teacher
+    for m in t.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    x = torch.randn(2, 3, 112, 112, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.distill.targets(x)
+    assert seen and set(seen) == {torch.bfloat16} and not got.requires_grad and got.shape == (2, 64, 96)
+
+    with torch.no_grad():
+        small = F.interpolate(x, size=(84, 84), mode="bicubic", align_corners=False, antialias=True)
+        own = t(small).transpose(1, 2).reshape(2, 96, 6, 6)  # [B, D, 6, 6]
+        want = F.interpolate(own, size=(8, 8), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(model.distill.targets(x), want)
+
+    model.to(torch.bfloat16)
+    seen.clear()
+    model.distill.targets(x.detach().bfloat16())
+    assert next(t.parameters()).dtype == torch.bfloat16 and set(seen) == {torch.bfloat16}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -131,6 +132,57 @@ def test_counts_total_and_active_match_the_built_model() -> None:
     assert training_flops(top2).encoder - training_flops(cfg).encoder == pytest.approx(6 * 2 * N * 3 * d * h)
 
 
+@pytest.mark.parametrize(("top_k", "blocks"), [(1, None), (2, [0, -1])])
+def test_routed_flops_match_flop_counter_mode(top_k: int, blocks: list[int] | None) -> None:
+    """The counted FLOPs of an MoE model (router + the top-k experts of each token, forward and backward) equal
+    FlopCounterMode's on the built model exactly, whatever the router chose. The loop path: torch has no FLOP
+    formula for ``_grouped_mm``, so the counter would miss the grouped experts altogether."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aimpre.scaling import forward_flops
+
+    small = dict(width=48, depth=3, heads=3, mlp_hidden=64, dec_width=32, dec_depth=2, dec_heads=4,
+                 dec_mlp_hidden=72, img_size=42, text_len=5, prefix_min=3, prefix_max=6)  # fmt: skip
+    cfg = model_config("tiny", vocab_size=50, attn_backend="reference", moe_experts=4, moe_top_k=top_k,
+                       moe_blocks=blocks, moe_hidden=40, **small)  # fmt: skip
+    torch.manual_seed(0)
+    model = AIMv2(cfg)
+    for m in model.modules():
+        if isinstance(m, MoEFeedForward):
+            m.impl = "loop"
+    B = 3
+    args = (torch.randn(B, 3, 42, 42), torch.randint(0, 50, (B, 5)), torch.ones(B, 5, dtype=torch.bool),
+            torch.tensor([3, 4, 6]))  # fmt: skip
+    with FlopCounterMode(display=False) as fwd:
+        model(*args)
+    with FlopCounterMode(display=False) as both:
+        model(*args)["loss"].backward()
+    assert fwd.get_total_flops() == B * forward_flops(cfg, attention="dense").total
+    assert both.get_total_flops() == B * training_flops(cfg, attention="dense").total
+
+
+def test_scaling_fit_on_active_or_total_parameters(tmp_path: Path) -> None:
+    """``scaling fit --n active|total`` fits on collect's params_active / params_total columns (recorded in the
+    fit's JSON), and the two fits differ when the counts do."""
+    from aimpre.cli import main
+    from helpers import write_csv
+
+    rows = []
+    for i, n in enumerate((1e5, 2e5, 4e5, 8e5)):
+        for j, d in enumerate((1e5, 3e5, 1e6)):
+            loss = 1.5 + 300 / n**0.35 + 400 / d**0.3
+            rows.append({"run": f"r{i}{j}", "params_active": n, "params_total": 2.5 * n**1.1, "samples": d,
+                         "flops": 6 * n * d, "val_loss": loss})  # fmt: skip
+    src = write_csv(tmp_path / "moe.csv", rows)
+    fits = {}
+    for which in ("active", "total"):
+        out = tmp_path / f"{which}.json"
+        assert main(["scaling", "fit", str(src), "--n", which, "--d", "samples", "--json", str(out)]) == 0
+        fits[which] = json.loads(out.read_text())
+        assert fits[which]["columns"]["n"] == f"params_{which}"
+    assert fits["active"]["params"] != fits["total"]["params"]
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -184,7 +236,9 @@ def _rows(run: Path) -> dict[int, dict[str, str]]:
 
 
 @pytest.mark.slow  # three short Lightning runs: ~30 s on an idle 2-core machine
-def test_moe_run_resumes_exactly_and_exports(tmp_path: Path, pretrain_spec: str) -> None:
+def test_moe_run_resumes_exactly_and_exports(
+    tmp_path: Path, pretrain_spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A real Lightning run with MoE blocks: loss_balance logged per step; stopped at step 2 and resumed, the
     losses of steps 3-4 equal an uninterrupted run's; the safetensors export loads back with equal features."""
     full = train(_moe_cfg(tmp_path, pretrain_spec, "full"))  # type: ignore[arg-type]
@@ -196,6 +250,23 @@ def test_moe_run_resumes_exactly_and_exports(tmp_path: Path, pretrain_spec: str)
         for k in ("loss", "loss_balance", "loss_image", "loss_text"):
             assert float(a[step][k]) == float(b[step][k]), (step, k)
     assert all(1.0 <= float(r["loss_balance"]) < 4.0 for r in a.values())  # 1 = balanced, E = 4 = one expert
+    # the resumed weights, router and expert stacks included, are the uninterrupted run's bit for bit
+    from aimpre.train.checkpoint import load_checkpoint, model_state
+
+    ends = [model_state(load_checkpoint(r / "checkpoints" / "last.ckpt")) for r in (full, part)]
+    assert ends[0].keys() == ends[1].keys() and any(k.endswith("mlp.router.weight") for k in ends[0])
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+    # the run's compute (MFU, flops column) counts the routed tokens' FLOPs; collect writes both parameter counts
+    from aimpre.scaling.collect import run_row
+
+    cfg = load_config(full / "config.yaml").model
+    summary = json.loads((full / "summary.json").read_text())
+    every = training_flops(replace(cfg, moe_top_k=cfg.moe_experts)).total  # as if each token used all 4 experts
+    fps = summary["flops_per_sample"]
+    assert fps == pytest.approx(training_flops(cfg).total) and fps < every
+    row = run_row(full)
+    assert row["params_active"] == param_counts(cfg, active=True)["total"] < row["params_total"]
+    assert row["params_total"] == param_counts(cfg)["total"] and row["flops"] == summary["flops"]
 
     out = export_encoder(full, "safetensors", tmp_path / "export")
     record = json.loads((out / "aimpre.json").read_text())
@@ -209,6 +280,12 @@ def test_moe_run_resumes_exactly_and_exports(tmp_path: Path, pretrain_spec: str)
     for fmt in ("timm", "hf"):
         with pytest.raises(ExportError, match="no MoE AIMv2"):
             export_encoder(full, fmt, tmp_path / fmt)
+    # on the command line: one line naming the missing MoE AIMv2, exit 2, no traceback
+    from aimpre.cli import main
+
+    assert main(["export", str(full), "--format", "timm", "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "timm has no MoE AIMv2" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("impl", ["grouped", "loop"])

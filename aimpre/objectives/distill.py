@@ -170,7 +170,9 @@ class Distiller(nn.Module):
                 scale, shift = (v.to(device=x.device, dtype=dtype) for v in self.renorm)
                 x = x * scale + shift
             if x.shape[-1] != size or x.shape[-2] != size:
-                x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+                # resized in float32: CPU has no antialiased bicubic kernel for bf16 (a bf16-true run would stop here)
+                x = F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+                x = x.to(dtype)
             feats = t(x)  # [B, Nt, Dt], full attention
             gs, gt = self.cfg.grid, t.cfg.grid
             if gt != gs:  # resample on the patch grid: [B, Nt, Dt] -> [B, Dt, gt, gt] -> [B, Dt, gs, gs]
