@@ -661,6 +661,13 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers(args: argparse.Namespace) -> Any:
+    """--layers / --merge as an ``aimpre.probe.Layers`` (None: the output)."""
+    from aimpre.probe import Layers
+
+    return None if args.layers is None else Layers(tuple(args.layers), args.merge)
+
+
 def _probe_attributes(args: argparse.Namespace) -> int:
     from aimpre.eval.attributes import run_attributes
     from aimpre.probe import ProbeSettings
@@ -670,7 +677,7 @@ def _probe_attributes(args: argparse.Namespace) -> int:
     out = _eval_out(args, "attributes.json")
     res = run_attributes(args.encoder, out, n_train=args.train_scenes, n_test=args.test_scenes,
                          readouts=tuple(args.readout), attributes=tuple(args.attribute), settings=settings,
-                         baselines=not args.no_baselines)  # fmt: skip
+                         baselines=not args.no_baselines, layers=_layers(args))  # fmt: skip
     print(f"top-1 on {args.test_scenes} held-out scenes (probes trained on {args.train_scenes} others), "
           f"encoder / readout per row:")  # fmt: skip
     print(f"{'':24}" + "".join(f"{a:>11}" for a in args.attribute))
@@ -724,7 +731,7 @@ def _localize(args: argparse.Namespace) -> int:
     settings = LocalizeSettings(**{k: v for k, v in given.items() if v is not None})
     out = _eval_out(args, "localize.json")
     res = run_localize(args.encoder, out, n_train=args.train_scenes, n_test=args.test_scenes, settings=settings,
-                       baselines=not args.no_baselines)  # fmt: skip
+                       baselines=not args.no_baselines, layers=_layers(args))  # fmt: skip
     keys = ("patch_iou", "patch_acc", "soft_iou", "box_iou", "box_acc50", "reg_box_iou")
     print(f"localizing a named shape in {args.test_scenes} held-out scenes (heads trained on {args.train_scenes}):")
     print(f"{'':14}" + "".join(f"{k:>11}" for k in keys))
@@ -1087,6 +1094,9 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument("--no-baselines", action="store_true", help="only the encoder: no random-init, pixel or "
                         "majority/mean rows")  # fmt: skip
         ev.add_argument("--out", help=f"results JSON (default: {what}.json in the encoder's directory)")
+        ev.add_argument("--layers", type=int, nargs="+", help="read the encoder and its random-init twin at these "
+                        "blocks (0-based; -1 the last), each through the final norm, not the output")  # fmt: skip
+        ev.add_argument("--merge", choices=("mean", "concat"), default="mean", help="how --layers' blocks combine")
         if what == "attributes":
             ev.add_argument("--attribute", nargs="+", default=list(ATTRIBUTE_NAMES), choices=ATTRIBUTE_NAMES)
             ev.add_argument("--readout", nargs="+", default=list(READOUTS), choices=READOUTS,

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from aimpre.eval import finish_record
 from aimpre.eval.names import READOUTS
-from aimpre.eval.scenes import ATTRIBUTES, attribute_labels, judged_encoders, render_scenes
-from aimpre.probe import ProbeSettings, train_probe
+from aimpre.eval.scenes import ATTRIBUTES, attribute_labels, judged_encoders, layers_record, render_scenes
+from aimpre.probe import Layers, ProbeSettings, train_probe
 
 
 def probe_heads(dim: int) -> int:
@@ -69,6 +69,7 @@ def attribute_rows(
     attributes: tuple[str, ...] = tuple(ATTRIBUTES),
     settings: ProbeSettings | None = None,
     baselines: bool = True,
+    layers: Layers | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the attribute table: one per encoder, attribute and readout (``aimpre compare`` can add them).
 
@@ -80,6 +81,7 @@ def attribute_rows(
         attributes: from ``aimpre.eval.scenes.ATTRIBUTES``.
         settings: probe training (default: ``ProbeSettings(epochs=30)``).
         baselines: add the random-init and raw-pixel encoders and the majority class.
+        layers: the blocks the encoder and its random-init twin are read at (None: the output).
 
     Returns:
         Dicts with ``encoder`` ("encoder", "random_init", "pixels", "majority"), ``attribute``, ``readout``,
@@ -90,7 +92,7 @@ def attribute_rows(
         raise ValueError(f"unknown attribute or readout {unknown[0]!r}; attributes: {', '.join(ATTRIBUTES)}; "
                          f"readouts: {', '.join(READOUTS)}")  # fmt: skip
     s = settings or ProbeSettings(epochs=30)
-    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines)
+    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines, layers=layers)
     train, test = render_scenes(n_train, judged.img_size, "train"), render_scenes(n_test, judged.img_size, "test")
     y, yt = attribute_labels(train.facts), attribute_labels(test.facts)
     rows: list[dict[str, Any]] = []
@@ -129,6 +131,7 @@ def run_attributes(encoder_path: str | Path, out: Path | None = None, **kwargs: 
             "held_out": "aimpre.eval.scenes: streams seeded (19, split), disjoint from the demo's",
         },
         "settings": vars(s),
+        "layers": layers_record(kwargs.get("layers")),
         "rows": rows,
     }
     return finish_record(res, start, out)

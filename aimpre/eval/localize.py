@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from aimpre.data.demo import SHAPES
 from aimpre.eval import finish_record
-from aimpre.eval.scenes import judged_encoders, mask_box, patch_coverage, render_scenes, visible_masks
-from aimpre.probe import _device, _lr_at
+from aimpre.eval.scenes import judged_encoders, layers_record, mask_box, patch_coverage, render_scenes, visible_masks
+from aimpre.probe import Layers, _device, _lr_at
 
 
 @dataclass
@@ -224,6 +224,7 @@ def localize_rows(
     n_test: int = 1000,
     settings: LocalizeSettings | None = None,
     baselines: bool = True,
+    layers: Layers | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the localization table, one per encoder (``aimpre compare`` can add them).
 
@@ -233,13 +234,14 @@ def localize_rows(
         n_test: other held-out scenes it is scored on.
         settings: head training.
         baselines: add the random-init and raw-pixel encoders and the mean prediction.
+        layers: the blocks the encoder and its random-init twin are read at (None: the output).
 
     Returns:
         Dicts with ``encoder`` ("encoder", "random_init", "pixels", "mean") and the ``scores`` keys (plus
         ``train_patch_iou`` / ``train_box_iou`` for trained heads).
     """
     s = settings or LocalizeSettings()
-    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines)
+    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines, layers=layers)
     train, test = render_scenes(n_train, judged.img_size, "train"), render_scenes(n_test, judged.img_size, "test")
     q, qt = queries(train.facts, judged.grid), queries(test.facts, judged.grid)
     rows = [
@@ -266,6 +268,7 @@ def run_localize(encoder_path: str | Path, out: Path | None = None, **kwargs: An
         "encoder_path": str(encoder_path),
         "scenes": {"train": kwargs.get("n_train", 2000), "test": kwargs.get("n_test", 1000)},
         "settings": vars(kwargs.get("settings") or LocalizeSettings()),
+        "layers": layers_record(kwargs.get("layers")),
         "rows": rows,
     }
     return finish_record(res, start, out)
