@@ -146,3 +146,17 @@ def test_layer_sweep_reads_both_encoders_at_the_chosen_block(
     assert main(["localize", str(path), "--layers", "5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--layers" in err
+
+
+def test_mask_reads_a_neighbourhood_so_shifted_tokens_localize() -> None:
+    """An autoregressive encoder's token t may describe patch t + 1 (AIMv2's decoder predicts the next patch from
+    it). Tokens that each hold their right-hand neighbour's pixels must localize as well as the pixels in place:
+    read through its own patch only, the head lost a third of its patch IoU on them."""
+    train, test = render_scenes(200, 56, "train"), render_scenes(80, 56, "test")  # 7 px patches: 147-wide tokens
+    q, qt = queries(train.facts, 8), queries(test.facts, 8)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    x, xt = (pixel_tokens(s.images, 7, mean, std) for s in (train, test))
+    s = LocalizeSettings(epochs=8)
+    in_place = train_localizer(x, q, xt, qt, s)["patch_iou"]
+    shifted = train_localizer(x.roll(-1, dims=1), q, xt.roll(-1, dims=1), qt, s)["patch_iou"]
+    assert shifted > in_place - 0.03, (shifted, in_place)
