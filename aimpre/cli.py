@@ -727,7 +727,7 @@ def _vlm_probe(args: argparse.Namespace) -> int:
 def _localize(args: argparse.Namespace) -> int:
     from aimpre.eval.localize import LocalizeSettings, run_localize
 
-    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
+    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed", "window")}
     settings = LocalizeSettings(**{k: v for k, v in given.items() if v is not None})
     out = _eval_out(args, "localize.json")
     res = run_localize(args.encoder, out, n_train=args.train_scenes, n_test=args.test_scenes, settings=settings,
@@ -1097,6 +1097,10 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument("--layers", type=int, nargs="+", help="read the encoder and its random-init twin at these "
                         "blocks (0-based; -1 the last), each through the final norm, not the output")  # fmt: skip
         ev.add_argument("--merge", choices=("mean", "concat"), default="mean", help="how --layers' blocks combine")
+        if what == "localize":
+            ev.add_argument("--window", type=int, choices=(1, 3, 5), help="the mask head reads each patch's W x W "
+                            "neighbourhood of tokens (default 1: its own token; 3 for tokens that describe a "
+                            "neighbour, as AIMv2's next-patch objective makes them)")  # fmt: skip
         if what == "attributes":
             ev.add_argument("--attribute", nargs="+", default=list(ATTRIBUTE_NAMES), choices=ATTRIBUTE_NAMES)
             ev.add_argument("--readout", nargs="+", default=list(READOUTS), choices=READOUTS,

@@ -137,11 +137,24 @@ def test_layer_sweep_reads_both_encoders_at_the_chosen_block(
         assert not torch.allclose(want, enc(x), atol=1e-2)  # block 0 is not the output
     assert torch.allclose(judged.tokens["encoder"](images), want, atol=2e-2)  # float16 cache
     assert judged.tokens["random_init"](images).shape == want.shape
-    args = ["localize", str(path), "--train-scenes", "20", "--test-scenes", "10", "--epochs", "1", "--layers", "0"]
+    args = [
+        "localize",
+        str(path),
+        "--train-scenes",
+        "20",
+        "--test-scenes",
+        "10",
+        "--epochs",
+        "1",
+        "--layers",
+        "0",
+        "--window",
+        "3",
+    ]
     assert main(args) == 0
     capsys.readouterr()
     res = json.loads((path / "localize.json").read_text())
-    assert res["layers"] == {"blocks": [0], "merge": "mean"}
+    assert res["layers"] == {"blocks": [0], "merge": "mean"} and res["settings"]["window"] == 3
     assert [r["encoder"] for r in res["rows"]] == ["encoder", "random_init", "pixels", "mean"]
     assert main(["localize", str(path), "--layers", "5"]) == 2
     err = capsys.readouterr().err
@@ -150,13 +163,13 @@ def test_layer_sweep_reads_both_encoders_at_the_chosen_block(
 
 def test_mask_reads_a_neighbourhood_so_shifted_tokens_localize() -> None:
     """An autoregressive encoder's token t may describe patch t + 1 (AIMv2's decoder predicts the next patch from
-    it). Tokens that each hold their right-hand neighbour's pixels must localize as well as the pixels in place:
-    read through its own patch only, the head lost a third of its patch IoU on them."""
+    it). With ``window`` 3, tokens that each hold their right-hand neighbour's pixels localize as well as the pixels
+    in place; read through its own patch only (window 1, the old head), they lost a third of their patch IoU."""
     train, test = render_scenes(200, 56, "train"), render_scenes(80, 56, "test")  # 7 px patches: 147-wide tokens
     q, qt = queries(train.facts, 8), queries(test.facts, 8)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     x, xt = (pixel_tokens(s.images, 7, mean, std) for s in (train, test))
-    s = LocalizeSettings(epochs=8)
+    s = LocalizeSettings(epochs=8, window=3)
     in_place = train_localizer(x, q, xt, qt, s)["patch_iou"]
     shifted = train_localizer(x.roll(-1, dims=1), q, xt.roll(-1, dims=1), qt, s)["patch_iou"]
     assert shifted > in_place - 0.03, (shifted, in_place)
