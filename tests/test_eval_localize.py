@@ -137,20 +137,8 @@ def test_layer_sweep_reads_both_encoders_at_the_chosen_block(
         assert not torch.allclose(want, enc(x), atol=1e-2)  # block 0 is not the output
     assert torch.allclose(judged.tokens["encoder"](images), want, atol=2e-2)  # float16 cache
     assert judged.tokens["random_init"](images).shape == want.shape
-    args = [
-        "localize",
-        str(path),
-        "--train-scenes",
-        "20",
-        "--test-scenes",
-        "10",
-        "--epochs",
-        "1",
-        "--layers",
-        "0",
-        "--window",
-        "3",
-    ]
+    args = ["localize", str(path), "--train-scenes", "20", "--test-scenes", "10", "--epochs", "1"]
+    args += ["--layers", "0", "--window", "3"]
     assert main(args) == 0
     capsys.readouterr()
     res = json.loads((path / "localize.json").read_text())
