@@ -679,6 +679,13 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers(args: argparse.Namespace) -> Any:
+    """--layers / --merge as an ``aimpre.probe.Layers`` (None: the output)."""
+    from aimpre.probe import Layers
+
+    return None if args.layers is None else Layers(tuple(args.layers), args.merge)
+
+
 def _probe_attributes(args: argparse.Namespace) -> int:
     from aimpre.eval.attributes import run_attributes
     from aimpre.probe import ProbeSettings
@@ -689,7 +696,7 @@ def _probe_attributes(args: argparse.Namespace) -> int:
     res = run_attributes(args.encoder[0], out, n_train=args.train_scenes, n_test=args.test_scenes,
                          readouts=tuple(args.readout), attributes=tuple(args.attribute), settings=settings,
                          baselines=not args.no_baselines, fuse=tuple(args.encoder[1:]),
-                         fusion=args.fuse)  # fmt: skip
+                         fusion=args.fuse, layers=_layers(args))  # fmt: skip
     print(f"top-1 on {args.test_scenes} held-out scenes (probes trained on {args.train_scenes} others), "
           f"encoder / readout per row:")  # fmt: skip
     table: dict[tuple[str, str], dict[str, float]] = {}
@@ -740,11 +747,12 @@ def _vlm_probe(args: argparse.Namespace) -> int:
 def _localize(args: argparse.Namespace) -> int:
     from aimpre.eval.localize import LocalizeSettings, run_localize
 
-    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
+    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed", "window")}
     settings = LocalizeSettings(**{k: v for k, v in given.items() if v is not None})
     out = _eval_out(args, "localize.json")
     res = run_localize(args.encoder[0], out, n_train=args.train_scenes, n_test=args.test_scenes, settings=settings,
-                       baselines=not args.no_baselines, fuse=tuple(args.encoder[1:]), fusion=args.fuse)  # fmt: skip
+                       baselines=not args.no_baselines, fuse=tuple(args.encoder[1:]), fusion=args.fuse,
+                       layers=_layers(args))  # fmt: skip
     keys = ("patch_iou", "patch_acc", "soft_iou", "box_iou", "box_acc50", "reg_box_iou")
     print(f"localizing a named shape in {args.test_scenes} held-out scenes (heads trained on {args.train_scenes}):")
     width = max(14, *(len(r["encoder"]) + 1 for r in res["rows"]))
@@ -1128,6 +1136,13 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument("--no-baselines", action="store_true", help="only the encoder: no random-init, pixel or "
                         "majority/mean rows")  # fmt: skip
         ev.add_argument("--out", help=f"results JSON (default: {what}.json in the encoder's directory)")
+        ev.add_argument("--layers", type=int, nargs="+", help="read the encoder and its random-init twin at these "
+                        "blocks (0-based; -1 the last), each through the final norm, not the output")  # fmt: skip
+        ev.add_argument("--merge", choices=("mean", "concat"), default="mean", help="how --layers' blocks combine")
+        if what == "localize":
+            ev.add_argument("--window", type=int, choices=(1, 3, 5), help="the mask head reads each patch's W x W "
+                            "neighbourhood of tokens (default 1: its own token; 3 for tokens that describe a "
+                            "neighbour, as AIMv2's next-patch objective makes them)")  # fmt: skip
         if what == "attributes":
             ev.add_argument("--attribute", nargs="+", default=list(ATTRIBUTE_NAMES), choices=ATTRIBUTE_NAMES)
             ev.add_argument("--readout", nargs="+", default=list(READOUTS), choices=READOUTS,

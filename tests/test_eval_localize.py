@@ -114,3 +114,50 @@ def test_an_object_hidden_entirely_asks_nothing() -> None:
     q = queries([facts], 8)
     assert [SHAPES[int(n)] for n in q.name] == ["square"]
     assert np.isclose(float(q.cover.sum()) * (IMAGE_SIZE / 8) ** 2, visible_masks(facts)[1].sum())
+
+
+def test_layer_sweep_reads_both_encoders_at_the_chosen_block(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--layers reads the encoder and its random-init twin at the same block (issue 19's layer sweep: AIM v1's best
+    features sit mid-trunk), tokens equal to the block's normed output; a block the encoder lacks is one line."""
+    from aimpre.eval.scenes import judged_encoders
+    from aimpre.probe import Layers
+
+    torch.manual_seed(0)
+    enc = AIMv2Encoder(model_config("tiny", depth=2, vocab_size=258))
+    path = write_export(
+        enc, "safetensors", tmp_path / "enc2", info={"preprocessing": preprocessing_info(MEAN, STD, 112)}
+    )
+    images = render_scenes(3, 112, "test").images
+    judged = judged_encoders(path, layers=Layers((0,)))
+    x = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = enc.eval().forward_intermediates(x, [0])[0]
+        assert not torch.allclose(want, enc(x), atol=1e-2)  # block 0 is not the output
+    assert torch.allclose(judged.tokens["encoder"](images), want, atol=2e-2)  # float16 cache
+    assert judged.tokens["random_init"](images).shape == want.shape
+    args = ["localize", str(path), "--train-scenes", "20", "--test-scenes", "10", "--epochs", "1"]
+    args += ["--layers", "0", "--window", "3"]
+    assert main(args) == 0
+    capsys.readouterr()
+    res = json.loads((path / "localize.json").read_text())
+    assert res["layers"] == {"blocks": [0], "merge": "mean"} and res["settings"]["window"] == 3
+    assert [r["encoder"] for r in res["rows"]] == ["encoder", "random_init", "pixels", "mean"]
+    assert main(["localize", str(path), "--layers", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--layers" in err
+
+
+def test_mask_reads_a_neighbourhood_so_shifted_tokens_localize() -> None:
+    """An autoregressive encoder's token t may describe patch t + 1 (AIMv2's decoder predicts the next patch from
+    it). With ``window`` 3, tokens that each hold their right-hand neighbour's pixels localize as well as the pixels
+    in place; read through its own patch only (window 1, the old head), they lost a third of their patch IoU."""
+    train, test = render_scenes(200, 56, "train"), render_scenes(80, 56, "test")  # 7 px patches: 147-wide tokens
+    q, qt = queries(train.facts, 8), queries(test.facts, 8)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    x, xt = (pixel_tokens(s.images, 7, mean, std) for s in (train, test))
+    s = LocalizeSettings(epochs=8, window=3)
+    in_place = train_localizer(x, q, xt, qt, s)["patch_iou"]
+    shifted = train_localizer(x.roll(-1, dims=1), q, xt.roll(-1, dims=1), qt, s)["patch_iou"]
+    assert shifted > in_place - 0.03, (shifted, in_place)

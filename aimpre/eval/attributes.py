@@ -26,8 +26,8 @@ from torch import Tensor
 
 from aimpre.eval import finish_record
 from aimpre.eval.names import READOUTS
-from aimpre.eval.scenes import ATTRIBUTES, attribute_labels, judged_encoders, render_scenes
-from aimpre.probe import ProbeSettings, train_probe
+from aimpre.eval.scenes import ATTRIBUTES, attribute_labels, judged_encoders, layers_record, render_scenes
+from aimpre.probe import Layers, ProbeSettings, train_probe
 
 
 def probe_heads(dim: int) -> int:
@@ -82,6 +82,7 @@ def attribute_rows(
     baselines: bool = True,
     fuse: tuple[str, ...] = (),
     fusion: str = "concat",
+    layers: Layers | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the attribute table: one per encoder, attribute and readout (``aimpre compare`` can add them).
 
@@ -96,6 +97,7 @@ def attribute_rows(
         fuse: more encoders (paths, or "pixels"), each probed alone and fused with the encoder
             (``aimpre.eval.scenes.judged_encoders``).
         fusion: how the fused row combines them: "concat" or "sum".
+        layers: the blocks the encoder and its random-init twin are read at (None: the output).
 
     Returns:
         Dicts with ``encoder`` ("encoder", "random_init", "pixels", each ``fuse`` path, the fused row "encoder + ..."
@@ -107,7 +109,8 @@ def attribute_rows(
         raise ValueError(f"unknown attribute or readout {unknown[0]!r}; attributes: {', '.join(ATTRIBUTES)}; "
                          f"readouts: {', '.join(READOUTS)}")  # fmt: skip
     s = settings or ProbeSettings(epochs=30)
-    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines, fuse=fuse, fusion=fusion)
+    judged = judged_encoders(encoder_path, s.seed, random_init=baselines, pixels=baselines, fuse=fuse, fusion=fusion,
+                             layers=layers)  # fmt: skip
     train, test = render_scenes(n_train, judged.img_size, "train"), render_scenes(n_test, judged.img_size, "test")
     y, yt = attribute_labels(train.facts), attribute_labels(test.facts)
     rows: list[dict[str, Any]] = []
@@ -148,6 +151,7 @@ def run_attributes(encoder_path: str | Path, out: Path | None = None, **kwargs: 
         "settings": vars(s),
         "fuse": list(kwargs.get("fuse", ())),
         "fusion": kwargs.get("fusion", "concat"),
+        "layers": layers_record(kwargs.get("layers")),
         "rows": rows,
     }
     return finish_record(res, start, out)

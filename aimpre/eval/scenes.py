@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from torch import Tensor
 
 from aimpre.data.demo import BACKGROUNDS, COLOURS, IMAGE_SIZE, ROWS, SHAPES, draw_shape, render_scene_facts
 from aimpre.eval.names import ATTRIBUTE_NAMES
+
+if TYPE_CHECKING:
+    from aimpre.probe import Layers
 
 HELD_OUT = 19  # the first word of every held-out stream's seed (issue 19); the demo's own seeds are single ints
 SPLITS = {"train": 0, "test": 1}  # the second word: probe heads train on one stream and are scored on another
@@ -141,6 +144,13 @@ class Judged:
     widths: dict[str, list[int]] = field(default_factory=dict)
 
 
+def layers_record(layers: Layers | None) -> Any:
+    """What a results JSON says was read: "output", or the blocks and how they merge."""
+    if layers is None or layers.blocks is None:
+        return "output"
+    return {"blocks": list(layers.blocks), "merge": layers.merge}
+
+
 def pixel_tokens(images: Tensor, patch: int, mean: Tensor, std: Tensor) -> Tensor:
     """The raw-pixel "encoder": normalised pixels patchified as the model patchifies them, [N, T, patch*patch*3]."""
     from aimpre.model.losses import patchify
@@ -178,6 +188,7 @@ def judged_encoders(
     pixels: bool = True,
     fuse: tuple[str, ...] = (),
     fusion: str = "concat",
+    layers: Layers | None = None,
 ) -> Judged:
     """The encoder at ``encoder_path`` and the baselines it is judged against, as tokens functions.
 
@@ -190,11 +201,14 @@ def judged_encoders(
             encoder in one more row (``aimpre.eval.fusion.fused_name``); each sees the pictures at its own input
             size and its tokens are resampled to the encoder's grid.
         fusion: how the fused row's probes combine the sources: "concat" or "sum" (projected and summed).
+        layers: the blocks both encoders are read at (``aimpre.probe.Layers``; None: the output), so a layer
+            sweep compares the trained and the random-init encoder at the same depth.
     """
     from aimpre.eval.fusion import FUSIONS, align, fused_name
     from aimpre.export import load
     from aimpre.model import AIMv2Encoder
-    from aimpre.probe import ProbeError, _device, extract
+    from aimpre.model.vit import block_indices
+    from aimpre.probe import Layers, ProbeError, _device, extract
 
     if fusion not in FUSIONS:
         raise ProbeError(f"unknown fusion {fusion!r}; fusions: {', '.join(FUSIONS)}")
@@ -204,6 +218,12 @@ def judged_encoders(
         raise ProbeError(f"{encoder_path}: its normalisation (mean/std) is unknown; probing needs it")
     mean, std = (torch.tensor(pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     cfg = loaded.encoder.cfg
+    layers = layers or Layers()
+    if layers.blocks is not None:
+        try:
+            block_indices(list(layers.blocks), cfg.depth)
+        except ValueError as e:
+            raise ProbeError(f"--layers: {e}") from None
     encoders = {"encoder": loaded.encoder.to(_device())}
     if random_init:
         twin = AIMv2Encoder(cfg).eval()
@@ -212,7 +232,7 @@ def judged_encoders(
         encoders["random_init"] = twin.to(_device())
 
     def encoded(e: AIMv2Encoder) -> Tokens:
-        return lambda images: extract(e, images, mean, std).float()
+        return lambda images: extract(e, images, mean, std, layers=layers).float()
 
     tokens = {name: encoded(e) for name, e in encoders.items()}
 
