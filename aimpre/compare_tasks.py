@@ -41,6 +41,8 @@ class EvalSettings:
     Args:
         train_scenes, test_scenes: held-out scenes the heads train on and are scored on.
         train_digits, test_digits: held-out digits added to the VLM probe (its digit questions).
+        train_text, test_text: held-out scenes with a number written on them, for the VLM probe's "read the text"
+            questions (``aimpre.eval.vlm.render_text_scene``).
         attr_readouts: attribute-probe readouts (``aimpre.eval.names.READOUTS``).
         attr_epochs, attr_seeds: attribute-probe epochs and seeds (0 .. N-1).
         loc_epochs, loc_seeds: localization head epochs and seeds.
@@ -51,6 +53,8 @@ class EvalSettings:
     test_scenes: int = 200
     train_digits: int = 100
     test_digits: int = 60
+    train_text: int = 100
+    test_text: int = 50
     attr_readouts: tuple[str, ...] = ("linear", "patch")
     attr_epochs: int = 10
     attr_seeds: int = 2
@@ -69,6 +73,7 @@ class EvalSettings:
         if name == "localize":
             return {**scenes, "epochs": self.loc_epochs, "seeds": self.loc_seeds}
         return {**scenes, "train_digits": self.train_digits, "test_digits": self.test_digits,
+                "train_text": self.train_text, "test_text": self.test_text,
                 "steps": self.vlm_steps, "seeds": self.vlm_seeds, "connector": self.vlm_connector}  # fmt: skip
 
 
@@ -149,12 +154,13 @@ class _Data:
             from aimpre.eval.vlm import make_split
 
             made: dict[str, Any] = {}
-            for split, n, digits in (("train", self.s.train_scenes, self.s.train_digits),
-                                     ("test", self.s.test_scenes, self.s.test_digits)):  # fmt: skip
+            s = self.s
+            for split, n, digits, text in (("train", s.train_scenes, s.train_digits, s.train_text),
+                                           ("test", s.test_scenes, s.test_digits, s.test_text)):  # fmt: skip
                 scenes = render_scenes(n, self.img_size, split)
                 pictures = [(Image.fromarray(im.permute(1, 2, 0).numpy()), c)
                             for im, c in zip(scenes.images, scenes.captions, strict=True)]  # fmt: skip
-                vlm = make_split(split, n, digits, self.img_size, 0, pictures)
+                vlm = make_split(split, n, digits, self.img_size, 0, n_text=text, scenes=pictures)
                 made[split] = {"scenes": scenes, "vlm": vlm, "labels": attribute_labels(scenes.facts)}
             self._made = made
         return self._made
@@ -207,7 +213,8 @@ def _vlm_settings(s: EvalSettings, seed: int) -> Any:
     from aimpre.eval.vlm import VLMSettings
 
     return VLMSettings(connector=s.vlm_connector, steps=s.vlm_steps, seed=seed, train_scenes=s.train_scenes,
-                       test_scenes=s.test_scenes, train_digits=s.train_digits, test_digits=s.test_digits)  # fmt: skip
+                       test_scenes=s.test_scenes, train_digits=s.train_digits, test_digits=s.test_digits,
+                       train_text=s.train_text, test_text=s.test_text)  # fmt: skip
 
 
 def _vlm(tokens: tuple[Any, Any] | None, data: _Data, s: EvalSettings) -> dict[str, Any]:
