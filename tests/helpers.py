@@ -9,9 +9,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import webdataset as wds
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 def jpeg(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
@@ -61,3 +65,14 @@ def rows_when_killed(proc: subprocess.Popen, rows_file: Path, kill: Callable[[],
         kill()
         proc.wait()
     return [json.loads(line) for line in rows_file.read_text().splitlines()]
+
+
+def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter moved off its init (norm weights off 1, conv bias off 0) so a wrong mapping shows."""
+    import torch  # here: the other helpers serve subprocess tests that need no torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return module.eval()

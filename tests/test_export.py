@@ -26,24 +26,16 @@ from aimpre.formats import (
     to_hf,
 )
 from aimpre.model import AIMv2Encoder, model_config
+from helpers import perturbed
 
 PRE = preprocessing_info((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 112)
 SIZES = {"large": 309.2e6, "huge": 680.9e6, "1b": 1235.0e6, "3b": 2720.7e6}
 
 
-def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter moved off its init (norm weights off 1, conv bias off 0) so a wrong mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def encoder() -> AIMv2Encoder:
     torch.manual_seed(0)
-    return _perturbed(AIMv2Encoder(model_config("tiny", depth=2, vocab_size=258)))  # type: ignore[return-value]
+    return perturbed(AIMv2Encoder(model_config("tiny", depth=2, vocab_size=258)))  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +97,7 @@ def test_every_format_loads_back(encoder: AIMv2Encoder, images: torch.Tensor, tm
 def test_timm_model_initialises_our_encoder(images: torch.Tensor, tmp_path: Path) -> None:
     from timm.models import save_for_hf
 
-    model = _perturbed(
+    model = perturbed(
         timm.create_model("aimv2_large_patch14_224", embed_dim=96, depth=2, num_heads=2, mlp_ratio=2.75, img_size=112)
     )
     save_for_hf(model, str(tmp_path / "t"), safe_serialization=True)  # timm's hub layout, written by timm
@@ -119,7 +111,7 @@ def test_hf_model_initialises_our_encoder(images: torch.Tensor, tmp_path: Path) 
     cfg = transformers.Aimv2VisionConfig(
         hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=2, image_size=112, use_head=True
     )
-    model = _perturbed(transformers.Aimv2VisionModel(cfg))
+    model = perturbed(transformers.Aimv2VisionModel(cfg))
     model.save_pretrained(tmp_path / "h")
     loaded = load(tmp_path / "h")  # the pooling head is dropped: it is not part of the trunk
     assert loaded.info["preprocessing"]["mean"] is None  # save_pretrained writes no image processor

@@ -20,18 +20,10 @@ from aimpre.cli import main
 from aimpre.config import load_config
 from aimpre.model.posemb import resample_pos_embed
 from aimpre.train import train
+from helpers import perturbed
 
 # a tiny AIMv2 (2 blocks of 96, SwiGLU 264: timm's int(96 * 2.75)) and a 1-block decoder; patch 14
 SHAPE = ["model.width=96", "model.depth=2", "model.heads=2", "model.mlp_hidden=264", "model.dec_depth=1"]
-
-
-def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter moved off its init (norm weights off 1, conv bias off 0) so a wrong mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 def _images(size: int) -> torch.Tensor:
@@ -79,7 +71,7 @@ def test_init_from_released_timm_files(tmp_path: Path, pretrain_spec: str) -> No
     from timm.models import save_for_hf
 
     torch.manual_seed(0)
-    model = _perturbed(
+    model = perturbed(
         timm.create_model("aimv2_large_patch14_224", embed_dim=96, depth=2, num_heads=2, mlp_ratio=2.75, img_size=112)
     )
     save_for_hf(model, str(tmp_path / "timm"), safe_serialization=True)  # timm's hub layout, written by timm
@@ -105,7 +97,7 @@ def test_init_from_released_hf_files(tmp_path: Path, pretrain_spec: str) -> None
     cfg = transformers.Aimv2VisionConfig(
         hidden_size=96, intermediate_size=264, num_hidden_layers=2, num_attention_heads=2, image_size=112, use_head=True
     )
-    model = _perturbed(transformers.Aimv2VisionModel(cfg))
+    model = perturbed(transformers.Aimv2VisionModel(cfg))
     model.save_pretrained(tmp_path / "hf")
     got, _ = _first_forward(tmp_path, pretrain_spec, tmp_path / "hf", 112)
     with torch.no_grad():
@@ -176,7 +168,7 @@ def test_high_resolution_exports_load_in_timm_and_hf(img: int, tmp_path: Path) -
 
     torch.manual_seed(0)
     cfg = model_config("tiny", depth=1, width=64, heads=1, mlp_hidden=128, img_size=img, vocab_size=258)
-    enc = _perturbed(AIMv2Encoder(cfg))
+    enc = perturbed(AIMv2Encoder(cfg))
     pre = {"preprocessing": preprocessing_info((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), img)}
     x = torch.randn(1, 3, img, img, generator=torch.Generator().manual_seed(2))
     ours = enc(x)

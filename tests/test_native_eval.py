@@ -16,26 +16,18 @@ from aimpre.cli import main
 from aimpre.export import load, load_encoder, preprocessing_info, write_export
 from aimpre.formats import ExportError
 from aimpre.model import AIMv2Encoder, model_config
+from helpers import perturbed
 
 # three aspect ratios, (H, W) in pixels at patch 14: square, wide, tall
 ASPECTS = [(56, 56), (56, 84), (84, 42)]
 PRE = {"preprocessing": preprocessing_info((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 56)}
 
 
-def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter moved off its init (norm weights off 1, conv bias off 0) so a wrong mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 def _native(**over: object) -> AIMv2Encoder:
     torch.manual_seed(0)
     shape: dict[str, object] = {"depth": 2, "width": 64, "heads": 2, "mlp_hidden": 128, "img_size": 56}
     cfg = model_config("tiny", pos_embed="sincos2d", vocab_size=258, **{**shape, **over})  # type: ignore[arg-type]
-    return _perturbed(AIMv2Encoder(cfg))
+    return perturbed(AIMv2Encoder(cfg))
 
 
 def _image(h: int, w: int, seed: int = 2) -> torch.Tensor:
@@ -69,7 +61,7 @@ def test_a_released_format_native_hf_model_loads(tmp_path: Path) -> None:
     """A transformers-written ``is_native`` checkpoint (apple/aimv2-large-patch14-native's layout) at a tiny size."""
     conf = transformers.Aimv2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=2, image_size=56, is_native=True)  # fmt: skip
-    hf = _perturbed(transformers.Aimv2VisionModel(conf))
+    hf = perturbed(transformers.Aimv2VisionModel(conf))
     hf.save_pretrained(tmp_path / "hf")
     enc = load_encoder(tmp_path / "hf")
     assert enc.cfg.pos_embed == "sincos2d"
@@ -117,7 +109,7 @@ def test_init_from_a_native_export(tmp_path: Path, pretrain_spec: str, capsys: p
     torch.manual_seed(0)
     cfg = model_config("tiny", width=96, depth=2, heads=2, mlp_hidden=264, img_size=56, pos_embed="sincos2d",
                        vocab_size=258)  # fmt: skip
-    src = _perturbed(AIMv2Encoder(cfg))
+    src = perturbed(AIMv2Encoder(cfg))
     out = write_export(src, "safetensors", tmp_path / "native", info=PRE)
     want = src(_image(112, 112))  # sin-cos: the source runs at the new grid as it is
     # into a sincos2d run: the same function, no table
@@ -129,7 +121,7 @@ def test_init_from_a_native_export(tmp_path: Path, pretrain_spec: str, capsys: p
     assert float((got - want).abs().max()) <= 1e-5
     assert record["encoder"]["pos_embed"].startswith("a learned table initialised")
     # a learned table into a sincos2d run would be dropped: refused in one line naming model.pos_embed
-    learned = write_export(_perturbed(AIMv2Encoder(model_config("tiny", width=96, depth=2, heads=2, mlp_hidden=264,
+    learned = write_export(perturbed(AIMv2Encoder(model_config("tiny", width=96, depth=2, heads=2, mlp_hidden=264,
                                                                 img_size=112, vocab_size=258))),
                            "safetensors", tmp_path / "learned", info=PRE)  # fmt: skip
     capsys.readouterr()
