@@ -190,7 +190,7 @@ def test_the_paper_range_has_nine_canvases_of_six_lengths() -> None:
     assert all(max(r, c) == 2 * min(r, c) or r == c for r, c in canvases)
 
 
-def test_compiled_blocks_make_one_graph_per_area_and_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_blocks_make_one_graph_per_area_and_kind(request: pytest.FixtureRequest) -> None:
     """Compiling the native AIMv2 over every canvas of n in 2..4 (3 areas, 4 canvases; encoder and decoder blocks:
     6 graphs, past a recompile limit of 4 set here as dynamo's 8 is below the paper's 12) makes exactly one static
     graph per area and kind of block, training forward and backward, and none on a second pass."""
@@ -201,7 +201,10 @@ def test_compiled_blocks_make_one_graph_per_area_and_kind(monkeypatch: pytest.Mo
     from aimpre.model import AIMv2
     from aimpre.train.parallel import compile_blocks
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 4)  # restored after
+    # torch's own patcher, undone at the end: monkeypatch's undo deletes the key from dynamo's config module
+    limit = dynamo_config.patch(recompile_limit=4)
+    limit.__enter__()
+    request.addfinalizer(lambda: limit.__exit__(None, None, None))
     torch._dynamo.reset()
     torch.manual_seed(0)
     cfg = model_config("tiny", depth=2, width=32, heads=2, mlp_hidden=64, img_size=16, patch_size=2,
