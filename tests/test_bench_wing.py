@@ -20,6 +20,7 @@ WINGS = {
     "aimpre/data": "aimpre.data",
     "aimpre/train": "aimpre.train",
     "aimpre/objectives": "aimpre.objectives",
+    "aimpre/eval": "aimpre.eval",
 }
 ABOVE = ("aimpre.bench", "aimpre.cli", "aimpre.gpucheck")  # what the wings must not import
 
@@ -50,7 +51,7 @@ def _modules(folder: str, package: str) -> list[tuple[Path, str]]:
 
 
 def test_the_wings_import_no_bench_and_no_cli() -> None:
-    """Nothing in kernels/, scaling/ or aimpre/{model,data,train,objectives} imports a bench, the CLI or the GPU
+    """Nothing in kernels/, scaling/ or aimpre/{model,data,train,objectives,eval} imports a bench, the CLI or the GPU
     check; the benches import neither the CLI nor the check; the check does not import the CLI."""
     checks = [(f, pkg, ABOVE) for folder, package in WINGS.items() for f, pkg in _modules(folder, package)]
     checks += [(f, pkg, ("aimpre.cli", "aimpre.gpucheck")) for f, pkg in _modules("aimpre/bench", "aimpre.bench")]
