@@ -76,3 +76,9 @@ def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in module.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return module.eval()
+
+
+def metric_rows(run: Path) -> dict[int, dict[str, str]]:
+    """A run's metrics.csv training rows (those with a loss), by step."""
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}

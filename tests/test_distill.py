@@ -6,7 +6,6 @@ real subprocesses for the command line; the teacher's FLOPs checked against torc
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from dataclasses import replace
@@ -25,6 +24,7 @@ from aimpre.objectives import build
 from aimpre.objectives.distill import Distill, feature_loss
 from aimpre.scaling.flops import forward_flops, param_counts, training_flops
 from aimpre.train import train
+from helpers import metric_rows
 
 V = 300
 
@@ -157,11 +157,6 @@ def _distill_cfg(tmp_path: Path, spec: str, teacher: Path, name: str, *extra: st
     ])  # fmt: skip
 
 
-def _rows(run: Path) -> dict[int, dict[str, str]]:
-    with open(run / "metrics.csv") as f:
-        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
-
-
 @pytest.mark.slow  # one 12-step Lightning run of a 2-block student: ~15 s on an idle 2-core machine
 def test_student_learns_from_a_trained_teacher(
     tmp_path: Path, pretrain_spec: str, val_spec: str, tiny_run: Path
@@ -170,7 +165,7 @@ def test_student_learns_from_a_trained_teacher(
     loss_distill logged and falling; on held-out images the student's projected features move toward the
     teacher's; its checkpoint holds no teacher tensor; its export is the student encoder alone."""
     run = train(_distill_cfg(tmp_path, pretrain_spec, tiny_run, "student"))  # type: ignore[arg-type]
-    rows = _rows(run)
+    rows = metric_rows(run)
     first, last = float(rows[1]["loss_distill"]), float(rows[12]["loss_distill"])
     assert last < 0.8 * first, (first, last)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -10,7 +9,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import Tensor
@@ -22,6 +20,8 @@ from aimpre.model.layers import SwiGLU
 from aimpre.model.moe import MoEFeedForward, balance_loss, expert_matmul, grouped_mm_available
 from aimpre.scaling.flops import param_counts, training_flops
 from aimpre.train import train
+from helpers import metric_rows
+from test_train import StopAt
 
 DIM, HIDDEN = 16, 24  # multiples of 4: float32 rows 16-byte aligned, as torch's grouped GEMM wants
 
@@ -221,20 +221,6 @@ def _moe_cfg(tmp_path: Path, spec: str, name: str, *extra: str) -> object:
     ])  # fmt: skip
 
 
-class StopAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
-def _rows(run: Path) -> dict[int, dict[str, str]]:
-    with open(run / "metrics.csv") as f:
-        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
-
-
 @pytest.mark.slow  # three short Lightning runs: ~30 s on an idle 2-core machine
 def test_moe_run_resumes_exactly_and_exports(
     tmp_path: Path, pretrain_spec: str, capsys: pytest.CaptureFixture[str]
@@ -244,7 +230,7 @@ def test_moe_run_resumes_exactly_and_exports(
     full = train(_moe_cfg(tmp_path, pretrain_spec, "full"))  # type: ignore[arg-type]
     part = train(_moe_cfg(tmp_path, pretrain_spec, "part"), callbacks=(StopAt(2),))  # type: ignore[arg-type]
     train(_moe_cfg(tmp_path, pretrain_spec, "part"), resume=True)  # type: ignore[arg-type]
-    a, b = _rows(full), _rows(part)
+    a, b = metric_rows(full), metric_rows(part)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
         for k in ("loss", "loss_balance", "loss_image", "loss_text"):
@@ -333,7 +319,7 @@ def test_fsdp_two_processes_match_one_with_moe(tmp_path: Path) -> None:
         cmd = [sys.executable, str(job), str(tmp_path / name), strategy, devices, *moe]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-        losses[name] = _rows(tmp_path / name / "job")
+        losses[name] = metric_rows(tmp_path / name / "job")
     one, fsdp = losses["one"], losses["fsdp"]
     assert sorted(one) == sorted(fsdp) == [1, 2, 3, 4, 5, 6]
     table = {s: {k: (one[s][k], fsdp[s][k]) for k in ("loss", "loss_image", "loss_text", "loss_balance")} for s in one}

@@ -13,6 +13,7 @@ from aimpre.cli import main
 from aimpre.model import model_config
 from aimpre.model.posemb import sincos_2d
 from aimpre.model.vit import AIMv2Encoder
+from helpers import metric_rows
 
 
 def _ml_aim_layout(h: int, w: int, dim: int) -> np.ndarray:
@@ -236,13 +237,6 @@ def _native_cfg(tmp_path, spec: str, val: str, name: str, *extra: str):
     )  # fmt: skip
 
 
-def _rows(run) -> dict[int, dict[str, str]]:
-    import csv
-
-    with open(run / "metrics.csv") as f:
-        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
-
-
 @pytest.mark.slow  # three short Lightning runs with 2 data workers each: ~45 s on a busy 2-core machine
 def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(
     tmp_path, pretrain_spec: str, val_spec: str
@@ -260,9 +254,9 @@ def test_native_lightning_run_resumes_bit_exactly_and_counts_its_own_batches(
     cfg = _native_cfg(tmp_path, pretrain_spec, val_spec, "full")
     full = train(cfg)
     part = train(_native_cfg(tmp_path, pretrain_spec, val_spec, "part"), callbacks=(StopAt(2),))
-    assert max(_rows(part)) == 2
+    assert max(metric_rows(part)) == 2
     train(_native_cfg(tmp_path, pretrain_spec, val_spec, "part"), resume=True)
-    a, b = _rows(full), _rows(part)
+    a, b = metric_rows(full), metric_rows(part)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
         for k in ("loss", "loss_image", "loss_text", "samples", "flops"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -16,11 +15,7 @@ from aimpre.cli import main
 from aimpre.scaling.collect import collect, write_csv
 from aimpre.scaling.fit import fit_chinchilla
 from aimpre.scaling.table import Columns, TableError, read_table
-
-
-def _rows(run: Path) -> dict[int, dict[str, str]]:
-    with open(run / "metrics.csv") as f:
-        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
+from helpers import metric_rows
 
 
 def test_cooldown_sweep_runs_branches_and_collects(
@@ -48,11 +43,11 @@ def test_cooldown_sweep_runs_branches_and_collects(
 
     # the trunk ran at constant lr to the last branch point and kept a checkpoint at every branch point
     assert sorted(p.name for p in (trunk / "checkpoints").iterdir()) == ["last.ckpt", "step-4.ckpt", "step-8.ckpt"]
-    t = _rows(trunk)
+    t = metric_rows(trunk)
     assert max(t) == 8 and {float(r["lr"]) for r in t.values() if int(r["step"]) >= 2} == {1e-3}
     # a branch resumed exactly from the trunk: identical losses up to one step past its branch point (that step
     # still trains at the peak lr), then the linear cooldown reaches min_lr at its last step
-    b = _rows(short)
+    b = metric_rows(short)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in (1, 2, 3, 4, 5):
         assert b[step]["loss"] == t[step]["loss"], step

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from aimpre.data import Augment, ByteTokenizer, ImageTextStream, shard_set
 from aimpre.model import AIMv2, model_config
 from aimpre.train import train
 from aimpre.train.optim import build_optimizer, lr_factor, param_groups
+from helpers import metric_rows
 
 
 def test_tiny_overfits_one_batch(pretrain_spec: str) -> None:
@@ -82,11 +82,6 @@ class StopAt(pl.Callback):
             trainer.should_stop = True
 
 
-def _rows(run: Path) -> dict[int, dict[str, str]]:
-    with open(run / "metrics.csv") as f:
-        return {int(r["step"]): r for r in csv.DictReader(f) if r["loss"]}
-
-
 def _cfg(tmp_path: Path, pretrain_spec: str, val_spec: str, name: str, *extra: str):
     return load_config(
         None,
@@ -104,11 +99,11 @@ def test_lightning_run_resumes_exactly(tmp_path: Path, pretrain_spec: str, val_s
     full = train(_cfg(tmp_path, pretrain_spec, val_spec, "full", "trainer.keep_last=1"), callbacks=(seen_full,))
     part = train(_cfg(tmp_path, pretrain_spec, val_spec, "part"), callbacks=(StopAt(3), seen_part))
     assert (part / "checkpoints" / "step-3.ckpt").exists() and not (part / "checkpoints" / "step-6.ckpt").exists()
-    assert max(_rows(part)) == 3
+    assert max(metric_rows(part)) == 3
     train(_cfg(tmp_path, pretrain_spec, val_spec, "part"), resume=True, callbacks=(seen_resumed,))
     # the same samples in the same order, none repeated, none skipped (2 data workers, stopped at an odd batch)
     assert {**seen_part.keys, **seen_resumed.keys} == seen_full.keys and sorted(seen_resumed.keys) == [4, 5, 6]
-    a, b = _rows(full), _rows(part)
+    a, b = metric_rows(full), metric_rows(part)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         for k in ("loss", "loss_image", "loss_text", "lr"):
