@@ -26,7 +26,7 @@ from torch import Tensor
 
 from aimpre.eval import finish_record
 from aimpre.eval.names import READOUTS
-from aimpre.eval.scenes import ATTRIBUTES, attribute_labels, judged_encoders, layers_record, render_scenes
+from aimpre.eval.scenes import ATTRIBUTES, attribute_labels, judged_encoders, judged_record, render_scenes
 from aimpre.probe import Layers, ProbeSettings, train_probe
 
 
@@ -149,9 +149,7 @@ def run_attributes(encoder_path: str | Path, out: Path | None = None, **kwargs: 
             "held_out": "aimpre.eval.scenes: streams seeded (19, split), disjoint from the demo's",
         },
         "settings": vars(s),
-        "fuse": list(kwargs.get("fuse", ())),
-        "fusion": kwargs.get("fusion", "concat"),
-        "layers": layers_record(kwargs.get("layers")),
+        **judged_record(kwargs),
         "rows": rows,
     }
     return finish_record(res, start, out)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from aimpre.data.demo import SHAPES
 from aimpre.eval import finish_record
-from aimpre.eval.scenes import judged_encoders, layers_record, mask_box, patch_coverage, render_scenes, visible_masks
+from aimpre.eval.scenes import judged_encoders, judged_record, mask_box, patch_coverage, render_scenes, visible_masks
 from aimpre.probe import Layers, _device, _lr_at
 
 
@@ -310,9 +310,7 @@ def run_localize(encoder_path: str | Path, out: Path | None = None, **kwargs: An
         "encoder_path": str(encoder_path),
         "scenes": {"train": kwargs.get("n_train", 2000), "test": kwargs.get("n_test", 1000)},
         "settings": vars(kwargs.get("settings") or LocalizeSettings()),
-        "fuse": list(kwargs.get("fuse", ())),
-        "fusion": kwargs.get("fusion", "concat"),
-        "layers": layers_record(kwargs.get("layers")),
+        **judged_record(kwargs),
         "rows": rows,
     }
     return finish_record(res, start, out)

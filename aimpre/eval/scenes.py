@@ -144,11 +144,14 @@ class Judged:
     widths: dict[str, list[int]] = field(default_factory=dict)
 
 
-def layers_record(layers: Layers | None) -> Any:
-    """What a results JSON says was read: "output", or the blocks and how they merge."""
-    if layers is None or layers.blocks is None:
-        return "output"
-    return {"blocks": list(layers.blocks), "merge": layers.merge}
+def judged_record(options: dict[str, Any]) -> dict[str, Any]:
+    """What a scene probe's results JSON says it judged, from the ``judged_encoders`` options its rows function
+    took: the encoders fused with it, how, and the layers read ("output", or the blocks and how they merge)."""
+    layers: Layers | None = options.get("layers")
+    read: Any = "output"
+    if layers is not None and layers.blocks is not None:
+        read = {"blocks": list(layers.blocks), "merge": layers.merge}
+    return {"fuse": list(options.get("fuse", ())), "fusion": options.get("fusion", "concat"), "layers": read}
 
 
 def pixel_tokens(images: Tensor, patch: int, mean: Tensor, std: Tensor) -> Tensor:
